@@ -1,0 +1,220 @@
+//! Device and host memory: RAII types over the driver's allocation,
+//! registration and IPC calls, plus the copy primitives the switch uses.
+
+use cudarc::driver::sys::{CUdeviceptr, CUipcMemHandle, CUipcMem_flags, CUstream};
+use std::ffi::c_void;
+
+use super::Device;
+use crate::cu;
+use crate::error::{Error, Result};
+
+/// One plain `cuMemAlloc` allocation (never pool memory: legacy CUDA IPC
+/// handles do not cover memory from `cuMemAllocAsync` pools).
+#[derive(Debug)]
+pub struct DeviceAlloc {
+    device: &'static Device,
+    ptr: CUdeviceptr,
+    bytes: usize,
+}
+
+impl DeviceAlloc {
+    pub fn new(device: &'static Device, bytes: usize) -> Result<DeviceAlloc> {
+        if bytes == 0 {
+            return Err(Error::invalid("a device allocation needs at least one byte"));
+        }
+        device.bind()?;
+        let mut ptr: CUdeviceptr = 0;
+        cu!(cuMemAlloc_v2(&mut ptr, bytes))?;
+        Ok(DeviceAlloc { device, ptr, bytes })
+    }
+    pub fn ptr(&self) -> CUdeviceptr {
+        self.ptr
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    pub fn device(&self) -> &'static Device {
+        self.device
+    }
+    /// A handle another process can open with [`IpcMapping::open`].
+    pub fn ipc_handle(&self) -> Result<IpcHandle> {
+        self.device.bind()?;
+        let mut h = CUipcMemHandle { reserved: [0; 64] };
+        cu!(cuIpcGetMemHandle(&mut h, self.ptr))?;
+        Ok(IpcHandle(h.reserved.map(|c| c as u8)))
+    }
+}
+
+impl Drop for DeviceAlloc {
+    fn drop(&mut self) {
+        let r = self.device.bind().and_then(|_| Ok(cu!(cuMemFree_v2(self.ptr))?));
+        if let Err(e) = r {
+            tracing::warn!("freeing device memory failed: {e}");
+        }
+    }
+}
+
+/// The 64 opaque bytes of a `CUipcMemHandle`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpcHandle(pub [u8; 64]);
+
+/// Device memory of another process, opened from its IPC handle.
+#[derive(Debug)]
+pub struct IpcMapping {
+    device: &'static Device,
+    ptr: CUdeviceptr,
+}
+
+impl IpcMapping {
+    pub fn open(device: &'static Device, handle: &IpcHandle) -> Result<IpcMapping> {
+        device.bind()?;
+        let h = CUipcMemHandle { reserved: handle.0.map(|b| b as std::ffi::c_char) };
+        let mut ptr: CUdeviceptr = 0;
+        cu!(cuIpcOpenMemHandle_v2(
+            &mut ptr,
+            h,
+            CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32
+        ))?;
+        Ok(IpcMapping { device, ptr })
+    }
+    pub fn ptr(&self) -> CUdeviceptr {
+        self.ptr
+    }
+}
+
+impl Drop for IpcMapping {
+    fn drop(&mut self) {
+        let r = self.device.bind().and_then(|_| Ok(cu!(cuIpcCloseMemHandle(self.ptr))?));
+        if let Err(e) = r {
+            tracing::warn!("closing an IPC memory mapping failed: {e}");
+        }
+    }
+}
+
+/// Page-locked host memory from `cuMemHostAlloc` (portable across contexts).
+#[derive(Debug)]
+pub struct PinnedHost {
+    device: &'static Device,
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: plain host memory owned by this value.
+unsafe impl Send for PinnedHost {}
+unsafe impl Sync for PinnedHost {}
+
+impl PinnedHost {
+    pub fn new(device: &'static Device, bytes: usize) -> Result<PinnedHost> {
+        if bytes == 0 {
+            return Err(Error::invalid("a pinned allocation needs at least one byte"));
+        }
+        device.bind()?;
+        let mut p: *mut c_void = std::ptr::null_mut();
+        cu!(cuMemHostAlloc(&mut p, bytes, cudarc::driver::sys::CU_MEMHOSTALLOC_PORTABLE))?;
+        Ok(PinnedHost { device, ptr: p.cast(), bytes })
+    }
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr points to bytes bytes owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
+    }
+}
+
+impl Drop for PinnedHost {
+    fn drop(&mut self) {
+        let r = self.device.bind().and_then(|_| Ok(cu!(cuMemFreeHost(self.ptr.cast()))?));
+        if let Err(e) = r {
+            tracing::warn!("freeing pinned host memory failed: {e}");
+        }
+    }
+}
+
+/// Host memory that this process page-locked with `cuMemHostRegister`
+/// (PORTABLE: usable from every context). Unregistered on drop.
+#[derive(Debug)]
+pub struct HostRegistration {
+    device: &'static Device,
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: the registration only records the address; the memory is owned elsewhere.
+unsafe impl Send for HostRegistration {}
+unsafe impl Sync for HostRegistration {}
+
+impl HostRegistration {
+    /// # Safety
+    /// `ptr..ptr+bytes` must be a mapped, page-aligned host range that stays
+    /// mapped until the registration is dropped.
+    pub unsafe fn new(device: &'static Device, ptr: *mut u8, bytes: usize) -> Result<Self> {
+        device.bind()?;
+        cu!(cuMemHostRegister_v2(
+            ptr.cast(),
+            bytes,
+            cudarc::driver::sys::CU_MEMHOSTREGISTER_PORTABLE
+        ))?;
+        Ok(HostRegistration { device, ptr, bytes })
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for HostRegistration {
+    fn drop(&mut self) {
+        let r = self.device.bind().and_then(|_| Ok(cu!(cuMemHostUnregister(self.ptr.cast()))?));
+        if let Err(e) = r {
+            tracing::warn!("unregistering host memory failed: {e}");
+        }
+    }
+}
+
+/// Enqueues a host-to-device copy on `stream`.
+///
+/// # Safety
+/// `src..src+bytes` must stay valid (and, for an asynchronous copy, pinned)
+/// until the copy completes; `dst..dst+bytes` must be device memory.
+pub unsafe fn copy_htod_async(
+    dst: CUdeviceptr,
+    src: *const u8,
+    bytes: usize,
+    stream: CUstream,
+) -> Result<()> {
+    cu!(cuMemcpyHtoDAsync_v2(dst, src.cast(), bytes, stream))?;
+    Ok(())
+}
+
+/// Synchronous host-to-device copy.
+///
+/// # Safety
+/// As for [`copy_htod_async`].
+pub unsafe fn copy_htod(dst: CUdeviceptr, src: *const u8, bytes: usize) -> Result<()> {
+    cu!(cuMemcpyHtoD_v2(dst, src.cast(), bytes))?;
+    Ok(())
+}
+
+/// Synchronous device-to-host copy.
+///
+/// # Safety
+/// `dst..dst+bytes` must be writable host memory; `src..src+bytes` device memory.
+pub unsafe fn copy_dtoh(dst: *mut u8, src: CUdeviceptr, bytes: usize) -> Result<()> {
+    cu!(cuMemcpyDtoH_v2(dst.cast(), src, bytes))?;
+    Ok(())
+}
+
+/// Synchronous byte fill of device memory.
+///
+/// # Safety
+/// `dst..dst+bytes` must be device memory.
+pub unsafe fn memset_d8(dst: CUdeviceptr, value: u8, bytes: usize) -> Result<()> {
+    cu!(cuMemsetD8_v2(dst, value, bytes))?;
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! The crate's one internal error type. Every fallible function returns
+//! [`Result`]; the C ABI converts an [`Error`] into a `ps_status` code exactly
+//! once, at the boundary (see `ffi::status`).
+
+use crate::cuda::CudaError;
+use crate::planner::PlanError;
+
+/// Everything that can go wrong inside libpipeswitch.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0} is NULL")]
+    NullArgument(&'static str),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("{0} is not a live handle (never created, or freed already)")]
+    InvalidHandle(&'static str),
+    #[error("buffer too small: {needed} needed, capacity {capacity}")]
+    BufferTooSmall { needed: usize, capacity: usize },
+
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    #[error("store full: {0}")]
+    StoreFull(String),
+    #[error("arena full: {0}")]
+    ArenaFull(String),
+    #[error("invalid state: {0}")]
+    InvalidState(String),
+
+    #[error("no CUDA driver found (libcuda.so could not be loaded)")]
+    NoDriver,
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{context}: {source}")]
+    Os {
+        context: String,
+        #[source]
+        source: nix::errno::Errno,
+    },
+
+    #[error("corrupt store: {0}")]
+    CorruptStore(String),
+    #[error("store layout version {found} is not supported (this library reads version {supported})")]
+    StoreVersion { found: u32, supported: u32 },
+    #[error("invalid safetensors file {path}: {reason}")]
+    Safetensors { path: String, reason: String },
+
+    #[error("PTX module {module}: {message}")]
+    Ptx { module: String, message: String },
+
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io { context: context.into(), source }
+    }
+    pub(crate) fn os(context: impl Into<String>, source: nix::errno::Errno) -> Self {
+        Error::Os { context: context.into(), source }
+    }
+    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+    pub(crate) fn corrupt(msg: impl Into<String>) -> Self {
+        Error::CorruptStore(msg.into())
+    }
+}

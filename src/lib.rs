@@ -1,0 +1,25 @@
+//! libpipeswitch: millisecond GPU model switching (PipeSwitch, OSDI 2020).
+//!
+//! Where things are:
+//! - [`store`]: the pinned host model store in shared memory;
+//! - [`arena`]: the device arena (one allocation per GPU, CUDA IPC export);
+//! - [`planner`]: the optimal layer grouping;
+//! - [`switch`]: pipelined transfer with one event per group;
+//! - [`measure`]: bandwidth and per-group overhead on the current device;
+//! - [`cuda`]: the driver layer (dynamic loading: builds and runs without CUDA);
+//! - [`ffi`]: the C ABI (`include/pipeswitch.h`).
+
+pub mod arena;
+pub mod bench;
+pub mod cuda;
+pub mod error;
+pub mod ffi;
+pub mod measure;
+pub mod planner;
+pub mod store;
+pub mod switch;
+
+pub use error::{Error, Result};
+
+/// Library version, also in the header as `PS_VERSION_*`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
