@@ -1,1 +1,297 @@
-fn main(){}
+//! `pipeswitch`: the command-line tool over libpipeswitch.
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use pipeswitch::error::{Error, Result};
+use pipeswitch::ffi::plan::layer_transfer_ms;
+use pipeswitch::store::Store;
+use pipeswitch::{bench, measure, planner};
+
+#[derive(Parser)]
+#[command(name = "pipeswitch", version, about = "Millisecond GPU model switching: store, plan, switch, measure")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage a host model store (shared memory, /dev/shm/pipeswitch-<name>).
+    #[command(subcommand)]
+    Store(StoreCmd),
+    /// Compute the optimal layer grouping of a stored model.
+    Plan {
+        store: String,
+        model: String,
+        /// H2D bandwidth in GB/s (default: measured on the GPU).
+        #[arg(long)]
+        bandwidth_gbps: Option<f64>,
+        /// Per-group transfer overhead a, ms (default: measured on the GPU).
+        #[arg(long)]
+        transfer_overhead_ms: Option<f64>,
+        /// Per-group execution overhead b, ms.
+        #[arg(long, default_value_t = 0.005)]
+        exec_overhead_ms: f64,
+        /// Execution time per layer when the model has none measured: a
+        /// multiple of its transfer time (e.g. 1.0).
+        #[arg(long)]
+        assume_exec_ratio: Option<f64>,
+        #[arg(long, default_value_t = 0)]
+        device: i32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure the H2D bandwidth and per-copy overhead on a GPU.
+    Measure {
+        #[arg(long, default_value_t = 0)]
+        device: i32,
+    },
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Create a store with room for SIZE bytes of models (e.g. 8G, 512M).
+    Create {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[arg(long, default_value_t = pipeswitch::store::DEFAULT_MAX_MODELS)]
+        max_models: u32,
+    },
+    /// Add the model in a safetensors file.
+    Add {
+        store: String,
+        model: String,
+        file: PathBuf,
+        /// Layer names in execution order, comma-separated (default: the
+        /// file's pipeswitch.layers metadata, else the tensor-name prefixes).
+        #[arg(long, value_delimiter = ',')]
+        layers: Option<Vec<String>>,
+    },
+    /// List the models of a store.
+    List { store: String },
+    /// Show a model's layers and tensors.
+    Show { store: String, model: String },
+    /// Remove a model.
+    Remove { store: String, model: String },
+    /// Delete the store itself.
+    Destroy { name: String },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Store-to-arena transfer of real-sized models vs the card's H2D peak.
+    Transfer {
+        #[arg(long, default_value_t = 0)]
+        device: i32,
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+        /// Where to write the JSON (default: bench/results/transfer-<card>.json).
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
+}
+
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        u => return Err(format!("unknown size unit {u:?} in {s:?}")),
+    };
+    let bytes = v * mult as f64;
+    if !(bytes.is_finite() && bytes >= 1.0) {
+        return Err(format!("bad size {s:?}"));
+    }
+    Ok(bytes as u64)
+}
+
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Error::NoDriver) => {
+            eprintln!("pipeswitch: no CUDA driver found: this command needs an NVIDIA GPU");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("pipeswitch: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Store(cmd) => store_cmd(cmd),
+        Command::Plan { store, model, bandwidth_gbps, transfer_overhead_ms, exec_overhead_ms, assume_exec_ratio, device, json } => {
+            let s = Store::open(&store)?;
+            let m = s.model(&model)?;
+            let (bw, a) = match (bandwidth_gbps, transfer_overhead_ms) {
+                (Some(bw), Some(a)) => (bw, a),
+                (bw, a) => {
+                    let p = measure::measure_h2d(device, 256 << 20, 9)?;
+                    (bw.unwrap_or(p.peak_gbps), a.unwrap_or(p.overhead_ms))
+                }
+            };
+            let t = layer_transfer_ms(&m, bw)?;
+            let x: Vec<f64> = match assume_exec_ratio {
+                Some(r) if m.layers.iter().any(|l| l.exec_ms.is_nan()) => t.iter().map(|v| v * r).collect(),
+                _ => m.layers.iter().map(|l| l.exec_ms).collect(),
+            };
+            if x.iter().any(|v| v.is_nan()) {
+                return Err(Error::InvalidState(format!(
+                    "model {model:?} has no measured execution times; pass --assume-exec-ratio R to plan with R x transfer time"
+                )));
+            }
+            let plan = planner::plan_groups(&t, &x, a, exec_overhead_ms)?;
+            let timeline = planner::timeline(&t, &x, a, exec_overhead_ms, &plan.group_starts)?;
+            if json {
+                let v = serde_json::json!({
+                    "model": model, "bandwidth_gbps": bw, "transfer_overhead_ms": a,
+                    "exec_overhead_ms": exec_overhead_ms, "group_starts": plan.group_starts,
+                    "makespan_ms": plan.makespan_ms,
+                    "per_layer_makespan_ms": planner::makespan(&t, &x, a, exec_overhead_ms, &planner::per_layer_plan(t.len()))?,
+                    "single_group_makespan_ms": planner::makespan(&t, &x, a, exec_overhead_ms, &planner::single_group_plan(t.len()))?,
+                });
+                println!("{}", serde_json::to_string_pretty(&v).map_err(|e| Error::Internal(e.to_string()))?);
+            } else {
+                println!("model {model}: {} layers, {}, bandwidth {bw:.2} GB/s, a = {a:.4} ms, b = {exec_overhead_ms:.4} ms", m.layers.len(), human(m.bytes));
+                println!("{:>5} {:>7} {:>7} {:>10} {:>10} {:>10} {:>10}", "group", "first", "end", "bytes", "copy end", "run start", "run end");
+                for (g, tl) in timeline.iter().enumerate() {
+                    let (s, e) = m.layer_range(tl.first_layer, tl.end_layer).unwrap_or((0, 0));
+                    println!(
+                        "{g:>5} {:>7} {:>7} {:>10} {:>10.3} {:>10.3} {:>10.3}",
+                        tl.first_layer, tl.end_layer, human(e - s), tl.transfer_end_ms, tl.exec_start_ms, tl.exec_end_ms
+                    );
+                }
+                let pl = planner::makespan(&t, &x, a, exec_overhead_ms, &planner::per_layer_plan(t.len()))?;
+                let sg = planner::makespan(&t, &x, a, exec_overhead_ms, &planner::single_group_plan(t.len()))?;
+                println!("makespan: optimal {:.3} ms, one group per layer {pl:.3} ms, one group {sg:.3} ms", plan.makespan_ms);
+            }
+            Ok(())
+        }
+        Command::Measure { device } => {
+            let p = measure::measure_h2d(device, 1 << 30, 9)?;
+            println!("H2D peak (one 1 GiB copy): {:.2} GB/s", p.peak_gbps);
+            println!("per-copy overhead a: {:.4} ms (fit bandwidth {:.2} GB/s)", p.overhead_ms, p.fit_gbps);
+            for (b, ms) in &p.samples {
+                println!("  {:>10}  {ms:.4} ms  {:.2} GB/s", human(*b), *b as f64 / (ms * 1e6));
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCmd::Transfer { device, reps, json_out }) => {
+            let report = bench::run_transfer(device, reps.max(3), &mut |line| println!("{line}"))?;
+            let slug: String = report
+                .card
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+                .collect();
+            let path = json_out.unwrap_or_else(|| PathBuf::from(format!("bench/results/transfer-{slug}.json")));
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            }
+            let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?;
+            std::fs::write(&path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+            println!("targets: {}", report.targets);
+            println!("wrote {}", path.display());
+            Ok(())
+        }
+    }
+}
+
+fn store_cmd(cmd: StoreCmd) -> Result<()> {
+    match cmd {
+        StoreCmd::Create { name, size, max_models } => {
+            let s = Store::create(&name, size, max_models)?;
+            println!("created store {name} at {} ({} for models, up to {max_models} models)", s.path().display(), human(s.capacity()));
+        }
+        StoreCmd::Add { store, model, file, layers } => {
+            let s = Arc::new(Store::open(&store)?);
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            bar.set_message(format!("adding {model}"));
+            let m = s.add_safetensors(&model, &file, layers.as_deref(), &mut |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })?;
+            bar.finish_and_clear();
+            println!("added {model}: {} layers, {} tensors, {}", m.layers.len(), m.tensors.len(), human(m.bytes));
+        }
+        StoreCmd::List { store } => {
+            let s = Store::open(&store)?;
+            let u = s.usage()?;
+            println!(
+                "store {store}: {} models of at most {}, {} used of {} (largest free piece {})",
+                u.models, u.max_models, human(u.used_bytes), human(u.capacity_bytes), human(u.largest_free_bytes)
+            );
+            for m in s.models()? {
+                println!("  {:<32} {:>12} {:>6} layers {:>6} tensors", m.name, human(m.bytes), m.n_layers, m.n_tensors);
+            }
+        }
+        StoreCmd::Show { store, model } => {
+            let s = Store::open(&store)?;
+            let m = s.model(&model)?;
+            println!("model {model}: id {}, {}, {} layers, {} tensors", m.id, human(m.bytes), m.layers.len(), m.tensors.len());
+            for (i, l) in m.layers.iter().enumerate() {
+                let exec = if l.exec_ms.is_nan() { "-".to_string() } else { format!("{:.4} ms", l.exec_ms) };
+                println!("  layer {i:>4} {:<40} {:>10} at {:>12} exec {exec}", l.name, human(l.bytes), l.offset);
+                for t in &m.tensors[l.first_tensor..l.first_tensor + l.n_tensors] {
+                    println!("      {:<44} {:<8} {:?}", t.name, t.dtype.name(), t.shape);
+                }
+            }
+        }
+        StoreCmd::Remove { store, model } => {
+            Store::open(&store)?.remove_model(&model)?;
+            println!("removed {model}");
+        }
+        StoreCmd::Destroy { name } => {
+            Store::destroy(&name)?;
+            println!("destroyed store {name}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("8G").unwrap(), 8 << 30);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("64mb").unwrap(), 64 << 20);
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("5Q").is_err());
+        assert!(parse_size("0").is_err());
+    }
+}

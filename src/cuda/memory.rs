@@ -218,3 +218,12 @@ pub unsafe fn memset_d8(dst: CUdeviceptr, value: u8, bytes: usize) -> Result<()>
     cu!(cuMemsetD8_v2(dst, value, bytes))?;
     Ok(())
 }
+
+/// Enqueues a device-to-device copy on `stream`.
+///
+/// # Safety
+/// Both ranges must be device memory that stays valid until the copy completes.
+pub unsafe fn copy_dtod_async(dst: CUdeviceptr, src: CUdeviceptr, bytes: usize, stream: CUstream) -> Result<()> {
+    cu!(cuMemcpyDtoDAsync_v2(dst, src, bytes, stream))?;
+    Ok(())
+}

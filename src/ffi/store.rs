@@ -413,3 +413,32 @@ pub extern "C" fn ps_store_pin(store: *const ps_store, device: i32) -> ps_status
         s.pin(Device::get(device)?)
     })
 }
+
+/// Copies `bytes` of a stored model's data, from byte `offset` of the model,
+/// into `dst` (host memory). For checks, and for CPU-side use of weights.
+#[no_mangle]
+pub extern "C" fn ps_store_read(
+    store: *const ps_store,
+    model: *const c_char,
+    offset: u64,
+    dst: *mut c_void,
+    bytes: usize,
+) -> ps_status {
+    boundary("ps_store_read", || {
+        let s = store_ref(store)?;
+        let m = s.model(str_arg(model, "model")?)?;
+        if offset.checked_add(bytes as u64).is_none_or(|end| end > m.bytes) {
+            return Err(Error::invalid(format!(
+                "[{offset}, +{bytes}) lies outside model {:?} of {} bytes",
+                m.name, m.bytes
+            )));
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        if dst.is_null() {
+            return Err(Error::NullArgument("dst"));
+        }
+        s.read_model_bytes(&m, offset, dst.cast::<u8>(), bytes)
+    })
+}

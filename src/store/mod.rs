@@ -311,6 +311,26 @@ impl Store {
         Ok(unsafe { self.seg.ptr().add(model.segment_offset as usize) })
     }
 
+    /// Copies `bytes` of `model`'s data from `offset` to `dst`.
+    pub(crate) fn read_model_bytes(&self, model: &Model, offset: u64, dst: *mut u8, bytes: usize) -> Result<()> {
+        if offset.checked_add(bytes as u64).is_none_or(|e| e > model.bytes) {
+            return Err(Error::invalid("read outside the model"));
+        }
+        let src = self.host_ptr(model)?;
+        // SAFETY: src + offset .. + bytes lies inside the model (checked) and
+        // the mapping; dst is caller-provided writable memory.
+        unsafe { std::ptr::copy_nonoverlapping(src.add(offset as usize), dst, bytes) };
+        Ok(())
+    }
+
+    /// The bytes of a stored model, borrowed from the mapping.
+    pub fn model_bytes(&self, model: &Model) -> Result<&[u8]> {
+        let src = self.host_ptr(model)?;
+        // SAFETY: host_ptr checked the range against the mapping, which lives
+        // as long as self.
+        Ok(unsafe { std::slice::from_raw_parts(src, model.bytes as usize) })
+    }
+
     /// True if `model` (by id) is still stored: a switch checks this so that it
     /// never copies a removed model's space.
     pub fn contains(&self, model: &Model) -> Result<bool> {
