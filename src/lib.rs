@@ -14,6 +14,7 @@ pub mod bench;
 pub mod cuda;
 pub mod error;
 pub mod ffi;
+pub mod kernels;
 pub mod measure;
 pub mod planner;
 pub mod store;

@@ -78,7 +78,6 @@ fn run_example(exe: &Path, tag: &str, env: &[(&str, &str)]) -> (bool, String) {
     let output = Command::new(exe)
         .arg(format!("cex-{tag}-{}", std::process::id()))
         .arg(&file)
-        .env("PIPESWITCH_SHM_DIR", tmp.path())
         .envs(env.iter().copied())
         .output()
         .expect("running the example");

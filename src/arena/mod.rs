@@ -238,7 +238,9 @@ impl Arena {
         let dst = self.check_io(offset, bytes as usize)?;
         self.device.bind()?;
         // SAFETY: range checked against the arena.
-        unsafe { memory::memset_d8(dst, value, bytes as usize) }
+        unsafe { memory::memset_d8(dst, value, bytes as usize)? };
+        // cuMemsetD8 may return before the fill is done.
+        crate::cuda::stream::synchronize_legacy()
     }
 }
 

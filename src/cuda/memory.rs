@@ -36,6 +36,36 @@ impl DeviceAlloc {
     pub fn device(&self) -> &'static Device {
         self.device
     }
+    /// A new allocation holding a copy of `data` (synchronous).
+    pub fn from_slice<T: Copy>(device: &'static Device, data: &[T]) -> Result<DeviceAlloc> {
+        let bytes = std::mem::size_of_val(data);
+        let a = DeviceAlloc::new(device, bytes.max(1))?;
+        if bytes > 0 {
+            // SAFETY: a holds at least `bytes`; data is plain Copy data.
+            unsafe { copy_htod(a.ptr, data.as_ptr().cast(), bytes)? };
+        }
+        Ok(a)
+    }
+
+    /// Copies the first `size_of_val(out)` bytes to `out` (synchronous).
+    pub fn copy_to_slice<T: Copy>(&self, out: &mut [T]) -> Result<()> {
+        let bytes = std::mem::size_of_val(out);
+        if bytes > self.bytes {
+            return Err(Error::invalid(format!("reading {bytes} bytes from a {}-byte allocation", self.bytes)));
+        }
+        self.device.bind()?;
+        // SAFETY: both ranges hold `bytes`; T is plain Copy data.
+        unsafe { copy_dtoh(out.as_mut_ptr().cast(), self.ptr, bytes) }
+    }
+
+    /// Fills the allocation with `value` bytes and waits for it.
+    pub fn fill(&self, value: u8) -> Result<()> {
+        self.device.bind()?;
+        // SAFETY: the whole allocation.
+        unsafe { memset_d8(self.ptr, value, self.bytes)? };
+        super::stream::synchronize_legacy()
+    }
+
     /// A handle another process can open with [`IpcMapping::open`].
     pub fn ipc_handle(&self) -> Result<IpcHandle> {
         self.device.bind()?;

@@ -16,6 +16,6 @@ pub use cudarc::driver::sys::{CUdeviceptr, CUevent, CUstream};
 pub use device::Device;
 pub use event::Event;
 pub use memory::{DeviceAlloc, HostRegistration, IpcHandle, IpcMapping, PinnedHost};
-pub use module::{Function, Module};
+pub use module::{Function, LaunchConfig, Module};
 pub use result::{driver, driver_available, CudaError};
 pub use stream::Stream;

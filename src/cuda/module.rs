@@ -102,3 +102,61 @@ impl Drop for Module {
         }
     }
 }
+
+/// Launch geometry of a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchConfig {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_mem_bytes: u32,
+}
+
+impl LaunchConfig {
+    /// A 1-D launch covering `n` elements with `threads` per block.
+    pub fn for_elements(n: u64, threads: u32) -> LaunchConfig {
+        let blocks = n.div_ceil(u64::from(threads)).clamp(1, u64::from(u32::MAX)) as u32;
+        LaunchConfig { grid: (blocks, 1, 1), block: (threads, 1, 1), shared_mem_bytes: 0 }
+    }
+}
+
+impl Function {
+    /// Enqueues the kernel on `stream`.
+    ///
+    /// # Safety
+    /// `params` must point to one value per kernel parameter, of the
+    /// parameter's exact type and size, and every device pointer among them
+    /// must be valid for the accesses the kernel makes.
+    pub unsafe fn launch(&self, cfg: LaunchConfig, stream: cudarc::driver::sys::CUstream, params: &mut [*mut c_void]) -> Result<()> {
+        cu!(cuLaunchKernel(
+            self.raw,
+            cfg.grid.0,
+            cfg.grid.1,
+            cfg.grid.2,
+            cfg.block.0,
+            cfg.block.1,
+            cfg.block.2,
+            cfg.shared_mem_bytes,
+            stream,
+            params.as_mut_ptr(),
+            std::ptr::null_mut()
+        ))?;
+        Ok(())
+    }
+
+    /// Allows more than 48 KiB of dynamic shared memory for this kernel.
+    pub fn set_max_dynamic_shared(&self, bytes: u32) -> Result<()> {
+        cu!(cuFuncSetAttribute(
+            self.raw,
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32
+        ))?;
+        Ok(())
+    }
+}
+
+/// The last error of a kernel launch on this thread's context, if any
+/// (`cuCtxSynchronize` reports asynchronous faults).
+pub fn check_launch(stream: cudarc::driver::sys::CUstream) -> Result<()> {
+    cu!(cuStreamSynchronize(stream))?;
+    Ok(())
+}

@@ -53,6 +53,12 @@ pub fn wait_event_raw(stream: CUstream, event: &Event) -> Result<()> {
     Ok(())
 }
 
+/// Blocks the host until the legacy default stream (NULL) has drained.
+pub fn synchronize_legacy() -> Result<()> {
+    cu!(cuStreamSynchronize(std::ptr::null_mut()))?;
+    Ok(())
+}
+
 impl Drop for Stream {
     fn drop(&mut self) {
         let r = self.device.bind().and_then(|_| Ok(cu!(cuStreamDestroy_v2(self.raw))?));

@@ -511,7 +511,23 @@ impl Store {
         if pinned.is_none() {
             // SAFETY: the mapping is page-aligned and lives as long as self;
             // the registration is dropped before the mapping (field order).
-            let reg = unsafe { HostRegistration::new(device, self.seg.ptr(), self.seg.len() as usize)? };
+            let reg = unsafe { HostRegistration::new(device, self.seg.ptr(), self.seg.len() as usize) }.map_err(|e| match e {
+                Error::Cuda(c)
+                    if matches!(
+                        c.code,
+                        cudarc::driver::sys::CUresult::CUDA_ERROR_INVALID_VALUE
+                            | cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_SUPPORTED
+                    ) =>
+                {
+                    Error::InvalidState(format!(
+                    "store {:?} ({}) could not be page-locked: {c}; stores must live on tmpfs (/dev/shm) or hugetlbfs, see {}",
+                    self.name,
+                    self.seg.path.display(),
+                    shm::DIR_ENV
+                ))
+                }
+                e => e,
+            })?;
             *pinned = Some(reg);
         }
         Ok(())

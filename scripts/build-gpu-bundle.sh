@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Builds here what the GPU machine runs (it has no Rust toolchain) into .gpu/:
+# the CLI, libpipeswitch.so, and the test binaries under .gpu/deps/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rm -rf .gpu && mkdir -p .gpu/deps
+cargo build --release --bins --lib
+cargo test --release --no-run --message-format=json 2>/dev/null \
+  | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do cp "$exe" ".gpu/deps/$name"; done
+cp target/release/pipeswitch target/release/libpipeswitch.so .gpu/
+strip .gpu/pipeswitch .gpu/libpipeswitch.so .gpu/deps/* 2>/dev/null || true
+ls -la .gpu .gpu/deps
