@@ -5,6 +5,7 @@
 //! by offset: no allocation and no IPC call per switch.
 
 pub mod allocator;
+pub mod workspace;
 
 use cudarc::driver::sys::CUdeviceptr;
 use std::sync::Mutex;
