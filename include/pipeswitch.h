@@ -671,6 +671,33 @@ int32_t ps_driver_available(void);
  */
 ps_status ps_device_count(int32_t *count_out);
 
+/**
+ * Serves workspace allocations from `arena`'s workspace region (process-wide).
+ */
+ps_status ps_workspace_attach(const struct ps_arena *arena);
+
+/**
+ * Detaches the workspace (no allocation may be live).
+ */
+ps_status ps_workspace_detach(void);
+
+/**
+ * Allocates `size` bytes of workspace on `device`; NULL when the workspace
+ * is full or not attached (then `ps_last_error_message()` says why). The
+ * stream is unused: allocations are stream-ordered by their users.
+ */
+void *ps_workspace_malloc(size_t size, int32_t device, void *stream);
+
+/**
+ * Frees a pointer from `ps_workspace_malloc`. NULL does nothing.
+ */
+void ps_workspace_free(void *ptr, size_t size, int32_t device, void *stream);
+
+/**
+ * Bytes in use and the largest free piece of the workspace.
+ */
+ps_status ps_workspace_usage(uint64_t *used_out, uint64_t *largest_free_out);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus
