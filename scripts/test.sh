@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command (README): everything that runs without a GPU. Tests that
+# need one are #[ignore]d here; run them with scripts/gpu-check.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo test --all-targets
+cargo test --doc
+if [ -d python/tests ]; then
+  cargo build --release --lib
+  PIPESWITCH_LIB="$PWD/target/release/libpipeswitch.so" python3 -m pytest python/tests -q
+fi
