@@ -16,6 +16,7 @@ pub mod error;
 pub mod ffi;
 pub mod kernels;
 pub mod measure;
+pub mod model;
 pub mod planner;
 pub mod store;
 pub mod switch;

@@ -1,0 +1,334 @@
+//! Model definitions as data: a graph of ops over named tensors, read by the
+//! worker (no code per model). Weights are named as in the store; the
+//! worker finds each op's layer (and so its group) from its weights' names.
+//! Activations are declared with their shapes and live in the workspace.
+
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+
+use crate::error::{Error, Result};
+use crate::store::Dtype;
+
+/// Activation function fused into an op's epilogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Act {
+    #[default]
+    None,
+    Relu,
+    Gelu,
+    GeluTanh,
+}
+
+/// One op. Tensor operands are names: weights (stored tensors) or
+/// activations (declared in [`Graph::activations`] or [`Graph::inputs`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// out[t] = wte[ids[t]] + wpe[t % seq] (+ token_type[type_ids[t]]).
+    Embedding {
+        ids: String,
+        wte: String,
+        wpe: String,
+        #[serde(default)]
+        token_type: Option<String>,
+        #[serde(default)]
+        type_ids: Option<String>,
+        out: String,
+    },
+    /// out = LN(x (+ residual)) over the last dim.
+    LayerNorm {
+        x: String,
+        #[serde(default)]
+        residual: Option<String>,
+        gamma: String,
+        beta: String,
+        eps: f32,
+        out: String,
+    },
+    /// out[:, col..col+N] = act(x · op(weight) + bias) (+ residual); x is
+    /// [M, K]; weight is [K, N] (`trans_b` false) or [N, K] (true).
+    Linear {
+        x: String,
+        weight: String,
+        #[serde(default)]
+        bias: Option<String>,
+        trans_b: bool,
+        #[serde(default)]
+        act: Act,
+        #[serde(default)]
+        residual: Option<String>,
+        out: String,
+        /// First column of `out` written (packed outputs such as Q|K|V).
+        #[serde(default)]
+        out_col: usize,
+    },
+    /// Multi-head self-attention over a packed [B*S, 3H] Q|K|V buffer.
+    Attention { qkv: String, heads: usize, seq: usize, causal: bool, out: String },
+    /// NCHW convolution with folded batch norm (bias), optional residual and ReLU.
+    Conv2d {
+        x: String,
+        weight: String,
+        #[serde(default)]
+        bias: Option<String>,
+        stride: usize,
+        pad: usize,
+        #[serde(default)]
+        residual: Option<String>,
+        relu: bool,
+        out: String,
+    },
+    MaxPool { x: String, kernel: usize, stride: usize, pad: usize, out: String },
+    GlobalAvgPool { x: String, out: String },
+}
+
+/// A declared activation or input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorDecl {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+impl TensorDecl {
+    pub fn f32(shape: &[usize]) -> TensorDecl {
+        TensorDecl { dtype: "F32".into(), shape: shape.to_vec() }
+    }
+    pub fn i32(shape: &[usize]) -> TensorDecl {
+        TensorDecl { dtype: "I32".into(), shape: shape.to_vec() }
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn dtype(&self) -> Result<Dtype> {
+        Dtype::from_name(&self.dtype).ok_or_else(|| Error::invalid(format!("unknown dtype {}", self.dtype)))
+    }
+    pub fn bytes(&self) -> Result<usize> {
+        Ok(self.numel() * self.dtype()?.size() as usize)
+    }
+}
+
+/// A model definition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Graph {
+    pub name: String,
+    /// Inputs, filled by the caller before a run.
+    pub inputs: Vec<(String, TensorDecl)>,
+    /// Intermediate tensors, in the workspace.
+    pub activations: Vec<(String, TensorDecl)>,
+    /// The model's outputs (activations).
+    pub outputs: Vec<String>,
+    pub ops: Vec<Op>,
+}
+
+impl Op {
+    /// Stored tensors the op reads, among its operands (given the set of
+    /// activation and input names).
+    pub fn operands(&self) -> Vec<&str> {
+        fn opt(o: &Option<String>) -> Option<&str> {
+            o.as_deref()
+        }
+        let v: Vec<Option<&str>> = match self {
+            Op::Embedding { ids, wte, wpe, token_type, type_ids, .. } => {
+                vec![Some(ids), Some(wte), Some(wpe), opt(token_type), opt(type_ids)]
+            }
+            Op::LayerNorm { x, residual, gamma, beta, .. } => vec![Some(x), opt(residual), Some(gamma), Some(beta)],
+            Op::Linear { x, weight, bias, residual, .. } | Op::Conv2d { x, weight, bias, residual, .. } => {
+                vec![Some(x), Some(weight), opt(bias), opt(residual)]
+            }
+            Op::Attention { qkv, .. } => vec![Some(qkv)],
+            Op::MaxPool { x, .. } | Op::GlobalAvgPool { x, .. } => vec![Some(x)],
+        };
+        v.into_iter().flatten().collect()
+    }
+
+    pub fn output(&self) -> &str {
+        match self {
+            Op::Embedding { out, .. }
+            | Op::LayerNorm { out, .. }
+            | Op::Linear { out, .. }
+            | Op::Attention { out, .. }
+            | Op::Conv2d { out, .. }
+            | Op::MaxPool { out, .. }
+            | Op::GlobalAvgPool { out, .. } => out,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::Embedding { .. } => "embedding",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::Linear { .. } => "linear",
+            Op::Attention { .. } => "attention",
+            Op::Conv2d { .. } => "conv2d",
+            Op::MaxPool { .. } => "max_pool",
+            Op::GlobalAvgPool { .. } => "global_avg_pool",
+        }
+    }
+}
+
+/// Shapes of stored tensors, by name (from the store's model description).
+pub type WeightShapes = HashMap<String, Vec<usize>>;
+
+impl Graph {
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string(self).map_err(|e| Error::Internal(e.to_string()))
+    }
+
+    pub fn from_json(s: &str) -> Result<Graph> {
+        serde_json::from_str(s).map_err(|e| Error::invalid(format!("model graph: {e}")))
+    }
+
+    fn decls(&self) -> HashMap<&str, &TensorDecl> {
+        self.inputs.iter().chain(&self.activations).map(|(n, d)| (n.as_str(), d)).collect()
+    }
+
+    /// Checks every operand exists with a consistent shape, every op's
+    /// output is an activation, and activations are written before read.
+    pub fn validate(&self, weights: &WeightShapes) -> Result<()> {
+        let decls = self.decls();
+        if decls.len() != self.inputs.len() + self.activations.len() {
+            return Err(Error::invalid(format!("graph {}: a tensor is declared twice", self.name)));
+        }
+        let mut written: HashSet<&str> = self.inputs.iter().map(|(n, _)| n.as_str()).collect();
+        let bad = |op: &Op, msg: String| Error::invalid(format!("graph {}: {} op -> {}: {msg}", self.name, op.kind(), op.output()));
+        let act = |op: &Op, name: &str| -> Result<&TensorDecl> {
+            decls.get(name).copied().ok_or_else(|| bad(op, format!("{name} is not an activation or input")))
+        };
+        let w = |op: &Op, name: &str| -> Result<&Vec<usize>> {
+            weights.get(name).ok_or_else(|| bad(op, format!("{name} is not a stored tensor")))
+        };
+        for op in &self.ops {
+            for o in op.operands() {
+                if decls.contains_key(o) && !written.contains(o) {
+                    return Err(bad(op, format!("{o} is read before it is written")));
+                }
+            }
+            let out = act(op, op.output())?;
+            match op {
+                Op::Embedding { ids, wte, wpe, token_type, type_ids, .. } => {
+                    let ids = act(op, ids)?;
+                    let (wte, wpe) = (w(op, wte)?, w(op, wpe)?);
+                    let t = ids.numel();
+                    let h = *wte.last().unwrap_or(&0);
+                    if wte.len() != 2 || wpe.len() != 2 || wpe[1] != h || out.shape != [t, h] {
+                        return Err(bad(op, "shapes disagree".into()));
+                    }
+                    if let (Some(tt), Some(ti)) = (token_type, type_ids) {
+                        if w(op, tt)?.get(1) != Some(&h) || act(op, ti)?.numel() != t {
+                            return Err(bad(op, "token type shapes disagree".into()));
+                        }
+                    }
+                }
+                Op::LayerNorm { x, residual, gamma, beta, .. } => {
+                    let x = act(op, x)?;
+                    let h = *x.shape.last().unwrap_or(&0);
+                    if w(op, gamma)? != &vec![h] || w(op, beta)? != &vec![h] || out.shape != x.shape {
+                        return Err(bad(op, "shapes disagree".into()));
+                    }
+                    if let Some(r) = residual {
+                        if act(op, r)?.shape != x.shape {
+                            return Err(bad(op, "residual shape disagrees".into()));
+                        }
+                    }
+                }
+                Op::Linear { x, weight, bias, trans_b, residual, out_col, .. } => {
+                    let x = act(op, x)?;
+                    let wt = w(op, weight)?;
+                    if x.shape.len() != 2 || wt.len() != 2 || out.shape.len() != 2 {
+                        return Err(bad(op, "linear operands must be 2-D".into()));
+                    }
+                    let (k, n) = if *trans_b { (wt[1], wt[0]) } else { (wt[0], wt[1]) };
+                    if x.shape[1] != k || out.shape[0] != x.shape[0] || out_col + n > out.shape[1] {
+                        return Err(bad(op, format!("x {:?} · w {wt:?} does not fit out {:?} at column {out_col}", x.shape, out.shape)));
+                    }
+                    if let Some(b) = bias {
+                        if w(op, b)? != &vec![n] {
+                            return Err(bad(op, "bias shape disagrees".into()));
+                        }
+                    }
+                    if let Some(r) = residual {
+                        if act(op, r)?.shape != out.shape || *out_col != 0 || n != out.shape[1] {
+                            return Err(bad(op, "residual needs the whole output".into()));
+                        }
+                    }
+                }
+                Op::Attention { qkv, heads, seq, .. } => {
+                    let q = act(op, qkv)?;
+                    if q.shape.len() != 2 || *heads == 0 || *seq == 0 || q.shape[0] % seq != 0 || q.shape[1] % (3 * heads) != 0 || out.shape != [q.shape[0], q.shape[1] / 3] {
+                        return Err(bad(op, "qkv must be [T, 3H] with H divisible by heads".into()));
+                    }
+                }
+                Op::Conv2d { x, weight, bias, stride, pad, residual, .. } => {
+                    let x = act(op, x)?;
+                    let wt = w(op, weight)?;
+                    if x.shape.len() != 4 || wt.len() != 4 || wt[1] != x.shape[1] || *stride == 0 {
+                        return Err(bad(op, "conv operands must be NCHW / KCRS with matching C".into()));
+                    }
+                    let p = (x.shape[2] + 2 * pad).checked_sub(wt[2]).map(|v| v / stride + 1);
+                    let q = (x.shape[3] + 2 * pad).checked_sub(wt[3]).map(|v| v / stride + 1);
+                    if p.is_none() || q.is_none() || out.shape != [x.shape[0], wt[0], p.unwrap_or(0), q.unwrap_or(0)] {
+                        return Err(bad(op, format!("output {:?} does not match", out.shape)));
+                    }
+                    if let Some(b) = bias {
+                        if w(op, b)? != &vec![wt[0]] {
+                            return Err(bad(op, "bias shape disagrees".into()));
+                        }
+                    }
+                    if let Some(r) = residual {
+                        if act(op, r)?.shape != out.shape {
+                            return Err(bad(op, "residual shape disagrees".into()));
+                        }
+                    }
+                }
+                Op::MaxPool { x, kernel, stride, pad, .. } => {
+                    let x = act(op, x)?;
+                    let dim = |d: usize| (d + 2 * pad).checked_sub(*kernel).map(|v| v / stride + 1);
+                    if x.shape.len() != 4 || *stride == 0 || out.shape.len() != 4 || Some(out.shape[2]) != dim(x.shape[2]) || Some(out.shape[3]) != dim(x.shape[3]) || out.shape[..2] != x.shape[..2] {
+                        return Err(bad(op, "pool shapes disagree".into()));
+                    }
+                }
+                Op::GlobalAvgPool { x, .. } => {
+                    let x = act(op, x)?;
+                    if x.shape.len() != 4 || out.shape != [x.shape[0], x.shape[1]] {
+                        return Err(bad(op, "pool shapes disagree".into()));
+                    }
+                }
+            }
+            written.insert(op.output());
+        }
+        for o in &self.outputs {
+            if !written.contains(o.as_str()) {
+                return Err(Error::invalid(format!("graph {}: output {o} is never written", self.name)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Floating-point operations of one run (multiply-adds count 2).
+    pub fn flops(&self, weights: &WeightShapes) -> f64 {
+        let decls = self.decls();
+        let numel = |n: &str| decls.get(n).map_or(0, |d| d.numel()) as f64;
+        self.ops
+            .iter()
+            .map(|op| match op {
+                Op::Linear { x, weight, trans_b, .. } => {
+                    let m = decls.get(x.as_str()).map_or(0, |d| d.shape[0]) as f64;
+                    let w = weights.get(weight).cloned().unwrap_or_default();
+                    let n = if *trans_b { w.first() } else { w.get(1) }.copied().unwrap_or(0) as f64;
+                    2.0 * m * n * w.iter().product::<usize>() as f64 / n.max(1.0)
+                }
+                Op::Conv2d { weight, out, .. } => {
+                    let w = weights.get(weight).cloned().unwrap_or_default();
+                    2.0 * numel(out) * w.iter().skip(1).product::<usize>() as f64
+                }
+                Op::Attention { qkv, seq, out, .. } => {
+                    // QK^T and PV over each sequence: 4 * T * S * H.
+                    let t = decls.get(qkv.as_str()).map_or(0, |d| d.shape[0]) as f64;
+                    let h = decls.get(out.as_str()).map_or(0, |d| d.shape[1]) as f64;
+                    4.0 * t * *seq as f64 * h
+                }
+                _ => numel(op.output()),
+            })
+            .sum()
+    }
+}

@@ -1,0 +1,7 @@
+//! Model definitions (graphs of ops over stored weights) and the three
+//! reference models.
+
+pub mod graph;
+pub mod reference;
+
+pub use graph::{Act, Graph, Op, TensorDecl};
