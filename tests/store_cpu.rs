@@ -12,28 +12,40 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use pipeswitch::store::layout::{self, ALLOC_ALIGN, ENTRY_BYTES, HEADER_BYTES, LAYOUT_VERSION, MAX_NAME};
+use pipeswitch::store::layout::{
+    self, ALLOC_ALIGN, ENTRY_BYTES, HEADER_BYTES, LAYOUT_VERSION, MAX_NAME,
+};
 use pipeswitch::store::safetensors::{self as st, WriteTensor};
 use pipeswitch::store::shm::DIR_ENV;
-use pipeswitch::store::{Dtype, LayerSpec, Model, ModelSpec, ModelSummary, Store, TensorSpec, Usage, TENSOR_ALIGN};
+use pipeswitch::store::{
+    Dtype, LayerSpec, Model, ModelSpec, ModelSummary, Store, TensorSpec, Usage, TENSOR_ALIGN,
+};
 use pipeswitch::Error;
 
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
 
+static SHM_DIR: OnceLock<PathBuf> = OnceLock::new();
+
 /// The directory of this binary's stores. Created and exported once: the
-/// environment is process-wide and the tests run in parallel threads.
+/// environment is process-wide and the tests run in parallel threads. It is
+/// removed when the test process exits (not by forked children, which leave
+/// with `_exit`).
 fn shm_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().to_path_buf();
-        // Kept for the whole run: stores are destroyed by the tests themselves.
-        std::mem::forget(dir);
+    SHM_DIR.get_or_init(|| {
+        let path = tempfile::tempdir().expect("tempdir").keep();
         std::env::set_var(DIR_ENV, &path);
+        // SAFETY: registers a function that only removes the directory.
+        unsafe { libc::atexit(remove_shm_dir) };
         path
     })
+}
+
+extern "C" fn remove_shm_dir() {
+    if let Some(dir) = SHM_DIR.get() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 fn seg_path(name: &str) -> PathBuf {
@@ -43,7 +55,8 @@ fn seg_path(name: &str) -> PathBuf {
 /// Creates a store, first making sure the environment points at our directory.
 fn create(name: &str, capacity: u64, max_models: u32) -> Store {
     shm_dir();
-    let s = Store::create(name, capacity, max_models).unwrap_or_else(|e| panic!("create {name}: {e}"));
+    let s =
+        Store::create(name, capacity, max_models).unwrap_or_else(|e| panic!("create {name}: {e}"));
     assert_eq!(s.path(), seg_path(name));
     assert_eq!(Store::segment_path(name).unwrap(), seg_path(name));
     s
@@ -89,11 +102,19 @@ struct M {
 
 fn t(name: &str, dtype: Dtype, shape: &[u64], seed: u64) -> T {
     let n = shape.iter().product::<u64>() * dtype.size();
-    T { name: name.into(), dtype, shape: shape.to_vec(), data: bytes(seed, n as usize) }
+    T {
+        name: name.into(),
+        dtype,
+        shape: shape.to_vec(),
+        data: bytes(seed, n as usize),
+    }
 }
 
 fn l(name: &str, tensors: Vec<T>) -> L {
-    L { name: name.into(), tensors }
+    L {
+        name: name.into(),
+        tensors,
+    }
 }
 
 impl M {
@@ -107,7 +128,12 @@ impl M {
                     tensors: l
                         .tensors
                         .iter()
-                        .map(|t| TensorSpec { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone(), data: &t.data })
+                        .map(|t| TensorSpec {
+                            name: t.name.clone(),
+                            dtype: t.dtype,
+                            shape: t.shape.clone(),
+                            data: &t.data,
+                        })
                         .collect(),
                 })
                 .collect(),
@@ -129,7 +155,13 @@ impl M {
 fn model_a(seed: u64) -> M {
     M {
         layers: vec![
-            l("embed", vec![t("embed.weight", Dtype::F32, &[10, 6], seed), t("embed.pos", Dtype::F16, &[7], seed + 1)]),
+            l(
+                "embed",
+                vec![
+                    t("embed.weight", Dtype::F32, &[10, 6], seed),
+                    t("embed.pos", Dtype::F16, &[7], seed + 1),
+                ],
+            ),
             l(
                 "block.0",
                 vec![
@@ -139,36 +171,69 @@ fn model_a(seed: u64) -> M {
                     t("block.0.i", Dtype::I64, &[4], seed + 5),
                 ],
             ),
-            l("head", vec![t("head.w", Dtype::F64, &[5, 5], seed + 6), t("head.mask", Dtype::Bool, &[300], seed + 7)]),
+            l(
+                "head",
+                vec![
+                    t("head.w", Dtype::F64, &[5, 5], seed + 6),
+                    t("head.mask", Dtype::Bool, &[300], seed + 7),
+                ],
+            ),
         ],
     }
 }
 
 /// One layer with one U8 tensor of `n` bytes.
 fn model_bytes(n: u64, seed: u64) -> M {
-    M { layers: vec![l("only", vec![t("only.w", Dtype::U8, &[n], seed)])] }
+    M {
+        layers: vec![l("only", vec![t("only.w", Dtype::U8, &[n], seed)])],
+    }
 }
 
 /// `n_layers` layers of one F32 tensor of `elems` elements each.
 fn model_layers(n_layers: usize, elems: u64, seed: u64) -> M {
     M {
         layers: (0..n_layers)
-            .map(|i| l(&format!("layer.{i}"), vec![t(&format!("layer.{i}.w"), Dtype::F32, &[elems], seed + i as u64)]))
+            .map(|i| {
+                l(
+                    &format!("layer.{i}"),
+                    vec![t(
+                        &format!("layer.{i}.w"),
+                        Dtype::F32,
+                        &[elems],
+                        seed + i as u64,
+                    )],
+                )
+            })
             .collect(),
     }
 }
 
 fn add(s: &Store, name: &str, m: &M) -> Arc<Model> {
-    s.add_model(name, &m.spec(), &mut |_, _| {}).unwrap_or_else(|e| panic!("add {name}: {e}"))
+    s.add_model(name, &m.spec(), &mut |_, _| {})
+        .unwrap_or_else(|e| panic!("add {name}: {e}"))
 }
 
 /// Checks a stored model against what was added: names, dtypes, shapes,
 /// alignment, tiling, and the bytes in the segment file itself.
 fn check_model(path: &Path, m: &Model, want: &M) {
     let want_tensors = want.tensors();
-    assert_eq!(m.layers.len(), want.layers.len(), "layer count of {}", m.name);
-    assert_eq!(m.tensors.len(), want_tensors.len(), "tensor count of {}", m.name);
-    assert!(m.bytes > 0 && m.bytes % TENSOR_ALIGN == 0, "model bytes {} not 256-aligned", m.bytes);
+    assert_eq!(
+        m.layers.len(),
+        want.layers.len(),
+        "layer count of {}",
+        m.name
+    );
+    assert_eq!(
+        m.tensors.len(),
+        want_tensors.len(),
+        "tensor count of {}",
+        m.name
+    );
+    assert!(
+        m.bytes > 0 && m.bytes % TENSOR_ALIGN == 0,
+        "model bytes {} not 256-aligned",
+        m.bytes
+    );
     let file = std::fs::read(path).expect("reading the segment file");
     assert!(m.segment_offset + m.bytes <= file.len() as u64);
     let mut prev_end = 0u64;
@@ -177,27 +242,64 @@ fn check_model(path: &Path, m: &Model, want: &M) {
         assert_eq!(got.dtype, want.dtype, "dtype of {}", got.name);
         assert_eq!(got.shape, want.shape, "shape of {}", got.name);
         assert_eq!(got.bytes, want.data.len() as u64, "bytes of {}", got.name);
-        assert_eq!(got.offset % TENSOR_ALIGN, 0, "offset of {} not 256-aligned", got.name);
+        assert_eq!(
+            got.offset % TENSOR_ALIGN,
+            0,
+            "offset of {} not 256-aligned",
+            got.name
+        );
         if i > 0 {
-            assert!(got.offset > m.tensors[i - 1].offset, "offsets not increasing at {}", got.name);
+            assert!(
+                got.offset > m.tensors[i - 1].offset,
+                "offsets not increasing at {}",
+                got.name
+            );
         }
-        assert!(got.offset >= prev_end, "{} overlaps the tensor before it", got.name);
+        assert!(
+            got.offset >= prev_end,
+            "{} overlaps the tensor before it",
+            got.name
+        );
         prev_end = got.offset + got.bytes;
         assert!(prev_end <= m.bytes, "{} runs past the model", got.name);
         let start = (m.segment_offset + got.offset) as usize;
-        assert!(file[start..start + got.bytes as usize] == want.data[..], "stored bytes of {} differ", got.name);
+        assert!(
+            file[start..start + got.bytes as usize] == want.data[..],
+            "stored bytes of {} differ",
+            got.name
+        );
         assert_eq!(m.tensor(&want.name).map(|(j, _)| j), Some(i));
     }
     let (mut pos, mut first) = (0u64, 0usize);
     for (li, (got, want)) in m.layers.iter().zip(&want.layers).enumerate() {
         assert_eq!(got.name, want.name);
         assert_eq!(m.layer_index(&want.name), Some(li));
-        assert_eq!(got.first_tensor, first, "first tensor of layer {}", got.name);
-        assert_eq!(got.n_tensors, want.tensors.len(), "tensor count of layer {}", got.name);
-        assert_eq!(got.offset, pos, "layer {} does not start where the previous one ended", got.name);
-        assert_eq!(got.offset, m.tensors[first].offset, "layer {} starts before its first tensor", got.name);
+        assert_eq!(
+            got.first_tensor, first,
+            "first tensor of layer {}",
+            got.name
+        );
+        assert_eq!(
+            got.n_tensors,
+            want.tensors.len(),
+            "tensor count of layer {}",
+            got.name
+        );
+        assert_eq!(
+            got.offset, pos,
+            "layer {} does not start where the previous one ended",
+            got.name
+        );
+        assert_eq!(
+            got.offset, m.tensors[first].offset,
+            "layer {} starts before its first tensor",
+            got.name
+        );
         for tensor in &m.tensors[first..first + got.n_tensors] {
-            assert!(tensor.offset >= got.offset && tensor.offset + tensor.bytes <= got.offset + got.bytes);
+            assert!(
+                tensor.offset >= got.offset
+                    && tensor.offset + tensor.bytes <= got.offset + got.bytes
+            );
         }
         pos = got.offset + got.bytes;
         first += got.n_tensors;
@@ -225,19 +327,33 @@ fn snapshot(name: &str) -> Snapshot {
     let mut details = Vec::new();
     let mut data = Vec::new();
     for m in &models {
-        let d = s.model(&m.name).unwrap_or_else(|e| panic!("model {}: {e}", m.name));
-        let (a, b) = (d.segment_offset as usize, (d.segment_offset + d.bytes) as usize);
+        let d = s
+            .model(&m.name)
+            .unwrap_or_else(|e| panic!("model {}: {e}", m.name));
+        let (a, b) = (
+            d.segment_offset as usize,
+            (d.segment_offset + d.bytes) as usize,
+        );
         data.push(file[a..b].to_vec());
         assert!(s.model_bytes(&d).unwrap() == &file[a..b]);
         details.push(format!("{d:?}"));
     }
-    Snapshot { models, details, data, usage: s.usage().unwrap(), generation: s.generation() }
+    Snapshot {
+        models,
+        details,
+        data,
+        usage: s.usage().unwrap(),
+        generation: s.generation(),
+    }
 }
 
 #[track_caller]
 fn assert_unchanged(name: &str, before: &Snapshot) {
     let now = snapshot(name);
-    assert!(now == *before, "store {name} changed:\nbefore {before:?}\nnow {now:?}");
+    assert!(
+        now == *before,
+        "store {name} changed:\nbefore {before:?}\nnow {now:?}"
+    );
 }
 
 fn names(s: &Store) -> Vec<String> {
@@ -260,8 +376,13 @@ fn read_at(path: &Path, offset: u64, n: usize) -> Vec<u8> {
 fn slot_of(path: &Path, max_models: u32, model: &str) -> u64 {
     (0..u64::from(max_models))
         .find(|&slot| {
-            let e = read_at(path, HEADER_BYTES + slot * ENTRY_BYTES, ENTRY_BYTES as usize);
-            e[72..76] == (model.len() as u32).to_le_bytes() && &e[80..80 + model.len()] == model.as_bytes()
+            let e = read_at(
+                path,
+                HEADER_BYTES + slot * ENTRY_BYTES,
+                ENTRY_BYTES as usize,
+            );
+            e[72..76] == (model.len() as u32).to_le_bytes()
+                && &e[80..80 + model.len()] == model.as_bytes()
         })
         .unwrap_or_else(|| panic!("no table entry for {model}"))
 }
@@ -279,7 +400,16 @@ fn create_open_list_remove_round_trip() {
     assert!(s.capacity() >= 1 << 20);
     assert_eq!(s.models().unwrap(), vec![]);
     let u0 = s.usage().unwrap();
-    assert_eq!(u0, Usage { capacity_bytes: s.capacity(), used_bytes: 0, largest_free_bytes: s.capacity(), models: 0, max_models: 8 });
+    assert_eq!(
+        u0,
+        Usage {
+            capacity_bytes: s.capacity(),
+            used_bytes: 0,
+            largest_free_bytes: s.capacity(),
+            models: 0,
+            max_models: 8
+        }
+    );
     let g0 = s.generation();
 
     let ma = add(&s, "model-a", &a);
@@ -287,7 +417,10 @@ fn create_open_list_remove_round_trip() {
     assert!(s.generation() > g0, "adds must bump the generation");
     assert_ne!(ma.id, mb.id);
     assert_eq!(ma.name, "model-a");
-    assert!(mb.segment_offset >= ma.segment_offset + ma.bytes, "models overlap");
+    assert!(
+        mb.segment_offset >= ma.segment_offset + ma.bytes,
+        "models overlap"
+    );
 
     // A second handle sees both, with the same descriptions.
     let s2 = open(name);
@@ -296,8 +429,20 @@ fn create_open_list_remove_round_trip() {
     assert_eq!(
         listed,
         vec![
-            ModelSummary { name: "model-a".into(), id: ma.id, bytes: ma.bytes, n_layers: 3, n_tensors: 8 },
-            ModelSummary { name: "model-b".into(), id: mb.id, bytes: mb.bytes, n_layers: 4, n_tensors: 4 },
+            ModelSummary {
+                name: "model-a".into(),
+                id: ma.id,
+                bytes: ma.bytes,
+                n_layers: 3,
+                n_tensors: 8
+            },
+            ModelSummary {
+                name: "model-b".into(),
+                id: mb.id,
+                bytes: mb.bytes,
+                n_layers: 4,
+                n_tensors: 4
+            },
         ]
     );
     let ra = s2.model("model-a").unwrap();
@@ -329,13 +474,22 @@ fn create_open_list_remove_round_trip() {
     // The freed space is reused: the next add lands there (or lower).
     let c = model_a(99);
     let mc = add(&s, "model-c", &c);
-    assert!(mc.segment_offset <= a_offset, "freed space not reused: {} > {a_offset}", mc.segment_offset);
+    assert!(
+        mc.segment_offset <= a_offset,
+        "freed space not reused: {} > {a_offset}",
+        mc.segment_offset
+    );
     assert!(mc.id > mb.id, "ids are never reused");
     check_model(&seg_path(name), &mc, &c);
     check_model(&seg_path(name), &s2.model("model-b").unwrap(), &b);
     // Re-adding the removed name works and gets a fresh id.
     let ma2 = add(&s2, "model-a", &a);
     assert!(ma2.id > mc.id);
+    assert!(
+        !s.contains(&ma).unwrap(),
+        "the old id must not count as the re-added model"
+    );
+    assert!(s.contains(&ma2).unwrap());
     check_model(&seg_path(name), &s.model("model-a").unwrap(), &a);
     assert_eq!(names(&s2), vec!["model-c", "model-b", "model-a"]);
 
@@ -353,13 +507,22 @@ fn zero_sized_and_scalar_tensors() {
     let m = M {
         layers: vec![
             l("empty", vec![t("empty.w", Dtype::F32, &[0, 7], 1)]),
-            l("scalar", vec![t("scalar.w", Dtype::F64, &[], 2), t("scalar.z", Dtype::U8, &[3, 0], 3)]),
+            l(
+                "scalar",
+                vec![
+                    t("scalar.w", Dtype::F64, &[], 2),
+                    t("scalar.z", Dtype::U8, &[3, 0], 3),
+                ],
+            ),
         ],
     };
     let got = add(&s, "z", &m);
     assert_eq!(got.tensors[0].bytes, 0);
     assert_eq!(got.tensors[1].bytes, 8);
-    assert_eq!(got.layers[0].bytes, 0, "a layer of empty tensors holds no bytes");
+    assert_eq!(
+        got.layers[0].bytes, 0,
+        "a layer of empty tensors holds no bytes"
+    );
     assert_eq!(got.bytes, TENSOR_ALIGN);
     let again = open(name).model("z").unwrap();
     assert_eq!(format!("{again:?}"), format!("{got:?}"));
@@ -398,7 +561,10 @@ fn bad_input_leaves_the_store_unchanged() {
     // Bad model names.
     for bad in [String::new(), "x".repeat(MAX_NAME + 1), "a\0b".to_string()] {
         let r = s.add_model(&bad, &model_bytes(10, 3).spec(), &mut |_, _| {});
-        assert!(matches!(r, Err(Error::InvalidArgument(_))), "name {bad:?}: {r:?}");
+        assert!(
+            matches!(r, Err(Error::InvalidArgument(_))),
+            "name {bad:?}: {r:?}"
+        );
     }
     intact(&snap);
 
@@ -415,7 +581,13 @@ fn bad_input_leaves_the_store_unchanged() {
     // valid ones), too short and too long.
     for delta in [-1i64, 1] {
         let mut wrong = model_a(5);
-        let last = wrong.layers.last_mut().unwrap().tensors.first_mut().unwrap();
+        let last = wrong
+            .layers
+            .last_mut()
+            .unwrap()
+            .tensors
+            .first_mut()
+            .unwrap();
         let n = (last.data.len() as i64 + delta) as usize;
         last.data.resize(n, 0);
         let r = s.add_model("c", &wrong.spec(), &mut |_, _| {});
@@ -435,12 +607,23 @@ fn bad_input_leaves_the_store_unchanged() {
     // Empty tensor and layer names, too many dimensions.
     let mut unnamed = model_a(7);
     unnamed.layers[0].tensors[0].name.clear();
-    assert!(matches!(s.add_model("c", &unnamed.spec(), &mut |_, _| {}), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        s.add_model("c", &unnamed.spec(), &mut |_, _| {}),
+        Err(Error::InvalidArgument(_))
+    ));
     let mut unnamed = model_a(7);
     unnamed.layers[2].name.clear();
-    assert!(matches!(s.add_model("c", &unnamed.spec(), &mut |_, _| {}), Err(Error::InvalidArgument(_))));
-    let nine = M { layers: vec![l("x", vec![t("x.w", Dtype::U8, &[1; 9], 8)])] };
-    assert!(matches!(s.add_model("c", &nine.spec(), &mut |_, _| {}), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        s.add_model("c", &unnamed.spec(), &mut |_, _| {}),
+        Err(Error::InvalidArgument(_))
+    ));
+    let nine = M {
+        layers: vec![l("x", vec![t("x.w", Dtype::U8, &[1; 9], 8)])],
+    };
+    assert!(matches!(
+        s.add_model("c", &nine.spec(), &mut |_, _| {}),
+        Err(Error::InvalidArgument(_))
+    ));
     intact(&snap);
 
     // A model bigger than the whole store.
@@ -448,7 +631,10 @@ fn bad_input_leaves_the_store_unchanged() {
     let mut called = false;
     let r = s.add_model("huge", &huge.spec(), &mut |_, _| called = true);
     assert!(matches!(r, Err(Error::StoreFull(_))), "{r:?}");
-    assert!(!called, "no byte may be written for a model that does not fit");
+    assert!(
+        !called,
+        "no byte may be written for a model that does not fit"
+    );
     intact(&snap);
 
     // Fill the store by bytes: 64 KiB, a and b take 4 KiB each.
@@ -468,7 +654,10 @@ fn bad_input_leaves_the_store_unchanged() {
     add(&s, "d", &d);
     let snap = snapshot(name);
     assert_eq!((snap.usage.models, snap.usage.max_models), (4, 4));
-    assert!(snap.usage.largest_free_bytes >= model_bytes(100, 13).alloc_bytes(), "bytes would fit");
+    assert!(
+        snap.usage.largest_free_bytes >= model_bytes(100, 13).alloc_bytes(),
+        "bytes would fit"
+    );
     let r = s.add_model("e", &model_bytes(100, 13).spec(), &mut |_, _| {});
     assert!(matches!(r, Err(Error::StoreFull(_))), "{r:?}");
     intact(&snap);
@@ -488,10 +677,30 @@ fn bad_input_leaves_the_store_unchanged() {
 fn store_names_and_existence() {
     shm_dir();
     let too_long = "n".repeat(65);
-    for bad in ["", "../x", "a/b", ".hidden", too_long.as_str(), "sp ace", "nul\0"] {
-        assert!(matches!(Store::create(bad, 1 << 20, 4), Err(Error::InvalidArgument(_))), "create {bad:?}");
-        assert!(matches!(Store::open(bad), Err(Error::InvalidArgument(_))), "open {bad:?}");
-        assert!(matches!(Store::destroy(bad), Err(Error::InvalidArgument(_))), "destroy {bad:?}");
+    for bad in [
+        "",
+        "../x",
+        "a/b",
+        ".hidden",
+        too_long.as_str(),
+        "sp ace",
+        "nul\0",
+    ] {
+        assert!(
+            matches!(
+                Store::create(bad, 1 << 20, 4),
+                Err(Error::InvalidArgument(_))
+            ),
+            "create {bad:?}"
+        );
+        assert!(
+            matches!(Store::open(bad), Err(Error::InvalidArgument(_))),
+            "open {bad:?}"
+        );
+        assert!(
+            matches!(Store::destroy(bad), Err(Error::InvalidArgument(_))),
+            "destroy {bad:?}"
+        );
     }
     // Nothing was created outside (or inside) the directory.
     assert!(!shm_dir().join("pipeswitch-").exists());
@@ -505,11 +714,38 @@ fn store_names_and_existence() {
     }
 
     // Bad capacities.
-    assert!(matches!(Store::create("bad-capacity", 100, 4), Err(Error::InvalidArgument(_))));
-    assert!(matches!(Store::create("bad-capacity", 1 << 20, 0), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        Store::create("bad-capacity", 100, 4),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        Store::create("bad-capacity", 1 << 20, 0),
+        Err(Error::InvalidArgument(_))
+    ));
     assert!(!seg_path("bad-capacity").exists());
 
-    assert!(matches!(Store::open("never-created"), Err(Error::NotFound(_))));
+    // Capacities that cannot be had: rejected, and no file is left behind.
+    for cap in [u64::MAX, u64::MAX - 100, u64::MAX - 5000, 1 << 63] {
+        let r = Store::create("huge-capacity", cap, 4);
+        assert!(
+            matches!(r, Err(Error::InvalidArgument(_))),
+            "capacity {cap}: {r:?}"
+        );
+        assert!(!seg_path("huge-capacity").exists());
+    }
+    // Representable but far beyond any file system (checked before any
+    // block is reserved): fails cleanly too.
+    let r = Store::create("huge-capacity", 1 << 50, 4);
+    assert!(
+        matches!(r, Err(Error::StoreFull(_) | Error::Os { .. })),
+        "{r:?}"
+    );
+    assert!(!seg_path("huge-capacity").exists());
+
+    assert!(matches!(
+        Store::open("never-created"),
+        Err(Error::NotFound(_))
+    ));
 
     let name = "exists";
     let s = create(name, 64 << 10, 4);
@@ -593,9 +829,17 @@ fn truncated_segment() {
     let path = seg_path(name);
     let len = std::fs::metadata(&path).unwrap().len();
     for new_len in [len - 4096, len - 1, 4096, 100, 0] {
-        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(new_len).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(new_len)
+            .unwrap();
         let r = Store::open(name);
-        assert!(matches!(r, Err(Error::CorruptStore(_))), "length {new_len}: {r:?}");
+        assert!(
+            matches!(r, Err(Error::CorruptStore(_))),
+            "length {new_len}: {r:?}"
+        );
     }
     Store::destroy(name).unwrap();
 }
@@ -617,15 +861,30 @@ fn corrupt_model_metadata() {
     let s = open(name);
     let r = s.model("a");
     assert!(matches!(r, Err(Error::CorruptStore(_))), "{r:?}");
-    assert!(matches!(s.set_layer_exec_ms("a", &[1.0, 2.0, 3.0]), Err(Error::CorruptStore(_))));
+    assert!(matches!(
+        s.set_layer_exec_ms("a", &[1.0, 2.0, 3.0]),
+        Err(Error::CorruptStore(_))
+    ));
     // The other model still loads, and the listing still names both.
     check_model(&path, &s.model("b").unwrap(), &b);
     assert_eq!(names(&s), vec!["a", "b"]);
     assert_eq!(s.usage().unwrap().models, 2);
 
-    // Also the magic of the metadata.
+    // A flipped letter of a name: structurally fine, only the checksum
+    // catches it. The strings start at the offset stored at byte 24.
     patch(&path, at, &[orig]);
     check_model(&path, &open(name).model("a").unwrap(), &a);
+    let meta = ma.segment_offset + ma.bytes;
+    let strings = u32::from_le_bytes(read_at(&path, meta + 24, 4).try_into().unwrap()) as u64;
+    assert_eq!(read_at(&path, meta + strings, 5), b"embed");
+    patch(&path, meta + strings, b"d");
+    let r = open(name).model("a");
+    assert!(matches!(r, Err(Error::CorruptStore(_))), "{r:?}");
+    check_model(&path, &open(name).model("b").unwrap(), &b);
+    patch(&path, meta + strings, b"e");
+    check_model(&path, &open(name).model("a").unwrap(), &a);
+
+    // Also the magic of the metadata.
     patch(&path, ma.segment_offset + ma.bytes, b"XXXX");
     assert!(matches!(open(name).model("a"), Err(Error::CorruptStore(_))));
     check_model(&path, &open(name).model("b").unwrap(), &b);
@@ -659,7 +918,11 @@ fn corrupt_table_entry() {
 
     // An unknown state in c's entry.
     let slot_c = slot_of(&path, 4, "ccc");
-    patch(&path, HEADER_BYTES + slot_c * ENTRY_BYTES, &7u32.to_le_bytes());
+    patch(
+        &path,
+        HEADER_BYTES + slot_c * ENTRY_BYTES,
+        &7u32.to_le_bytes(),
+    );
     assert_eq!(names(&open(name)), vec!["a"]);
     assert_eq!(names(&s), vec!["a"]);
     assert_eq!(s.usage().unwrap().models, 1);
@@ -718,7 +981,11 @@ fn writer_dying_mid_add_is_reclaimed() {
         }
         ForkResult::Parent { child } => {
             let status = waitpid(child, None).expect("waitpid");
-            assert_eq!(status, WaitStatus::Exited(child, 0), "the child did not die mid-add");
+            assert_eq!(
+                status,
+                WaitStatus::Exited(child, 0),
+                "the child did not die mid-add"
+            );
         }
     }
 
@@ -729,23 +996,42 @@ fn writer_dying_mid_add_is_reclaimed() {
         assert!(matches!(h.model("half"), Err(Error::NotFound(_))));
         let u = h.usage().unwrap();
         assert_eq!(u.models, 1);
-        assert_eq!(u.used_bytes, u0.used_bytes + half.alloc_bytes(), "the child reserved no space?");
+        assert_eq!(
+            u.used_bytes,
+            u0.used_bytes + half.alloc_bytes(),
+            "the child reserved no space?"
+        );
     }
-    assert_eq!(s.generation(), gen0, "an uncommitted add must not bump the generation");
+    assert_eq!(
+        s.generation(),
+        gen0,
+        "an uncommitted add must not bump the generation"
+    );
     check_model(&seg_path(name), &s.model("a").unwrap(), &a);
 
     // The next add reclaims it.
     let fresh = model_layers(3, 1000, 13);
     let mf = add(&s2, "fresh", &fresh);
     let u = s.usage().unwrap();
-    assert_eq!(u.used_bytes, u0.used_bytes + fresh.alloc_bytes(), "the dead writer's space was not reclaimed");
+    assert_eq!(
+        u.used_bytes,
+        u0.used_bytes + fresh.alloc_bytes(),
+        "the dead writer's space was not reclaimed"
+    );
     assert_eq!(u.models, 2);
-    assert_eq!(mf.segment_offset, s.model("a").unwrap().segment_offset + a.alloc_bytes(), "first fit reuses the gap");
+    assert_eq!(
+        mf.segment_offset,
+        s.model("a").unwrap().segment_offset + a.alloc_bytes(),
+        "first fit reuses the gap"
+    );
     check_model(&seg_path(name), &s.model("a").unwrap(), &a);
     check_model(&seg_path(name), &s.model("fresh").unwrap(), &fresh);
     // The dead writer's name is free again.
     add(&s, "half", &half);
-    assert_eq!(s.usage().unwrap().used_bytes, u0.used_bytes + fresh.alloc_bytes() + half.alloc_bytes());
+    assert_eq!(
+        s.usage().unwrap().used_bytes,
+        u0.used_bytes + fresh.alloc_bytes() + half.alloc_bytes()
+    );
     check_model(&seg_path(name), &s2.model("half").unwrap(), &half);
     check_model(&seg_path(name), &s2.model("a").unwrap(), &a);
     assert_eq!(names(&s2), vec!["a", "fresh", "half"]);
@@ -778,7 +1064,10 @@ fn failing_add_in_this_process_releases_its_reservation() {
     // the space of the abandoned write must come back.
     let again = s.add_model("boom", &spec, &mut |_, _| {});
     assert!(again.is_ok(), "retry after a failed add: {again:?}");
-    assert_eq!(s.usage().unwrap().used_bytes, u0.used_bytes + m.alloc_bytes());
+    assert_eq!(
+        s.usage().unwrap().used_bytes,
+        u0.used_bytes + m.alloc_bytes()
+    );
     drop(s);
     Store::destroy(name).unwrap();
 }
@@ -811,7 +1100,14 @@ fn set_layer_exec_ms_round_trip() {
         // Nothing else changed.
         check_model(&seg_path(name), &m, &a);
         assert_eq!(m.id, before.id);
-        assert!(h.model("b").unwrap().layers.iter().all(|l| l.exec_ms.is_nan()), "b untouched");
+        assert!(
+            h.model("b")
+                .unwrap()
+                .layers
+                .iter()
+                .all(|l| l.exec_ms.is_nan()),
+            "b untouched"
+        );
     }
 
     // Overwrite, then reject bad input without changing the stored values.
@@ -831,9 +1127,18 @@ fn set_layer_exec_ms_round_trip() {
         let r = s.set_layer_exec_ms("a", v);
         assert!(matches!(r, Err(Error::InvalidArgument(_))), "{v:?}: {r:?}");
     }
-    assert!(matches!(s.set_layer_exec_ms("missing", &[1.0]), Err(Error::NotFound(_))));
+    assert!(matches!(
+        s.set_layer_exec_ms("missing", &[1.0]),
+        Err(Error::NotFound(_))
+    ));
     assert_unchanged(name, &snap);
-    let got: Vec<f64> = s.model("a").unwrap().layers.iter().map(|l| l.exec_ms).collect();
+    let got: Vec<f64> = s
+        .model("a")
+        .unwrap()
+        .layers
+        .iter()
+        .map(|l| l.exec_ms)
+        .collect();
     assert_eq!(got, times2);
     drop((s, s2));
     Store::destroy(name).unwrap();
@@ -860,8 +1165,15 @@ fn gpt2_tensors() -> Vec<T> {
 }
 
 fn write_st(path: &Path, tensors: &[T], layers: Option<&[String]>) {
-    let w: Vec<WriteTensor<'_>> =
-        tensors.iter().map(|t| WriteTensor { name: &t.name, dtype: t.dtype, shape: &t.shape, data: &t.data }).collect();
+    let w: Vec<WriteTensor<'_>> = tensors
+        .iter()
+        .map(|t| WriteTensor {
+            name: &t.name,
+            dtype: t.dtype,
+            shape: &t.shape,
+            data: &t.data,
+        })
+        .collect();
     st::write_file(path, &w, layers).unwrap();
 }
 
@@ -871,7 +1183,14 @@ fn expect(tensors: &[T], layers: &[(&str, &[&str])]) -> M {
     M {
         layers: layers
             .iter()
-            .map(|(name, ts)| l(name, ts.iter().map(|n| (*by_name.get(n).expect("tensor")).clone()).collect()))
+            .map(|(name, ts)| {
+                l(
+                    name,
+                    ts.iter()
+                        .map(|n| (*by_name.get(n).expect("tensor")).clone())
+                        .collect(),
+                )
+            })
             .collect(),
     }
 }
@@ -904,16 +1223,24 @@ fn safetensors_default_layering() {
     let ts = gpt2_tensors();
     let path = dir.path().join("gpt2.safetensors");
     write_st(&path, &ts, None);
-    assert!(st_header(&path).get("__metadata__").is_none(), "no layer list was given");
+    assert!(
+        st_header(&path).get("__metadata__").is_none(),
+        "no layer list was given"
+    );
 
-    let m = s.add_safetensors("gpt2", &path, None, &mut |_, _| {}).unwrap();
+    let m = s
+        .add_safetensors("gpt2", &path, None, &mut |_, _| {})
+        .unwrap();
     let want = expect(
         &ts,
         &[
             ("wte", &["wte.weight"]),
             ("wpe", &["wpe.weight"]),
             ("h.0.ln_1", &["h.0.ln_1.weight", "h.0.ln_1.bias"]),
-            ("h.0.attn.c_attn", &["h.0.attn.c_attn.weight", "h.0.attn.c_attn.bias"]),
+            (
+                "h.0.attn.c_attn",
+                &["h.0.attn.c_attn.weight", "h.0.attn.c_attn.bias"],
+            ),
             ("h.0.mlp.c_fc", &["h.0.mlp.c_fc.weight"]),
             ("h.1.ln_1", &["h.1.ln_1.weight"]),
             ("h.1.attn.c_attn", &["h.1.attn.c_attn.weight"]),
@@ -944,10 +1271,16 @@ fn safetensors_default_layering() {
     );
     let hpath = dir.path().join("hand.safetensors");
     raw_st(&hpath, &header, &data);
-    let m = s.add_safetensors("hand", &hpath, None, &mut |_, _| {}).unwrap();
+    let m = s
+        .add_safetensors("hand", &hpath, None, &mut |_, _| {})
+        .unwrap();
     let want = expect(
         &hand,
-        &[("h.0.attn", &["h.0.attn.w", "h.0.attn.b"]), ("h.0.mlp", &["h.0.mlp.w"]), ("scale", &["scale"])],
+        &[
+            ("h.0.attn", &["h.0.attn.w", "h.0.attn.b"]),
+            ("h.0.mlp", &["h.0.mlp.w"]),
+            ("scale", &["scale"]),
+        ],
     );
     check_model(&seg_path(name), &m, &want);
     drop(s);
@@ -965,11 +1298,15 @@ fn safetensors_layer_lists() {
     write_st(&path, &ts, Some(&list));
     // The list is recorded as a JSON string under pipeswitch.layers.
     let header = st_header(&path);
-    let recorded = header["__metadata__"][st::LAYERS_KEY].as_str().expect("pipeswitch.layers is a string");
+    let recorded = header["__metadata__"][st::LAYERS_KEY]
+        .as_str()
+        .expect("pipeswitch.layers is a string");
     assert_eq!(serde_json::from_str::<Vec<String>>(recorded).unwrap(), list);
 
     // Without an explicit list, the file's list is used.
-    let m = s.add_safetensors("from-meta", &path, None, &mut |_, _| {}).unwrap();
+    let m = s
+        .add_safetensors("from-meta", &path, None, &mut |_, _| {})
+        .unwrap();
     let want = expect(
         &ts,
         &[
@@ -994,12 +1331,20 @@ fn safetensors_layer_lists() {
     // An explicit list wins over the file's, in its own order; the longest
     // listed prefix takes a tensor.
     let explicit = strings(&["h.0.attn", "h.0", "wte", "wpe", "h.1", "ln_f"]);
-    let m = s.add_safetensors("explicit", &path, Some(&explicit), &mut |_, _| {}).unwrap();
+    let m = s
+        .add_safetensors("explicit", &path, Some(&explicit), &mut |_, _| {})
+        .unwrap();
     let want = expect(
         &ts,
         &[
-            ("h.0.attn", &["h.0.attn.c_attn.weight", "h.0.attn.c_attn.bias"]),
-            ("h.0", &["h.0.ln_1.weight", "h.0.ln_1.bias", "h.0.mlp.c_fc.weight"]),
+            (
+                "h.0.attn",
+                &["h.0.attn.c_attn.weight", "h.0.attn.c_attn.bias"],
+            ),
+            (
+                "h.0",
+                &["h.0.ln_1.weight", "h.0.ln_1.bias", "h.0.mlp.c_fc.weight"],
+            ),
             ("wte", &["wte.weight"]),
             ("wpe", &["wpe.weight"]),
             ("h.1", &["h.1.ln_1.weight", "h.1.attn.c_attn.weight"]),
@@ -1018,21 +1363,38 @@ fn safetensors_layer_lists() {
     ];
     let dpath = dir.path().join("dotted.safetensors");
     write_st(&dpath, &dotted, None);
-    let m = s.add_safetensors("dotted", &dpath, Some(&strings(&["h.1", "h", "h.w"])), &mut |_, _| {}).unwrap();
-    let want = expect(&dotted, &[("h.1", &["h.1.w"]), ("h", &["h.10.w", "h.1x"]), ("h.w", &["h.w"])]);
+    let m = s
+        .add_safetensors(
+            "dotted",
+            &dpath,
+            Some(&strings(&["h.1", "h", "h.w"])),
+            &mut |_, _| {},
+        )
+        .unwrap();
+    let want = expect(
+        &dotted,
+        &[
+            ("h.1", &["h.1.w"]),
+            ("h", &["h.10.w", "h.1x"]),
+            ("h.w", &["h.w"]),
+        ],
+    );
     check_model(&seg_path(name), &m, &want);
 
     // Errors, each leaving the store unchanged.
     let snap = snapshot(name);
     let bad_lists = [
-        strings(&["wte", "wpe", "h.0", "h.1"]),               // ln_f.weight matches no layer
+        strings(&["wte", "wpe", "h.0", "h.1"]), // ln_f.weight matches no layer
         strings(&["wte", "wpe", "h.0", "h.1", "ln_f", "h.2"]), // h.2 matches nothing
         strings(&["wte", "wpe", "h.0", "h.1", "ln_f", "h.0"]), // listed twice
-        strings(&["wte", "wpe", "h", "ln_f", "h.0.attn.c"]),   // "h.0.attn.c" is no dot-prefix of c_attn
+        strings(&["wte", "wpe", "h", "ln_f", "h.0.attn.c"]), // "h.0.attn.c" is no dot-prefix of c_attn
     ];
     for list in &bad_lists {
         let r = s.add_safetensors("bad", &path, Some(list), &mut |_, _| {});
-        assert!(matches!(r, Err(Error::InvalidArgument(_))), "{list:?}: {r:?}");
+        assert!(
+            matches!(r, Err(Error::InvalidArgument(_))),
+            "{list:?}: {r:?}"
+        );
     }
     // A file whose own list misses a tensor.
     let short = dir.path().join("short-list.safetensors");
@@ -1060,10 +1422,14 @@ fn safetensors_bad_files() {
     let good_bytes = std::fs::read(&good).unwrap();
     let snap = snapshot(name);
 
-    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
-    cases.push(("empty", vec![]));
-    cases.push(("three bytes", vec![1, 2, 3]));
-    cases.push(("truncated data", good_bytes[..good_bytes.len() - 5].to_vec()));
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        ("three bytes", vec![1, 2, 3]),
+        (
+            "truncated data",
+            good_bytes[..good_bytes.len() - 5].to_vec(),
+        ),
+    ];
     cases.push(("truncated header", good_bytes[..40].to_vec()));
     let mut longer = good_bytes.clone();
     longer.extend_from_slice(&[0; 8]);
@@ -1124,19 +1490,28 @@ fn safetensors_bad_files() {
         let mut called = false;
         let r = s.add_safetensors("bad", &p, None, &mut |_, _| called = true);
         match &r {
-            Err(Error::Safetensors { path, .. }) => assert!(path.contains(&format!("bad-{i}")), "{what}: {r:?}"),
+            Err(Error::Safetensors { path, .. }) => {
+                assert!(path.contains(&format!("bad-{i}")), "{what}: {r:?}")
+            }
             _ => panic!("{what}: expected a safetensors error, got {r:?}"),
         }
         assert!(!called, "{what}: bytes were written");
         assert_unchanged(name, &snap);
     }
 
-    let r = s.add_safetensors("bad", &dir.path().join("missing.safetensors"), None, &mut |_, _| {});
+    let r = s.add_safetensors(
+        "bad",
+        &dir.path().join("missing.safetensors"),
+        None,
+        &mut |_, _| {},
+    );
     assert!(matches!(r, Err(Error::NotFound(_))), "{r:?}");
     assert_unchanged(name, &snap);
 
     // The good file still goes in afterwards.
-    let m = s.add_safetensors("good", &good, None, &mut |_, _| {}).unwrap();
+    let m = s
+        .add_safetensors("good", &good, None, &mut |_, _| {})
+        .unwrap();
     assert_eq!(m.tensors.len(), ts.len());
     check_model(&seg_path(name), &s.model("a").unwrap(), &a);
     drop(s);
@@ -1146,7 +1521,10 @@ fn safetensors_bad_files() {
 #[test]
 fn safetensors_parse_without_a_store() {
     // parse() borrows the bytes it is given; default_layer_of is the rule.
-    assert_eq!(st::default_layer_of("h.0.attn.c_attn.weight"), "h.0.attn.c_attn");
+    assert_eq!(
+        st::default_layer_of("h.0.attn.c_attn.weight"),
+        "h.0.attn.c_attn"
+    );
     assert_eq!(st::default_layer_of("wte"), "wte");
     let dir = tempfile::tempdir().unwrap();
     let ts = gpt2_tensors();
@@ -1163,9 +1541,53 @@ fn safetensors_parse_without_a_store() {
         let range = bytes.as_ptr_range();
         assert!(range.contains(&got.data.as_ptr()));
     }
-    // write_file refuses data that does not match the shape.
-    let w = [WriteTensor { name: "x", dtype: Dtype::F32, shape: &[3], data: &[0; 11] }];
-    assert!(matches!(st::write_file(&dir.path().join("w"), &w, None), Err(Error::InvalidArgument(_))));
+    // write_file refuses data that does not match the shape, and names that
+    // a safetensors header cannot hold twice (or at all): it must never
+    // write a file that parse() then rejects.
+    let w = [WriteTensor {
+        name: "x",
+        dtype: Dtype::F32,
+        shape: &[3],
+        data: &[0; 11],
+    }];
+    assert!(matches!(
+        st::write_file(&dir.path().join("w"), &w, None),
+        Err(Error::InvalidArgument(_))
+    ));
+    let four = [1u8, 2, 3, 4];
+    let dup = [
+        WriteTensor {
+            name: "a.w",
+            dtype: Dtype::U8,
+            shape: &[4],
+            data: &four,
+        },
+        WriteTensor {
+            name: "a.w",
+            dtype: Dtype::U8,
+            shape: &[4],
+            data: &four,
+        },
+    ];
+    let reserved = [WriteTensor {
+        name: "__metadata__",
+        dtype: Dtype::U8,
+        shape: &[4],
+        data: &four,
+    }];
+    for (what, w) in [
+        ("duplicate names", &dup[..]),
+        ("reserved name", &reserved[..]),
+    ] {
+        let p = dir.path().join("dup.safetensors");
+        let r = st::write_file(&p, w, None);
+        assert!(matches!(r, Err(Error::InvalidArgument(_))), "{what}: {r:?}");
+        let r = st::write_file(&p, w, Some(&strings(&["a"])));
+        assert!(
+            matches!(r, Err(Error::InvalidArgument(_))),
+            "{what} with a layer list: {r:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1221,12 +1643,17 @@ fn concurrent_adds_removes_and_listing() {
                 let mut kept = Vec::new();
                 for k in 0..ROUNDS {
                     let model_name = format!("t{i}-{k}");
-                    let m = model_layers(1 + (k % 3) as usize, 50 + 37 * (i * ROUNDS + k), 1000 * i + 10 * k);
+                    let m = model_layers(
+                        1 + (k % 3) as usize,
+                        50 + 37 * (i * ROUNDS + k),
+                        1000 * i + 10 * k,
+                    );
                     let stored = add(&store, &model_name, &m);
                     // While it is stored, its bytes are ours alone.
                     for (got, want) in stored.tensors.iter().zip(m.tensors()) {
                         let mut b = vec![0u8; got.bytes as usize];
-                        file.read_exact_at(&mut b, stored.segment_offset + got.offset).unwrap();
+                        file.read_exact_at(&mut b, stored.segment_offset + got.offset)
+                            .unwrap();
                         assert!(b == want.data, "{model_name}: bytes overwritten");
                     }
                     if k % 5 == 0 {
@@ -1239,19 +1666,27 @@ fn concurrent_adds_removes_and_listing() {
             })
         })
         .collect();
-    let kept: Vec<(String, M)> = writers.into_iter().flat_map(|w| w.join().expect("writer panicked")).collect();
+    let kept: Vec<(String, M)> = writers
+        .into_iter()
+        .flat_map(|w| w.join().expect("writer panicked"))
+        .collect();
     done.store(true, Ordering::Release);
     let rounds = reader.join().expect("reader panicked");
     assert!(rounds >= 1);
 
     assert_eq!(kept.len() as u64, THREADS * ROUNDS / 5);
-    let expected: BTreeSet<String> = kept.iter().map(|(n, _)| n.clone()).chain(["base".to_string()]).collect();
+    let expected: BTreeSet<String> = kept
+        .iter()
+        .map(|(n, _)| n.clone())
+        .chain(["base".to_string()])
+        .collect();
     for h in [&*store, &open(name)] {
         let listed: BTreeSet<String> = names(h).into_iter().collect();
         assert_eq!(listed, expected);
         let u = h.usage().unwrap();
         assert_eq!(u.models as usize, expected.len());
-        let want_used: u64 = kept.iter().map(|(_, m)| m.alloc_bytes()).sum::<u64>() + base.alloc_bytes();
+        let want_used: u64 =
+            kept.iter().map(|(_, m)| m.alloc_bytes()).sum::<u64>() + base.alloc_bytes();
         assert_eq!(u.used_bytes, want_used);
         assert!(u.largest_free_bytes <= u.capacity_bytes - u.used_bytes);
         for (n, m) in &kept {

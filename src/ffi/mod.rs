@@ -95,8 +95,12 @@ impl<T> OutParam<T> {
 }
 
 /// Copies `s` plus a NUL into `(buf, cap)`; reports the length (without NUL)
-/// through `len_out` if not NULL, also when the buffer is too small.
+/// through `len_out` if not NULL, also when the buffer is too small (but not
+/// when `buf` is NULL with a capacity that would hold the string).
 pub(crate) fn write_str(s: &str, buf: *mut c_char, cap: usize, len_out: *mut usize) -> Result<()> {
+    if buf.is_null() && cap > s.len() {
+        return Err(Error::NullArgument("buf"));
+    }
     if !len_out.is_null() {
         // SAFETY: non-NULL, caller-provided.
         unsafe { len_out.write(s.len()) };

@@ -92,10 +92,11 @@ impl Header {
         }
         let table_offset = HEADER_BYTES;
         let data_offset = align_up(table_offset + u64::from(max_models) * ENTRY_BYTES, ALLOC_ALIGN);
-        let data_bytes = align_up(capacity_bytes, ALLOC_ALIGN);
-        let total_bytes = data_offset
-            .checked_add(data_bytes)
+        let total_bytes = capacity_bytes
+            .checked_next_multiple_of(ALLOC_ALIGN)
+            .and_then(|data_bytes| data_offset.checked_add(data_bytes))
             .ok_or_else(|| Error::invalid("store capacity overflows"))?;
+        let data_bytes = total_bytes - data_offset;
         Ok(Header {
             total_bytes,
             table_offset,

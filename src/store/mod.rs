@@ -350,16 +350,25 @@ impl Store {
         let alloc_bytes = align_up(lay.data_bytes + lay.meta.len() as u64, ALLOC_ALIGN);
         let (slot, mut entry) = self.reserve(name, alloc_bytes, &lay)?;
         entry.meta_offset = entry.alloc_offset + meta_offset_rel;
-        match self.write_model(&entry, spec, &lay, progress) {
-            Ok(()) => {}
-            Err(e) => {
-                let _l = lock(&self.local);
-                if let Ok(_g) = self.seg.lock(true) {
-                    let _ = self.write_entry(slot, None);
+        // Frees the reservation unless the add commits: on an error, and also
+        // when a panicking progress callback unwinds through here (a `Writing`
+        // entry of a live process is never reclaimed by anyone else).
+        struct Abandon<'s> {
+            store: &'s Store,
+            slot: Option<u32>,
+        }
+        impl Drop for Abandon<'_> {
+            fn drop(&mut self) {
+                if let Some(slot) = self.slot {
+                    let _l = lock(&self.store.local);
+                    if let Ok(_g) = self.store.seg.lock(true) {
+                        let _ = self.store.write_entry(slot, None);
+                    }
                 }
-                return Err(e);
             }
         }
+        let mut abandon = Abandon { store: self, slot: Some(slot) };
+        self.write_model(&entry, spec, &lay, progress)?;
         {
             let _l = lock(&self.local);
             let _g = self.seg.lock(true)?;
@@ -368,6 +377,7 @@ impl Store {
             self.write_entry(slot, Some(&entry))?;
             self.bump_generation();
         }
+        abandon.slot = None;
         tracing::debug!("store {:?}: added model {name:?} ({} bytes)", self.name, lay.data_bytes);
         self.model(name)
     }

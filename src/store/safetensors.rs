@@ -164,17 +164,37 @@ pub struct WriteTensor<'a> {
 /// Writes a safetensors file with the tensors in the given order (which is
 /// kept as the data order) and the layer list in its metadata, if given.
 pub fn write_file(path: &Path, tensors: &[WriteTensor<'_>], layers: Option<&[String]>) -> Result<()> {
+    write_file_with_metadata(path, tensors, layers, &[])
+}
+
+/// [`write_file`] with more `__metadata__` entries (key, string value).
+pub fn write_file_with_metadata(
+    path: &Path,
+    tensors: &[WriteTensor<'_>],
+    layers: Option<&[String]>,
+    extra: &[(&str, String)],
+) -> Result<()> {
     let mut header = serde_json::Map::new();
+    let mut m = serde_json::Map::new();
     if let Some(l) = layers {
-        let mut m = serde_json::Map::new();
         m.insert(
             LAYERS_KEY.into(),
             serde_json::Value::String(serde_json::to_string(l).map_err(|e| Error::Internal(e.to_string()))?),
         );
+    }
+    for (k, v) in extra {
+        m.insert((*k).to_string(), serde_json::Value::String(v.clone()));
+    }
+    if !m.is_empty() {
         header.insert("__metadata__".into(), serde_json::Value::Object(m));
     }
     let mut pos = 0u64;
     for t in tensors {
+        // A repeated (or the reserved) key would silently drop an entry and
+        // leave a file that no reader accepts.
+        if t.name == "__metadata__" || header.contains_key(t.name) {
+            return Err(Error::invalid(format!("tensor name {:?} is reserved or used twice", t.name)));
+        }
         let need = super::model::tensor_bytes(t.dtype, t.shape)?;
         if need != t.data.len() as u64 {
             return Err(Error::invalid(format!("tensor {:?}: shape needs {need} bytes, data has {}", t.name, t.data.len())));
