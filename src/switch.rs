@@ -51,7 +51,7 @@ pub fn copy_schedule(group_ends: &[u64], chunking: Chunking) -> Result<Vec<Copy>
             chunking.min_chunk, chunking.max_chunk
         )));
     }
-    let mut copies = Vec::new();
+    let mut copies: Vec<Copy> = Vec::new();
     let mut chunk_start = 0u64;
     let mut pending: Vec<usize> = Vec::new();
     let mut prev_end = 0u64;
@@ -60,6 +60,13 @@ pub fn copy_schedule(group_ends: &[u64], chunking: Chunking) -> Result<Vec<Copy>
             return Err(Error::invalid("group byte ranges are not increasing"));
         }
         prev_end = end;
+        // A group with no bytes past the last copy is complete with it.
+        if end == chunk_start && pending.is_empty() {
+            if let Some(last) = copies.last_mut() {
+                last.completes_groups.push(g);
+                continue;
+            }
+        }
         while end - chunk_start > chunking.max_chunk {
             copies.push(Copy {
                 start: chunk_start,
@@ -404,7 +411,7 @@ mod tests {
         let ends: Vec<u64> = (1..=100).map(|i| i * MB / 2).collect(); // 100 groups of 512 KiB
         let copies = copy_schedule(&ends, ch).unwrap();
         check_covers(&copies, &ends, ch);
-        assert_eq!(copies.len(), 7); // 6 copies of 4 MiB + the 2 MiB tail
+        assert_eq!(copies.len(), 13); // 12 copies of 4 MiB + the 2 MiB tail
     }
 
     #[test]

@@ -292,6 +292,9 @@ fn the_arena_survives_a_worker_that_dies() {
     let h = arena.export().unwrap();
     let (ok, text) = spawn_child("die", &[("PS_TEST_HANDLE", hex(&handle_bytes(&h)))]);
     assert!(!ok && text.contains("CHILD-DYING"), "{text}");
+    let mut first = vec![0u8; 16];
+    arena.read(0, &mut first).unwrap();
+    assert_eq!(first, vec![0x11; 16], "the dead worker's write is visible to the owner");
     // The owner's arena and a switch into it still work.
     let region = arena.alloc(m.bytes).unwrap();
     let mut sw = Switch::new(0).unwrap();
@@ -300,9 +303,6 @@ fn the_arena_survives_a_worker_that_dies() {
     let mut back = vec![0u8; m.bytes as usize];
     arena.read(region, &mut back).unwrap();
     assert!(back == ts.0.model_bytes(&m).unwrap());
-    let mut first = vec![0u8; 16];
-    arena.read(0, &mut first).unwrap();
-    assert_eq!(first, vec![0x11; 16], "the dead worker's write is visible to the owner");
 }
 
 #[test]
