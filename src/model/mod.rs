@@ -3,5 +3,6 @@
 
 pub mod graph;
 pub mod reference;
+pub mod weights;
 
 pub use graph::{Act, Graph, Op, TensorDecl};

@@ -1,0 +1,637 @@
+"""PyTorch integration: put an ``nn.Module`` into a :class:`~pipeswitch.Store`
+(:func:`register_module`) and run it from arena memory on a GPU worker
+(:class:`Worker`), switching models with the pipelined switch.
+
+Import it explicitly (``import pipeswitch.torch``); ``import pipeswitch``
+never imports PyTorch. PyTorch itself is imported on first use.
+
+Layers. A *layer* is a module that directly owns parameters or buffers
+(``module._parameters`` / ``module._buffers`` non-empty, ``recurse=False``).
+Layers are ordered by their first call in one forward pass (forward
+pre-hooks, i.e. the order in which modules are *entered*; a module owning
+tensors is entered before its children); modules never called come last, in
+``named_modules()`` order. A layer's tensors are its own parameters, then its
+own buffers (non-persistent ones included), in registration order, named by
+their full dotted state-dict names (a module reachable under several names
+uses its first). Shared (tied) tensors - the same tensor, or another tensor
+with the same data pointer, shape, strides and dtype, e.g. GPT-2's
+``lm_head.weight`` tied to ``transformer.wte.weight`` - are stored once and
+belong to the *first layer that uses them* in that order; a layer whose
+tensors are all tied to earlier layers is not stored (its time counts towards
+the layer before it).
+
+Contract for pipelining: a tensor must not be read before the module that
+owns it (its layer) has been entered, in every forward. Modules that read
+other modules' weights directly (e.g. a parent using ``child.weight``
+without calling ``child`` first) break that and need the whole model in one
+group (``plan=[0]``).
+"""
+
+import copy
+import statistics
+import warnings
+
+from .core import Store, Switch, dtype_code, measure_h2d, plan_model
+from .core import pluggable_allocator_args, workspace_attach, workspace_detach
+
+__all__ = ["register_module", "execution_order", "measure_layer_ms", "Worker"]
+
+#: Name of the layer of the root module (when the root owns tensors itself).
+ROOT_LAYER = "(root)"
+
+#: Smallest workspace :meth:`Worker.install_allocator` accepts without a
+#: warning: PyTorch's cuBLAS workspace (32 MiB on Hopper) plus room to work.
+MIN_WORKSPACE_BYTES = 64 << 20
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+def _owned(module):
+    """``[(attr, tensor, is_param)]`` that ``module`` owns directly: its
+    parameters, then its buffers, in registration order (None entries skipped)."""
+    out = [(k, p, True) for k, p in module._parameters.items() if p is not None]
+    out += [(k, b, False) for k, b in module._buffers.items() if b is not None]
+    return out
+
+
+def _slots(module):
+    """``(full_name, owner, attr, tensor, is_param)`` for every tensor owned by
+    a module in ``module`` (each module once, under its first name)."""
+    for mname, m in module.named_modules():
+        prefix = mname + "." if mname else ""
+        for attr, t, is_param in _owned(m):
+            yield prefix + attr, m, attr, t, is_param
+
+
+def _tie_key(t):
+    """Equal for two tensors that are one and the same data (tied)."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return ("object", id(t))
+    return (str(t.device), t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _call(module, inputs):
+    """Calls ``module``: a tuple is positional arguments, a dict keyword
+    arguments, anything else the one positional argument."""
+    if isinstance(inputs, tuple):
+        return module(*inputs)
+    if isinstance(inputs, dict):
+        return module(**inputs)
+    return module(inputs)
+
+
+def _to_device(x, device):
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, tuple):
+        return tuple(_to_device(v, device) for v in x)
+    if isinstance(x, list):
+        return [_to_device(v, device) for v in x]
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
+class _EvalMode:
+    """Puts a module in eval mode and restores every submodule's flag after."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        for m, flag in self.flags:
+            m.training = flag
+
+
+def _torch_dtype(name):
+    """The torch dtype of a store dtype name ("F32")."""
+    import torch
+
+    names = {
+        "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2", "I16": "int16", "U16": "uint16", "F16": "float16",
+        "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32",
+        "I64": "int64", "U64": "uint64", "F64": "float64",
+    }
+    dt = getattr(torch, names.get(name, "?"), None)
+    if dt is None:
+        raise TypeError("this PyTorch has no dtype for stored dtype %s" % name)
+    return dt
+
+
+def _cuda_device(device):
+    import torch
+
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    d = torch.device(device)
+    if d.type != "cuda":
+        raise ValueError("a CUDA device is needed, not %s" % d)
+    return d if d.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+# ---------------------------------------------------------------------------
+# Registering
+# ---------------------------------------------------------------------------
+
+def execution_order(module, example_inputs):
+    """Qualified names ("" for the root) of the modules of ``module`` that
+    directly own tensors, in first-call order of one forward pass on
+    ``example_inputs`` (run in eval mode under ``no_grad``, on whatever device
+    the module and inputs are); modules never called come last, in
+    ``named_modules()`` order."""
+    import torch
+
+    owners = [(name, m) for name, m in module.named_modules() if _owned(m)]
+    called = []
+    seen = set()
+    handles = []
+
+    def hook_for(name):
+        def hook(mod, args):
+            if id(mod) not in seen:
+                seen.add(id(mod))
+                called.append(name)
+        return hook
+
+    try:
+        for name, m in owners:
+            handles.append(m.register_forward_pre_hook(hook_for(name)))
+        with torch.no_grad(), _EvalMode(module):
+            _call(module, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return called + [name for name, m in owners if id(m) not in seen]
+
+
+def _layers(module, order):
+    """``[(layer_name, module_name, [(full_name, tensor)])]`` in ``order``,
+    each tied tensor with the first layer that has it, empty layers dropped."""
+    modules = dict(module.named_modules())
+    taken = set()
+    layers = []
+    for mname in order:
+        prefix = mname + "." if mname else ""
+        tensors = []
+        for attr, t, _ in _owned(modules[mname]):
+            key = _tie_key(t)
+            if key in taken:
+                continue
+            taken.add(key)
+            tensors.append((prefix + attr, t))
+        if tensors:
+            layers.append((mname or ROOT_LAYER, mname, tensors))
+    return layers
+
+
+def measure_layer_ms(module, layer_modules, example_inputs, device=None, warmup=2, runs=5):
+    """Per-layer execution times in ms on CUDA ``device`` (median of ``runs``
+    forward passes after ``warmup``), timed with CUDA events recorded in
+    forward pre-hooks: a layer's time runs from its first entry in a pass to
+    the first entry of the next layer entered (the last one's to the end of
+    the forward), which is exactly the stretch of GPU work that a switch's
+    wait for that layer's group gates. Layers not entered get 0.
+
+    ``layer_modules``: qualified module names ("" for the root), one per
+    layer. The module runs on ``device`` (a deep copy is moved there if it is
+    elsewhere; the caller's module is never changed), in eval mode under
+    ``no_grad``."""
+    import torch
+
+    device = _cuda_device(device)
+    on_device = all(t.device == device for t in list(module.parameters()) + list(module.buffers()))
+    m = module if on_device else copy.deepcopy(module).to(device)
+    inputs = _to_device(example_inputs, device)
+    modules = dict(m.named_modules())
+    index = {}
+    for i, name in enumerate(layer_modules):
+        index.setdefault(id(modules[name]), i)
+    samples = [[] for _ in layer_modules]
+    marks = []  # (layer, event) of this pass, in entry order
+    entered = set()
+
+    def hook(mod, args):
+        i = index[id(mod)]
+        if i not in entered:
+            entered.add(i)
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(torch.cuda.current_stream(device))
+            marks.append((i, ev))
+
+    handles = [modules[name].register_forward_pre_hook(hook) for name in set(layer_modules)]
+    try:
+        with torch.no_grad(), _EvalMode(m), torch.cuda.device(device):
+            for run in range(warmup + runs):
+                marks.clear()
+                entered.clear()
+                _call(m, inputs)
+                end = torch.cuda.Event(enable_timing=True)
+                end.record(torch.cuda.current_stream(device))
+                torch.cuda.synchronize(device)
+                if run < warmup:
+                    continue
+                times = [0.0] * len(layer_modules)
+                for k, (i, ev) in enumerate(marks):
+                    nxt = marks[k + 1][1] if k + 1 < len(marks) else end
+                    times[i] += ev.elapsed_time(nxt)
+                for i, t in enumerate(times):
+                    samples[i].append(t)
+    finally:
+        for h in handles:
+            h.remove()
+    return [statistics.median(s) for s in samples]
+
+
+def register_module(store, name, module, example_inputs, device=None, measure=True):
+    """Adds ``module`` to ``store`` as model ``name`` and returns its
+    :class:`~pipeswitch.ModelInfo`.
+
+    Layers and tensors are as described in this module's doc (one forward
+    pass on ``example_inputs`` finds the execution order; tied tensors are
+    stored once, with the first layer that uses them). The module's tensors
+    must hold real data (not ``meta``); they are copied to contiguous CPU
+    tensors and from there into the store. ``example_inputs``: a tuple of
+    positional arguments, a dict of keyword arguments, or one argument.
+
+    If ``measure`` and CUDA is available, the module also runs on ``device``
+    (default: the current CUDA device) to measure per-layer execution times
+    (:func:`measure_layer_ms`), which are stored with the model for
+    :func:`pipeswitch.plan_model`. The caller's module is left as it was.
+    """
+    import torch
+
+    order = execution_order(module, example_inputs)
+    layers = _layers(module, order)
+    if not layers:
+        raise ValueError("module %s owns no parameters or buffers" % type(module).__name__)
+    spec = []
+    keep = []
+    for lname, _, tensors in layers:
+        entries = []
+        for full, t in tensors:
+            if t.device.type == "meta":
+                raise ValueError("tensor %r is on the meta device: register_module needs real weights" % full)
+            c = t.detach().to("cpu").contiguous()
+            keep.append(c)
+            entries.append((full, dtype_code(c.dtype), tuple(c.shape), c))
+        spec.append((lname, entries))
+    store.add_model(name, spec)
+    del keep
+    if measure and torch.cuda.is_available():
+        times = measure_layer_ms(module, [mname for _, mname, _ in layers], example_inputs, device)
+        store.set_layer_exec_ms(name, times)
+    return store.model_info(name)
+
+
+# ---------------------------------------------------------------------------
+# The worker
+# ---------------------------------------------------------------------------
+
+class _CudaMemory:
+    """Device memory as a flat uint8 array, for ``torch.as_tensor`` (CUDA
+    Array Interface v3; ``stream: None``: no synchronisation on import)."""
+
+    def __init__(self, ptr, nbytes):
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (ptr, False),
+            "strides": None,
+            "version": 3,
+            "stream": None,
+        }
+
+
+def _arena_tensor(ptr, tinfo, device):
+    """A tensor of ``tinfo``'s dtype and shape that views the device memory at
+    ``ptr`` (no copy). Raises if PyTorch did not map that very address."""
+    import torch
+
+    dt = _torch_dtype(tinfo.dtype)
+    if tinfo.bytes == 0:
+        return torch.empty(tinfo.shape, dtype=dt, device=device)
+    try:
+        with torch.cuda.device(device):
+            raw = torch.as_tensor(_CudaMemory(ptr, tinfo.bytes), device=device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise RuntimeError("tensor %r: PyTorch could not map arena memory through "
+                           "__cuda_array_interface__ (it needs numpy for that): %s" % (tinfo.name, e)) from e
+    t = raw.view(dt).view(tinfo.shape)
+    if t.data_ptr() != ptr or t.device != device:
+        raise RuntimeError(
+            "tensor %r: PyTorch mapped %#x on %s, not the arena address %#x on %s"
+            % (tinfo.name, t.data_ptr(), t.device, ptr, device))
+    return t
+
+
+class _Attached:
+    """A model attached to a worker: its module, region and plan."""
+
+    def __init__(self, name, module, info, offset, owns_region, plan):
+        self.name = name
+        self.module = module
+        self.info = info
+        self.offset = offset
+        self.owns_region = owns_region
+        self.plan = plan
+        self.hooks = []
+        self.resident = False  # its bytes are in its region (no later copy overwrote them)
+
+    def overlaps(self, other):
+        return self.offset < other.offset + other.info.bytes and other.offset < self.offset + self.info.bytes
+
+
+class Worker:
+    """The active-standby worker side: modules whose parameters and buffers
+    live in an arena, switched in with the pipelined switch.
+
+    ``Worker(device, arena, store)``: ``arena`` defaults to the one given to
+    :meth:`install_allocator`; ``store`` is a :class:`~pipeswitch.Store` or
+    a store name to open. ``bandwidth_gbps`` and
+    ``group_transfer_overhead_ms`` (the planner's ``a``) are measured once
+    with :func:`pipeswitch.measure_h2d` when first needed, unless given;
+    ``group_exec_overhead_ms`` is the planner's ``b``.
+
+    Use::
+
+        worker = Worker(0, arena, store)
+        worker.attach(module_on_meta, "resnet")   # once per model
+        worker.switch_to("resnet")                # returns at once
+        y = module_on_meta(x)                     # runs as the groups arrive
+
+    Streams: the forward must run on the stream that was current on the
+    worker's device when :meth:`switch_to` was called (the usual single
+    serving stream); that is where the group waits and the ordering go.
+    """
+
+    _allocator_arena = None
+    _allocator = None
+
+    def __init__(self, device=0, arena=None, store=None, bandwidth_gbps=None,
+                 group_transfer_overhead_ms=None, group_exec_overhead_ms=0.01):
+        self.device = _cuda_device(device)
+        if arena is None:
+            arena = Worker._allocator_arena
+        if arena is None:
+            raise ValueError("Worker needs an arena (or Worker.install_allocator(arena) first)")
+        if store is None:
+            raise ValueError("Worker needs a store (a pipeswitch.Store or a store name)")
+        if not isinstance(store, Store):
+            store = Store.open(store)
+        self.arena = arena
+        self.store = store
+        self.switch = Switch(self.device.index)
+        self.bandwidth_gbps = bandwidth_gbps
+        self.group_transfer_overhead_ms = group_transfer_overhead_ms
+        self.group_exec_overhead_ms = group_exec_overhead_ms
+        self._models = {}
+        self._current = None
+        self._copy_stream = None
+
+    # -- the workspace allocator ------------------------------------------
+    @classmethod
+    def install_allocator(cls, arena):
+        """Routes every PyTorch CUDA allocation of this process to ``arena``'s
+        workspace (``ps_workspace_malloc``/``ps_workspace_free`` as a
+        ``CUDAPluggableAllocator``), and makes ``arena`` the default arena of
+        new workers. Must run before CUDA is initialised in this process
+        (before the first CUDA tensor or any call that initialises CUDA);
+        raises ``RuntimeError`` if it is too late.
+
+        Size the workspace for *every* CUDA allocation of the process,
+        PyTorch's own included: its cuBLAS workspace alone takes 32 MiB on
+        Hopper (``CUBLAS_WORKSPACE_CONFIG``). When the workspace is full,
+        ``ps_workspace_malloc`` returns NULL, and PyTorch (2.11) does not
+        check that for its cuBLAS workspace: the next matmul then fails with
+        an illegal memory access. Below :data:`MIN_WORKSPACE_BYTES` this
+        warns."""
+        import torch
+
+        too_late = ("Worker.install_allocator must run before CUDA is initialised in this process "
+                    "(before the first CUDA tensor or CUDA call of PyTorch): PyTorch cannot swap "
+                    "its allocator afterwards")
+        if torch.cuda.is_initialized():
+            raise RuntimeError(too_late)
+        if arena.workspace()[1] < MIN_WORKSPACE_BYTES:
+            warnings.warn("the arena's workspace has %d bytes; PyTorch's cuBLAS workspace alone may take "
+                          "32 MiB, and a full workspace makes kernels fail (see install_allocator)"
+                          % arena.workspace()[1])
+        path, malloc_fn, free_fn = pluggable_allocator_args()
+        workspace_attach(arena)
+        try:
+            alloc = torch.cuda.memory.CUDAPluggableAllocator(path, malloc_fn, free_fn)
+            torch.cuda.memory.change_current_allocator(alloc)
+        except RuntimeError as e:
+            workspace_detach()
+            raise RuntimeError("%s (%s)" % (too_late, e)) from e
+        cls._allocator = alloc  # kept alive for the process
+        cls._allocator_arena = arena
+
+    # -- attaching ---------------------------------------------------------
+    def _link(self):
+        if self.bandwidth_gbps is None or self.group_transfer_overhead_ms is None:
+            bw, a = measure_h2d(self.device.index)
+            if self.bandwidth_gbps is None:
+                self.bandwidth_gbps = bw
+            if self.group_transfer_overhead_ms is None:
+                self.group_transfer_overhead_ms = a
+        return self.bandwidth_gbps, self.group_transfer_overhead_ms
+
+    def plan(self, model_name):
+        """The plan :meth:`attach` uses by default: optimal (:func:`plan_model`)
+        if the model has measured layer times, else one group ``[0]``."""
+        if not self.store.model_info(model_name).measured:
+            return [0]
+        bw, a = self._link()
+        starts, _ = plan_model(self.store, model_name, bw, a, self.group_exec_overhead_ms)
+        return starts
+
+    def attach(self, module, model_name, region_offset=None, plan=None):
+        """Makes every parameter and buffer of ``module`` (built by the caller
+        on the ``meta`` device or the CPU, with the structure that was
+        registered) a view of the arena at base + ``region_offset`` + the
+        stored tensor's offset, without copying; tied tensors stay tied.
+        Parameters become ``requires_grad=False``. Returns ``module``.
+
+        ``region_offset``: a region of at least the model's bytes from
+        :meth:`Arena.alloc` (by the arena's owner); None allocates one (this
+        worker's arena must then be the owner). ``plan``: the group starts
+        (default :meth:`plan`). A forward pre-hook on the first module of each
+        group makes the current stream wait (on the GPU) for that group.
+
+        The views are valid once :meth:`switch_to` has started this model
+        and while no other model's switch overwrites the region; running the
+        module otherwise raises."""
+        if model_name in self._models:
+            raise ValueError("model %r is attached already" % model_name)
+        info = self.store.model_info(model_name)
+        arena_size = self.arena.size()
+        owns = region_offset is None
+        if owns:
+            region_offset = self.arena.alloc(info.bytes)
+        try:
+            if region_offset < 0 or region_offset + info.bytes > arena_size:
+                raise ValueError("region [%d, +%d) lies outside the arena of %d bytes"
+                                 % (region_offset, info.bytes, arena_size))
+            plan = list(self.plan(model_name) if plan is None else plan)
+            entry = _Attached(model_name, module, info, region_offset, owns, plan)
+            self._bind(entry)
+        except BaseException:
+            if owns:
+                self.arena.release(region_offset)
+            raise
+        self._models[model_name] = entry
+        return module
+
+    def _bind(self, entry):
+        import torch
+
+        info, module, device = entry.info, entry.module, self.device
+        plan = entry.plan
+        if not plan or plan[0] != 0 or any(a >= b for a, b in zip(plan, plan[1:])) \
+                or plan[-1] >= len(info.layers):
+            raise ValueError("plan %r: group starts must begin at 0, increase, and stay below %d layers"
+                             % (plan, len(info.layers)))
+        base = self.arena.base() + entry.offset
+        stored = {t.name: t for t in info.tensors}
+        slots = list(_slots(module))
+
+        # Pass 1: a view for every stored tensor the module has (by name).
+        by_name, by_key, owner_of = {}, {}, {}
+        for full, m, attr, t, is_param in slots:
+            ti = stored.get(full)
+            if ti is None:
+                continue
+            if _torch_dtype(ti.dtype) != t.dtype or tuple(t.shape) != ti.shape:
+                raise ValueError("tensor %r: the module has %s%s, model %r stores %s%s"
+                                 % (full, t.dtype, tuple(t.shape), info.name, ti.dtype, ti.shape))
+            v = _arena_tensor(base + ti.offset, ti, device)
+            new = torch.nn.Parameter(v, requires_grad=False) if is_param else v
+            by_name[full] = new
+            by_key.setdefault(_tie_key(t), new)
+            owner_of[full] = m
+
+        # Pass 2: every slot gets its view, a tied slot its partner's view.
+        missing, assign = [], []
+        for full, m, attr, t, is_param in slots:
+            new = by_name.get(full)
+            if new is None:
+                new = by_key.get(_tie_key(t))
+            if new is None:
+                if not is_param and attr in m._non_persistent_buffers_set and t.device.type != "meta":
+                    new = t.to(device)  # computed state, not a weight
+                else:
+                    missing.append(full)
+                    continue
+            if is_param and not isinstance(new, torch.nn.Parameter):
+                new = torch.nn.Parameter(new, requires_grad=False)
+            elif not is_param and isinstance(new, torch.nn.Parameter):
+                new = new.detach()
+            assign.append((m, attr, is_param, new))
+        if missing:
+            raise KeyError("model %r has no tensor for %s of the module" % (info.name, ", ".join(missing)))
+        unused = sorted(set(stored) - set(by_name))
+        if unused:
+            warnings.warn("model %r stores tensors the module does not have: %s"
+                          % (info.name, ", ".join(unused)))
+        owners = []
+        for g, first_layer in enumerate(plan):
+            first = info.layers[first_layer].tensors[0]
+            if first not in owner_of:
+                raise ValueError("group %d starts with tensor %r, which the module does not have" % (g, first))
+            owners.append(owner_of[first])
+        for m, attr, is_param, new in assign:
+            (m._parameters if is_param else m._buffers)[attr] = new
+
+        # One pre-hook per group, on the module owning its first layer's first tensor.
+        for g, first_layer in enumerate(entry.plan):
+            entry.hooks.append(owners[g].register_forward_pre_hook(self._group_hook(entry, g)))
+
+    def _group_hook(self, entry, group):
+        import torch
+
+        switch, device = self.switch, self.device
+
+        def hook(mod, args):
+            if self._current is entry:
+                switch.wait_group(group, torch.cuda.current_stream(device).cuda_stream)
+            elif not entry.resident:
+                raise RuntimeError("model %r is not loaded on %s: call worker.switch_to(%r) first"
+                                   % (entry.name, device, entry.name))
+        return hook
+
+    def detach(self, model_name):
+        """Forgets an attached model: removes its hooks and releases its region
+        if :meth:`attach` allocated it (its module must not be used again)."""
+        entry = self._models.pop(model_name)
+        for h in entry.hooks:
+            h.remove()
+        if self._current is entry:
+            self.switch.synchronize()
+            self._current = None
+        if entry.owns_region:
+            self.arena.release(entry.offset)
+
+    @property
+    def models(self):
+        """Names of the attached models."""
+        return list(self._models)
+
+    @property
+    def current(self):
+        """Name of the model of the last switch (None before the first)."""
+        return None if self._current is None else self._current.name
+
+    # -- switching -------------------------------------------------------
+    def switch_to(self, model_name):
+        """Starts the pipelined copy of ``model_name`` (attached) into its own
+        region with its plan, and returns at once (no host wait). The next
+        forward of its module runs as the groups arrive: each group's
+        pre-hook makes the current stream wait for that group on the GPU.
+
+        Ordering on the device's current stream: (1) the previous model's
+        copies complete before anything enqueued later (so it stays usable
+        from its own region); (2) the new copies start only after the work
+        already enqueued, so no weight in use is overwritten."""
+        import torch
+
+        entry = self._models.get(model_name)
+        if entry is None:
+            raise KeyError("model %r is not attached to this worker (attached: %s)"
+                           % (model_name, ", ".join(self._models) or "none"))
+        stream = torch.cuda.current_stream(self.device)
+        prev = self._current
+        if prev is not None:
+            self.switch.wait_group(len(prev.plan) - 1, stream.cuda_stream)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.ExternalStream(self.switch.copy_stream(), device=self.device)
+        self._copy_stream.wait_stream(stream)
+        for other in self._models.values():
+            if other is not entry and other.overlaps(entry):
+                other.resident = False
+        self._current = None
+        entry.resident = False
+        self.switch.start(self.store, model_name, self.arena, entry.offset, entry.plan)
+        entry.resident = True
+        self._current = entry
+
+    def synchronize(self):
+        """Blocks until the current model has arrived completely."""
+        self.switch.synchronize()
+
+    def close(self):
+        """Detaches every model and frees the switch engine."""
+        for name in list(self._models):
+            self.detach(name)
+        self.switch.close()
