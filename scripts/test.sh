@@ -3,6 +3,8 @@
 # need one are #[ignore]d here; run them with scripts/gpu-check.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The C example tests link libpipeswitch.so, which `cargo test` alone does not build.
+cargo build --lib
 cargo test --all-targets
 cargo test --doc
 if [ -d python/tests ]; then

@@ -25,7 +25,7 @@ fn out_dir() -> PathBuf {
 
 fn compile(compiler: &str, std: &str, src: &str, out: &str, extra: &[&str]) -> PathBuf {
     let lib = lib_dir();
-    assert!(lib.join("libpipeswitch.so").exists(), "libpipeswitch.so not built in {}", lib.display());
+    assert!(lib.join("libpipeswitch.so").exists(), "libpipeswitch.so not built in {}: run `cargo build --lib` first (scripts/test.sh does)", lib.display());
     let exe = out_dir().join(out);
     let status = Command::new(compiler)
         .args([std, "-Wall", "-Wextra", "-Werror", "-pedantic", "-g"])
