@@ -106,7 +106,7 @@ pub fn check_plan(group_starts: &[usize], n_layers: usize) -> Result<()> {
 
 struct InFlight {
     model: Arc<Model>,
-    _store: Arc<Store>,
+    store: Arc<Store>,
     arena: Arc<Arena>,
     dst: CUdeviceptr,
     group_starts: Vec<usize>,
@@ -229,9 +229,10 @@ impl Switch {
             self.events.push(Event::new(self.device, false)?);
         }
         // A previous switch may still be copying out of another store or into
-        // another arena that its caller is about to free: let it finish first.
+        // another arena whose last reference goes with it: let it finish first.
         if let Some(prev) = &self.current {
-            if !(Arc::ptr_eq(&prev.arena, arena)) && !self.end_event.is_complete()? {
+            let same = Arc::ptr_eq(&prev.store, store) && Arc::ptr_eq(&prev.arena, arena);
+            if !same && !self.end_event.is_complete()? {
                 self.stream.synchronize()?;
             }
         }
@@ -265,7 +266,7 @@ impl Switch {
         self.end_event.record(raw)?;
         self.current = Some(InFlight {
             model,
-            _store: store.clone(),
+            store: store.clone(),
             arena: arena.clone(),
             dst,
             group_starts: starts,
