@@ -11,6 +11,7 @@ use std::time::Instant;
 use crate::arena::Arena;
 use crate::cuda::Device;
 use crate::error::{Error, Result};
+pub use crate::measure::fill_random;
 use crate::measure::{measure_h2d, median, H2dProfile};
 use crate::planner;
 use crate::store::{Dtype, LayerSpec, ModelSpec, Store, TensorSpec};
@@ -96,17 +97,6 @@ pub fn shape_size(shape: &Shape) -> Result<(u64, usize)> {
     Ok((bytes, n))
 }
 
-/// Fills `buf` with pseudo-random bytes (never zeros: zeros can hide bugs).
-pub fn fill_random(buf: &mut [u8], seed: u64) {
-    let mut s = seed | 1;
-    for chunk in buf.chunks_mut(8) {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        let b = s.to_le_bytes();
-        chunk.copy_from_slice(&b[..chunk.len()]);
-    }
-}
 
 /// Adds a model of `shape` with random bytes to `store`.
 pub fn add_synthetic(store: &Store, name: &str, shape: &Shape, seed: u64, progress: crate::store::Progress<'_>) -> Result<()> {

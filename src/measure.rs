@@ -20,6 +20,19 @@ pub struct H2dProfile {
     pub samples: Vec<(u64, f64)>,
 }
 
+/// Fills `buf` with pseudo-random bytes (never zeros: zeros can hide bugs
+/// and run faster than real data).
+pub fn fill_random(buf: &mut [u8], seed: u64) {
+    let mut s = seed | 1;
+    for chunk in buf.chunks_mut(8) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let b = s.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
+
 pub fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -82,15 +95,7 @@ pub fn measure_h2d(ordinal: i32, peak_bytes: u64, reps: usize) -> Result<H2dProf
     let fit_max: u64 = 64 << 20;
     let buf = peak_bytes.max(fit_max) as usize;
     let mut src = PinnedHost::new(device, buf)?;
-    // Random-looking bytes, not zeros.
-    let mut s: u64 = 0x2545_f491_4f6c_dd1d;
-    for chunk in src.as_mut_slice().chunks_mut(8) {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        let b = s.to_le_bytes();
-        chunk.copy_from_slice(&b[..chunk.len()]);
-    }
+    fill_random(src.as_mut_slice(), 0x2545_f491_4f6c_dd1d);
     let dst = DeviceAlloc::new(device, buf)?;
     // Warm-up.
     time_copies(device, &src, &dst, fit_max as usize, 2)?;

@@ -6,9 +6,7 @@
 //! (`PIPESWITCH_SHM_DIR`, set once), each test with its own store names.
 
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::path::{Path, PathBuf};
 use std::ptr::{null, null_mut};
-use std::sync::OnceLock;
 
 use pipeswitch::ffi::arena::*;
 use pipeswitch::ffi::plan::*;
@@ -17,38 +15,14 @@ use pipeswitch::ffi::switch::*;
 use pipeswitch::ffi::version::*;
 use pipeswitch::ffi::*;
 use pipeswitch::store::safetensors::{write_file, WriteTensor};
-use pipeswitch::store::shm::DIR_ENV;
 use pipeswitch::store::{Dtype, Store};
 
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
 
-static SHM_DIR: OnceLock<PathBuf> = OnceLock::new();
-
-/// The directory of this binary's stores. Created and exported once: the
-/// environment is process-wide and the tests run in parallel threads. It is
-/// removed when the test process exits (not by forked children, which leave
-/// with `_exit`).
-fn shm_dir() -> &'static Path {
-    SHM_DIR.get_or_init(|| {
-        let path = tempfile::tempdir().expect("tempdir").keep();
-        std::env::set_var(DIR_ENV, &path);
-        // SAFETY: registers a function that only removes the directory.
-        unsafe { libc::atexit(remove_shm_dir) };
-        path
-    })
-}
-
-extern "C" fn remove_shm_dir() {
-    if let Some(dir) = SHM_DIR.get() {
-        let _ = std::fs::remove_dir_all(dir);
-    }
-}
-
-fn seg_path(name: &str) -> PathBuf {
-    shm_dir().join(format!("pipeswitch-{name}"))
-}
+mod common;
+use common::{seg_path, shm_dir};
 
 fn cstr(s: &str) -> CString {
     CString::new(s).unwrap()

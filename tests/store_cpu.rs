@@ -8,15 +8,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use pipeswitch::store::layout::{
     self, ALLOC_ALIGN, ENTRY_BYTES, HEADER_BYTES, LAYOUT_VERSION, MAX_NAME,
 };
 use pipeswitch::store::safetensors::{self as st, WriteTensor};
-use pipeswitch::store::shm::DIR_ENV;
 use pipeswitch::store::{
     Dtype, LayerSpec, Model, ModelSpec, ModelSummary, Store, TensorSpec, Usage, TENSOR_ALIGN,
 };
@@ -26,31 +25,8 @@ use pipeswitch::Error;
 // Helpers
 // ---------------------------------------------------------------------------
 
-static SHM_DIR: OnceLock<PathBuf> = OnceLock::new();
-
-/// The directory of this binary's stores. Created and exported once: the
-/// environment is process-wide and the tests run in parallel threads. It is
-/// removed when the test process exits (not by forked children, which leave
-/// with `_exit`).
-fn shm_dir() -> &'static Path {
-    SHM_DIR.get_or_init(|| {
-        let path = tempfile::tempdir().expect("tempdir").keep();
-        std::env::set_var(DIR_ENV, &path);
-        // SAFETY: registers a function that only removes the directory.
-        unsafe { libc::atexit(remove_shm_dir) };
-        path
-    })
-}
-
-extern "C" fn remove_shm_dir() {
-    if let Some(dir) = SHM_DIR.get() {
-        let _ = std::fs::remove_dir_all(dir);
-    }
-}
-
-fn seg_path(name: &str) -> PathBuf {
-    shm_dir().join(format!("pipeswitch-{name}"))
-}
+mod common;
+use common::{seg_path, shm_dir};
 
 /// Creates a store, first making sure the environment points at our directory.
 fn create(name: &str, capacity: u64, max_models: u32) -> Store {

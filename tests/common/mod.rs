@@ -1,0 +1,33 @@
+//! Helpers shared by the CPU integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use pipeswitch::store::shm::DIR_ENV;
+
+static SHM_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// The directory of this binary's stores. Created and exported once: the
+/// environment is process-wide and the tests run in parallel threads. It is
+/// removed when the test process exits (not by forked children, which leave
+/// with `_exit`).
+pub fn shm_dir() -> &'static Path {
+    SHM_DIR.get_or_init(|| {
+        let path = tempfile::tempdir().expect("tempdir").keep();
+        std::env::set_var(DIR_ENV, &path);
+        // SAFETY: registers a function that only removes the directory.
+        unsafe { libc::atexit(remove_shm_dir) };
+        path
+    })
+}
+
+extern "C" fn remove_shm_dir() {
+    if let Some(dir) = SHM_DIR.get() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+pub fn seg_path(name: &str) -> PathBuf {
+    shm_dir().join(format!("pipeswitch-{name}"))
+}
