@@ -71,6 +71,11 @@
 typedef struct ps_arena ps_arena;
 
 /**
+ * A stored model's graph bound to the model (weights, activation layout).
+ */
+typedef struct ps_program ps_program;
+
+/**
  * An open host model store (shared memory). Thread-safe.
  */
 typedef struct ps_store ps_store;
@@ -80,6 +85,12 @@ typedef struct ps_store ps_store;
  * reused by every switch. Use one from one thread at a time.
  */
 typedef struct ps_switch ps_switch;
+
+/**
+ * A worker: a compute stream and an activation buffer from the arena. Use
+ * one from one thread at a time.
+ */
+typedef struct ps_worker ps_worker;
 
 /**
  * Result of every fallible C call: `PS_OK` (0) or a `PS_ERR_*` code.
@@ -670,6 +681,97 @@ int32_t ps_driver_available(void);
  * Number of CUDA devices (`PS_ERR_NO_DRIVER` without a driver).
  */
 ps_status ps_device_count(int32_t *count_out);
+
+/**
+ * The program of `model`, whose graph was stored with it (a safetensors
+ * file's `pipeswitch.graph` metadata). `PS_ERR_NOT_FOUND` if the model has
+ * no graph; `PS_ERR_INVALID_ARGUMENT` if the graph does not fit the model.
+ */
+ps_status ps_program_from_store(const struct ps_store *store,
+                                const char *model,
+                                struct ps_program **program_out);
+
+/**
+ * Frees a program. NULL does nothing.
+ */
+ps_status ps_program_free(struct ps_program *program);
+
+/**
+ * Bytes of activation buffer the program needs (inputs and outputs included).
+ */
+ps_status ps_program_activation_bytes(const struct ps_program *program, uint64_t *bytes_out);
+
+/**
+ * Bytes of input or output `name` (for `ps_worker_set_input` / `ps_worker_read`).
+ */
+ps_status ps_program_tensor_bytes(const struct ps_program *program,
+                                  const char *name,
+                                  uint64_t *bytes_out);
+
+/**
+ * A worker running models switched into `arena`.
+ */
+ps_status ps_worker_new(const struct ps_arena *arena, struct ps_worker **worker_out);
+
+/**
+ * Waits for the worker's last run, returns its activation buffer to the
+ * arena and frees it. NULL does nothing.
+ */
+ps_status ps_worker_free(struct ps_worker *worker);
+
+/**
+ * Makes the worker's activation buffer big enough for `program` (from the
+ * arena: call it before switching, never during a switch).
+ */
+ps_status ps_worker_prepare(struct ps_worker *worker, const struct ps_program *program);
+
+/**
+ * Copies `bytes` bytes of input `name` (dtype and shape as in the graph:
+ * e.g. int32 token ids `[batch, seq]`) to the device. Waits for the
+ * worker's previous run.
+ */
+ps_status ps_worker_set_input(struct ps_worker *worker,
+                              const struct ps_program *program,
+                              const char *name,
+                              const void *data,
+                              size_t bytes);
+
+/**
+ * Enqueues one run of `program` on the model `switch` started copying;
+ * every group is waited for on the GPU. `profile` != 0 records an event per
+ * op (for `ps_worker_layer_ms`). Returns once enqueued.
+ */
+ps_status ps_worker_run(struct ps_worker *worker,
+                        const struct ps_program *program,
+                        const struct ps_switch *switch_,
+                        int32_t profile);
+
+/**
+ * Waits for the worker's last run.
+ */
+ps_status ps_worker_synchronize(struct ps_worker *worker);
+
+/**
+ * Waits for the last run and copies output (or activation) `name` into
+ * `(out, bytes)`; `bytes` must be its exact size. `PS_ERR_INVALID_ARGUMENT`
+ * if an input token id was out of range.
+ */
+ps_status ps_worker_read(struct ps_worker *worker,
+                         const struct ps_program *program,
+                         const char *name,
+                         void *out_buf,
+                         size_t bytes);
+
+/**
+ * Per-layer execution times (ms) of the last profiled run, into
+ * `ms_out[0..n_layers]` (`n_layers` must be the model's layer count).
+ * Store them with `ps_store_set_layer_exec_ms` so the planner plans from
+ * measured numbers.
+ */
+ps_status ps_worker_layer_ms(struct ps_worker *worker,
+                             const struct ps_program *program,
+                             double *ms_out,
+                             size_t n_layers);
 
 /**
  * Serves workspace allocations from `arena`'s workspace region (process-wide).

@@ -5,13 +5,17 @@
 //! - [`arena`]: the device arena (one allocation per GPU, CUDA IPC export);
 //! - [`planner`]: the optimal layer grouping;
 //! - [`switch`]: pipelined transfer with one event per group;
+//! - [`worker`]: runs a model graph from the arena as its groups arrive;
+//! - [`kernels`] and [`model`]: hand-written PTX layers, model graphs;
 //! - [`measure`]: bandwidth and per-group overhead on the current device;
 //! - [`cuda`]: the driver layer (dynamic loading: builds and runs without CUDA);
 //! - [`ffi`]: the C ABI (`include/pipeswitch.h`).
 
 pub mod arena;
 pub mod bench;
+pub mod bench_gemm;
 pub mod cuda;
+pub mod demo;
 pub mod error;
 pub mod ffi;
 pub mod kernels;
@@ -20,6 +24,7 @@ pub mod model;
 pub mod planner;
 pub mod store;
 pub mod switch;
+pub mod worker;
 
 pub use error::{Error, Result};
 

@@ -123,6 +123,8 @@ pub struct Switch {
     start_event: Event,
     end_event: Event,
     chunking: Chunking,
+    /// Group events carry timestamps (for traces), at a small cost per record.
+    timing: bool,
     current: Option<InFlight>,
 }
 
@@ -145,6 +147,7 @@ impl Switch {
             start_event: Event::new(device, true)?,
             end_event: Event::new(device, true)?,
             chunking: Chunking::default(),
+            timing: false,
             current: None,
         })
     }
@@ -157,6 +160,45 @@ impl Switch {
         copy_schedule(&[1], chunking)?;
         self.chunking = chunking;
         Ok(())
+    }
+
+    /// Records group events with timestamps from the next switch on, so that
+    /// [`Switch::group_arrival_ms`] can tell when each group arrived.
+    pub fn set_timing(&mut self, timing: bool) -> Result<()> {
+        if timing != self.timing {
+            if self.current.is_some() {
+                self.stream.synchronize()?;
+            }
+            self.events.clear();
+            self.current = None;
+            self.timing = timing;
+        }
+        Ok(())
+    }
+
+    /// The event recorded on the copy stream before the last switch's first
+    /// copy: the origin of the switch's timeline.
+    pub fn start_event(&self) -> Result<&Event> {
+        self.current()?;
+        Ok(&self.start_event)
+    }
+
+    /// When each group of the last switch arrived, in ms after
+    /// [`Switch::start_event`] (synchronizes; needs [`Switch::set_timing`]).
+    pub fn group_arrival_ms(&self) -> Result<Vec<f64>> {
+        if !self.timing {
+            return Err(Error::InvalidState("group arrival times need set_timing(true) before the switch".into()));
+        }
+        let cur = self.current()?;
+        self.end_event.synchronize()?;
+        (0..cur.group_starts.len())
+            .map(|g| Ok(f64::from(Event::elapsed_ms(&self.start_event, &self.events[g])?)))
+            .collect()
+    }
+
+    /// Device address of the last switch's model (its first byte in the arena).
+    pub fn model_base(&self) -> Result<CUdeviceptr> {
+        Ok(self.current()?.dst)
     }
 
     /// The copy stream (raw), e.g. to order other work after the switch.
@@ -226,7 +268,7 @@ impl Switch {
             None => vec![Copy { start: 0, end: model.bytes, completes_groups: vec![0] }],
         };
         while self.events.len() < starts.len() {
-            self.events.push(Event::new(self.device, false)?);
+            self.events.push(Event::new(self.device, self.timing)?);
         }
         // A previous switch may still be copying out of another store or into
         // another arena whose last reference goes with it: let it finish first.

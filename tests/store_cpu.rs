@@ -96,6 +96,7 @@ fn l(name: &str, tensors: Vec<T>) -> L {
 impl M {
     fn spec(&self) -> ModelSpec<'_> {
         ModelSpec {
+            attributes: vec![],
             layers: self
                 .layers
                 .iter()
@@ -1672,4 +1673,45 @@ fn concurrent_adds_removes_and_listing() {
     }
     drop(store);
     Store::destroy(name).unwrap();
+}
+
+#[test]
+fn a_model_file_brings_its_graph_and_the_worker_binds_it() {
+    use pipeswitch::model::cpu::tiny_models;
+    use pipeswitch::model::weights::write_model_file;
+    use pipeswitch::store::GRAPH_ATTRIBUTE;
+    use pipeswitch::worker::Program;
+
+    let defs = tiny_models(2, 16);
+    let d = &defs[2]; // tiny-gpt2
+    let s = create("graphs", 16 << 20, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    write_model_file(d, &path, 3, &mut |_, _| {}).unwrap();
+    s.add_safetensors("gpt", &path, None, &mut |_, _| {}).unwrap();
+    // Stored with the model, checksummed, visible to another handle.
+    let m = open("graphs").model("gpt").unwrap();
+    let graph = pipeswitch::model::graph::Graph::from_json(m.attribute(GRAPH_ATTRIBUTE).unwrap()).unwrap();
+    assert_eq!(graph, d.graph);
+    let p = Program::from_store(&s, "gpt").unwrap();
+    // Activations reuse dead tensors' bytes: far less than all of them.
+    let all: u64 = d.graph.activations.iter().map(|(_, t)| t.bytes().unwrap() as u64).sum();
+    assert!(p.activation_bytes() < all / 2, "{} of {all}", p.activation_bytes());
+    // Every op that reads weights waits for its own layer.
+    let layers = p.op_layers();
+    assert_eq!(layers[0], Some(m.layer_index("wpe").unwrap()), "embedding reads wte and wpe");
+    assert!(layers.iter().flatten().zip(layers.iter().flatten().skip(1)).all(|(a, b)| a <= b));
+
+    // A model stored without a graph cannot be bound; a graph that does not
+    // fit the weights is refused.
+    let t = gpt2_tensors();
+    write_st(&dir.path().join("plain.safetensors"), &t, None);
+    s.add_safetensors("plain", &dir.path().join("plain.safetensors"), None, &mut |_, _| {}).unwrap();
+    assert!(matches!(Program::from_store(&s, "plain"), Err(Error::NotFound(_))));
+    let mut wrong = d.graph.clone();
+    if let pipeswitch::model::graph::Op::Linear { trans_b, .. } = &mut wrong.ops[2] {
+        *trans_b = !*trans_b;
+    }
+    assert!(matches!(Program::new(m.clone(), wrong), Err(Error::InvalidArgument(_))));
+    assert!(matches!(Program::from_store(&s, "nope"), Err(Error::NotFound(_))));
 }

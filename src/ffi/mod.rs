@@ -13,6 +13,7 @@ pub mod status;
 pub mod store;
 pub mod switch;
 pub mod version;
+pub mod worker;
 pub mod workspace;
 
 use std::cell::RefCell;

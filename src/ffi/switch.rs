@@ -14,6 +14,10 @@ pub struct ps_switch {
     inner: Switch,
 }
 
+pub(crate) fn switch_ref<'a>(p: *const ps_switch) -> Result<&'a Switch> {
+    sw(p)
+}
+
 fn sw<'a>(p: *const ps_switch) -> Result<&'a Switch> {
     Ok(&handles::get(p, "switch")?.inner)
 }

@@ -11,8 +11,9 @@ use crate::error::Result;
 use crate::store::safetensors::{write_file_with_metadata, WriteTensor};
 use crate::store::Dtype;
 
-/// Metadata key holding the model graph (JSON).
-pub const GRAPH_KEY: &str = "pipeswitch.graph";
+/// Metadata key holding the model graph (JSON); ingest keeps it as the
+/// model's [`GRAPH_ATTRIBUTE`](crate::store::GRAPH_ATTRIBUTE).
+pub const GRAPH_KEY: &str = crate::store::GRAPH_ATTRIBUTE;
 
 struct Rng(u64);
 

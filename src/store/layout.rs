@@ -358,11 +358,13 @@ pub fn layout_model(spec: &ModelSpec<'_>) -> Result<ModelLayout> {
         first += layer.tensors.len() as u32;
     }
     let data_bytes = pos.max(TENSOR_ALIGN);
+    let attributes = encode_attributes(&spec.attributes)?;
 
     let layers_off = META_HEADER;
     let tensors_off = layers_off + LAYER_RECORD * layer_recs.len();
     let strings_off = tensors_off + TENSOR_RECORD * tensor_recs.len();
-    let profile_off = align_up((strings_off + strings.len()) as u64, 8) as usize;
+    let attrs_off = strings_off + strings.len();
+    let profile_off = align_up((attrs_off + attributes.len()) as u64, 8) as usize;
     let total = profile_off + 8 * layer_recs.len();
     if total > u32::MAX as usize {
         return Err(Error::invalid("model metadata too large"));
@@ -376,6 +378,7 @@ pub fn layout_model(spec: &ModelSpec<'_>) -> Result<ModelLayout> {
     wr_u32(&mut m, 24, strings_off as u32);
     wr_u32(&mut m, 28, strings.len() as u32);
     wr_u32(&mut m, 32, profile_off as u32);
+    wr_u32(&mut m, 36, attributes.len() as u32);
     wr_u64(&mut m, 40, data_bytes);
     for (i, &((no, nl), first, n, off)) in layer_recs.iter().enumerate() {
         let next = layer_recs.get(i + 1).map_or(data_bytes, |l| l.3);
@@ -400,6 +403,7 @@ pub fn layout_model(spec: &ModelSpec<'_>) -> Result<ModelLayout> {
         wr_u64(&mut m, r + 24 + 8 * MAX_DIMS, *bytes);
     }
     m[strings_off..strings_off + strings.len()].copy_from_slice(&strings);
+    m[attrs_off..attrs_off + attributes.len()].copy_from_slice(&attributes);
     for i in 0..layer_recs.len() {
         wr_u64(&mut m, profile_off + 8 * i, f64::NAN.to_bits());
     }
@@ -411,6 +415,29 @@ pub fn layout_model(spec: &ModelSpec<'_>) -> Result<ModelLayout> {
         meta: m,
         profile_offset: profile_off,
     })
+}
+
+/// Attributes as stored: a JSON array of `[key, value]` pairs, or nothing
+/// when there are none (the layout of stores written before attributes).
+fn encode_attributes(attrs: &[(String, String)]) -> Result<Vec<u8>> {
+    let mut seen = std::collections::HashSet::new();
+    for (k, _) in attrs {
+        if k.is_empty() || k.len() > 256 || !seen.insert(k.as_str()) {
+            return Err(Error::invalid(format!("bad or repeated attribute name {k:?}")));
+        }
+    }
+    if attrs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let bytes = serde_json::to_vec(attrs).map_err(|e| Error::Internal(e.to_string()))?;
+    if bytes.len() > super::model::MAX_ATTRIBUTE_BYTES {
+        return Err(Error::invalid(format!(
+            "model attributes take {} bytes, at most {} are allowed",
+            bytes.len(),
+            super::model::MAX_ATTRIBUTE_BYTES
+        )));
+    }
+    Ok(bytes)
 }
 
 /// Checksum of a metadata blob: everything before the profile.
@@ -446,13 +473,14 @@ pub fn decode_model(e: &Entry, meta: &[u8]) -> Result<Model> {
     let strings_off = rd_u32(meta, 24) as usize;
     let strings_len = rd_u32(meta, 28) as usize;
     let profile_off = rd_u32(meta, 32) as usize;
+    let attrs_len = rd_u32(meta, 36) as usize;
     let data_bytes = rd_u64(meta, 40);
     let fits = n_layers == e.n_layers as usize
         && n_tensors == e.n_tensors as usize
         && data_bytes == e.data_bytes
         && layers_off.checked_add(n_layers * LAYER_RECORD) == Some(tensors_off)
         && tensors_off.checked_add(n_tensors * TENSOR_RECORD) == Some(strings_off)
-        && strings_off + strings_len <= profile_off
+        && strings_off + strings_len + attrs_len <= profile_off
         && profile_off.checked_add(8 * n_layers).is_some_and(|end| end <= meta.len());
     if !fits || n_layers == 0 {
         return Err(bad("metadata sizes are inconsistent"));
@@ -505,6 +533,12 @@ pub fn decode_model(e: &Entry, meta: &[u8]) -> Result<Model> {
     if expect_first != n_tensors || expect_off != data_bytes {
         return Err(bad("layers do not cover the model"));
     }
+    let attrs_off = strings_off + strings_len;
+    let attributes: Vec<(String, String)> = if attrs_len == 0 {
+        Vec::new()
+    } else {
+        serde_json::from_slice(&meta[attrs_off..attrs_off + attrs_len]).map_err(|_| bad("attributes are not valid"))?
+    };
     Ok(Model {
         name: e.name.clone(),
         id: e.id,
@@ -512,5 +546,6 @@ pub fn decode_model(e: &Entry, meta: &[u8]) -> Result<Model> {
         bytes: data_bytes,
         layers,
         tensors,
+        attributes,
     })
 }

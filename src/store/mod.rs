@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::cuda::{Device, HostRegistration};
 use crate::error::{Error, Result};
 use layout::{Entry, EntryState, Header, ALLOC_ALIGN, ENTRY_BYTES, MAX_NAME};
-pub use model::{Dtype, LayerInfo, LayerSpec, Model, ModelSpec, TensorInfo, TensorSpec, TENSOR_ALIGN};
+pub use model::{Dtype, LayerInfo, LayerSpec, Model, ModelSpec, TensorInfo, TensorSpec, GRAPH_ATTRIBUTE, TENSOR_ALIGN};
 use model::align_up;
 use shm::Segment;
 

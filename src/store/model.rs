@@ -115,11 +115,20 @@ pub struct LayerSpec<'a> {
     pub tensors: Vec<TensorSpec<'a>>,
 }
 
-/// A model to add: its layers in execution order.
+/// A model to add: its layers in execution order, and attributes: text
+/// stored with the model and checksummed with its description (e.g. the
+/// model's graph under [`GRAPH_ATTRIBUTE`]).
 #[derive(Debug, Clone, Default)]
 pub struct ModelSpec<'a> {
     pub layers: Vec<LayerSpec<'a>>,
+    pub attributes: Vec<(String, String)>,
 }
+
+/// Attribute holding the model's graph (JSON), which the worker runs.
+pub const GRAPH_ATTRIBUTE: &str = "pipeswitch.graph";
+
+/// Most bytes of all attributes of one model together.
+pub const MAX_ATTRIBUTE_BYTES: usize = 64 << 20;
 
 impl ModelSpec<'_> {
     pub fn n_tensors(&self) -> usize {
@@ -164,6 +173,8 @@ pub struct Model {
     pub bytes: u64,
     pub layers: Vec<LayerInfo>,
     pub tensors: Vec<TensorInfo>,
+    /// Attributes given when the model was added, in their order.
+    pub attributes: Vec<(String, String)>,
 }
 
 /// Alignment of every tensor inside a model (and of a model in the arena).
@@ -186,6 +197,11 @@ impl Model {
 
     pub fn layer_index(&self, name: &str) -> Option<usize> {
         self.layers.iter().position(|l| l.name == name)
+    }
+
+    /// The value of attribute `key`, if the model has it.
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 }
 

@@ -121,6 +121,14 @@ pub fn parse<'a>(bytes: &'a [u8], origin: &str, layers: Option<&[String]>) -> Re
         });
     }
     let mut spec = ModelSpec::default();
+    // Every other metadata entry (the model graph, "format", ...) is kept
+    // with the model as an attribute.
+    if let Some(m) = meta.metadata() {
+        let mut attrs: Vec<(String, String)> =
+            m.iter().filter(|(k, _)| k.as_str() != LAYERS_KEY).map(|(k, v)| (k.clone(), v.clone())).collect();
+        attrs.sort();
+        spec.attributes = attrs;
+    }
     for (name, tensors) in order.into_iter().zip(members) {
         if tensors.is_empty() {
             return Err(Error::invalid(format!("listed layer {name:?} matches no tensor")));

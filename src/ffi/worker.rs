@@ -1,0 +1,178 @@
+//! `ps_program_*` and `ps_worker_*`: the built-in worker, which runs a
+//! stored model's graph from the arena as its groups arrive.
+
+use std::ffi::{c_char, c_void};
+
+use super::arena::arena_ref;
+use super::store::store_ref;
+use super::{boundary, handles, out, ps_status, str_arg};
+use crate::error::{Error, Result};
+use crate::worker::{Program, RunOptions, Worker};
+
+/// A stored model's graph bound to the model (weights, activation layout).
+pub struct ps_program {
+    inner: Program,
+}
+
+/// A worker: a compute stream and an activation buffer from the arena. Use
+/// one from one thread at a time.
+pub struct ps_worker {
+    inner: Worker,
+}
+
+fn program<'a>(p: *const ps_program) -> Result<&'a Program> {
+    Ok(&handles::get(p, "program")?.inner)
+}
+
+fn worker<'a>(w: *mut ps_worker) -> Result<&'a mut Worker> {
+    Ok(&mut handles::get_mut(w, "worker")?.inner)
+}
+
+/// The program of `model`, whose graph was stored with it (a safetensors
+/// file's `pipeswitch.graph` metadata). `PS_ERR_NOT_FOUND` if the model has
+/// no graph; `PS_ERR_INVALID_ARGUMENT` if the graph does not fit the model.
+#[no_mangle]
+pub extern "C" fn ps_program_from_store(
+    store: *const super::store::ps_store,
+    model: *const c_char,
+    program_out: *mut *mut ps_program,
+) -> ps_status {
+    boundary("ps_program_from_store", || {
+        let o = out(program_out, "program_out")?;
+        let p = Program::from_store(store_ref(store)?, str_arg(model, "model")?)?;
+        o.write(handles::register(ps_program { inner: p }));
+        Ok(())
+    })
+}
+
+/// Frees a program. NULL does nothing.
+#[no_mangle]
+pub extern "C" fn ps_program_free(program: *mut ps_program) -> ps_status {
+    boundary("ps_program_free", || handles::free(program, "program"))
+}
+
+/// Bytes of activation buffer the program needs (inputs and outputs included).
+#[no_mangle]
+pub extern "C" fn ps_program_activation_bytes(program: *const ps_program, bytes_out: *mut u64) -> ps_status {
+    boundary("ps_program_activation_bytes", || {
+        let o = out(bytes_out, "bytes_out")?;
+        o.write(self::program(program)?.activation_bytes());
+        Ok(())
+    })
+}
+
+/// Bytes of input or output `name` (for `ps_worker_set_input` / `ps_worker_read`).
+#[no_mangle]
+pub extern "C" fn ps_program_tensor_bytes(program: *const ps_program, name: *const c_char, bytes_out: *mut u64) -> ps_status {
+    boundary("ps_program_tensor_bytes", || {
+        let o = out(bytes_out, "bytes_out")?;
+        o.write(self::program(program)?.slot(str_arg(name, "name")?)?.bytes);
+        Ok(())
+    })
+}
+
+/// A worker running models switched into `arena`.
+#[no_mangle]
+pub extern "C" fn ps_worker_new(arena: *const super::arena::ps_arena, worker_out: *mut *mut ps_worker) -> ps_status {
+    boundary("ps_worker_new", || {
+        let o = out(worker_out, "worker_out")?;
+        let w = Worker::new(arena_ref(arena)?)?;
+        o.write(handles::register(ps_worker { inner: w }));
+        Ok(())
+    })
+}
+
+/// Waits for the worker's last run, returns its activation buffer to the
+/// arena and frees it. NULL does nothing.
+#[no_mangle]
+pub extern "C" fn ps_worker_free(worker: *mut ps_worker) -> ps_status {
+    boundary("ps_worker_free", || handles::free(worker, "worker"))
+}
+
+/// Makes the worker's activation buffer big enough for `program` (from the
+/// arena: call it before switching, never during a switch).
+#[no_mangle]
+pub extern "C" fn ps_worker_prepare(worker: *mut ps_worker, program: *const ps_program) -> ps_status {
+    boundary("ps_worker_prepare", || self::worker(worker)?.prepare(self::program(program)?))
+}
+
+/// Copies `bytes` bytes of input `name` (dtype and shape as in the graph:
+/// e.g. int32 token ids `[batch, seq]`) to the device. Waits for the
+/// worker's previous run.
+#[no_mangle]
+pub extern "C" fn ps_worker_set_input(
+    worker: *mut ps_worker,
+    program: *const ps_program,
+    name: *const c_char,
+    data: *const c_void,
+    bytes: usize,
+) -> ps_status {
+    boundary("ps_worker_set_input", || {
+        let data = super::slice_arg(data.cast::<u8>(), bytes, "data")?;
+        self::worker(worker)?.set_input(self::program(program)?, str_arg(name, "name")?, data)
+    })
+}
+
+/// Enqueues one run of `program` on the model `switch` started copying;
+/// every group is waited for on the GPU. `profile` != 0 records an event per
+/// op (for `ps_worker_layer_ms`). Returns once enqueued.
+#[no_mangle]
+pub extern "C" fn ps_worker_run(
+    worker: *mut ps_worker,
+    program: *const ps_program,
+    switch: *const super::switch::ps_switch,
+    profile: i32,
+) -> ps_status {
+    boundary("ps_worker_run", || {
+        let sw = super::switch::switch_ref(switch)?;
+        self::worker(worker)?.run(self::program(program)?, sw, RunOptions { profile: profile != 0 })
+    })
+}
+
+/// Waits for the worker's last run.
+#[no_mangle]
+pub extern "C" fn ps_worker_synchronize(worker: *mut ps_worker) -> ps_status {
+    boundary("ps_worker_synchronize", || self::worker(worker)?.synchronize())
+}
+
+/// Waits for the last run and copies output (or activation) `name` into
+/// `(out, bytes)`; `bytes` must be its exact size. `PS_ERR_INVALID_ARGUMENT`
+/// if an input token id was out of range.
+#[no_mangle]
+pub extern "C" fn ps_worker_read(
+    worker: *mut ps_worker,
+    program: *const ps_program,
+    name: *const c_char,
+    out_buf: *mut c_void,
+    bytes: usize,
+) -> ps_status {
+    boundary("ps_worker_read", || {
+        if out_buf.is_null() {
+            return Err(Error::NullArgument("out"));
+        }
+        // SAFETY: the caller passes `bytes` writable bytes (C API contract).
+        let buf = unsafe { std::slice::from_raw_parts_mut(out_buf.cast::<u8>(), bytes) };
+        self::worker(worker)?.read(self::program(program)?, str_arg(name, "name")?, buf)
+    })
+}
+
+/// Per-layer execution times (ms) of the last profiled run, into
+/// `ms_out[0..n_layers]` (`n_layers` must be the model's layer count).
+/// Store them with `ps_store_set_layer_exec_ms` so the planner plans from
+/// measured numbers.
+#[no_mangle]
+pub extern "C" fn ps_worker_layer_ms(worker: *mut ps_worker, program: *const ps_program, ms_out: *mut f64, n_layers: usize) -> ps_status {
+    boundary("ps_worker_layer_ms", || {
+        if ms_out.is_null() {
+            return Err(Error::NullArgument("ms_out"));
+        }
+        let p = self::program(program)?;
+        let ms = self::worker(worker)?.layer_ms(p)?;
+        if ms.len() != n_layers {
+            return Err(Error::invalid(format!("model {:?} has {} layers, n_layers is {n_layers}", p.model().name, ms.len())));
+        }
+        // SAFETY: the caller passes n_layers writable doubles.
+        unsafe { std::ptr::copy_nonoverlapping(ms.as_ptr(), ms_out, n_layers) };
+        Ok(())
+    })
+}

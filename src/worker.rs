@@ -1,0 +1,584 @@
+//! The built-in worker: runs a model's graph (see [`crate::model::graph`])
+//! from the model's arena region on a compute stream, with no framework.
+//!
+//! A [`Program`] binds a graph to a stored model once: every op's weights
+//! become offsets into the model's bytes, every op gets the layer (and so
+//! the group) it must wait for, and activations get offsets in one
+//! activation buffer, reused as soon as a tensor is dead (first fit in op
+//! order). A [`Worker`] owns a compute stream and that buffer (taken from
+//! the arena, so running a model never calls `cuMemAlloc`), and runs a
+//! program against the model a [`Switch`] has started copying: before the
+//! first op that reads a group's weights it makes the compute stream wait
+//! for the group's event, on the GPU; the host never blocks. A profiled run
+//! records an event before every op, which gives per-layer execution times
+//! (stored with the model for the planner) and a timeline of the switch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::arena::{self, Arena};
+use crate::cuda::memory;
+use crate::cuda::{CUdeviceptr, CUstream};
+use crate::cuda::{Device, Event, Stream};
+use crate::error::{Error, Result};
+use crate::kernels::{attention, conv, gemm, norm};
+use crate::model::graph::{Act, Graph, Op, WeightShapes};
+use crate::store::{Dtype, Model, Store, GRAPH_ATTRIBUTE};
+use crate::switch::Switch;
+
+/// Alignment of every activation in the buffer.
+const ACT_ALIGN: u64 = 256;
+/// The embedding kernel's error flag lives at the start of the buffer.
+const FLAG_BYTES: u64 = ACT_ALIGN;
+
+/// Where one activation or input lives in the activation buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slot {
+    pub offset: u64,
+    pub bytes: u64,
+    pub shape: Vec<usize>,
+    pub dtype: Dtype,
+}
+
+/// A graph bound to a stored model.
+#[derive(Debug, Clone)]
+pub struct Program {
+    model: Arc<Model>,
+    graph: Graph,
+    /// Per op: the layer whose group it waits for (the latest layer among
+    /// its weights), or None for ops that read no weights.
+    op_layer: Vec<Option<usize>>,
+    /// Per op: the layer its execution time is charged to.
+    op_charge: Vec<usize>,
+    slots: HashMap<String, Slot>,
+    /// Bytes of activation buffer the program needs (error flag included).
+    act_bytes: u64,
+}
+
+/// Offsets for tensors with lifetimes `[first, last]` (op indices), first
+/// fit in order of definition: a tensor's bytes are reused once every op
+/// reading it has been enqueued before the op that writes the new one
+/// (ops run in order on one stream). Returns the offsets and the total.
+pub fn assign_offsets(lifetimes: &[(usize, usize, u64)], base: u64) -> (Vec<u64>, u64) {
+    let mut order: Vec<usize> = (0..lifetimes.len()).collect();
+    order.sort_by_key(|&i| (lifetimes[i].0, i));
+    // Live blocks: (offset, end, last use), kept sorted by offset.
+    let mut live: Vec<(u64, u64, usize)> = Vec::new();
+    let mut offsets = vec![0u64; lifetimes.len()];
+    let mut total = base;
+    for i in order {
+        let (first, last, bytes) = lifetimes[i];
+        live.retain(|b| b.2 >= first);
+        let need = bytes.div_ceil(ACT_ALIGN) * ACT_ALIGN;
+        let mut at = base;
+        for b in &live {
+            if at + need <= b.0 {
+                break;
+            }
+            at = at.max(b.1);
+        }
+        let pos = live.partition_point(|b| b.0 < at);
+        live.insert(pos, (at, at + need, last));
+        offsets[i] = at;
+        total = total.max(at + need);
+    }
+    (offsets, total)
+}
+
+impl Program {
+    /// Binds `graph` to `model`: checks that every weight exists with the
+    /// graph's shapes and is fp32, and lays out the activations.
+    pub fn new(model: Arc<Model>, graph: Graph) -> Result<Program> {
+        let mut shapes: WeightShapes = HashMap::new();
+        for t in &model.tensors {
+            shapes.insert(t.name.clone(), t.shape.iter().map(|&d| d as usize).collect());
+        }
+        graph.validate(&shapes)?;
+        let mut tensor_layer = HashMap::new();
+        for (li, l) in model.layers.iter().enumerate() {
+            for t in &model.tensors[l.first_tensor..l.first_tensor + l.n_tensors] {
+                tensor_layer.insert(t.name.as_str(), li);
+            }
+        }
+        let decls: HashMap<&str, _> = graph.inputs.iter().chain(&graph.activations).map(|(n, d)| (n.as_str(), d)).collect();
+        let mut op_layer = Vec::with_capacity(graph.ops.len());
+        let mut op_charge = Vec::with_capacity(graph.ops.len());
+        let mut last_layer = 0usize;
+        for op in &graph.ops {
+            let mut layer: Option<usize> = None;
+            for o in op.operands() {
+                if decls.contains_key(o) {
+                    continue;
+                }
+                let (_, t) = model.tensor(o).ok_or_else(|| Error::invalid(format!("weight {o} is not in the model")))?;
+                if t.dtype != Dtype::F32 {
+                    return Err(Error::invalid(format!(
+                        "weight {o} is {}: the worker's kernels run fp32 models",
+                        t.dtype.name()
+                    )));
+                }
+                let l = tensor_layer[o];
+                layer = Some(layer.map_or(l, |m: usize| m.max(l)));
+            }
+            if let Some(l) = layer {
+                last_layer = l;
+            }
+            op_layer.push(layer);
+            op_charge.push(last_layer);
+        }
+
+        // Lifetimes: inputs and outputs live for the whole run; activations
+        // from their first writer to their last reader.
+        let n_ops = graph.ops.len();
+        let mut life: HashMap<&str, (usize, usize)> = HashMap::new();
+        for (n, _) in &graph.inputs {
+            life.insert(n, (0, n_ops));
+        }
+        for (i, op) in graph.ops.iter().enumerate() {
+            for o in op.operands().into_iter().chain([op.output()]) {
+                if let Some(e) = life.get_mut(o) {
+                    e.1 = e.1.max(i);
+                } else if decls.contains_key(o) {
+                    life.insert(o, (i, i));
+                }
+            }
+        }
+        for o in &graph.outputs {
+            if let Some(e) = life.get_mut(o.as_str()) {
+                e.1 = n_ops;
+            }
+        }
+        let mut names: Vec<&str> = Vec::new();
+        let mut lifetimes = Vec::new();
+        for (n, d) in graph.inputs.iter().chain(&graph.activations) {
+            if let Some(&(a, b)) = life.get(n.as_str()) {
+                names.push(n);
+                lifetimes.push((a, b, d.bytes()? as u64));
+            }
+        }
+        let (offsets, act_bytes) = assign_offsets(&lifetimes, FLAG_BYTES);
+        let mut slots = HashMap::new();
+        for ((n, off), (_, _, bytes)) in names.iter().zip(offsets).zip(&lifetimes) {
+            let d = decls[n];
+            slots.insert(n.to_string(), Slot { offset: off, bytes: *bytes, shape: d.shape.clone(), dtype: d.dtype()? });
+        }
+        Ok(Program { model, graph, op_layer, op_charge, slots, act_bytes })
+    }
+
+    /// The program of a stored model whose graph was stored with it (the
+    /// [`GRAPH_ATTRIBUTE`] attribute, e.g. from a safetensors file's metadata).
+    pub fn from_store(store: &Store, model: &str) -> Result<Program> {
+        let m = store.model(model)?;
+        let json = m.attribute(GRAPH_ATTRIBUTE).ok_or_else(|| {
+            Error::NotFound(format!("model {model:?} has no graph (attribute {GRAPH_ATTRIBUTE:?}) to run"))
+        })?;
+        let graph = Graph::from_json(json)?;
+        Program::new(m.clone(), graph)
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+    /// Bytes of activation buffer this program needs.
+    pub fn activation_bytes(&self) -> u64 {
+        self.act_bytes
+    }
+    /// Where an input or activation lives.
+    pub fn slot(&self, name: &str) -> Result<&Slot> {
+        self.slots.get(name).ok_or_else(|| Error::NotFound(format!("model {:?} has no tensor {name:?} to read or write", self.model.name)))
+    }
+    /// The layer each op waits for (None: reads no weights).
+    pub fn op_layers(&self) -> &[Option<usize>] {
+        &self.op_layer
+    }
+}
+
+/// Options of one run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Record an event before every op (per-layer times, timeline).
+    pub profile: bool,
+}
+
+/// Timeline of a profiled run, in ms after the switch's start event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpTimes {
+    /// Start of op i (the last entry: end of the last op).
+    pub op_start_ms: Vec<f64>,
+}
+
+/// Activation memory of a worker.
+enum Buffer {
+    None,
+    /// A region of an arena this process owns.
+    Region { arena: Arc<Arena>, offset: u64, bytes: u64 },
+    /// From the arena workspace attached to this process.
+    Workspace { ptr: CUdeviceptr, bytes: u64 },
+}
+
+/// Runs programs on one device's compute stream.
+pub struct Worker {
+    device: &'static Device,
+    stream: Stream,
+    arena: Arc<Arena>,
+    buffer: Buffer,
+    events: Vec<Event>,
+    /// Ops of the last profiled run (0 when the last run was not profiled).
+    profiled_ops: usize,
+    /// Model id of the last run.
+    last_model: Option<u64>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("device", &self.device.ordinal()).field("activation_bytes", &self.buffer_bytes()).finish()
+    }
+}
+
+fn act_kind(a: Act) -> gemm::Activation {
+    match a {
+        Act::None => gemm::Activation::None,
+        Act::Relu => gemm::Activation::Relu,
+        Act::Gelu => gemm::Activation::Gelu,
+        Act::GeluTanh => gemm::Activation::GeluTanh,
+    }
+}
+
+impl Worker {
+    /// A worker running models that are switched into `arena`. Its
+    /// activations come from a region of the arena (when this process owns
+    /// it) or from the arena's workspace attached to this process.
+    pub fn new(arena: &Arc<Arena>) -> Result<Worker> {
+        let device = arena.device();
+        device.bind()?;
+        Ok(Worker {
+            device,
+            stream: Stream::new(device)?,
+            arena: arena.clone(),
+            buffer: Buffer::None,
+            events: Vec::new(),
+            profiled_ops: 0,
+            last_model: None,
+        })
+    }
+
+    pub fn device(&self) -> &'static Device {
+        self.device
+    }
+
+    /// The compute stream (raw).
+    pub fn stream(&self) -> CUstream {
+        self.stream.raw()
+    }
+
+    fn buffer_bytes(&self) -> u64 {
+        match &self.buffer {
+            Buffer::None => 0,
+            Buffer::Region { bytes, .. } | Buffer::Workspace { bytes, .. } => *bytes,
+        }
+    }
+
+    fn buffer_ptr(&self) -> CUdeviceptr {
+        match &self.buffer {
+            Buffer::None => 0,
+            Buffer::Region { arena, offset, .. } => arena.base() + offset,
+            Buffer::Workspace { ptr, .. } => *ptr,
+        }
+    }
+
+    fn free_buffer(&mut self) -> Result<()> {
+        self.stream.synchronize()?;
+        match std::mem::replace(&mut self.buffer, Buffer::None) {
+            Buffer::None => Ok(()),
+            Buffer::Region { arena, offset, .. } => arena.release(offset),
+            Buffer::Workspace { ptr, .. } => arena::workspace::free(ptr),
+        }
+    }
+
+    /// Makes sure the activation buffer fits `program` (and the programs
+    /// prepared before): grows it if needed, zeroing the new one. Call it
+    /// before switching, not during a switch.
+    pub fn prepare(&mut self, program: &Program) -> Result<()> {
+        let need = program.act_bytes;
+        if need <= self.buffer_bytes() {
+            return Ok(());
+        }
+        self.free_buffer()?;
+        self.device.bind()?;
+        self.buffer = if self.arena.is_owner() {
+            let offset = self.arena.alloc(need)?;
+            Buffer::Region { arena: self.arena.clone(), offset, bytes: need }
+        } else {
+            let ptr = arena::workspace::malloc(need, self.device.ordinal())?;
+            Buffer::Workspace { ptr, bytes: need }
+        };
+        // SAFETY: the buffer was just reserved for this worker, `need` bytes.
+        unsafe { memory::memset_d8(self.buffer_ptr(), 0, need as usize)? };
+        Ok(())
+    }
+
+    fn check_prepared(&self, program: &Program) -> Result<()> {
+        if program.act_bytes > self.buffer_bytes() {
+            return Err(Error::InvalidState(format!(
+                "model {:?} needs {} bytes of activations: call prepare first",
+                program.model.name, program.act_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes an input (its bytes, in the declared dtype and shape). Waits
+    /// for the worker's previous run first.
+    pub fn set_input(&mut self, program: &Program, name: &str, data: &[u8]) -> Result<()> {
+        self.check_prepared(program)?;
+        if !program.graph.inputs.iter().any(|(n, _)| n == name) {
+            return Err(Error::NotFound(format!("model {:?} has no input {name:?}", program.model.name)));
+        }
+        let slot = program.slot(name)?;
+        if data.len() as u64 != slot.bytes {
+            return Err(Error::invalid(format!(
+                "input {name:?} is {} {:?}: {} bytes, got {}",
+                slot.dtype.name(),
+                slot.shape,
+                slot.bytes,
+                data.len()
+            )));
+        }
+        self.stream.synchronize()?;
+        // SAFETY: the slot lies inside the buffer (checked by check_prepared,
+        // slots end before act_bytes) and `data` has slot.bytes bytes.
+        unsafe { memory::copy_htod(self.buffer_ptr() + slot.offset, data.as_ptr(), data.len()) }
+    }
+
+    /// Reads an output or any activation of the last run (waits for it).
+    /// Fails if an embedding saw a token id or position out of range.
+    pub fn read(&mut self, program: &Program, name: &str, out: &mut [u8]) -> Result<()> {
+        self.check_prepared(program)?;
+        let slot = program.slot(name)?;
+        if out.len() as u64 != slot.bytes {
+            return Err(Error::invalid(format!("{name:?} has {} bytes, the buffer {}", slot.bytes, out.len())));
+        }
+        self.stream.synchronize()?;
+        let mut flag = [0u8; 4];
+        // SAFETY: both ranges lie inside the buffer; the stream is idle.
+        unsafe {
+            memory::copy_dtoh(flag.as_mut_ptr(), self.buffer_ptr(), 4)?;
+            memory::copy_dtoh(out.as_mut_ptr(), self.buffer_ptr() + slot.offset, out.len())?;
+        }
+        let flag = i32::from_le_bytes(flag);
+        if flag != 0 {
+            // SAFETY: the flag's 4 bytes at the buffer's start.
+            unsafe { memory::memset_d8(self.buffer_ptr(), 0, 4)? };
+            return Err(Error::invalid(format!(
+                "model {:?}: an input token id, position or type was out of range (flags {flag:#x}); its rows are zeros",
+                program.model.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads an fp32 tensor of the last run.
+    pub fn read_f32(&mut self, program: &Program, name: &str) -> Result<Vec<f32>> {
+        let slot = program.slot(name)?;
+        let mut bytes = vec![0u8; slot.bytes as usize];
+        self.read(program, name, &mut bytes)?;
+        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    /// Enqueues one run of `program` on the model `switch` has started (or
+    /// finished) copying: each op waits for its group's event on the GPU.
+    /// Returns once everything is enqueued.
+    pub fn run(&mut self, program: &Program, switch: &Switch, opts: RunOptions) -> Result<()> {
+        self.check_prepared(program)?;
+        let model = switch.model()?;
+        if model.id != program.model.id {
+            return Err(Error::InvalidState(format!(
+                "the switch holds model {:?} (id {}) but the program runs {:?} (id {})",
+                model.name, model.id, program.model.name, program.model.id
+            )));
+        }
+        if switch.device().ordinal() != self.device.ordinal() {
+            return Err(Error::invalid("the switch and the worker are on different devices"));
+        }
+        self.device.bind()?;
+        let n_ops = program.graph.ops.len();
+        if opts.profile {
+            while self.events.len() < n_ops + 1 {
+                self.events.push(Event::new(self.device, true)?);
+            }
+        }
+        let wbase = switch.model_base()?;
+        let abase = self.buffer_ptr();
+        let s = self.stream.raw();
+        let mut waited: Option<usize> = None;
+        for (i, op) in program.graph.ops.iter().enumerate() {
+            if let Some(l) = program.op_layer[i] {
+                let g = switch.group_of_layer(l)?;
+                if waited.is_none_or(|w| g > w) {
+                    switch.wait_group(g, s)?;
+                    waited = Some(g);
+                }
+            }
+            if opts.profile {
+                self.events[i].record(s)?;
+            }
+            self.launch(program, op, wbase, abase)?;
+        }
+        if opts.profile {
+            self.events[n_ops].record(s)?;
+        }
+        self.profiled_ops = if opts.profile { n_ops } else { 0 };
+        self.last_model = Some(program.model.id);
+        Ok(())
+    }
+
+    /// Waits for the last run.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize()
+    }
+
+    /// Start of every op of the last (profiled) run, and the end of the
+    /// last op, in ms after `origin` (e.g. [`Switch::start_event`]).
+    pub fn op_times(&self, program: &Program, origin: &Event) -> Result<OpTimes> {
+        let n = program.graph.ops.len();
+        if self.profiled_ops != n || self.last_model != Some(program.model.id) {
+            return Err(Error::InvalidState(format!("the last run was not a profiled run of {:?}", program.model.name)));
+        }
+        self.stream.synchronize()?;
+        let op_start_ms = (0..=n).map(|i| Ok(f64::from(Event::elapsed_ms(origin, &self.events[i])?))).collect::<Result<_>>()?;
+        Ok(OpTimes { op_start_ms })
+    }
+
+    /// Execution time of every layer of the model in the last profiled run
+    /// (ops that read no weights count towards the layer before them).
+    pub fn layer_ms(&self, program: &Program) -> Result<Vec<f64>> {
+        let t = self.op_times(program, &self.events[0])?;
+        let mut ms = vec![0.0; program.model.layers.len()];
+        for (i, &l) in program.op_charge.iter().enumerate() {
+            ms[l] += (t.op_start_ms[i + 1] - t.op_start_ms[i]).max(0.0);
+        }
+        Ok(ms)
+    }
+
+    fn launch(&self, p: &Program, op: &Op, wbase: CUdeviceptr, abase: CUdeviceptr) -> Result<()> {
+        let dev = self.device;
+        let s = self.stream.raw();
+        // Address of a weight or activation; shape of an activation.
+        let w = |name: &str| -> Result<(CUdeviceptr, Vec<usize>)> {
+            let (_, t) = p.model.tensor(name).ok_or_else(|| Error::invalid(format!("weight {name} is not in the model")))?;
+            Ok((wbase + t.offset, t.shape.iter().map(|&d| d as usize).collect()))
+        };
+        let a = |name: &str| -> Result<(CUdeviceptr, &[usize])> {
+            let sl = p.slot(name)?;
+            Ok((abase + sl.offset, &sl.shape))
+        };
+        let wo = |name: &Option<String>| -> Result<CUdeviceptr> { name.as_deref().map_or(Ok(0), |n| w(n).map(|x| x.0)) };
+        let ao = |name: &Option<String>| -> Result<CUdeviceptr> { name.as_deref().map_or(Ok(0), |n| a(n).map(|x| x.0)) };
+        match op {
+            Op::Embedding { ids, wte, wpe, token_type, type_ids, out } => {
+                let (ids_p, ids_shape) = a(ids)?;
+                let (wte_p, wte_s) = w(wte)?;
+                let (wpe_p, wpe_s) = w(wpe)?;
+                let (wtt, n_types) = match token_type {
+                    Some(t) => {
+                        let (p, s) = w(t)?;
+                        (p, s[0])
+                    }
+                    None => (0, 0),
+                };
+                let tables = norm::EmbeddingTables { wte: wte_p, wpe: wpe_p, wtt, vocab: wte_s[0], max_pos: wpe_s[0], n_types, hidden: wte_s[1] };
+                let tokens: usize = ids_shape.iter().product();
+                let seq = *ids_shape.last().unwrap_or(&1);
+                norm::embedding(dev, s, a(out)?.0, ids_p, 0, ao(type_ids)?, &tables, tokens, seq, abase)
+            }
+            Op::LayerNorm { x, residual, gamma, beta, eps, out } => {
+                let (xp, xs) = a(x)?;
+                let cols = *xs.last().unwrap_or(&0);
+                let rows = xs.iter().product::<usize>() / cols.max(1);
+                norm::add_layernorm(dev, s, a(out)?.0, 0, xp, ao(residual)?, w(gamma)?.0, w(beta)?.0, rows, cols, *eps)
+            }
+            Op::Linear { x, weight, bias, trans_b, act, residual, out, out_col } => {
+                let (xp, xs) = a(x)?;
+                let (wp, ws) = w(weight)?;
+                let (op_, os) = a(out)?;
+                let (k, n) = if *trans_b { (ws[1], ws[0]) } else { (ws[0], ws[1]) };
+                let mut g = gemm::GemmArgs::dense(xs[0], n, k, xp, wp, *trans_b, op_ + (*out_col * 4) as u64);
+                g.ldc = os[1];
+                g.bias = wo(bias)?;
+                g.residual = ao(residual)?;
+                g.act = act_kind(*act);
+                gemm::gemm(dev, s, gemm::GemmDtype::F32, &g)
+            }
+            Op::Attention { qkv, heads, seq, causal, out } => {
+                let (qp, qs) = a(qkv)?;
+                let hidden = qs[1] / 3;
+                attention::attention(dev, s, a(out)?.0, qp, 0, qs[0] / seq, *seq, *heads, hidden / heads, *causal)
+            }
+            Op::Conv2d { x, weight, bias, stride, pad, residual, relu, out } => {
+                let (xp, xs) = a(x)?;
+                let (wp, ws) = w(weight)?;
+                let mut c = conv::Conv2dArgs::shape(xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], ws[3], *stride, *pad);
+                c.x = xp;
+                c.weight = wp;
+                c.bias = wo(bias)?;
+                c.residual = ao(residual)?;
+                c.y = a(out)?.0;
+                c.relu = *relu;
+                conv::conv2d(dev, s, &c)
+            }
+            Op::MaxPool { x, kernel, stride, pad, out } => {
+                let (xp, xs) = a(x)?;
+                let pa = conv::Pool2dArgs::square(xs[0], xs[1], xs[2], xs[3], *kernel, *stride, *pad);
+                conv::max_pool2d(dev, s, xp, a(out)?.0, &pa)
+            }
+            Op::GlobalAvgPool { x, out } => {
+                let (xp, xs) = a(x)?;
+                conv::global_avg_pool(dev, s, xp, a(out)?.0, xs[0], xs[1], xs[2], xs[3])
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Err(e) = self.free_buffer() {
+            tracing::warn!("worker: freeing the activation buffer: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_reuse_dead_tensors_and_never_overlap_live_ones() {
+        // a: ops 0..=1, b: 1..=2, c: 2..=3 (a is dead at op 2), d: 3..=3.
+        let life = [(0, 1, 1000), (1, 2, 300), (2, 3, 900), (3, 3, 100)];
+        let (off, total) = assign_offsets(&life, 256);
+        assert_eq!(off[0], 256);
+        assert_eq!(off[1], 256 + 1024);
+        assert_eq!(off[2], 256, "c reuses a's bytes");
+        assert_eq!(off[3], 256 + 1024, "d reuses b's bytes");
+        assert_eq!(total, 256 + 1024 + 512);
+        // Brute force: tensors alive at the same op never share a byte.
+        let life: Vec<(usize, usize, u64)> = (0..200).map(|i| {
+            let a = (i * 7919) % 50;
+            (a, a + (i * 31) % 9, 1 + ((i * 104_729) % 5000) as u64)
+        }).collect();
+        let (off, total) = assign_offsets(&life, 0);
+        for i in 0..life.len() {
+            assert!(off[i] % ACT_ALIGN == 0 && off[i] + life[i].2 <= total);
+            for j in 0..i {
+                let overlap_t = life[i].0 <= life[j].1 && life[j].0 <= life[i].1;
+                let overlap_b = off[i] < off[j] + life[j].2 && off[j] < off[i] + life[i].2;
+                assert!(!(overlap_t && overlap_b), "{i} and {j} overlap");
+            }
+        }
+        let sum: u64 = life.iter().map(|l| l.2.div_ceil(256) * 256).sum();
+        assert!(total < sum / 2, "reuse saves memory: {total} of {sum}");
+    }
+}
