@@ -709,7 +709,39 @@ ps_status ps_program_tensor_bytes(const struct ps_program *program,
                                   uint64_t *bytes_out);
 
 /**
- * A worker running models switched into `arena`.
+ * Number of inputs of the program (e.g. `input_ids`, `images`).
+ */
+ps_status ps_program_n_inputs(const struct ps_program *program, size_t *n_out);
+
+/**
+ * Name of input `index` into `(buf, cap)` (NUL-terminated; `len_out`, if
+ * not NULL, gets its length, also when `cap` is too small).
+ */
+ps_status ps_program_input_name(const struct ps_program *program,
+                                size_t index,
+                                char *buf,
+                                size_t cap,
+                                size_t *len_out);
+
+/**
+ * Number of outputs of the program.
+ */
+ps_status ps_program_n_outputs(const struct ps_program *program, size_t *n_out);
+
+/**
+ * Name of output `index` (float32), like `ps_program_input_name`.
+ */
+ps_status ps_program_output_name(const struct ps_program *program,
+                                 size_t index,
+                                 char *buf,
+                                 size_t cap,
+                                 size_t *len_out);
+
+/**
+ * A worker running models switched into `arena`. In the process that owns
+ * the arena its activations take a region of the arena (size the arena
+ * for the models plus `ps_program_activation_bytes`); elsewhere they come
+ * from the arena's workspace attached with `ps_workspace_attach`.
  */
 ps_status ps_worker_new(const struct ps_arena *arena, struct ps_worker **worker_out);
 

@@ -89,6 +89,11 @@ pub struct ModelReport {
     pub profiled_exec_ms: f64,
     pub bytes_over_peak_ms: f64,
     pub optimal_group_starts: Vec<usize>,
+    /// Layers a run waits for (the rest, a token table, is read from host
+    /// memory until it arrives).
+    pub needed_layers: usize,
+    /// Per layer: name, bytes, profiled execution ms.
+    pub layer_profile: Vec<(String, u64, f64)>,
     pub predicted_optimal_ms: f64,
     pub predicted_per_layer_ms: f64,
     pub predicted_single_group_ms: f64,
@@ -164,7 +169,38 @@ struct Entry {
     inputs: HashMap<String, Vec<u8>>,
     optimal: Vec<usize>,
     per_layer: Vec<usize>,
+    layer_ms: Vec<f64>,
     ready_output: Vec<f32>,
+}
+
+/// The plans of a model and the cost model's makespans for them.
+struct Plans {
+    /// Group starts for the switch: the optimal plan of the layers a run
+    /// waits for, then one group for the rest (a token table stored last).
+    optimal: Vec<usize>,
+    predicted_optimal_ms: f64,
+    predicted_per_layer_ms: f64,
+    predicted_single_group_ms: f64,
+}
+
+/// Plans `m` from its stored profile. Only the first `needed` layers are
+/// waited for by a run: the planner's makespan covers them; the layers
+/// after them travel last, in a group of their own.
+fn plans(m: &crate::store::Model, needed: usize, peak_gbps: f64, a: f64, b: f64) -> Result<Plans> {
+    let t = layer_transfer_ms(m, peak_gbps)?;
+    let x: Vec<f64> = m.layers.iter().map(|l| l.exec_ms).collect();
+    let needed = needed.clamp(1, t.len());
+    let best = planner::plan_groups(&t[..needed], &x[..needed], a, b)?;
+    let mut optimal = best.group_starts;
+    if needed < t.len() {
+        optimal.push(needed);
+    }
+    Ok(Plans {
+        optimal,
+        predicted_optimal_ms: best.makespan_ms,
+        predicted_per_layer_ms: planner::makespan(&t[..needed], &x[..needed], a, b, &planner::per_layer_plan(needed))?,
+        predicted_single_group_ms: planner::makespan(&t, &x, a, b, &[0])?,
+    })
 }
 
 /// The variants, in the order they are interleaved.
@@ -233,7 +269,7 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoReport> 
         let program = Program::from_store(&store, &d.graph.name)?;
         let vocab = vocab_of(&d);
         let inputs = example_inputs(&d.graph, opts.seed, vocab).iter().map(|(k, v)| (k.clone(), host_bytes(v))).collect();
-        entries.push(Entry { def: d, program, inputs, optimal: vec![], per_layer: vec![], ready_output: vec![] });
+        entries.push(Entry { def: d, program, inputs, optimal: vec![], per_layer: vec![], layer_ms: vec![], ready_output: vec![] });
     }
     let region_bytes = entries.iter().map(|e| e.program.model().bytes).max().unwrap_or(0);
     let act_bytes = entries.iter().map(|e| e.program.activation_bytes()).max().unwrap_or(0);
@@ -267,14 +303,16 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoReport> 
             return Err(Error::Internal(format!("model {name}: the output has non-finite values")));
         }
         let m = store.model(&name)?;
-        let plan = crate::ffi::plan::plan_stored_model(&m, h2d.peak_gbps, h2d.overhead_ms, opts.exec_overhead_ms)?;
-        e.optimal = plan.group_starts;
+        let p = plans(&m, e.program.needed_layers(), h2d.peak_gbps, h2d.overhead_ms, opts.exec_overhead_ms)?;
+        e.optimal = p.optimal.clone();
         e.per_layer = planner::per_layer_plan(n);
+        e.layer_ms = exec.clone();
+        let plan = p;
         log(&format!(
             "profiled {name}: {n} layers, {:.2} ms of kernels; optimal plan: {} groups, predicted {:.2} ms",
             exec.iter().sum::<f64>(),
             e.optimal.len(),
-            plan.makespan_ms
+            plan.predicted_optimal_ms
         ));
     }
 
@@ -323,20 +361,30 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoReport> 
     }
     pb.finish_and_clear();
 
-    // 6. One traced switch per model (optimal plan, an event per op).
+    // 6. Traced runs per model (an event per op): switches with the optimal
+    // and the per-layer plan, and the ready model.
     switch.set_timing(true)?;
     let mut trace = Vec::new();
-    for (pid, e) in entries.iter().enumerate() {
+    let origin = crate::cuda::Event::new(device, true)?;
+    for (mi, e) in entries.iter().enumerate() {
         let name = e.program.model().name.clone();
-        for (k, val) in &e.inputs {
-            worker.set_input(&e.program, k, val)?;
+        for (k, plan) in [&e.optimal, &e.per_layer].into_iter().enumerate() {
+            for (key, val) in &e.inputs {
+                worker.set_input(&e.program, key, val)?;
+            }
+            switch.start(&store, &name, &arena, region, plan)?;
+            worker.run(&e.program, &switch, RunOptions { profile: true })?;
+            worker.synchronize()?;
+            let arrivals = switch.group_arrival_ms()?;
+            let ops = worker.op_times(&e.program, switch.start_event()?)?;
+            let label = format!("switch to {name}, {plan_name}", plan_name = plan_label(k));
+            trace_events(&mut trace, mi * 3 + k, &label, e, Some((&switch, &arrivals[..])), &ops.op_start_ms)?;
         }
-        switch.start(&store, &name, &arena, region, &e.optimal)?;
+        switch.synchronize()?;
+        origin.record(worker.stream())?;
         worker.run(&e.program, &switch, RunOptions { profile: true })?;
-        worker.synchronize()?;
-        let arrivals = switch.group_arrival_ms()?;
-        let ops = worker.op_times(&e.program, switch.start_event()?)?;
-        trace_events(&mut trace, pid, e, &switch, &arrivals, &ops.op_start_ms)?;
+        let ops = worker.op_times(&e.program, &origin)?;
+        trace_events(&mut trace, mi * 3 + 2, &format!("{name} ready (already on the GPU)"), e, None, &ops.op_start_ms)?;
     }
     switch.set_timing(false)?;
 
@@ -349,12 +397,12 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoReport> 
     let mut models = Vec::new();
     for (mi, e) in entries.iter().enumerate() {
         let m = store.model(&e.program.model().name)?;
+        let (a, b) = (h2d.overhead_ms, opts.exec_overhead_ms);
+        let p = plans(&m, e.program.needed_layers(), h2d.peak_gbps, a, b)?;
+        let (predicted_optimal_ms, predicted_per_layer_ms, predicted_single_group_ms) =
+            (p.predicted_optimal_ms, p.predicted_per_layer_ms, p.predicted_single_group_ms);
         let t = layer_transfer_ms(&m, h2d.peak_gbps)?;
         let x: Vec<f64> = m.layers.iter().map(|l| l.exec_ms).collect();
-        let (a, b) = (h2d.overhead_ms, opts.exec_overhead_ms);
-        let predicted_optimal_ms = planner::makespan(&t, &x, a, b, &e.optimal)?;
-        let predicted_per_layer_ms = planner::makespan(&t, &x, a, b, &e.per_layer)?;
-        let predicted_single_group_ms = planner::makespan(&t, &x, a, b, &[0])?;
         let variants: Vec<VariantReport> = VARIANTS
             .iter()
             .enumerate()
@@ -389,6 +437,8 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoReport> 
             profiled_exec_ms: x.iter().sum(),
             bytes_over_peak_ms,
             optimal_group_starts: e.optimal.clone(),
+            needed_layers: e.program.needed_layers(),
+            layer_profile: m.layers.iter().zip(&e.layer_ms).map(|(l, ms)| (l.name.clone(), l.bytes, *ms)).collect(),
             predicted_optimal_ms,
             predicted_per_layer_ms,
             predicted_single_group_ms,
@@ -444,10 +494,15 @@ fn explain(m: &crate::store::Model, t: &[f64], x: &[f64], plan: &[usize], a: f64
     notes
 }
 
-fn trace_events(out: &mut Vec<serde_json::Value>, pid: usize, e: &Entry, switch: &Switch, arrivals: &[f64], op_start: &[f64]) -> Result<()> {
-    let name = &e.program.model().name;
+fn plan_label(k: usize) -> &'static str {
+    ["optimal plan", "one layer per group"][k]
+}
+
+/// Chrome trace events of one run: per group, its copy (copy stream) and
+/// its ops (compute stream), and every op. `switch` is None for a ready run.
+fn trace_events(out: &mut Vec<serde_json::Value>, pid: usize, label: &str, e: &Entry, switch: Option<(&Switch, &[f64])>, op_start: &[f64]) -> Result<()> {
     let meta = |tid: usize, what: &str| serde_json::json!({"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": what}});
-    out.push(serde_json::json!({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": format!("switch to {name}")}}));
+    out.push(serde_json::json!({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": label}}));
     out.push(meta(0, "copy stream (groups)"));
     out.push(meta(1, "compute stream (groups)"));
     out.push(meta(2, "compute stream (ops)"));
@@ -457,19 +512,21 @@ fn trace_events(out: &mut Vec<serde_json::Value>, pid: usize, e: &Entry, switch:
     };
     let model = e.program.model();
     let n_layers = model.layers.len();
-    let starts = switch.group_starts()?;
-    for (g, &arr) in arrivals.iter().enumerate() {
-        let begin = if g == 0 { 0.0 } else { arrivals[g - 1] };
-        let end_layer = starts.get(g + 1).copied().unwrap_or(n_layers);
-        let (lo, hi) = model.layer_range(starts[g], end_layer).unwrap_or((0, 0));
-        out.push(span(0, format!("copy group {g}"), begin, arr, serde_json::json!({"layers": [starts[g], end_layer], "bytes": hi - lo})));
+    if let Some((switch, arrivals)) = switch {
+        let starts = switch.group_starts()?;
+        for (g, &arr) in arrivals.iter().enumerate() {
+            let begin = if g == 0 { 0.0 } else { arrivals[g - 1] };
+            let end_layer = starts.get(g + 1).copied().unwrap_or(n_layers);
+            let (lo, hi) = model.layer_range(starts[g], end_layer).unwrap_or((0, 0));
+            out.push(span(0, format!("copy group {g}"), begin, arr, serde_json::json!({"layers": [starts[g], end_layer], "bytes": hi - lo})));
+        }
     }
     // Compute: per group, from its first op's start to its last op's end.
     let layers = e.program.op_layers();
     let mut group_of_op = Vec::with_capacity(layers.len());
     let mut cur = 0usize;
     for l in layers {
-        if let Some(l) = l {
+        if let (Some(l), Some((switch, _))) = (l, switch) {
             cur = cur.max(switch.group_of_layer(*l)?);
         }
         group_of_op.push(cur);

@@ -54,6 +54,29 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// The whole idea end to end: writes, ingests, profiles and plans the
+    /// three reference models (ResNet-152, BERT-base, GPT-2 medium), switches
+    /// among them and prints ready / transfer-then-run / pipelined latencies;
+    /// writes a JSON report and a Chrome trace (open it in Perfetto).
+    Demo {
+        #[arg(long, default_value_t = 0)]
+        device: i32,
+        /// Measured switches per model and variant.
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+        /// Where the JSON report and the trace are written.
+        #[arg(long, default_value = "bench/results")]
+        out_dir: PathBuf,
+        /// Where the model files are written (default: the temp dir).
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+        /// Keep the model files after ingesting them.
+        #[arg(long)]
+        keep_files: bool,
+        /// Only these models (resnet152, bert-base, gpt2-medium).
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -95,6 +118,22 @@ enum BenchCmd {
         #[arg(long, default_value_t = 20)]
         reps: usize,
         /// Where to write the JSON (default: bench/results/transfer-<card>.json).
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
+    /// Our GEMM kernels vs cuBLAS through PyTorch (bench/gemm.sh runs both).
+    Gemm {
+        #[arg(long, default_value_t = 0)]
+        device: i32,
+        #[arg(long, default_value_t = 50)]
+        reps: usize,
+        /// JSON from bench/gemm_torch.py run on the same card.
+        #[arg(long)]
+        torch: Option<PathBuf>,
+        /// Also time every block tile forced in turn (tile-choice check).
+        #[arg(long)]
+        all_tiles: bool,
+        /// Where to write the JSON (default: bench/results/gemm-<card>.json).
         #[arg(long)]
         json_out: Option<PathBuf>,
     },
@@ -194,6 +233,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Demo { device, reps, out_dir, workdir, keep_files, models } => {
+            let mut opts = pipeswitch::demo::DemoOptions { device, reps: reps.max(1), out_dir, keep_files, models, ..Default::default() };
+            if let Some(w) = workdir {
+                opts.workdir = w;
+            }
+            pipeswitch::demo::run(&opts, &mut |line| println!("{line}")).map(|_| ())
+        }
         Command::Measure { device } => {
             let p = measure::measure_h2d(device, 1 << 30, 9)?;
             println!("H2D peak (one 1 GiB copy): {:.2} GB/s", p.peak_gbps);
@@ -217,6 +263,20 @@ fn run(cli: Cli) -> Result<()> {
             let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?;
             std::fs::write(&path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
             println!("targets: {}", report.targets);
+            println!("wrote {}", path.display());
+            Ok(())
+        }
+        Command::Bench(BenchCmd::Gemm { device, reps, torch, all_tiles, json_out }) => {
+            use pipeswitch::bench_gemm;
+            let dev = pipeswitch::cuda::Device::get(device)?;
+            let report = bench_gemm::run_gemm_bench_logged(dev, reps, torch.as_deref(), all_tiles, &mut |line| eprintln!("{line}"))?;
+            print!("{}", bench_gemm::format_table(&report));
+            let path = json_out.unwrap_or_else(|| PathBuf::from(format!("bench/results/gemm-{}.json", bench_gemm::card_slug(&report.card))));
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            }
+            let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?;
+            std::fs::write(&path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
             println!("wrote {}", path.display());
             Ok(())
         }

@@ -196,6 +196,14 @@ impl Switch {
             .collect()
     }
 
+    /// Address at which kernels can read the last switch's model straight
+    /// from the store's pinned pages (over PCIe), e.g. the few rows of an
+    /// embedding table that has not arrived yet.
+    pub fn host_model_base(&self) -> Result<CUdeviceptr> {
+        let cur = self.current()?;
+        cur.store.mapped_model_ptr(&cur.model)
+    }
+
     /// Device address of the last switch's model (its first byte in the arena).
     pub fn model_base(&self) -> Result<CUdeviceptr> {
         Ok(self.current()?.dst)

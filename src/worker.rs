@@ -50,6 +50,10 @@ pub struct Program {
     op_layer: Vec<Option<usize>>,
     /// Per op: the layer its execution time is charged to.
     op_charge: Vec<usize>,
+    /// Per op: the layer of a table it may read from pinned host memory
+    /// while that layer's group has not arrived (an embedding's token table:
+    /// a few rows of it are needed, not all of it).
+    op_host_table: Vec<Option<usize>>,
     slots: HashMap<String, Slot>,
     /// Bytes of activation buffer the program needs (error flag included).
     act_bytes: u64,
@@ -103,9 +107,15 @@ impl Program {
         let decls: HashMap<&str, _> = graph.inputs.iter().chain(&graph.activations).map(|(n, d)| (n.as_str(), d)).collect();
         let mut op_layer = Vec::with_capacity(graph.ops.len());
         let mut op_charge = Vec::with_capacity(graph.ops.len());
+        let mut op_host_table = Vec::with_capacity(graph.ops.len());
         let mut last_layer = 0usize;
         for op in &graph.ops {
             let mut layer: Option<usize> = None;
+            let table = match op {
+                Op::Embedding { wte, .. } => Some(wte.as_str()),
+                _ => None,
+            };
+            op_host_table.push(table.and_then(|t| tensor_layer.get(t).copied()));
             for o in op.operands() {
                 if decls.contains_key(o) {
                     continue;
@@ -116,6 +126,9 @@ impl Program {
                         "weight {o} is {}: the worker's kernels run fp32 models",
                         t.dtype.name()
                     )));
+                }
+                if Some(o) == table {
+                    continue;
                 }
                 let l = tensor_layer[o];
                 layer = Some(layer.map_or(l, |m: usize| m.max(l)));
@@ -162,7 +175,7 @@ impl Program {
             let d = decls[n];
             slots.insert(n.to_string(), Slot { offset: off, bytes: *bytes, shape: d.shape.clone(), dtype: d.dtype()? });
         }
-        Ok(Program { model, graph, op_layer, op_charge, slots, act_bytes })
+        Ok(Program { model, graph, op_layer, op_charge, op_host_table, slots, act_bytes })
     }
 
     /// The program of a stored model whose graph was stored with it (the
@@ -193,6 +206,13 @@ impl Program {
     /// The layer each op waits for (None: reads no weights).
     pub fn op_layers(&self) -> &[Option<usize>] {
         &self.op_layer
+    }
+
+    /// Layers a run waits for: `[0, needed_layers())`. The layers after them
+    /// (an embedding table stored last) are read from host memory until
+    /// they arrive, so the first run does not wait for them.
+    pub fn needed_layers(&self) -> usize {
+        self.op_layer.iter().flatten().max().map_or(0, |l| l + 1)
     }
 }
 
@@ -411,6 +431,7 @@ impl Worker {
             }
         }
         let wbase = switch.model_base()?;
+        let mut hbase: Option<CUdeviceptr> = None;
         let abase = self.buffer_ptr();
         let s = self.stream.raw();
         let mut waited: Option<usize> = None;
@@ -422,10 +443,22 @@ impl Worker {
                     waited = Some(g);
                 }
             }
+            // A table whose group has not arrived is read from the store's
+            // pinned pages (the kernel reads only the rows it needs).
+            let mut tbase = wbase;
+            if let Some(l) = program.op_host_table[i] {
+                let g = switch.group_of_layer(l)?;
+                if waited.is_none_or(|w| g > w) && !switch.group_ready(g)? {
+                    tbase = match hbase {
+                        Some(h) => h,
+                        None => *hbase.insert(switch.host_model_base()?),
+                    };
+                }
+            }
             if opts.profile {
                 self.events[i].record(s)?;
             }
-            self.launch(program, op, wbase, abase)?;
+            self.launch(program, op, wbase, tbase, abase)?;
         }
         if opts.profile {
             self.events[n_ops].record(s)?;
@@ -455,7 +488,10 @@ impl Worker {
     /// Execution time of every layer of the model in the last profiled run
     /// (ops that read no weights count towards the layer before them).
     pub fn layer_ms(&self, program: &Program) -> Result<Vec<f64>> {
-        let t = self.op_times(program, &self.events[0])?;
+        let origin = self.events.first().filter(|_| self.profiled_ops > 0).ok_or_else(|| {
+            Error::InvalidState(format!("the last run was not a profiled run of {:?}", program.model.name))
+        })?;
+        let t = self.op_times(program, origin)?;
         let mut ms = vec![0.0; program.model.layers.len()];
         for (i, &l) in program.op_charge.iter().enumerate() {
             ms[l] += (t.op_start_ms[i + 1] - t.op_start_ms[i]).max(0.0);
@@ -463,7 +499,9 @@ impl Worker {
         Ok(ms)
     }
 
-    fn launch(&self, p: &Program, op: &Op, wbase: CUdeviceptr, abase: CUdeviceptr) -> Result<()> {
+    /// Enqueues one op; weights are read at `wbase`, an embedding's token
+    /// table at `tbase` (the arena, or the store's pinned pages).
+    fn launch(&self, p: &Program, op: &Op, wbase: CUdeviceptr, tbase: CUdeviceptr, abase: CUdeviceptr) -> Result<()> {
         let dev = self.device;
         let s = self.stream.raw();
         // Address of a weight or activation; shape of an activation.
@@ -481,6 +519,7 @@ impl Worker {
             Op::Embedding { ids, wte, wpe, token_type, type_ids, out } => {
                 let (ids_p, ids_shape) = a(ids)?;
                 let (wte_p, wte_s) = w(wte)?;
+                let wte_p = wte_p - wbase + tbase;
                 let (wpe_p, wpe_s) = w(wpe)?;
                 let (wtt, n_types) = match token_type {
                     Some(t) => {

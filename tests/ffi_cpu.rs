@@ -1902,3 +1902,443 @@ fn versions_and_last_error_message() {
     );
     assert_eq!(last_error(), here);
 }
+
+// ---------------------------------------------------------------------------
+// 7. Programs and workers (the built-in worker's calls)
+// ---------------------------------------------------------------------------
+
+use pipeswitch::ffi::worker::*;
+use pipeswitch::model::cpu::tiny_models;
+use pipeswitch::model::reference::ModelDef;
+use pipeswitch::model::weights::{weight_values, GRAPH_KEY};
+use pipeswitch::store::safetensors::write_file_with_metadata;
+
+fn tiny(name: &str) -> ModelDef {
+    tiny_models(2, 16)
+        .into_iter()
+        .find(|d| d.graph.name == name)
+        .unwrap()
+}
+
+/// A tensor of a safetensors file to write.
+struct FileTensor {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<u64>,
+    data: Vec<u8>,
+}
+
+/// `def`'s weights with their deterministic values, in execution order.
+fn def_tensors(def: &ModelDef) -> Vec<FileTensor> {
+    def.layers
+        .iter()
+        .flat_map(|(_, ws)| ws.iter())
+        .map(|w| FileTensor {
+            name: w.name.clone(),
+            dtype: Dtype::F32,
+            shape: w.shape.iter().map(|&d| d as u64).collect(),
+            data: weight_values(w, 5)
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        })
+        .collect()
+}
+
+/// Writes `tensors` with `def`'s layer list and `graph` (if any) as the
+/// `pipeswitch.graph` metadata, then adds the file to `st` as `model`.
+fn add_file(
+    st: *const ps_store,
+    dir: &std::path::Path,
+    model: &str,
+    def: &ModelDef,
+    tensors: &[FileTensor],
+    graph: Option<String>,
+) {
+    let path = dir.join(format!("{model}.safetensors"));
+    let layers: Vec<String> = def.layers.iter().map(|(n, _)| n.clone()).collect();
+    let wt: Vec<WriteTensor<'_>> = tensors
+        .iter()
+        .map(|t| WriteTensor {
+            name: &t.name,
+            dtype: t.dtype,
+            shape: &t.shape,
+            data: &t.data,
+        })
+        .collect();
+    let meta: Vec<(&str, String)> = graph.into_iter().map(|g| (GRAPH_KEY, g)).collect();
+    write_file_with_metadata(&path, &wt, Some(&layers), &meta).unwrap();
+    let (m, p) = (cstr(model), cstr(path.to_str().unwrap()));
+    check(PS_OK, "ps_store_add_safetensors", || {
+        ps_store_add_safetensors(st, m.as_ptr(), p.as_ptr(), null(), 0)
+    });
+}
+
+fn graph_json(def: &ModelDef) -> String {
+    def.graph.to_json().unwrap()
+}
+
+fn program_of(st: *const ps_store, model: &str) -> *mut ps_program {
+    let m = cstr(model);
+    let mut p: *mut ps_program = sentinel_ptr();
+    check(PS_OK, "ps_program_from_store", || {
+        ps_program_from_store(st, m.as_ptr(), &mut p)
+    });
+    assert!(!p.is_null() && p != sentinel_ptr());
+    p
+}
+
+fn tensor_bytes(p: *const ps_program, name: &str) -> u64 {
+    let n = cstr(name);
+    let mut b = SENTINEL;
+    check(PS_OK, "ps_program_tensor_bytes", || {
+        ps_program_tensor_bytes(p, n.as_ptr(), &mut b)
+    });
+    b
+}
+
+#[test]
+fn program_from_store_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = create_store("ffi-program-errors", 16 << 20, 16);
+    let gpt2 = tiny("tiny-gpt2");
+    add_file(
+        st,
+        dir.path(),
+        "gpt2",
+        &gpt2,
+        &def_tensors(&gpt2),
+        Some(graph_json(&gpt2)),
+    );
+    // No graph: a model from host buffers, and a file without the metadata.
+    check(PS_OK, "ps_store_add_model", || {
+        small_model(9).add(st, "plain")
+    });
+    add_file(st, dir.path(), "nograph", &gpt2, &def_tensors(&gpt2), None);
+    // A graph that does not fit the weights: a transposed weight.
+    let mut t = def_tensors(&gpt2);
+    let fc = t
+        .iter_mut()
+        .find(|t| t.name == "h.0.mlp.c_fc.weight")
+        .unwrap();
+    assert_eq!(fc.shape, [128, 256]);
+    fc.shape = vec![256, 128];
+    add_file(
+        st,
+        dir.path(),
+        "transposed",
+        &gpt2,
+        &t,
+        Some(graph_json(&gpt2)),
+    );
+    // ... a weight the graph reads is missing.
+    let mut t = def_tensors(&gpt2);
+    t.retain(|t| t.name != "ln_f.bias");
+    add_file(
+        st,
+        dir.path(),
+        "missing",
+        &gpt2,
+        &t,
+        Some(graph_json(&gpt2)),
+    );
+    // ... right shapes, but fp16 (the worker runs fp32 models).
+    let mut t = def_tensors(&gpt2);
+    let w = t
+        .iter_mut()
+        .find(|t| t.name == "h.1.attn.c_proj.weight")
+        .unwrap();
+    w.dtype = Dtype::F16;
+    w.data.truncate(w.data.len() / 2);
+    add_file(st, dir.path(), "fp16", &gpt2, &t, Some(graph_json(&gpt2)));
+    // ... another model's graph (tiny-bert's weights are not there).
+    let bert = tiny("tiny-bert");
+    add_file(
+        st,
+        dir.path(),
+        "othergraph",
+        &gpt2,
+        &def_tensors(&gpt2),
+        Some(graph_json(&bert)),
+    );
+    // ... a graph that is not JSON of a graph.
+    add_file(
+        st,
+        dir.path(),
+        "badjson",
+        &gpt2,
+        &def_tensors(&gpt2),
+        Some("{\"ops\": 3".into()),
+    );
+
+    let mut p: *mut ps_program = sentinel_ptr();
+    let model = c"gpt2".as_ptr();
+    // NULL arguments and dead or foreign handles; program_out stays alone.
+    let msg = null_arg("ps_program_from_store", || {
+        ps_program_from_store(null(), model, &mut p)
+    });
+    assert!(msg.contains("store is NULL"), "{msg}");
+    let msg = null_arg("ps_program_from_store", || {
+        ps_program_from_store(st, null(), &mut p)
+    });
+    assert!(msg.contains("model is NULL"), "{msg}");
+    let msg = null_arg("ps_program_from_store", || {
+        ps_program_from_store(st, model, null_mut())
+    });
+    assert!(msg.contains("program_out is NULL"), "{msg}");
+    let local = 0u64;
+    dead_handle("ps_program_from_store", || {
+        ps_program_from_store((&local as *const u64).cast(), model, &mut p)
+    });
+    assert_eq!(p, sentinel_ptr());
+
+    let expect = |name: &str, want: ps_status, needles: &[&str]| {
+        let m = cstr(name);
+        let mut p: *mut ps_program = sentinel_ptr();
+        let msg = check(want, "ps_program_from_store", || {
+            ps_program_from_store(st, m.as_ptr(), &mut p)
+        });
+        assert_eq!(p, sentinel_ptr(), "{name}: program_out written on failure");
+        for n in needles {
+            assert!(msg.contains(n), "{name}: no {n:?} in {msg:?}");
+        }
+    };
+    expect("nope", PS_ERR_NOT_FOUND, &["nope"]);
+    expect("plain", PS_ERR_NOT_FOUND, &["\"plain\" has no graph"]);
+    expect("nograph", PS_ERR_NOT_FOUND, &["\"nograph\" has no graph"]);
+    expect(
+        "transposed",
+        PS_ERR_INVALID_ARGUMENT,
+        &["h.0.mlp.fc.out", "does not fit"],
+    );
+    expect(
+        "missing",
+        PS_ERR_INVALID_ARGUMENT,
+        &["ln_f.bias is not a stored tensor"],
+    );
+    expect(
+        "fp16",
+        PS_ERR_INVALID_ARGUMENT,
+        &["h.1.attn.c_proj.weight", "F16"],
+    );
+    expect(
+        "othergraph",
+        PS_ERR_INVALID_ARGUMENT,
+        &["is not a stored tensor"],
+    );
+    expect("badjson", PS_ERR_INVALID_ARGUMENT, &["model graph"]);
+
+    // The model with its own graph binds, and a freed store is refused.
+    let good = program_of(st, "gpt2");
+    check(PS_OK, "ps_program_free", || ps_program_free(good));
+    check(PS_OK, "ps_store_free", || ps_store_free(st));
+    dead_handle("ps_program_from_store", || {
+        ps_program_from_store(st, model, &mut p)
+    });
+    assert_eq!(p, sentinel_ptr());
+    check(PS_OK, "ps_store_unlink", || {
+        ps_store_unlink(c"ffi-program-errors".as_ptr())
+    });
+}
+
+#[test]
+fn program_sizes_and_their_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = create_store("ffi-program-sizes", 16 << 20, 8);
+    let (gpt2, resnet) = (tiny("tiny-gpt2"), tiny("tiny-resnet"));
+    add_file(
+        st,
+        dir.path(),
+        "gpt2",
+        &gpt2,
+        &def_tensors(&gpt2),
+        Some(graph_json(&gpt2)),
+    );
+    add_file(
+        st,
+        dir.path(),
+        "resnet",
+        &resnet,
+        &def_tensors(&resnet),
+        Some(graph_json(&resnet)),
+    );
+
+    for (model, def) in [("gpt2", &gpt2), ("resnet", &resnet)] {
+        let p = program_of(st, model);
+        let mut act = SENTINEL;
+        check(PS_OK, "ps_program_activation_bytes", || {
+            ps_program_activation_bytes(p, &mut act)
+        });
+        // Every input and output with its declared size; an activation too.
+        let mut io = 0u64;
+        for (name, decl) in &def.graph.inputs {
+            let want = decl.bytes().unwrap() as u64;
+            assert_eq!(tensor_bytes(p, name), want, "{model}: input {name}");
+            io += want;
+        }
+        for name in &def.graph.outputs {
+            let (_, decl) = def
+                .graph
+                .activations
+                .iter()
+                .find(|(n, _)| n == name)
+                .unwrap();
+            let want = decl.bytes().unwrap() as u64;
+            assert_eq!(tensor_bytes(p, name), want, "{model}: output {name}");
+            io += want;
+        }
+        let (aname, adecl) = &def.graph.activations[1];
+        assert_eq!(tensor_bytes(p, aname), adecl.bytes().unwrap() as u64);
+        // Inputs and outputs live through the whole run: all in the buffer.
+        assert!(
+            act != SENTINEL && act >= io && act > 0,
+            "{model}: {act} < {io}"
+        );
+        // The same layout as the Rust API's.
+        let store = Store::open("ffi-program-sizes").unwrap();
+        let rust = pipeswitch::worker::Program::from_store(&store, model).unwrap();
+        assert_eq!(act, rust.activation_bytes(), "{model}");
+
+        // Unknown names (a weight is no input or output) leave bytes_out alone.
+        for bad in ["nope", "ln_f.weight", "conv1.weight", ""] {
+            let n = cstr(bad);
+            let mut b = SENTINEL;
+            let msg = check(PS_ERR_NOT_FOUND, "ps_program_tensor_bytes", || {
+                ps_program_tensor_bytes(p, n.as_ptr(), &mut b)
+            });
+            assert!(msg.contains(&format!("{bad:?}")), "{msg}");
+            assert_eq!(b, SENTINEL);
+        }
+        let mut b = SENTINEL;
+        let msg = null_arg("ps_program_tensor_bytes", || {
+            ps_program_tensor_bytes(p, null(), &mut b)
+        });
+        assert!(msg.contains("name is NULL"), "{msg}");
+        let name = cstr(&def.graph.outputs[0]);
+        let msg = null_arg("ps_program_tensor_bytes", || {
+            ps_program_tensor_bytes(p, name.as_ptr(), null_mut())
+        });
+        assert!(msg.contains("bytes_out is NULL"), "{msg}");
+        let msg = null_arg("ps_program_activation_bytes", || {
+            ps_program_activation_bytes(p, null_mut())
+        });
+        assert!(msg.contains("bytes_out is NULL"), "{msg}");
+        assert_eq!(b, SENTINEL);
+
+        // NULL, foreign (a live store) and freed programs.
+        let fp = st.cast::<ps_program>().cast_const();
+        for (prog, code) in [(null(), PS_ERR_NULL_ARGUMENT), (fp, PS_ERR_INVALID_HANDLE)] {
+            check(code, "ps_program_activation_bytes", || {
+                ps_program_activation_bytes(prog, &mut b)
+            });
+            check(code, "ps_program_tensor_bytes", || {
+                ps_program_tensor_bytes(prog, name.as_ptr(), &mut b)
+            });
+        }
+        dead_handle("ps_program_free", || ps_program_free(st.cast()));
+        check(PS_OK, "ps_program_free", || ps_program_free(p));
+        dead_handle("ps_program_free", || ps_program_free(p));
+        dead_handle("ps_program_activation_bytes", || {
+            ps_program_activation_bytes(p, &mut b)
+        });
+        dead_handle("ps_program_tensor_bytes", || {
+            ps_program_tensor_bytes(p, name.as_ptr(), &mut b)
+        });
+        assert_eq!(b, SENTINEL);
+    }
+    check(PS_OK, "ps_program_free", || ps_program_free(null_mut()));
+    // The store survived being passed as a program.
+    assert_eq!(model_count(st), 2);
+    check(PS_OK, "ps_store_free", || ps_store_free(st));
+    check(PS_OK, "ps_store_unlink", || {
+        ps_store_unlink(c"ffi-program-sizes".as_ptr())
+    });
+}
+
+#[test]
+fn worker_calls_refuse_null_and_foreign_handles() {
+    // No worker can be made without a GPU: check the handle and pointer
+    // checks with NULL and with live handles of other types, which must be
+    // refused, not reinterpreted. Pointer arguments checked before the
+    // worker give PS_ERR_NULL_ARGUMENT whatever the worker.
+    let dir = tempfile::tempdir().unwrap();
+    let st = create_store("ffi-worker-handles", 16 << 20, 8);
+    let gpt2 = tiny("tiny-gpt2");
+    add_file(
+        st,
+        dir.path(),
+        "gpt2",
+        &gpt2,
+        &def_tensors(&gpt2),
+        Some(graph_json(&gpt2)),
+    );
+    let p = program_of(st, "gpt2");
+    let fw = p.cast::<ps_worker>(); // a live program, not a worker
+    let fa = p.cast::<ps_arena>().cast_const();
+    let fs = st.cast::<ps_switch>().cast_const();
+    let (ids, out) = (c"input_ids".as_ptr(), c"ln_f.out".as_ptr());
+    let input = [0u8; 128];
+    let mut buf = [0x5au8; 16384];
+    let mut ms = [-2.0f64; 15];
+
+    let mut w: *mut ps_worker = sentinel_ptr();
+    let msg = null_arg("ps_worker_new", || ps_worker_new(null(), &mut w));
+    assert!(msg.contains("arena is NULL"), "{msg}");
+    dead_handle("ps_worker_new", || ps_worker_new(fa, &mut w));
+    let msg = null_arg("ps_worker_new", || ps_worker_new(fa, null_mut()));
+    assert!(msg.contains("worker_out is NULL"), "{msg}");
+    assert_eq!(w, sentinel_ptr());
+    check(PS_OK, "ps_worker_free", || ps_worker_free(null_mut()));
+    dead_handle("ps_worker_free", || ps_worker_free(fw));
+
+    for (wk, code) in [
+        (null_mut(), PS_ERR_NULL_ARGUMENT),
+        (fw, PS_ERR_INVALID_HANDLE),
+    ] {
+        let msg = check(code, "ps_worker_prepare", || ps_worker_prepare(wk, p));
+        assert!(msg.contains("worker"), "{msg}");
+        check(code, "ps_worker_set_input", || {
+            ps_worker_set_input(wk, p, ids, input.as_ptr().cast(), input.len())
+        });
+        check(code, "ps_worker_synchronize", || ps_worker_synchronize(wk));
+        check(code, "ps_worker_read", || {
+            ps_worker_read(wk, p, out, buf.as_mut_ptr().cast(), buf.len())
+        });
+        check(code, "ps_worker_layer_ms", || {
+            ps_worker_layer_ms(wk, p, ms.as_mut_ptr(), ms.len())
+        });
+        // The switch is checked first: a foreign one is refused.
+        dead_handle("ps_worker_run", || ps_worker_run(wk, p, fs, 0));
+        // NULL pointers checked before the worker.
+        let msg = null_arg("ps_worker_run", || ps_worker_run(wk, p, null(), 1));
+        assert!(msg.contains("switch is NULL"), "{msg}");
+        let msg = null_arg("ps_worker_set_input", || {
+            ps_worker_set_input(wk, p, ids, null(), 128)
+        });
+        assert!(msg.contains("data is NULL"), "{msg}");
+        let msg = null_arg("ps_worker_read", || {
+            ps_worker_read(wk, p, out, null_mut(), buf.len())
+        });
+        assert!(msg.contains("out is NULL"), "{msg}");
+        let msg = null_arg("ps_worker_layer_ms", || {
+            ps_worker_layer_ms(wk, p, null_mut(), 15)
+        });
+        assert!(msg.contains("ms_out is NULL"), "{msg}");
+    }
+    // A NULL program with a foreign worker: one of the two is refused.
+    let s = ps_worker_prepare(fw, null());
+    assert!(
+        s == PS_ERR_NULL_ARGUMENT || s == PS_ERR_INVALID_HANDLE,
+        "{s}"
+    );
+    assert_eq!(buf, [0x5a; 16384], "read wrote on failure");
+    assert_eq!(ms, [-2.0; 15], "layer_ms wrote on failure");
+
+    // The program passed around as a worker and an arena is unharmed.
+    assert_eq!(tensor_bytes(p, "ln_f.out"), 16384);
+    check(PS_OK, "ps_program_free", || ps_program_free(p));
+    check(PS_OK, "ps_store_free", || ps_store_free(st));
+    check(PS_OK, "ps_store_unlink", || {
+        ps_store_unlink(c"ffi-worker-handles".as_ptr())
+    });
+}

@@ -124,6 +124,14 @@ class ps_switch(Structure):
     """Opaque: a switch engine for one device."""
 
 
+class ps_program(Structure):
+    """Opaque: a stored model's graph bound to the model."""
+
+
+class ps_worker(Structure):
+    """Opaque: the built-in worker (compute stream, activation buffer)."""
+
+
 class ps_arena_ipc_handle(Structure):
     _fields_ = [("bytes", c_uint8 * 128)]
 
@@ -181,7 +189,7 @@ class ps_store_usage(Structure):
 #: Every struct of the header, by name.
 STRUCTS = {
     c.__name__: c
-    for c in (ps_arena, ps_store, ps_switch, ps_arena_ipc_handle, ps_layer_desc, ps_tensor_desc,
+    for c in (ps_arena, ps_store, ps_switch, ps_program, ps_worker, ps_arena_ipc_handle, ps_layer_desc, ps_tensor_desc,
               ps_model_info, ps_layer_info, ps_tensor_info, ps_store_usage)
 }
 
@@ -190,6 +198,8 @@ _P = POINTER
 _store_p = _P(ps_store)
 _arena_p = _P(ps_arena)
 _switch_p = _P(ps_switch)
+_program_p = _P(ps_program)
+_worker_p = _P(ps_worker)
 _u64_p = _P(c_uint64)
 _size_p = _P(c_size_t)
 _f64_p = _P(c_double)
@@ -260,6 +270,23 @@ SIGNATURES = {
     "ps_switch_synchronize": (STATUS, [_switch_p]),
     "ps_switch_elapsed_ms": (STATUS, [_switch_p, _f64_p]),
     "ps_switch_copy_stream": (STATUS, [_switch_p, _P(c_void_p)]),
+    # built-in worker
+    "ps_program_from_store": (STATUS, [_store_p, c_char_p, _P(_program_p)]),
+    "ps_program_free": (STATUS, [_program_p]),
+    "ps_program_activation_bytes": (STATUS, [_program_p, _u64_p]),
+    "ps_program_tensor_bytes": (STATUS, [_program_p, c_char_p, _u64_p]),
+    "ps_program_n_inputs": (STATUS, [_program_p, _size_p]),
+    "ps_program_input_name": (STATUS, [_program_p, c_size_t, _char_buf, c_size_t, _size_p]),
+    "ps_program_n_outputs": (STATUS, [_program_p, _size_p]),
+    "ps_program_output_name": (STATUS, [_program_p, c_size_t, _char_buf, c_size_t, _size_p]),
+    "ps_worker_new": (STATUS, [_arena_p, _P(_worker_p)]),
+    "ps_worker_free": (STATUS, [_worker_p]),
+    "ps_worker_prepare": (STATUS, [_worker_p, _program_p]),
+    "ps_worker_set_input": (STATUS, [_worker_p, _program_p, c_char_p, c_void_p, c_size_t]),
+    "ps_worker_run": (STATUS, [_worker_p, _program_p, _switch_p, c_int32]),
+    "ps_worker_synchronize": (STATUS, [_worker_p]),
+    "ps_worker_read": (STATUS, [_worker_p, _program_p, c_char_p, c_void_p, c_size_t]),
+    "ps_worker_layer_ms": (STATUS, [_worker_p, _program_p, _f64_p, c_size_t]),
     # version and driver
     "ps_version_number": (c_uint32, []),
     "ps_version_string": (c_char_p, []),

@@ -168,12 +168,15 @@ impl Drop for PinnedHost {
 }
 
 /// Host memory that this process page-locked with `cuMemHostRegister`
-/// (PORTABLE: usable from every context). Unregistered on drop.
+/// (PORTABLE: usable from every context; DEVICEMAP: kernels may read it
+/// directly over PCIe). Unregistered on drop.
 #[derive(Debug)]
 pub struct HostRegistration {
     device: &'static Device,
     ptr: *mut u8,
     bytes: usize,
+    /// The range's address for kernels.
+    device_ptr: CUdeviceptr,
 }
 
 // SAFETY: the registration only records the address; the memory is owned elsewhere.
@@ -189,12 +192,24 @@ impl HostRegistration {
         cu!(cuMemHostRegister_v2(
             ptr.cast(),
             bytes,
-            cudarc::driver::sys::CU_MEMHOSTREGISTER_PORTABLE
+            cudarc::driver::sys::CU_MEMHOSTREGISTER_PORTABLE | cudarc::driver::sys::CU_MEMHOSTREGISTER_DEVICEMAP
         ))?;
-        Ok(HostRegistration { device, ptr, bytes })
+        let mut device_ptr: CUdeviceptr = 0;
+        if let Err(e) = cu!(cuMemHostGetDevicePointer_v2(&mut device_ptr, ptr.cast(), 0)) {
+            let _ = cu!(cuMemHostUnregister(ptr.cast()));
+            return Err(e.into());
+        }
+        Ok(HostRegistration { device, ptr, bytes, device_ptr })
     }
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+    /// The address kernels use to read `ptr + offset` over PCIe.
+    pub fn device_ptr(&self, offset: usize) -> Result<CUdeviceptr> {
+        if offset > self.bytes {
+            return Err(crate::error::Error::invalid(format!("offset {offset} outside {} registered bytes", self.bytes)));
+        }
+        Ok(self.device_ptr + offset as u64)
     }
 }
 

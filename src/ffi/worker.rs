@@ -71,7 +71,51 @@ pub extern "C" fn ps_program_tensor_bytes(program: *const ps_program, name: *con
     })
 }
 
-/// A worker running models switched into `arena`.
+/// Number of inputs of the program (e.g. `input_ids`, `images`).
+#[no_mangle]
+pub extern "C" fn ps_program_n_inputs(program: *const ps_program, n_out: *mut usize) -> ps_status {
+    boundary("ps_program_n_inputs", || {
+        let o = out(n_out, "n_out")?;
+        o.write(self::program(program)?.graph().inputs.len());
+        Ok(())
+    })
+}
+
+/// Name of input `index` into `(buf, cap)` (NUL-terminated; `len_out`, if
+/// not NULL, gets its length, also when `cap` is too small).
+#[no_mangle]
+pub extern "C" fn ps_program_input_name(program: *const ps_program, index: usize, buf: *mut c_char, cap: usize, len_out: *mut usize) -> ps_status {
+    boundary("ps_program_input_name", || {
+        let p = self::program(program)?;
+        let (name, _) = p.graph().inputs.get(index).ok_or_else(|| Error::invalid(format!("input {index} out of range: the program has {}", p.graph().inputs.len())))?;
+        super::write_str(name, buf, cap, len_out)
+    })
+}
+
+/// Number of outputs of the program.
+#[no_mangle]
+pub extern "C" fn ps_program_n_outputs(program: *const ps_program, n_out: *mut usize) -> ps_status {
+    boundary("ps_program_n_outputs", || {
+        let o = out(n_out, "n_out")?;
+        o.write(self::program(program)?.graph().outputs.len());
+        Ok(())
+    })
+}
+
+/// Name of output `index` (float32), like `ps_program_input_name`.
+#[no_mangle]
+pub extern "C" fn ps_program_output_name(program: *const ps_program, index: usize, buf: *mut c_char, cap: usize, len_out: *mut usize) -> ps_status {
+    boundary("ps_program_output_name", || {
+        let p = self::program(program)?;
+        let name = p.graph().outputs.get(index).ok_or_else(|| Error::invalid(format!("output {index} out of range: the program has {}", p.graph().outputs.len())))?;
+        super::write_str(name, buf, cap, len_out)
+    })
+}
+
+/// A worker running models switched into `arena`. In the process that owns
+/// the arena its activations take a region of the arena (size the arena
+/// for the models plus `ps_program_activation_bytes`); elsewhere they come
+/// from the arena's workspace attached with `ps_workspace_attach`.
 #[no_mangle]
 pub extern "C" fn ps_worker_new(arena: *const super::arena::ps_arena, worker_out: *mut *mut ps_worker) -> ps_status {
     boundary("ps_worker_new", || {

@@ -1,6 +1,7 @@
 //! Model definitions (graphs of ops over stored weights) and the three
 //! reference models.
 
+pub mod cpu;
 pub mod graph;
 pub mod reference;
 pub mod weights;

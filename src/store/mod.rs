@@ -311,6 +311,15 @@ impl Store {
         Ok(unsafe { self.seg.ptr().add(model.segment_offset as usize) })
     }
 
+    /// The address at which kernels read `model`'s bytes straight from this
+    /// store's pinned pages over PCIe (needs [`Store::pin`] first).
+    pub fn mapped_model_ptr(&self, model: &Model) -> Result<crate::cuda::CUdeviceptr> {
+        let host = self.host_ptr(model)?;
+        let pinned = lock(&self.pinned);
+        let reg = pinned.as_ref().ok_or_else(|| Error::InvalidState(format!("store {:?} is not pinned", self.name)))?;
+        reg.device_ptr(host as usize - self.seg.ptr() as usize)
+    }
+
     /// Copies `bytes` of `model`'s data from `offset` to `dst`.
     pub(crate) fn read_model_bytes(&self, model: &Model, offset: u64, dst: *mut u8, bytes: usize) -> Result<()> {
         if offset.checked_add(bytes as u64).is_none_or(|e| e > model.bytes) {
