@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repository root, with .gpu/ built by
-# scripts/build-gpu-bundle.sh: every test (GPU ones included), the C example,
-# compute-sanitizer memcheck, and the transfer benchmark. Logs go to $OUT.
+# scripts/build-gpu-bundle.sh: every test (GPU ones included), the C examples,
+# compute-sanitizer memcheck, the demo and the benchmarks. Logs go to $OUT.
+# Env: SANITIZE=0 / BENCH=0 / DEMO=0 / GEMM=0 skip parts; REPS (transfer),
+# DEMO_REPS (demo).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PIPESWITCH_ROOT=$PWD
@@ -23,6 +25,18 @@ if [ "${SANITIZE:-1}" = 1 ]; then
   compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/deps/gpu --ignored --test-threads=1 \
     --skip ipc --skip worker --skip dies --skip error_paths >"$OUT/memcheck.log" 2>&1
   echo "memcheck rc=$?" | tee -a "$log"; tail -n 5 "$OUT/memcheck.log" | tee -a "$log"
+  echo "=== compute-sanitizer memcheck: worker (every kernel through the small models)" | tee -a "$log"
+  compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/deps/worker_gpu --ignored --test-threads=1 \
+    --skip full_size >"$OUT/memcheck-worker.log" 2>&1
+  echo "memcheck rc=$?" | tee -a "$log"; tail -n 5 "$OUT/memcheck-worker.log" | tee -a "$log"
+fi
+if [ "${DEMO:-1}" = 1 ]; then
+  echo "=== pipeswitch demo" | tee -a "$log"
+  .gpu/pipeswitch demo --reps "${DEMO_REPS:-20}" --out-dir "$OUT" 2>&1 | tee -a "$log" || fail=1
+fi
+if [ "${GEMM:-1}" = 1 ]; then
+  echo "=== bench gemm (ours vs cuBLAS through PyTorch)" | tee -a "$log"
+  OUT="$OUT" TILES=0 bash bench/gemm.sh 2>&1 | tail -n 30 | tee -a "$log" || fail=1
 fi
 if [ "${BENCH:-1}" = 1 ]; then
   echo "=== bench transfer" | tee -a "$log"

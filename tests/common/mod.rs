@@ -14,7 +14,10 @@ static SHM_DIR: OnceLock<PathBuf> = OnceLock::new();
 /// with `_exit`).
 pub fn shm_dir() -> &'static Path {
     SHM_DIR.get_or_init(|| {
-        let path = tempfile::tempdir().expect("tempdir").keep();
+        // tmpfs when there is one: stores there can be page-locked (GPU tests).
+        let shm = Path::new("/dev/shm");
+        let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() };
+        let path = dir.expect("tempdir").keep();
         std::env::set_var(DIR_ENV, &path);
         // SAFETY: registers a function that only removes the directory.
         unsafe { libc::atexit(remove_shm_dir) };
