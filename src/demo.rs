@@ -73,6 +73,8 @@ pub struct VariantReport {
     pub variant: String,
     pub groups: usize,
     pub ms: Stats,
+    /// Every measured latency, in the order measured.
+    pub samples_ms: Vec<f64>,
     /// The output equals the ready model's output, bit for bit.
     pub output_matches_ready: bool,
 }
@@ -415,6 +417,7 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoReport> 
                     _ => e.per_layer.len(),
                 },
                 ms: Stats::of(&times[mi][v]),
+                samples_ms: times[mi][v].clone(),
                 output_matches_ready: matches[mi][v],
             })
             .collect();

@@ -1,0 +1,24 @@
+//! The command-line tool as a user meets it on a machine without a GPU.
+
+use std::process::Command;
+
+#[test]
+fn demo_without_a_gpu_says_so_in_one_line_and_fails() {
+    if pipeswitch::cuda::driver_available() {
+        eprintln!("a CUDA driver is present: the demo would run; skipped");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_pipeswitch")).arg("demo").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("no CUDA driver") && err.contains("GPU"), "{err}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn demo_rejects_bad_arguments_before_touching_the_gpu() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pipeswitch")).args(["demo", "--reps", "many"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--reps"));
+}
