@@ -647,6 +647,14 @@ ps_status ps_switch_tensor_ptr_by_name(const struct ps_switch *switch_,
                                        uint64_t *ptr_out);
 
 /**
+ * The address at which kernels can read the last switch's model straight
+ * from the store's pinned pages over PCIe (tensor `i` is at this address
+ * plus its offset): e.g. the few rows of an embedding table that has not
+ * arrived yet. Valid while the store stays open.
+ */
+ps_status ps_switch_host_model_ptr(const struct ps_switch *switch_, uint64_t *ptr_out);
+
+/**
  * Blocks until the whole model has arrived.
  */
 ps_status ps_switch_synchronize(const struct ps_switch *switch_);

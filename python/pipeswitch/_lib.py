@@ -267,6 +267,7 @@ SIGNATURES = {
     "ps_switch_group_ready": (STATUS, [_switch_p, c_size_t, _i32_p]),
     "ps_switch_tensor_ptr": (STATUS, [_switch_p, c_size_t, _u64_p]),
     "ps_switch_tensor_ptr_by_name": (STATUS, [_switch_p, c_char_p, _u64_p]),
+    "ps_switch_host_model_ptr": (STATUS, [_switch_p, _u64_p]),
     "ps_switch_synchronize": (STATUS, [_switch_p]),
     "ps_switch_elapsed_ms": (STATUS, [_switch_p, _f64_p]),
     "ps_switch_copy_stream": (STATUS, [_switch_p, _P(c_void_p)]),

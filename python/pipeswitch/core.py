@@ -720,6 +720,15 @@ class Switch:
         _c.lib().ps_switch_group_ready(self._handle(), int(group), byref(out))
         return bool(out.value)
 
+    def host_model_ptr(self) -> int:
+        """Address at which kernels read the last switch's model straight
+        from the store's pinned pages over PCIe (a tensor is at this address
+        plus its offset): for the few rows of an embedding table that has
+        not arrived yet."""
+        out = c_uint64()
+        _c.lib().ps_switch_host_model_ptr(self._handle(), byref(out))
+        return out.value
+
     def tensor_ptr(self, tensor) -> int:
         """Device address of a tensor of the last switch's model, by index
         (model order) or by name."""

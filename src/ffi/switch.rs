@@ -154,6 +154,19 @@ pub extern "C" fn ps_switch_tensor_ptr_by_name(
     })
 }
 
+/// The address at which kernels can read the last switch's model straight
+/// from the store's pinned pages over PCIe (tensor `i` is at this address
+/// plus its offset): e.g. the few rows of an embedding table that has not
+/// arrived yet. Valid while the store stays open.
+#[no_mangle]
+pub extern "C" fn ps_switch_host_model_ptr(switch: *const ps_switch, ptr_out: *mut u64) -> ps_status {
+    boundary("ps_switch_host_model_ptr", || {
+        let o = out(ptr_out, "ptr_out")?;
+        o.write(sw(switch)?.host_model_base()?);
+        Ok(())
+    })
+}
+
 /// Blocks until the whole model has arrived.
 #[no_mangle]
 pub extern "C" fn ps_switch_synchronize(switch: *const ps_switch) -> ps_status {
