@@ -11,3 +11,5 @@ if [ -d python/tests ]; then
   cargo build --release --lib
   PIPESWITCH_LIB="$PWD/target/release/libpipeswitch.so" python3 -m pytest python/tests -q
 fi
+# The experiments' figure and bookkeeping code (standard library only).
+python3 -m pytest bench/paper -q
