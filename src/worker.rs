@@ -270,10 +270,13 @@ fn act_kind(a: Act) -> gemm::Activation {
 impl Worker {
     /// A worker running models that are switched into `arena`. Its
     /// activations come from a region of the arena (when this process owns
-    /// it) or from the arena's workspace attached to this process.
+    /// it) or from the arena's workspace attached to this process. Loads
+    /// every kernel module now (JIT, once per process), so that no switch
+    /// ever waits for a compilation.
     pub fn new(arena: &Arc<Arena>) -> Result<Worker> {
         let device = arena.device();
         device.bind()?;
+        crate::kernels::preload(device)?;
         Ok(Worker {
             device,
             stream: Stream::new(device)?,
