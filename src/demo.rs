@@ -67,7 +67,8 @@ impl Default for DemoOptions {
 }
 
 /// One variant of one model: total latency of switch + first inference
-/// (host wall time from the switch request to the output on the GPU).
+/// (host wall time from the switch request until the output is ready on
+/// the GPU and every byte of the model has arrived).
 #[derive(Debug, Clone, Serialize)]
 pub struct VariantReport {
     pub variant: String,
@@ -186,21 +187,25 @@ struct Plans {
 }
 
 /// Plans `m` from its stored profile. Only the first `needed` layers are
-/// waited for by a run: the planner's makespan covers them; the layers
-/// after them travel last, in a group of their own.
+/// waited for by a run: the planner optimises them; the layers after them
+/// (token tables) travel last, in a group of their own. A switch is over
+/// when both its run and its copies are: the predicted time is the larger
+/// of the planner's makespan and the last copy's end.
 fn plans(m: &crate::store::Model, needed: usize, peak_gbps: f64, a: f64, b: f64) -> Result<Plans> {
     let t = layer_transfer_ms(m, peak_gbps)?;
     let x: Vec<f64> = m.layers.iter().map(|l| l.exec_ms).collect();
     let needed = needed.clamp(1, t.len());
+    let copies_end = |groups: usize| t.iter().sum::<f64>() + a * groups as f64;
     let best = planner::plan_groups(&t[..needed], &x[..needed], a, b)?;
     let mut optimal = best.group_starts;
     if needed < t.len() {
         optimal.push(needed);
     }
+    let per_layer = planner::makespan(&t[..needed], &x[..needed], a, b, &planner::per_layer_plan(needed))?;
     Ok(Plans {
+        predicted_optimal_ms: best.makespan_ms.max(copies_end(optimal.len())),
         optimal,
-        predicted_optimal_ms: best.makespan_ms,
-        predicted_per_layer_ms: planner::makespan(&t[..needed], &x[..needed], a, b, &planner::per_layer_plan(needed))?,
+        predicted_per_layer_ms: per_layer.max(copies_end(t.len())),
         predicted_single_group_ms: planner::makespan(&t, &x, a, b, &[0])?,
     })
 }
@@ -348,7 +353,10 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoReport> 
                     _ => switch.start(&store, &name, &arena, region, &e.per_layer)?,
                 }
                 worker.run(&e.program, &switch, RunOptions::default())?;
+                // Done when the output is ready and the whole model has
+                // arrived (token tables may still be in flight after the run).
                 worker.synchronize()?;
+                switch.synchronize()?;
                 let ms = t0.elapsed().as_secs_f64() * 1e3;
                 // The first round warms up; its outputs are checked.
                 if rep == 0 {

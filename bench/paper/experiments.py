@@ -127,11 +127,13 @@ VARIANTS = [
     ("pinned_py", "memory", "pinned (Python copies)",
      "The optimal plan's groups copied by a Python thread with torch copy_(non_blocking=True) from a "
      "pinned host buffer (cudaHostAlloc) into the same arena region, one event per group, the forward's "
-     "group pre-hooks waiting for each event: the control for pageable_py."),
+     "group pre-hooks waiting for each event (token tables, copied last, read from that pinned buffer "
+     "until their group arrives, as the Worker reads its store): the control for pageable_py."),
     ("pageable_py", "memory", "pageable (Python copies)",
      "As pinned_py from an ordinary (pageable) host buffer holding the same bytes. libpipeswitch always "
      "page-locks its store (no pageable mode), so this is the 'no pinned memory' ablation: the driver "
-     "stages each copy through its own pinned buffer and the issuing thread blocks until each is staged."),
+     "stages each copy through its own pinned buffer and the issuing thread blocks until each is staged; "
+     "the GPU cannot read pageable memory, so the token tables' lookups wait for their group."),
 ]
 VARIANT_KEYS = [v[0] for v in VARIANTS]
 VARIANT_LABELS = {v[0]: v[2] for v in VARIANTS}
@@ -540,12 +542,21 @@ class PyPipelined:
     arena region, issued by a helper thread on a side stream with one event
     per group; a forward pre-hook on each group's first module waits (on
     the host) until that group's copy has been issued, then makes the
-    compute stream wait for its event (on the GPU)."""
+    compute stream wait for its event (on the GPU).
+
+    Token tables stored last (``pipeswitch.torch.table_layers``) are treated
+    as the Worker treats them: no group waits for them; while a table's group
+    has not arrived, its lookups read the host buffer directly when that is
+    pinned (device-mapped), and wait for the group when it is pageable (the
+    GPU cannot read pageable memory)."""
 
     def __init__(self, skel, info, plan, region_ptr, device):
+        import bisect
         import queue
 
         import torch
+
+        from pipeswitch.torch import table_layers
 
         self.torch = torch
         self.device = device
@@ -561,9 +572,29 @@ class PyPipelined:
         self.active = False
         self.error = None
         self.hooks = []
+        tables = table_layers(info, skel)
+        n_waited = len(info.layers) - len(tables)
         for g, first_layer in enumerate(plan):
+            if first_layer >= n_waited:
+                continue  # tables only
             mod = owner_module(skel, info.layers[first_layer].tensors[0])
             self.hooks.append(mod.register_forward_pre_hook(self._hook(g)))
+        self.host = None
+        self.host_views = {}  # host data_ptr -> {table layer: [views]}
+        self.tables = []
+        for i in tables:
+            layer = info.layers[i]
+            mod = owner_module(skel, layer.tensors[0])
+            own = []
+            for name in layer.tensors:
+                attr = name.rsplit(".", 1)[1]
+                is_param = attr in mod._parameters
+                t = (mod._parameters if is_param else mod._buffers)[attr]
+                own.append((attr, is_param, t.dtype, info.tensor(name)))
+            self.tables.append((i, own))
+            pre, post = self._table_hooks(i, own, bisect.bisect_right(plan, i) - 1)
+            self.hooks.append(mod.register_forward_pre_hook(pre))
+            self.hooks.append(mod.register_forward_hook(post, always_call=True))
         self.queue = queue.Queue()
         self.thread = threading.Thread(target=self._copier, daemon=True)
         self.thread.start()
@@ -578,6 +609,57 @@ class PyPipelined:
                 raise RuntimeError("copy thread failed: %s" % self.error)
             self.torch.cuda.current_stream(self.device).wait_event(self.events[g])
         return hook
+
+    def _table_hooks(self, layer, own, g):
+        saved = []
+        wait = self._hook(g)
+
+        def pre(mod, args):
+            if not self.active or (self.flags[g].is_set() and self.events[g].query()):
+                return  # in the arena
+            views = self._views().get(layer)
+            if views is None:  # pageable: the GPU cannot read it
+                wait(mod, args)
+                return
+            for (attr, is_param, _, _), v in zip(own, views):
+                d = mod._parameters if is_param else mod._buffers
+                saved.append((d, attr, d[attr]))
+                d[attr] = v
+
+        def post(mod, args, out):
+            while saved:
+                d, attr, t = saved.pop()
+                d[attr] = t
+
+        return pre, post
+
+    def _views(self):
+        """{table layer: [tensors viewing the pinned host buffer]} ({} when
+        the host buffer is pageable), made once per buffer."""
+        torch, host = self.torch, self.host
+        if host is None:
+            return {}
+        views = self.host_views.get(host.data_ptr())
+        if views is None and not host.is_pinned():
+            views = self.host_views[host.data_ptr()] = {}
+        if views is None:
+            views = {}
+            try:
+                for layer, own in self.tables:
+                    vs = []
+                    for attr, is_param, dtype, ti in own:
+                        ptr = host.data_ptr() + ti.offset
+                        raw = torch.as_tensor(CudaMemory(ptr, ti.bytes), device=self.device)
+                        if raw.data_ptr() != ptr or raw.device != self.device:
+                            raise RuntimeError("PyTorch mapped %#x on %s" % (raw.data_ptr(), raw.device))
+                        v = raw.view(dtype).view(ti.shape)
+                        vs.append(torch.nn.Parameter(v, requires_grad=False) if is_param else v)
+                    views[layer] = vs
+            except (RuntimeError, TypeError, ValueError) as e:
+                log("pinned host buffer not mappable (%s): tables wait for their group" % _err(e))
+                views = {}
+            self.host_views[host.data_ptr()] = views
+        return views
 
     def _copier(self):
         torch = self.torch
@@ -606,6 +688,7 @@ class PyPipelined:
         for f in self.flags:
             f.clear()
         self.error = None
+        self.host = host
         self.active = True
         self.queue.put(host)
 
@@ -1313,7 +1396,9 @@ class Experiment:
             info = self.info[m]
             names = [layer.name for layer in info.layers]
             try:
-                opt, makespan = ps.plan_model(self.store, m, bw, a, 0.01)
+                # The token tables, stored last (register_module's tables_last), travel as one
+                # last group that the forward never waits for: planned without them.
+                opt, makespan = pst.plan_module(self.store, m, self.gpu[m], bw, a, 0.01)
             except Exception as e:  # noqa: BLE001
                 self.drop_model(m, "plan", e)
                 continue

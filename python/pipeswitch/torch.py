@@ -25,16 +25,55 @@ owns it (its layer) has been entered, in every forward. Modules that read
 other modules' weights directly (e.g. a parent using ``child.weight``
 without calling ``child`` first) break that and need the whole model in one
 group (``plan=[0]``).
+
+Token tables. A transformer's first layer is its token embedding (BERT-base
+94 MB, GPT-2 medium 206 MB): in execution order its whole group would have
+to cross PCIe before the first kernel runs. So :func:`register_module`
+(``tables_last=True``, the default) stores *tables* after every other layer
+(in their execution order among themselves), and the :class:`Worker` lets a
+table's lookup read the few rows it needs straight from the store's pinned
+host pages (``Switch.host_model_ptr``, mapped into the GPU's address space)
+while the table's group is still on its way (direct host access, as in
+DeepPlan); the forward never waits for a table's group. A *table* is a layer
+whose module is a ``torch.nn.Embedding`` (subclasses included; nothing else,
+e.g. not ``EmbeddingBag`` or a ``Linear``) that
+
+- owns its tensors itself (none tied to an earlier layer) and shares none of
+  them with any other module: a table tied to a later module (GPT-2's
+  ``lm_head.weight``) is read whole by that module, not through lookups, so
+  it stays where it is, in execution order;
+- has ``max_norm`` None (``max_norm`` renormalises rows in place, which must
+  not write to the store);
+- has a weight of at least :data:`TABLE_MIN_BYTES` (smaller ones are not
+  worth it).
+
+A model of nothing but tables keeps its order. The :class:`Worker` treats
+the tables at the *end* of the stored layer order (never layer 0) as moved
+(:func:`table_layers`, checked against the module it attaches); tables
+elsewhere (``tables_last=False``) are ordinary layers. Layer times measured
+at registration stay with their layers. Plans: the moved tables travel as
+one last group that no forward waits for, after the optimal plan of the
+layers before them (:func:`plan_module`, :meth:`Worker.plan`); a hand-made
+plan may put them in any group (a group's wait then goes on its first layer
+that is not a table). Contract: a moved table's tensors are read only
+inside calls of its own module (no module reads ``table.weight`` directly,
+which the tie rule above ensures for parameters shared with other modules).
+The lookups' reads over PCIe share the link with the
+copies still running; they are a few rows per token (e.g. 8 x 128 rows of
+3 KiB for BERT-base at batch 8).
 """
 
+import bisect
 import copy
+import math
 import statistics
 import warnings
 
-from .core import Store, Switch, dtype_code, measure_h2d, plan_model
+from .core import Store, Switch, dtype_code, measure_h2d, plan_groups, plan_model
 from .core import pluggable_allocator_args, workspace_attach, workspace_detach
+from .errors import PipeSwitchError
 
-__all__ = ["register_module", "execution_order", "measure_layer_ms", "Worker"]
+__all__ = ["register_module", "execution_order", "measure_layer_ms", "table_layers", "plan_module", "Worker"]
 
 #: Name of the layer of the root module (when the root owns tensors itself).
 ROOT_LAYER = "(root)"
@@ -42,6 +81,10 @@ ROOT_LAYER = "(root)"
 #: Smallest workspace :meth:`Worker.install_allocator` accepts without a
 #: warning: PyTorch's cuBLAS workspace (32 MiB on Hopper) plus room to work.
 MIN_WORKSPACE_BYTES = 64 << 20
+
+#: Smallest weight (bytes) of an ``nn.Embedding`` that :func:`register_module`
+#: moves to the end of the stored order (see "Token tables" above).
+TABLE_MIN_BYTES = 1 << 20
 
 
 # ---------------------------------------------------------------------------
@@ -195,6 +238,90 @@ def _layers(module, order):
     return layers
 
 
+def _tie_counts(module):
+    """How many tensor slots of ``module`` hold each tensor (by :func:`_tie_key`)."""
+    counts = {}
+    for _, _, _, t, _ in _slots(module):
+        k = _tie_key(t)
+        counts[k] = counts.get(k, 0) + 1
+    return counts
+
+
+def _is_table(mod, mname, layer_tensors, weight_bytes, counts):
+    """Whether the layer of module ``mod`` (qualified name ``mname``, stored
+    tensor names ``layer_tensors``) is a token table (see the module doc)."""
+    import torch
+
+    if not mname or not isinstance(mod, torch.nn.Embedding) or getattr(mod, "max_norm", None) is not None:
+        return False
+    own = _owned(mod)
+    if [mname + "." + attr for attr, _, _ in own] != list(layer_tensors):
+        return False  # some tensor of it is tied to an earlier layer
+    if any(counts.get(_tie_key(t), 0) > 1 for _, t, _ in own):
+        return False  # shared with another module (e.g. a tied LM head)
+    return weight_bytes >= TABLE_MIN_BYTES
+
+
+def _tables_last(module, layers):
+    """``layers`` (from :func:`_layers`) with the token tables moved to the
+    end, each group in its original relative order."""
+    import torch
+
+    modules = dict(module.named_modules())
+    counts = _tie_counts(module)
+    rest, tables = [], []
+    for layer in layers:
+        _, mname, tensors = layer
+        mod = modules[mname]
+        w = mod._parameters.get("weight") if isinstance(mod, torch.nn.Embedding) else None
+        table = w is not None and _is_table(mod, mname, [full for full, _ in tensors],
+                                            w.numel() * w.element_size(), counts)
+        (tables if table else rest).append(layer)
+    if not rest:
+        return layers  # nothing but tables: keep the execution order
+    return rest + tables
+
+
+def table_layers(info, module):
+    """Indices of the stored layers of ``info`` (a :class:`~pipeswitch.ModelInfo`)
+    that are token tables moved to the end by :func:`register_module`: the
+    longest run of tables (see the module doc) at the end of the stored
+    order, checked against ``module`` (the registered module, or a skeleton
+    of it, e.g. on the ``meta`` device). Never includes layer 0; empty if
+    there are none (``tables_last=False``, or no table)."""
+    modules = dict(module.named_modules())
+    counts = _tie_counts(module)
+    stored = {t.name: t for t in info.tensors}
+    first = len(info.layers)
+    for i in range(len(info.layers) - 1, 0, -1):
+        layer = info.layers[i]
+        mname = "" if layer.name == ROOT_LAYER else layer.name
+        mod = modules.get(mname)
+        w = stored.get(mname + ".weight")
+        if mod is None or w is None or not _is_table(mod, mname, layer.tensors, w.bytes, counts):
+            break
+        first = i
+    return list(range(first, len(info.layers)))
+
+
+def plan_module(store, name, module, bandwidth_gbps, a=0.0, b=0.0):
+    """The optimal plan of model ``name`` as registered from ``module`` (or a
+    skeleton of it): :func:`pipeswitch.plan_model` when it has no moved token
+    tables (:func:`table_layers`); else the optimal plan of the layers a
+    forward waits for (those before the tables), with the tables appended as
+    one last group. Returns (group starts, makespan ms of the layers planned).
+    Needs the per-layer times (:class:`~pipeswitch.StateError` otherwise)."""
+    info = store.model_info(name)
+    tables = table_layers(info, module)
+    bw = float(bandwidth_gbps)
+    if not tables or not info.measured or not (math.isfinite(bw) and bw > 0):
+        return plan_model(store, name, bw, a, b)  # (raises for missing times or a bad bandwidth)
+    needed = tables[0]
+    transfer = [layer.bytes / (bw * 1e6) for layer in info.layers[:needed]]
+    starts, makespan = plan_groups(transfer, info.exec_ms[:needed], a, b)
+    return starts + [needed], makespan
+
+
 def measure_layer_ms(module, layer_modules, example_inputs, device=None, warmup=2, runs=5):
     """Per-layer execution times in ms on CUDA ``device`` (median of ``runs``
     forward passes after ``warmup``), timed with CUDA events recorded in
@@ -253,7 +380,7 @@ def measure_layer_ms(module, layer_modules, example_inputs, device=None, warmup=
     return [statistics.median(s) for s in samples]
 
 
-def register_module(store, name, module, example_inputs, device=None, measure=True):
+def register_module(store, name, module, example_inputs, device=None, measure=True, tables_last=True):
     """Adds ``module`` to ``store`` as model ``name`` and returns its
     :class:`~pipeswitch.ModelInfo`.
 
@@ -268,6 +395,13 @@ def register_module(store, name, module, example_inputs, device=None, measure=Tr
     (default: the current CUDA device) to measure per-layer execution times
     (:func:`measure_layer_ms`), which are stored with the model for
     :func:`pipeswitch.plan_model`. The caller's module is left as it was.
+
+    ``tables_last``: store the token tables (``nn.Embedding`` layers of at
+    least :data:`TABLE_MIN_BYTES`, not tied to another module; see the module
+    doc) after every other layer, so that a switch copies them last and a
+    :class:`Worker` reads their rows from the host while they travel. False
+    keeps the execution order for every layer. Plan such a model with
+    :func:`plan_module` (or :meth:`Worker.plan`), not :func:`plan_model`.
     """
     import torch
 
@@ -275,6 +409,8 @@ def register_module(store, name, module, example_inputs, device=None, measure=Tr
     layers = _layers(module, order)
     if not layers:
         raise ValueError("module %s owns no parameters or buffers" % type(module).__name__)
+    if tables_last:
+        layers = _tables_last(module, layers)
     spec = []
     keep = []
     for lname, _, tensors in layers:
@@ -313,9 +449,10 @@ class _CudaMemory:
         }
 
 
-def _arena_tensor(ptr, tinfo, device):
+def _arena_tensor(ptr, tinfo, device, what="arena"):
     """A tensor of ``tinfo``'s dtype and shape that views the device memory at
-    ``ptr`` (no copy). Raises if PyTorch did not map that very address."""
+    ``ptr`` (no copy; also device-mapped pinned host memory). Raises if
+    PyTorch did not map that very address."""
     import torch
 
     dt = _torch_dtype(tinfo.dtype)
@@ -325,13 +462,13 @@ def _arena_tensor(ptr, tinfo, device):
         with torch.cuda.device(device):
             raw = torch.as_tensor(_CudaMemory(ptr, tinfo.bytes), device=device)
     except (RuntimeError, TypeError, ValueError) as e:
-        raise RuntimeError("tensor %r: PyTorch could not map arena memory through "
-                           "__cuda_array_interface__ (it needs numpy for that): %s" % (tinfo.name, e)) from e
+        raise RuntimeError("tensor %r: PyTorch could not map %s memory through "
+                           "__cuda_array_interface__ (it needs numpy for that): %s" % (tinfo.name, what, e)) from e
     t = raw.view(dt).view(tinfo.shape)
     if t.data_ptr() != ptr or t.device != device:
         raise RuntimeError(
-            "tensor %r: PyTorch mapped %#x on %s, not the arena address %#x on %s"
-            % (tinfo.name, t.data_ptr(), t.device, ptr, device))
+            "tensor %r: PyTorch mapped %#x on %s, not the %s address %#x on %s"
+            % (tinfo.name, t.data_ptr(), t.device, what, ptr, device))
     return t
 
 
@@ -347,6 +484,10 @@ class _Attached:
         self.plan = plan
         self.hooks = []
         self.resident = False  # its bytes are in its region (no later copy overwrote them)
+        self.tables = []  # stored layer indices of its moved token tables (table_layers)
+        self.waited = {}  # stream handle -> highest group it was made to wait for since the switch
+        self.host_views = {}  # table layer -> (host_model_ptr, [tensor viewing the pinned store])
+        self.host_error = None  # why host views could not be made (then tables wait for their group)
 
     def overlaps(self, other):
         return self.offset < other.offset + other.info.bytes and other.offset < self.offset + self.info.bytes
@@ -448,13 +589,25 @@ class Worker:
                 self.group_transfer_overhead_ms = a
         return self.bandwidth_gbps, self.group_transfer_overhead_ms
 
-    def plan(self, model_name):
-        """The plan :meth:`attach` uses by default: optimal (:func:`plan_model`)
-        if the model has measured layer times, else one group ``[0]``."""
-        if not self.store.model_info(model_name).measured:
-            return [0]
+    def plan(self, model_name, module=None):
+        """The plan :meth:`attach` uses by default: optimal if the model has
+        measured layer times, else one group ``[0]``; either way, moved token
+        tables (:func:`table_layers`, checked against ``module``: default the
+        attached module of ``model_name``) travel as one last group of their
+        own, after the plan of the layers a forward waits for
+        (:func:`plan_module`; ``[0, first table]`` without times). Without a
+        module: :func:`pipeswitch.plan_model` of all layers."""
+        info = self.store.model_info(model_name)
+        if module is None and model_name in self._models:
+            module = self._models[model_name].module
+        tables = table_layers(info, module) if module is not None else []
+        if not info.measured:
+            return [0, tables[0]] if tables else [0]
         bw, a = self._link()
-        starts, _ = plan_model(self.store, model_name, bw, a, self.group_exec_overhead_ms)
+        if module is None:
+            starts, _ = plan_model(self.store, model_name, bw, a, self.group_exec_overhead_ms)
+        else:
+            starts, _ = plan_module(self.store, model_name, module, bw, a, self.group_exec_overhead_ms)
         return starts
 
     def attach(self, module, model_name, region_offset=None, plan=None):
@@ -467,8 +620,20 @@ class Worker:
         ``region_offset``: a region of at least the model's bytes from
         :meth:`Arena.alloc` (by the arena's owner); None allocates one (this
         worker's arena must then be the owner). ``plan``: the group starts
-        (default :meth:`plan`). A forward pre-hook on the first module of each
-        group makes the current stream wait (on the GPU) for that group.
+        (default :meth:`plan`), stored layer indices. A forward pre-hook on
+        the first module of each group makes the current stream wait (on the
+        GPU) for that group.
+
+        Moved token tables (:func:`table_layers`) get no wait: they are
+        skipped when picking a group's first module (so a group of tables
+        only is never waited for), and a pre-hook on each table's module
+        points its tensors at the store's pinned host pages for the call
+        (:meth:`Switch.host_model_ptr` + offset; a forward hook points them
+        back at the arena) while the table's group has not arrived
+        (:meth:`Switch.group_ready`) and the current stream has not already
+        waited for it; the values are the same bytes either way. If PyTorch
+        cannot map the host pages, a table waits for its group instead (with
+        a warning).
 
         The views are valid once :meth:`switch_to` has started this model
         and while no other model's switch overwrites the region; running the
@@ -484,7 +649,7 @@ class Worker:
             if region_offset < 0 or region_offset + info.bytes > arena_size:
                 raise ValueError("region [%d, +%d) lies outside the arena of %d bytes"
                                  % (region_offset, info.bytes, arena_size))
-            plan = list(self.plan(model_name) if plan is None else plan)
+            plan = list(self.plan(model_name, module) if plan is None else plan)
             entry = _Attached(model_name, module, info, region_offset, owns, plan)
             self._bind(entry)
         except BaseException:
@@ -545,18 +710,39 @@ class Worker:
         if unused:
             warnings.warn("model %r stores tensors the module does not have: %s"
                           % (info.name, ", ".join(unused)))
+        # Group waits: on the module owning the first tensor of each group's
+        # first layer that is not a moved table (the tables come last in the
+        # stored order but are entered first; a group of tables only has none).
+        tables = table_layers(info, module)
         owners = []
         for g, first_layer in enumerate(plan):
-            first = info.layers[first_layer].tensors[0]
+            end = plan[g + 1] if g + 1 < len(plan) else len(info.layers)
+            waited = [i for i in range(first_layer, end) if i < len(info.layers) - len(tables)]
+            if not waited:
+                continue
+            first = info.layers[waited[0]].tensors[0]
             if first not in owner_of:
                 raise ValueError("group %d starts with tensor %r, which the module does not have" % (g, first))
-            owners.append(owner_of[first])
+            owners.append((g, owner_of[first]))
+        table_hooks = []
+        for i in tables:
+            layer = info.layers[i]
+            mod = owner_of[layer.tensors[0]]
+            own = [(attr, is_param, stored[layer.name + "." + attr]) for attr, _, is_param in _owned(mod)]
+            table_hooks.append((i, mod, own, bisect.bisect_right(plan, i) - 1))
         for m, attr, is_param, new in assign:
             (m._parameters if is_param else m._buffers)[attr] = new
+        entry.tables = tables
 
-        # One pre-hook per group, on the module owning its first layer's first tensor.
-        for g, first_layer in enumerate(entry.plan):
-            entry.hooks.append(owners[g].register_forward_pre_hook(self._group_hook(entry, g)))
+        for g, owner in owners:
+            entry.hooks.append(owner.register_forward_pre_hook(self._group_hook(entry, g)))
+        for i, mod, own, g in table_hooks:
+            pre, post = self._table_hooks(entry, i, own, g)
+            entry.hooks.append(mod.register_forward_pre_hook(pre))
+            try:
+                entry.hooks.append(mod.register_forward_hook(post, always_call=True))
+            except TypeError:  # PyTorch < 2.0: no always_call
+                entry.hooks.append(mod.register_forward_hook(post))
 
     def _group_hook(self, entry, group):
         import torch
@@ -565,11 +751,79 @@ class Worker:
 
         def hook(mod, args):
             if self._current is entry:
-                switch.wait_group(group, torch.cuda.current_stream(device).cuda_stream)
+                stream = torch.cuda.current_stream(device).cuda_stream
+                switch.wait_group(group, stream)
+                if entry.tables and entry.waited.get(stream, -1) < group:
+                    entry.waited[stream] = group  # groups arrive in order: all up to it
             elif not entry.resident:
                 raise RuntimeError("model %r is not loaded on %s: call worker.switch_to(%r) first"
                                    % (entry.name, device, entry.name))
         return hook
+
+    def _table_hooks(self, entry, layer, own, group):
+        """(pre-hook, forward hook) of a moved table: while its group is on
+        its way, the module's tensors ``own`` (``[(attr, is_param, TensorInfo)]``)
+        view the pinned store for the call."""
+        import torch
+
+        switch, device = self.switch, self.device
+        saved = []
+
+        def pre(mod, args):
+            if self._current is not entry:
+                if not entry.resident:
+                    raise RuntimeError("model %r is not loaded on %s: call worker.switch_to(%r) first"
+                                       % (entry.name, device, entry.name))
+                return  # complete in its region
+            stream = torch.cuda.current_stream(device).cuda_stream
+            if entry.waited.get(stream, -1) >= group or switch.group_ready(group):
+                return  # in the arena, in this stream's order
+            views = self._host_views(entry, layer, own)
+            if views is None:
+                switch.wait_group(group, stream)
+                entry.waited[stream] = max(group, entry.waited.get(stream, -1))
+                return
+            for (attr, is_param, _), v in zip(own, views):
+                d = mod._parameters if is_param else mod._buffers
+                saved.append((d, attr, d[attr]))
+                d[attr] = v
+
+        def post(mod, args, out):
+            while saved:
+                d, attr, t = saved.pop()
+                d[attr] = t
+
+        return pre, post
+
+    def _host_views(self, entry, layer, own):
+        """Tensors viewing table ``layer``'s bytes in the store's pinned pages
+        (cached per host address), or None if they cannot be made."""
+        import torch
+
+        try:
+            host = self.switch.host_model_ptr()
+        except PipeSwitchError as e:
+            host, error = None, str(e)
+        cached = entry.host_views.get(layer)
+        if cached is not None and cached[0] == host:
+            return cached[1]
+        if entry.host_error is not None:
+            return None
+        views = []
+        try:
+            if host is None:
+                raise RuntimeError(error)
+            with torch.inference_mode(False), torch.no_grad():
+                for attr, is_param, ti in own:
+                    v = _arena_tensor(host + ti.offset, ti, self.device, "pinned host")
+                    views.append(torch.nn.Parameter(v, requires_grad=False) if is_param else v)
+        except RuntimeError as e:
+            entry.host_error = str(e)
+            warnings.warn("model %r: token tables cannot be read from the host (%s); they wait for "
+                          "their layer group instead" % (entry.name, e))
+            return None
+        entry.host_views[layer] = (host, views)
+        return views
 
     def detach(self, model_name):
         """Forgets an attached model: removes its hooks and releases its region
@@ -622,6 +876,7 @@ class Worker:
                 other.resident = False
         self._current = None
         entry.resident = False
+        entry.waited = {}
         self.switch.start(self.store, model_name, self.arena, entry.offset, entry.plan)
         entry.resident = True
         self._current = entry

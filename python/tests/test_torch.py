@@ -13,7 +13,8 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 import pipeswitch as ps  # noqa: E402
-from pipeswitch.torch import ROOT_LAYER, Worker, execution_order, register_module  # noqa: E402
+from pipeswitch.torch import (ROOT_LAYER, TABLE_MIN_BYTES, Worker, execution_order, plan_module,  # noqa: E402
+                              register_module, table_layers)
 
 PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,14 +81,14 @@ def test_register_branching_model(store):
 
 
 class TiedLM(nn.Module):
-    def __init__(self):
+    def __init__(self, vocab=10, dim=6):
         super().__init__()
-        self.wte = nn.Embedding(10, 6)
-        self.block = nn.Linear(6, 6)
-        self.lm_head = nn.Linear(6, 10, bias=False)
+        self.wte = nn.Embedding(vocab, dim)
+        self.block = nn.Linear(dim, dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
-        self.proj = nn.Linear(6, 6)
-        self.proj2 = nn.Linear(6, 6)
+        self.proj = nn.Linear(dim, dim)
+        self.proj2 = nn.Linear(dim, dim)
         self.proj2.weight = self.proj.weight  # tied, but proj2 keeps its own bias
 
     def forward(self, ids):
@@ -118,6 +119,100 @@ def test_dtypes_and_non_contiguous(store):
     assert torch.equal(got, m.t)
     got = stored_tensor(store, "dt", info, "weight", m.weight.detach())
     assert torch.equal(got, m.weight)
+
+
+class TinyLM(nn.Module):
+    """Transformer-like: the root owns a buffer (entered first, as BERT's
+    embeddings module), a token table (vocab x dim fp32), a small position
+    table, then Linear / LayerNorm layers."""
+
+    def __init__(self, vocab=8192, dim=64, seq=16, depth=2, max_norm=None):
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, dim))
+        self.tok = nn.Embedding(vocab, dim, max_norm=max_norm)
+        self.pos = nn.Embedding(seq, dim)
+        self.fcs = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 8)
+
+    def forward(self, ids):
+        h = (self.tok(ids) + self.pos(torch.arange(ids.shape[-1], device=ids.device))) * self.scale
+        for fc in self.fcs:
+            h = torch.relu(fc(h)) + h
+        return self.head(self.norm(h))
+
+
+def tiny_ids(vocab=8192, seq=16, batch=4, seed=3):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+TINY_EXEC_ORDER = [ROOT_LAYER, "tok", "pos", "fcs.0", "fcs.1", "norm", "head"]
+
+
+def test_token_tables_are_stored_last(store):
+    torch.manual_seed(4)
+    m = TinyLM()
+    assert m.tok.weight.numel() * 4 >= TABLE_MIN_BYTES > m.pos.weight.numel() * 4
+    info = register_module(store, "lm", m, (tiny_ids(),), measure=False)
+    assert [layer.name for layer in info.layers] == [ROOT_LAYER, "pos", "fcs.0", "fcs.1", "norm", "head", "tok"]
+    assert info.layers[-1].tensors == ("tok.weight",)
+    assert info.tensor("tok.weight").offset >= info.tensor("head.bias").offset  # copied last
+    for name, v in m.state_dict().items():
+        assert torch.equal(stored_tensor(store, "lm", info, name, v), v), name
+    assert table_layers(info, m) == [6]
+    assert table_layers(info, on_meta(TinyLM)) == [6]  # a skeleton says the same
+
+    info = register_module(store, "lm-in-order", m, (tiny_ids(),), measure=False, tables_last=False)
+    assert [layer.name for layer in info.layers] == TINY_EXEC_ORDER
+    assert table_layers(info, m) == []
+
+
+def test_two_tables_keep_their_order_and_small_ones_stay(store):
+    m = TinyLM(seq=8192)  # the position table is a table too (2 MiB)
+    info = register_module(store, "two", m, (tiny_ids(seq=8),), measure=False)
+    assert [layer.name for layer in info.layers] == [ROOT_LAYER, "fcs.0", "fcs.1", "norm", "head", "tok", "pos"]
+    assert table_layers(info, on_meta(lambda: TinyLM(seq=8192))) == [5, 6]
+    small = TinyLM(vocab=100)
+    info = register_module(store, "small", small, (tiny_ids(vocab=100),), measure=False)
+    assert [layer.name for layer in info.layers] == TINY_EXEC_ORDER
+
+
+def test_tied_or_renormalised_tables_stay_in_place(store):
+    big = TiedLM(vocab=8192, dim=64)  # wte (2 MiB) is read whole by the tied lm_head
+    info = register_module(store, "tied-big", big, torch.tensor([[1, 2, 3]]), measure=False)
+    assert [layer.name for layer in info.layers] == ["wte", "block", "proj", "proj2"]
+    assert table_layers(info, on_meta(lambda: TiedLM(vocab=8192, dim=64))) == []
+    # max_norm renormalises rows in place: never read from the store.
+    info = register_module(store, "max-norm", TinyLM(max_norm=1.0), (tiny_ids(),), measure=False)
+    assert [layer.name for layer in info.layers] == TINY_EXEC_ORDER
+
+
+def test_plans_end_with_one_group_of_tables(store):
+    m = TinyLM()
+    info = register_module(store, "lm", m, (tiny_ids(),), measure=False)
+    n = len(info.layers)
+    bw, a, b = 2.0, 0.002, 0.001  # slow link: the optimum has several groups
+    # Not measured yet: the default plan is one group for the layers, one for the tables.
+    worker = Worker.__new__(Worker)  # Worker.plan's inputs, without a GPU
+    worker.store, worker._models = store, {}
+    worker.bandwidth_gbps, worker.group_transfer_overhead_ms, worker.group_exec_overhead_ms = bw, a, b
+    skel = on_meta(TinyLM)
+    assert worker.plan("lm", skel) == [0, n - 1]
+    exec_ms = [0.01, 0.05, 0.2, 0.2, 0.02, 0.05, 0.01]
+    store.set_layer_exec_ms("lm", exec_ms)
+    starts, makespan = plan_module(store, "lm", skel, bw, a, b)
+    transfer = [layer.bytes / (bw * 1e6) for layer in info.layers]
+    prefix, prefix_ms = ps.plan_groups(transfer[:n - 1], exec_ms[:n - 1], a, b)
+    assert starts == prefix + [n - 1] and len(starts) > 2
+    assert makespan == pytest.approx(prefix_ms)
+    # The whole-model optimum would count the table's 2 MiB before the last layer runs.
+    assert makespan < ps.plan_model(store, "lm", bw, a, b)[1]
+    assert worker.plan("lm", skel) == starts
+    # Without tables (or without a module) it is plan_model's plan.
+    info2 = register_module(store, "in-order", m, (tiny_ids(),), measure=False, tables_last=False)
+    store.set_layer_exec_ms("in-order", [0.01] * len(info2.layers))
+    assert plan_module(store, "in-order", skel, bw, a, b) == ps.plan_model(store, "in-order", bw, a, b)
+    assert worker.plan("lm") == ps.plan_model(store, "lm", bw, a, b)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -277,3 +372,159 @@ def test_install_allocator_in_a_fresh_process():
     env["PYTHONPATH"] = PKG_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+def big_lm():
+    return TinyLM(vocab=32768, dim=256, depth=4)  # a 32 MiB token table
+
+
+def table_spy(skel):
+    """Records the token table's address at each call (after the worker's
+    own pre-hook has run)."""
+    seen = []
+    skel.tok.register_forward_pre_hook(lambda mod, args: seen.append(mod.weight.data_ptr()))
+    return seen
+
+
+def switch_held_back(worker, name, cycles=50_000_000):
+    """switch_to with the copies held back on the GPU (~25 ms): they start
+    only after the current stream's work, so nothing has arrived when the
+    forward right after is enqueued. A first, plain switch (synchronized)
+    page-locks the store beforehand, outside the held-back one."""
+    if not getattr(worker, "_warmed", False):
+        worker.switch_to(name)
+        worker.synchronize()
+        worker._warmed = True
+    torch.cuda._sleep(cycles)
+    worker.switch_to(name)
+
+
+@gpu
+def test_token_table_is_read_from_the_host_while_in_flight(store):
+    torch.manual_seed(5)
+    ref_model = big_lm()
+    ids = tiny_ids(vocab=32768)
+    with torch.no_grad():
+        ref = ref_model(ids)
+    info = register_module(store, "lm", ref_model, (ids,), measure=False)
+    n = len(info.layers)
+    assert info.layers[-1].name == "tok"
+    arena = ps.Arena.create(0, info.bytes + (8 << 20), 4 << 20)
+    worker = Worker(0, arena=arena, store=store)
+    skel = worker.attach(on_meta(big_lm), "lm", plan=list(range(n)))  # the table: last of n groups
+    assert worker._models["lm"].tables == [n - 1]
+    tok = info.tensor("tok.weight")
+    arena_ptr = arena.base() + worker._models["lm"].offset + tok.offset
+    seen = table_spy(skel)
+    x = ids.cuda()
+    with torch.no_grad():
+        switch_held_back(worker, "lm")
+        assert not worker.switch.group_ready(n - 1)
+        y_switch = skel(x)
+        host_ptr = worker.switch.host_model_ptr() + tok.offset
+        assert skel.tok.weight.data_ptr() == arena_ptr  # given back after the call
+        assert isinstance(skel.tok.weight, nn.Parameter) and not skel.tok.weight.requires_grad
+        worker.synchronize()
+        assert worker.switch.group_ready(n - 1)
+        y_ready = skel(x)  # the same forward from the arena (the device path)
+    assert seen == [host_ptr, arena_ptr]
+    assert host_ptr != arena_ptr
+    assert torch.equal(y_switch, y_ready)
+    torch.testing.assert_close(y_ready.cpu(), ref, rtol=1e-4, atol=1e-4)
+
+    # Again under inference_mode, switching to the model that is loaded already.
+    with torch.inference_mode():
+        switch_held_back(worker, "lm")
+        y_inference = skel(x)
+        worker.synchronize()
+        y_inference_ready = skel(x)
+    assert seen[2:] == [host_ptr, arena_ptr]
+    assert torch.equal(y_inference, y_ready) and torch.equal(y_inference_ready, y_ready)
+    worker.close()
+    arena.close()
+
+
+@gpu
+def test_token_table_groups_default_plans_and_waited_groups(store):
+    torch.manual_seed(6)
+    ref_model = big_lm()
+    ids = tiny_ids(vocab=32768)
+    with torch.no_grad():
+        ref = ref_model(ids)
+    info = register_module(store, "lm", ref_model, (ids,), measure=False)
+    n = len(info.layers)
+    tok = info.tensor("tok.weight")
+    arena = ps.Arena.create(0, info.bytes + (8 << 20), 4 << 20)
+    worker = Worker(0, arena=arena, store=store)
+    x = ids.cuda()
+
+    # Default plan without times: the layers, then the table as a group of its own.
+    skel = worker.attach(on_meta(big_lm), "lm")
+    assert worker._models["lm"].plan == [0, n - 1]
+    seen = table_spy(skel)
+    with torch.no_grad():
+        switch_held_back(worker, "lm")
+        y = skel(x)
+        host_ptr = worker.switch.host_model_ptr() + tok.offset
+        worker.synchronize()
+        y_ready = skel(x)
+    arena_ptr = arena.base() + worker._models["lm"].offset + tok.offset
+    assert seen == [host_ptr, arena_ptr]
+    assert torch.equal(y, y_ready)
+    torch.testing.assert_close(y_ready.cpu(), ref, rtol=1e-4, atol=1e-4)
+    worker.detach("lm")
+
+    # One group: the root (entered first) makes the stream wait for the whole
+    # model, so the table then reads the arena although it has not arrived yet.
+    skel = worker.attach(on_meta(big_lm), "lm", plan=[0])
+    seen = table_spy(skel)
+    arena_ptr = arena.base() + worker._models["lm"].offset + tok.offset
+    with torch.no_grad():
+        switch_held_back(worker, "lm")
+        y_one = skel(x)
+        assert not worker.switch.group_ready(0)
+        worker.synchronize()
+    assert seen == [arena_ptr]
+    assert torch.equal(y_one, y_ready)
+    worker.detach("lm")
+
+    # Measured: the default plan is plan_module's, tables last.
+    info = register_module(store, "lm-measured", ref_model, (ids,), device="cuda:0")
+    assert info.measured
+    skel = worker.attach(on_meta(big_lm), "lm-measured")
+    plan = worker._models["lm-measured"].plan
+    assert plan[-1] == n - 1 and plan[:-1] == plan_module(
+        store, "lm-measured", skel, worker.bandwidth_gbps, worker.group_transfer_overhead_ms,
+        worker.group_exec_overhead_ms)[0][:-1]
+    with torch.no_grad():
+        worker.switch_to("lm-measured")
+        y_measured = skel(x)
+        worker.synchronize()
+    assert torch.equal(y_measured, y_ready)
+    worker.close()
+    arena.close()
+
+
+@gpu
+def test_tables_in_place_keep_the_group_waits(store):
+    """tables_last=False: the table is layer 0 and waits for group 0 as before."""
+    torch.manual_seed(7)
+    ref_model = big_lm()
+    ids = tiny_ids(vocab=32768)
+    with torch.no_grad():
+        ref = ref_model(ids)
+    info = register_module(store, "lm", ref_model, (ids,), measure=False, tables_last=False)
+    n = len(info.layers)
+    arena = ps.Arena.create(0, info.bytes + (8 << 20), 4 << 20)
+    worker = Worker(0, arena=arena, store=store)
+    skel = worker.attach(on_meta(big_lm), "lm", plan=list(range(n)))
+    assert worker._models["lm"].tables == []
+    seen = table_spy(skel)
+    with torch.no_grad():
+        switch_held_back(worker, "lm")
+        y = skel(ids.cuda())
+        worker.synchronize()
+    assert seen == [arena.base() + worker._models["lm"].offset + info.tensor("tok.weight").offset]
+    torch.testing.assert_close(y.cpu(), ref, rtol=1e-4, atol=1e-4)
+    worker.close()
+    arena.close()
