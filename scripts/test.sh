@@ -13,3 +13,5 @@ if [ -d python/tests ]; then
 fi
 # The experiments' figure and bookkeeping code (standard library only).
 python3 -m pytest bench/paper -q
+# kernels/gemm.ptx is expanded by its generator: the two must agree.
+python3 kernels/gen/gemm.py 2>/dev/null | cmp - kernels/gemm.ptx

@@ -742,8 +742,10 @@ fn measure_one(
             g
         })
         .collect();
-    let kernel = gemm::kernel_name(dtype, &args[0], sms);
-    let chosen = gemm::choose_tile(dtype, &args[0], sms);
+    // What gemm() runs: a wgmma kernel (Hopper, half types) or an mma.sync /
+    // FFMA tile; only the latter can be forced below.
+    let kernel = gemm::kernel_name_on(device, dtype, &args[0])?;
+    let chosen = gemm::choose_kernel(dtype, &args[0], sms, gemm::wgmma_device(device)?);
     let stream = Stream::new(device)?;
     let launch = |g: &GemmArgs, tile: Option<GemmTile>| match tile {
         None => gemm::gemm(device, stream.raw(), dtype, g),
@@ -841,7 +843,7 @@ fn measure_one(
             let (ms, _, _, discarded) = time(Some(t))?;
             tiles.push(TileTiming {
                 tile: tile_label(dtype, t).to_string(),
-                chosen: tile_label(dtype, t) == tile_label(dtype, chosen),
+                chosen: matches!(chosen, gemm::GemmKernel::Sync(c) if tile_label(dtype, t) == tile_label(dtype, c)),
                 ms: Stats::of(&ms),
                 tflops: Stats::of(&to_tflops(&ms)),
                 discarded,

@@ -8,12 +8,17 @@
 //! byte of the buffer (columns beside a column slice, padding between batch
 //! entries) still holds exactly what was there before. Half-type inputs are
 //! rounded to the half type first and the reference uses the rounded values.
-//! Benchmarks live elsewhere (`gemm::bench_gemm`); these tests only check
-//! correctness.
+//! Benchmarks live elsewhere (`gemm::bench_gemm`, `pipeswitch bench gemm`);
+//! these tests only check correctness, except `kernel_speeds`, which prints
+//! every kernel's speed at the benchmark shapes when PIPESWITCH_GEMM_SPEEDS
+//! is set.
+//!
+//! The wgmma (sm_90a) kernels run only on GPUs of compute capability 9.0;
+//! elsewhere their tests check that forcing them is refused and stop there.
 
 use pipeswitch::cuda::module::check_launch;
 use pipeswitch::cuda::{Device, DeviceAlloc, Stream};
-use pipeswitch::kernels::gemm::{self, Activation, GemmArgs, GemmDtype, GemmTile};
+use pipeswitch::kernels::gemm::{self, Activation, GemmArgs, GemmDtype, GemmKernel, GemmTile, WgTile};
 
 fn dev() -> &'static Device {
     Device::get(0).expect("a CUDA device")
@@ -88,6 +93,8 @@ struct Case {
     side_by_side: bool,
     shared_b: bool,
     tile: Option<GemmTile>,
+    /// Forces a kernel (overrides `tile`).
+    kernel: Option<GemmKernel>,
 }
 
 impl Case {
@@ -111,7 +118,14 @@ impl Case {
             side_by_side: false,
             shared_b: false,
             tile: None,
+            kernel: None,
         }
+    }
+
+    fn wg(dtype: GemmDtype, m: usize, n: usize, k: usize, t: WgTile) -> Case {
+        let mut c = Case::new(dtype, true, m, n, k);
+        c.kernel = Some(GemmKernel::Wgmma(t));
+        c
     }
 }
 
@@ -184,9 +198,10 @@ fn run(c: &Case, seed: u64) -> (f64, bool, bool) {
         stride_c,
     };
     let stream = Stream::new(d).expect("stream");
-    match c.tile {
-        None => gemm::gemm(d, stream.raw(), dt, &args),
-        Some(t) => gemm::gemm_with_tile(d, stream.raw(), dt, &args, t),
+    match (c.kernel, c.tile) {
+        (Some(k), _) => gemm::gemm_with_kernel(d, stream.raw(), dt, &args, k),
+        (None, None) => gemm::gemm(d, stream.raw(), dt, &args),
+        (None, Some(t)) => gemm::gemm_with_tile(d, stream.raw(), dt, &args, t),
     }
     .unwrap_or_else(|e| panic!("launch {c:?}: {e}"));
     check_launch(stream.raw()).unwrap_or_else(|e| panic!("kernel fault {c:?}: {e}"));
@@ -215,6 +230,7 @@ fn run(c: &Case, seed: u64) -> (f64, bool, bool) {
         }
     }
     let (mut num, mut den, mut nan, mut intact) = (0f64, 0f64, false, true);
+    let mut bad = Vec::new();
     for e in 0..c_len {
         if written[e] {
             let o = decode(dt, &out, e);
@@ -222,11 +238,25 @@ fn run(c: &Case, seed: u64) -> (f64, bool, bool) {
             nan |= o.is_nan();
             num += (o as f64 - r).powi(2);
             den += r * r;
+            if bad.len() < 8 && !((o as f64 - r).abs() <= 0.05 + 0.02 * r.abs()) {
+                bad.push((e, o, r));
+            }
         } else if out[e * es..(e + 1) * es] != c_init[e * es..(e + 1) * es] {
             intact = false;
         }
     }
     let rel = if nan { f64::INFINITY } else { (num / den.max(1e-300)).sqrt() };
+    if !bad.is_empty() {
+        // Where it went wrong (batch entry, row, column): a pattern in these
+        // names the broken part of a kernel.
+        let at = |e: usize| {
+            let (z, r) = if c.side_by_side { ((e % ldc) / c.n.max(1), e) } else { (e / stride_c.max(1), e % stride_c.max(1)) };
+            let (i, j) = (r / ldc, r % ldc);
+            (z, i, if c.side_by_side { j % c.n.max(1) } else { j - c.off_c })
+        };
+        let list: Vec<String> = bad.iter().map(|&(e, o, r)| format!("{:?}: {o} vs {r:.4}", at(e))).collect();
+        eprintln!("{c:?}: first mismatches (batch, row, col): {}", list.join("; "));
+    }
     (rel, nan, intact)
 }
 
@@ -426,4 +456,209 @@ fn launcher_rejects_unsupported_arguments_without_launching() {
     g = GemmArgs::dense(0, 8, 8, p, p + 4096, false, p + 8192);
     assert!(matches!(gemm::gemm(d, stream.raw(), GemmDtype::F32, &g), Err(pipeswitch::error::Error::InvalidArgument(_))));
     check_launch(stream.raw()).expect("nothing was launched");
+}
+
+/// Runs every case, reports each failure, and fails at the end (so that one
+/// GPU run shows every broken case, not only the first).
+fn check_all(cases: &[Case], seed0: u64) {
+    let mut failed = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let (rel, nan, intact) = run(c, seed0 + i as u64);
+        let tol = if c.dtype == GemmDtype::F32 { 1e-5 } else { 1e-2 };
+        let ok = !nan && intact && rel <= tol;
+        eprintln!("{c:?}: rel {rel:.2e}{}{}", if intact { "" } else { " BYTES OUTSIDE CHANGED" }, if ok { "" } else { " FAILED" });
+        if !ok {
+            failed.push(format!("{c:?}: rel {rel:.3e}, nan {nan}, intact {intact}"));
+        }
+    }
+    assert!(failed.is_empty(), "{} of {} cases failed:\n{}", failed.len(), cases.len(), failed.join("\n"));
+}
+
+/// Whether the GPU runs the wgmma kernels; if not, checks that forcing one
+/// is refused before any launch.
+fn wgmma_here() -> bool {
+    let d = dev();
+    if gemm::wgmma_device(d).expect("capability") {
+        return true;
+    }
+    let stream = Stream::new(d).expect("stream");
+    let buf = DeviceAlloc::new(d, 1 << 20).expect("alloc");
+    let p = buf.ptr();
+    let g = GemmArgs::dense(64, 64, 64, p, p + 16384, true, p + 32768);
+    let r = gemm::gemm_with_kernel(d, stream.raw(), GemmDtype::F16, &g, GemmKernel::Wgmma(WgTile::M128N128));
+    assert!(matches!(r, Err(pipeswitch::error::Error::InvalidArgument(_))));
+    eprintln!("no wgmma on this GPU (compute capability {:?}): skipped", d.compute_capability());
+    false
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn wgmma_shapes_all_tiles() {
+    if !wgmma_here() {
+        return;
+    }
+    let mut cases = Vec::new();
+    for dt in HALVES {
+        for t in WgTile::ALL {
+            // Edges in M, N and K (partial blocks, K not a multiple of 64 or
+            // of 8, a single K tile, more K tiles than stages), exact tiles.
+            for (m, n, k) in [
+                (1, 1, 8),
+                (7, 13, 8),
+                (33, 65, 24),
+                (129, 257, 136),
+                (67, 131, 520),
+                (2, 300, 16),
+                (7, 13, 5),
+                (37, 61, 131),
+                (200, 390, 200),
+                (128, 256, 64),
+                (256, 768, 1024),
+                (130, 200, 72),
+            ] {
+                cases.push(Case::wg(dt, m, n, k, t));
+            }
+        }
+        // The BERT shape that needed these kernels, with bias.
+        let mut c = Case::wg(dt, 1024, 2304, 768, WgTile::M128N192);
+        c.bias = true;
+        cases.push(c);
+        // gemm's own choice on the benchmark shapes of the half types.
+        for (m, n, k) in [(1024, 3072, 768), (512, 1024, 520)] {
+            let mut c = Case::new(dt, true, m, n, k);
+            c.bias = true;
+            cases.push(c);
+        }
+    }
+    check_all(&cases, 600);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn wgmma_epilogue_slices_batches() {
+    if !wgmma_here() {
+        return;
+    }
+    let mut cases = Vec::new();
+    for dt in HALVES {
+        for t in WgTile::ALL {
+            for act in [Activation::None, Activation::Relu, Activation::Gelu, Activation::GeluTanh] {
+                for (bias, residual) in [(true, false), (false, true), (true, true)] {
+                    let mut c = Case::wg(dt, 129, 257, 136, t);
+                    c.act = act;
+                    c.bias = bias;
+                    c.residual = residual;
+                    c.alpha = if bias { 0.75 } else { 1.0 };
+                    cases.push(c);
+                }
+            }
+            let mut c = Case::wg(dt, 64, 96, 40, t);
+            c.act = Activation::Gelu;
+            c.alpha = -2.0;
+            cases.push(c);
+            // Column slices (vector and scalar stores), wide leading dimensions.
+            for (off_c, pad_c, pad_a, pad_b) in [(8, 8, 8, 16), (1, 2, 3, 5), (64, 3, 0, 0), (3, 0, 24, 1)] {
+                let mut c = Case::wg(dt, 100, 120, 72, t);
+                c.off_c = off_c;
+                c.pad_c = pad_c;
+                c.pad_a = pad_a;
+                c.pad_b = pad_b;
+                c.bias = true;
+                c.residual = true;
+                c.act = Activation::GeluTanh;
+                cases.push(c);
+            }
+            // Residual in place.
+            let mut c = Case::wg(dt, 130, 200, 96, t);
+            c.residual = true;
+            c.in_place = true;
+            c.bias = true;
+            c.off_c = 8;
+            c.pad_c = 8;
+            c.act = Activation::Gelu;
+            cases.push(c);
+            // Batches: stacked with padding, side by side, shared B.
+            let mut c = Case::wg(dt, 65, 47, 40, t);
+            c.batch = 4;
+            c.alpha = 0.125;
+            c.off_c = 2;
+            c.pad_c = 3;
+            cases.push(c);
+            let mut c = Case::wg(dt, 128, 64, 64, t);
+            c.batch = 3;
+            c.side_by_side = true;
+            c.pad_c = 5;
+            cases.push(c);
+            let mut c = Case::wg(dt, 150, 300, 48, t);
+            c.batch = 3;
+            c.shared_b = true;
+            c.bias = true;
+            c.residual = true;
+            c.act = Activation::Relu;
+            cases.push(c);
+        }
+    }
+    check_all(&cases, 700);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn wgmma_refused_where_it_does_not_exist() {
+    let d = dev();
+    let stream = Stream::new(d).expect("stream");
+    let buf = DeviceAlloc::new(d, 1 << 20).expect("alloc");
+    let p = buf.ptr();
+    let k = GemmKernel::Wgmma(WgTile::M128N128);
+    // fp32, and B stored [K, N]: no wgmma kernel.
+    let g = GemmArgs::dense(64, 64, 64, p, p + 32768, true, p + 65536);
+    assert!(matches!(gemm::gemm_with_kernel(d, stream.raw(), GemmDtype::F32, &g, k), Err(pipeswitch::error::Error::InvalidArgument(_))));
+    let g = GemmArgs::dense(64, 64, 64, p, p + 32768, false, p + 65536);
+    assert!(matches!(gemm::gemm_with_kernel(d, stream.raw(), GemmDtype::F16, &g, k), Err(pipeswitch::error::Error::InvalidArgument(_))));
+    check_launch(stream.raw()).expect("nothing was launched");
+}
+
+/// Speed of every kernel at the benchmark shapes (bench/gemm_shapes.json, B
+/// stored [N, K], with bias), TFLOP/s; only with PIPESWITCH_GEMM_SPEEDS set
+/// (its value: samples per kernel, default 20).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn kernel_speeds() {
+    let Ok(v) = std::env::var("PIPESWITCH_GEMM_SPEEDS") else {
+        eprintln!("PIPESWITCH_GEMM_SPEEDS not set: skipped");
+        return;
+    };
+    let reps = v.parse().unwrap_or(20);
+    let d = dev();
+    let wg = gemm::wgmma_device(d).expect("capability");
+    for (name, ptx) in [(gemm::MODULE, gemm::PTX), (gemm::MODULE_SM90A, gemm::PTX_SM90A)] {
+        if name == gemm::MODULE_SM90A && !wg {
+            continue;
+        }
+        let t = std::time::Instant::now();
+        pipeswitch::kernels::module(d, name, ptx).expect("module");
+        println!("JIT of module {name} ({} bytes of PTX): {:.0} ms", ptx.len(), t.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut kernels: Vec<Option<GemmKernel>> =
+        vec![None, Some(GemmKernel::Sync(GemmTile::Large)), Some(GemmKernel::Sync(GemmTile::Medium)), Some(GemmKernel::Sync(GemmTile::Small))];
+    if wg {
+        kernels.extend(WgTile::ALL.iter().map(|&t| Some(GemmKernel::Wgmma(t))));
+    }
+    let names: Vec<String> = kernels
+        .iter()
+        .map(|k| match k {
+            None => "chosen".to_string(),
+            Some(GemmKernel::Sync(t)) => format!("{t:?}"),
+            Some(GemmKernel::Wgmma(t)) => format!("wg{}x{}", t.dims().0, t.dims().1),
+        })
+        .collect();
+    println!("{} | {}", "dtype  M x N x K      chosen kernel", names.join(" | "));
+    for dt in [GemmDtype::F16, GemmDtype::Bf16] {
+        for (m, n, k) in [(1024, 768, 768), (1024, 2304, 768), (1024, 3072, 768), (1024, 768, 3072), (1024, 3072, 1024), (1024, 1024, 1024), (1024, 4096, 1024), (1024, 1024, 4096)] {
+            let g = GemmArgs::dense(m, n, k, 0x1000, 0x2000, true, 0x3000);
+            let name = gemm::kernel_name_on(d, dt, &g).expect("name");
+            let t = gemm::bench_gemm_kernels(d, dt, m, n, k, &kernels, reps).expect("bench");
+            let cells: Vec<String> = t.iter().map(|x| format!("{x:6.1}")).collect();
+            println!("{dt:?} {m}x{n}x{k} {name} | {}", cells.join(" | "));
+        }
+    }
 }

@@ -18,22 +18,30 @@
 //! run one attention head per batch entry.
 //!
 //! Element types ([`GemmDtype`]): exact fp32 (FFMA, no TF32), or fp16 / bf16
-//! on the tensor cores (`mma.sync.m16n8k16`, fp32 accumulation and epilogue;
-//! A, B, C, bias and residual all in the half type).
+//! on the tensor cores (fp32 accumulation and epilogue; A, B, C, bias and
+//! residual all in the half type): `mma.sync.m16n8k16` kernels on every GPU,
+//! and on GPUs of compute capability 9.0 (H100, H200) also Hopper `wgmma`
+//! kernels (sm_90a module; B stored `[N, K]` only), which [`gemm`] takes
+//! where its cost model expects them to be faster ([`choose_kernel`]).
 //!
-//! Speed (H200, 2026-11-27, M = 1024, GPU time of back-to-back launches on
-//! rotating random inputs, TFLOP/s, ours / cuBLAS through PyTorch 2.11):
+//! Speed (H100 SXM, 2026-11-27, M = 1024, B stored `[N, K]`, with bias; GPU
+//! time of back-to-back launches on rotating random inputs, `pipeswitch bench
+//! gemm`; TFLOP/s, ours / cuBLAS through PyTorch 2.11):
 //!
-//! | N x K | fp32 (no TF32) | fp16 | bf16 |
-//! | --- | --- | --- | --- |
-//! | 768 x 768 | 25 / 31 | 123 / 207 | 123 / 223 |
-//! | 3072 x 768 | 35 / 37 | 222 / 423 | 221 / 427 |
-//! | 768 x 3072 | 27 / 42 | 218 / 444 | 220 / 450 |
-//! | 3072 x 1024 | 35 / 37 | 246 / 484 | 246 / 488 |
-//! | 1024 x 4096 | 35 / 47 | 281 / 551 | 283 / 559 |
-//! | 4096 x 1024 | 40 / 48 | 326 / 535 | 325 / 541 |
+//! | N x K | fp32 (no TF32) | fp16 | bf16 | half-type kernel |
+//! | --- | --- | --- | --- | --- |
+//! | 768 x 768 | 25 / 26 | 117 / 173 | 117 / 175 | mma.sync 64x32 |
+//! | 2304 x 768 | 26 / 33 | 252 / 347 | 253 / 366 | wgmma 128x192 |
+//! | 3072 x 768 | 35 / 37 | 324 / 418 | 323 / 421 | wgmma 128x192 |
+//! | 768 x 3072 | 27 / 28 | 213 / 359 | 211 / 361 | mma.sync 64x32 |
+//! | 3072 x 1024 | 34 / 37 | 379 / 482 | 381 / 485 | wgmma 128x192 |
+//! | 1024 x 1024 | 33 / 34 | 183 / 270 | 181 / 285 | wgmma 64x128 |
+//! | 4096 x 1024 | 39 / 48 | 445 / 512 | 450 / 537 | wgmma 128x256 |
+//! | 1024 x 4096 | 35 / 36 | 284 / 498 | 287 / 527 | mma.sync 64x64 |
 //!
-//! (B stored `[N, K]`; the `[K, N]` layout runs at the same speed.)
+//! (With B stored `[K, N]`, and on other GPUs, the half types run the
+//! mma.sync kernels: on the H100 at the shapes above 117, 142-160, 208, 211,
+//! 233, 168-172, 310 and 280-285 TFLOP/s.)
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
@@ -44,10 +52,69 @@ use cudarc::driver::sys::CUdevice_attribute;
 use crate::cuda::{CUdeviceptr, CUstream, Device, DeviceAlloc, Event, LaunchConfig, Stream};
 use crate::error::{Error, Result};
 
-/// Module name in the kernel cache.
+/// Module name of [`PTX`] in the kernel cache.
 pub const MODULE: &str = "gemm";
-/// The PTX text.
-pub const PTX: &str = include_str!("../../kernels/gemm.ptx");
+/// The sm_90 module: every kernel of kernels/gemm.ptx except the wgmma ones,
+/// loadable on any GPU of compute capability 9.0 or later. It is the byte
+/// range of the file that the file's first line names (see the header of
+/// kernels/gemm.ptx), sliced out at compile time.
+pub const PTX: &str = sm90_module(PTX_SM90A);
+/// Module name of [`PTX_SM90A`] in the kernel cache.
+pub const MODULE_SM90A: &str = "gemm_sm90a";
+/// The whole of kernels/gemm.ptx: the sm_90a module (`.target sm_90a`), with
+/// the wgmma kernels; loaded only on GPUs of compute capability 9.0 exactly.
+pub const PTX_SM90A: &str = include_str!("../../kernels/gemm.ptx");
+
+/// The sm_90 module inside `file` (kernels/gemm.ptx): its first line is
+/// `// gemm kernels; sm_90 module = bytes [S, E) of this file.` with S and E
+/// ten-digit byte offsets; the range must start with the sm_90 header and end
+/// at the "sm_90a only" marker. Any mismatch (the file edited by hand without
+/// re-running kernels/gen/gemm.py) stops the build.
+const fn sm90_module(file: &'static str) -> &'static str {
+    const HEAD: &[u8] = b"// gemm kernels; sm_90 module = bytes [";
+    const START: &[u8] = b".version 8.0\n.target sm_90\n";
+    const END: &[u8] = b"// ==== sm_90a only";
+    const fn starts_with(b: &[u8], at: usize, pat: &[u8]) -> bool {
+        if at + pat.len() > b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < pat.len() {
+            if b[at + i] != pat[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+    const fn number(b: &[u8], at: usize) -> usize {
+        let mut v = 0;
+        let mut i = 0;
+        while i < 10 {
+            let d = b[at + i];
+            if !d.is_ascii_digit() {
+                panic!("kernels/gemm.ptx: malformed sm_90 byte range on the first line");
+            }
+            v = v * 10 + (d - b'0') as usize;
+            i += 1;
+        }
+        v
+    }
+    let b = file.as_bytes();
+    if !starts_with(b, 0, HEAD) || !starts_with(b, HEAD.len() + 10, b", ") || !starts_with(b, HEAD.len() + 22, b")") {
+        panic!("kernels/gemm.ptx: the first line does not name the sm_90 byte range");
+    }
+    let start = number(b, HEAD.len());
+    let end = number(b, HEAD.len() + 12);
+    if !(start < end && end <= b.len() && starts_with(b, start, START) && starts_with(b, end, END)) {
+        panic!("kernels/gemm.ptx: stale sm_90 byte range on the first line (re-run kernels/gen/gemm.py)");
+    }
+    let (_, rest) = b.split_at(start);
+    let (module, _) = rest.split_at(end - start);
+    // SAFETY: `module` is a sub-slice of a str whose two ends were checked to
+    // be ASCII bytes ('.' and '/'), i.e. char boundaries, so it is valid UTF-8.
+    unsafe { std::str::from_utf8_unchecked(module) }
+}
 
 /// Activation applied after bias (and before the residual add).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -193,6 +260,62 @@ fn kernel(dtype: GemmDtype, trans_b: bool, tile: GemmTile) -> (&'static str, usi
         (Bf16, false, Small) => ("gemm_bf16_bkn_64x32", 64, 32, 128, 49152),
         (Bf16, true, Small) => ("gemm_bf16_bnk_64x32", 64, 32, 128, 49152),
     }
+}
+
+/// Block tiles of the Hopper kernels (`wgmma`, sm_90a; half types, B stored
+/// `[N, K]` only): `BM x BN`, BM/64 warpgroups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WgTile {
+    /// 128 x 128, 256 threads.
+    M128N128,
+    /// 128 x 192, 256 threads.
+    M128N192,
+    /// 128 x 256, 256 threads.
+    M128N256,
+    /// 64 x 128, 128 threads (one warpgroup).
+    M64N128,
+}
+
+impl WgTile {
+    /// Every Hopper tile.
+    pub const ALL: [WgTile; 4] = [WgTile::M128N128, WgTile::M128N192, WgTile::M128N256, WgTile::M64N128];
+    /// (BM, BN).
+    pub fn dims(self) -> (usize, usize) {
+        match self {
+            WgTile::M128N128 => (128, 128),
+            WgTile::M128N192 => (128, 192),
+            WgTile::M128N256 => (128, 256),
+            WgTile::M64N128 => (64, 128),
+        }
+    }
+}
+
+/// One concrete kernel: an mma.sync / FFMA tile of the sm_90 module (any
+/// GPU), or a wgmma tile of the sm_90a module (compute capability 9.0 only;
+/// half types with `trans_b`). [`gemm`] picks one ([`choose_kernel`]);
+/// [`gemm_with_kernel`] forces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmKernel {
+    Sync(GemmTile),
+    Wgmma(WgTile),
+}
+
+/// Geometry of a wgmma kernel: (entry, BM, BN, threads, dynamic shared
+/// bytes). Must match kernels/gemm.ptx (see its header); None for fp32.
+fn wg_kernel(dtype: GemmDtype, tile: WgTile) -> Option<(&'static str, usize, usize, u32, u32)> {
+    use GemmDtype::*;
+    use WgTile::*;
+    Some(match (dtype, tile) {
+        (F32, _) => return None,
+        (F16, M128N128) => ("gemm_f16_bnk_wg128x128", 128, 128, 256, 132096),
+        (F16, M128N192) => ("gemm_f16_bnk_wg128x192", 128, 192, 256, 164864),
+        (F16, M128N256) => ("gemm_f16_bnk_wg128x256", 128, 256, 256, 197632),
+        (F16, M64N128) => ("gemm_f16_bnk_wg64x128", 64, 128, 128, 99328),
+        (Bf16, M128N128) => ("gemm_bf16_bnk_wg128x128", 128, 128, 256, 132096),
+        (Bf16, M128N192) => ("gemm_bf16_bnk_wg128x192", 128, 192, 256, 164864),
+        (Bf16, M128N256) => ("gemm_bf16_bnk_wg128x256", 128, 256, 256, 197632),
+        (Bf16, M64N128) => ("gemm_bf16_bnk_wg64x128", 64, 128, 128, 99328),
+    })
 }
 
 /// Elements spanned by a (batched) row-major matrix, or None on overflow.
@@ -360,6 +483,101 @@ pub fn choose_tile(dtype: GemmDtype, args: &GemmArgs, sms: usize) -> GemmTile {
     }
 }
 
+/// Cost-model constants of one kernel: block tile, blocks a multiprocessor
+/// holds at once, and the time of one block alone on a multiprocessor,
+/// `k * us_per_k + fixed_us` (the fixed part: launch, pipeline fill,
+/// epilogue); `share`: how much each further co-resident block adds to the
+/// time of a round (0: perfect overlap, 1: none).
+struct Cost {
+    bm: usize,
+    bn: usize,
+    per_sm: usize,
+    us_per_k: f64,
+    fixed_us: f64,
+    share: f64,
+}
+
+fn cost_of(kernel: GemmKernel) -> Cost {
+    let c = |bm, bn, per_sm, us_per_k, fixed_us, share| Cost { bm, bn, per_sm, us_per_k, fixed_us, share };
+    // Least-squares fits to every kernel's median time at the eight
+    // benchmark shapes (M = 1024, bench/gemm_shapes.json) on an H100 SXM
+    // (132 multiprocessors), f16 and bf16 alike; each fit is within 4 %
+    // (Large, Medium), 6 % (wg128x256), 10 % (wg128x128, wg64x128) or 21 %
+    // (Small, wg128x192: these also depend on how many blocks share the L2)
+    // of the measured times. Half-type numbers; fp32 never compares kernels.
+    match kernel {
+        GemmKernel::Sync(GemmTile::Large) => c(128, 128, 2, 0.01338, 7.06, 0.28),
+        GemmKernel::Sync(GemmTile::Medium) => c(64, 64, 3, 0.00419, 4.90, 0.33),
+        GemmKernel::Sync(GemmTile::Small) => c(64, 32, 4, 0.00490, 2.23, 0.19),
+        GemmKernel::Wgmma(WgTile::M128N128) => c(128, 128, 1, 0.00668, 4.51, 0.0),
+        GemmKernel::Wgmma(WgTile::M128N192) => c(128, 192, 1, 0.00983, 5.85, 0.0),
+        GemmKernel::Wgmma(WgTile::M128N256) => c(128, 256, 1, 0.00937, 8.20, 0.0),
+        GemmKernel::Wgmma(WgTile::M64N128) => c(64, 128, 2, 0.00642, 3.95, 0.18),
+    }
+}
+
+/// Estimated time in microseconds of `kernel` for `args` on `sms`
+/// multiprocessors (an H100-calibrated model, used only to rank kernels):
+/// the busiest multiprocessor gets q = ceil(blocks / sms) blocks and runs
+/// them in rounds of up to `per_sm` co-resident blocks; a round of j blocks
+/// takes a lone block's time times 1 + (j - 1) * share.
+fn estimate(kernel: GemmKernel, args: &GemmArgs, sms: usize) -> f64 {
+    let c = cost_of(kernel);
+    let blocks = args.m.div_ceil(c.bm) * args.n.div_ceil(c.bn) * args.batch;
+    let q = blocks.div_ceil(sms.max(1));
+    let round = |j: usize| 1.0 + (j as f64 - 1.0) * c.share;
+    let rounds = (q / c.per_sm) as f64 * round(c.per_sm) + if q % c.per_sm > 0 { round(q % c.per_sm) } else { 0.0 };
+    rounds * (args.k as f64 * c.us_per_k + c.fixed_us)
+}
+
+/// The kernel [`gemm`] uses on a GPU with `sms` multiprocessors; `wgmma`:
+/// whether the GPU runs the sm_90a kernels (compute capability 9.0). Without
+/// them, or for fp32 or B stored `[K, N]`, the [`choose_tile`] tile;
+/// otherwise the wgmma tile with the lowest estimated time (a model of wave
+/// quantization x per-block speed, fitted to H100 timings) where that is at
+/// least 5 % under the estimate of the [`choose_tile`] tile (which stays
+/// where the two are close: its thresholds were tuned on measurements).
+///
+/// Measured on an H100 (f16 / bf16, TFLOP/s, M = 1024, B stored [N, K],
+/// with bias; the chosen kernel marked): N x K = 768 x 768: *Small 121,
+/// wg64x128 122; 2304 x 768: Large 160, *wg128x192 256-263; 3072 x 768:
+/// Large 215, *wg128x192 334-337; 768 x 3072: *Small 218-222, wg64x128 204;
+/// 3072 x 1024: Large 244, *wg128x192 395-398; 1024 x 1024: Medium 176,
+/// *wg64x128 185-186; 4096 x 1024: Large 325, *wg128x256 456-459; 1024 x
+/// 4096: *Medium 289-291, wg64x128 285.
+pub fn choose_kernel(dtype: GemmDtype, args: &GemmArgs, sms: usize, wgmma: bool) -> GemmKernel {
+    let sync = GemmKernel::Sync(choose_tile(dtype, args, sms));
+    if !wgmma || dtype == GemmDtype::F32 || !args.trans_b {
+        return sync;
+    }
+    let mut best = (f64::INFINITY, sync);
+    for t in WgTile::ALL {
+        let k = GemmKernel::Wgmma(t);
+        let e = estimate(k, args, sms);
+        if e < best.0 {
+            best = (e, k);
+        }
+    }
+    if best.0 < 0.95 * estimate(sync, args, sms) {
+        best.1
+    } else {
+        sync
+    }
+}
+
+/// Whether `device` runs the sm_90a (wgmma) kernels: compute capability 9.0
+/// exactly (sm_90a code runs on no other). Cached per device.
+pub fn wgmma_device(device: &'static Device) -> Result<bool> {
+    static CACHE: OnceLock<Mutex<HashMap<i32, bool>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(&w) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&device.ordinal()) {
+        return Ok(w);
+    }
+    let w = device.compute_capability()? == (9, 0);
+    cache.lock().unwrap_or_else(|p| p.into_inner()).insert(device.ordinal(), w);
+    Ok(w)
+}
+
 fn sm_count(device: &'static Device) -> Result<usize> {
     static CACHE: OnceLock<Mutex<HashMap<i32, usize>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
@@ -372,28 +590,63 @@ fn sm_count(device: &'static Device) -> Result<usize> {
     Ok(n)
 }
 
+/// JIT-compiles the sm_90a module ([`PTX_SM90A`]) on `device` now if the
+/// device runs it (compute capability 9.0), so that no GEMM waits for it
+/// later; [`crate::kernels::preload`] loads the sm_90 module only.
+pub fn preload_sm90a(device: &'static Device) -> Result<()> {
+    if wgmma_device(device)? {
+        crate::kernels::module(device, MODULE_SM90A, PTX_SM90A)?;
+    }
+    Ok(())
+}
+
 /// Enqueues one GEMM on `stream` (see the module documentation), choosing
-/// the block tile from the problem size. Returns `InvalidArgument` (before
-/// any driver call) for anything [`validate`] rejects.
+/// the kernel from the problem size and the GPU ([`choose_kernel`]). Returns
+/// `InvalidArgument` (before any driver call) for anything [`validate`]
+/// rejects.
 pub fn gemm(device: &'static Device, stream: CUstream, dtype: GemmDtype, args: &GemmArgs) -> Result<()> {
     validate(args, dtype)?;
-    let tile = choose_tile(dtype, args, sm_count(device)?);
-    launch(device, stream, dtype, args, tile)
+    let kernel = choose_kernel(dtype, args, sm_count(device)?, wgmma_device(device)?);
+    launch(device, stream, dtype, args, kernel)
 }
 
-/// [`gemm`] with the block tile forced (tests and benchmarks).
+/// [`gemm`] with the mma.sync / FFMA block tile forced (tests and
+/// benchmarks); never a wgmma kernel.
 pub fn gemm_with_tile(device: &'static Device, stream: CUstream, dtype: GemmDtype, args: &GemmArgs, tile: GemmTile) -> Result<()> {
     validate(args, dtype)?;
-    launch(device, stream, dtype, args, tile)
+    launch(device, stream, dtype, args, GemmKernel::Sync(tile))
 }
 
-fn launch(device: &'static Device, stream: CUstream, dtype: GemmDtype, args: &GemmArgs, tile: GemmTile) -> Result<()> {
-    let (entry, bm, bn, threads, smem) = kernel(dtype, args.trans_b, tile);
+/// [`gemm`] with the kernel forced (tests and benchmarks). A wgmma kernel
+/// needs a half type, `trans_b` and a GPU of compute capability 9.0
+/// (`InvalidArgument` otherwise, before any launch).
+pub fn gemm_with_kernel(device: &'static Device, stream: CUstream, dtype: GemmDtype, args: &GemmArgs, kernel: GemmKernel) -> Result<()> {
+    validate(args, dtype)?;
+    if let GemmKernel::Wgmma(t) = kernel {
+        if dtype == GemmDtype::F32 || !args.trans_b {
+            return Err(Error::invalid(format!("gemm: the wgmma kernels ({t:?}) take half types with B stored [N, K]")));
+        }
+        if !wgmma_device(device)? {
+            return Err(Error::invalid("gemm: the wgmma kernels need a GPU of compute capability 9.0"));
+        }
+    }
+    launch(device, stream, dtype, args, kernel)
+}
+
+fn launch(device: &'static Device, stream: CUstream, dtype: GemmDtype, args: &GemmArgs, kernel: GemmKernel) -> Result<()> {
+    let ((entry, bm, bn, threads, smem), module, ptx) = match kernel {
+        GemmKernel::Sync(tile) => (self::kernel(dtype, args.trans_b, tile), MODULE, PTX),
+        GemmKernel::Wgmma(tile) => (
+            wg_kernel(dtype, tile).ok_or_else(|| Error::invalid("gemm: no fp32 wgmma kernel"))?,
+            MODULE_SM90A,
+            PTX_SM90A,
+        ),
+    };
     let grid_x = u32::try_from(args.n.div_ceil(bn)).map_err(|_| Error::invalid("gemm: n too large"))?;
     let grid_y = u32::try_from(args.m.div_ceil(bm)).map_err(|_| Error::invalid("gemm: m too large"))?;
     let grid_z = args.batch as u32; // validated <= 65535
     device.bind()?;
-    let f = crate::kernels::function(device, MODULE, PTX, entry)?;
+    let f = crate::kernels::function(device, module, ptx, entry)?;
     // Raise the dynamic shared-memory limit once per (device, kernel).
     static RAISED: OnceLock<Mutex<HashSet<(i32, &'static str)>>> = OnceLock::new();
     let raised = RAISED.get_or_init(|| Mutex::new(HashSet::new()));
@@ -732,12 +985,120 @@ pub fn bench_gemm_with(
     Ok(2.0 * m as f64 * n as f64 * k as f64 / (ms * 1e-3) / 1e12)
 }
 
-/// Name of the kernel [`gemm`] launches for these arguments on a GPU with
-/// `sms` multiprocessors (for logs and benchmarks).
+/// Name of the mma.sync / FFMA kernel ([`choose_tile`]) for these arguments
+/// on a GPU with `sms` multiprocessors: what [`gemm`] launches on a GPU
+/// without the wgmma kernels. [`kernel_name_on`] names what it launches on a
+/// given device.
 pub fn kernel_name(dtype: GemmDtype, args: &GemmArgs, sms: usize) -> String {
     let (entry, ..) = kernel(dtype, args.trans_b, choose_tile(dtype, args, sms));
     debug_assert!(entry.contains(dtype.name()));
     entry.to_string()
+}
+
+/// Entry name of `kernel` for `dtype` and layout `trans_b` (None where that
+/// kernel does not exist: wgmma for fp32 or B stored `[K, N]`).
+pub fn entry_name(dtype: GemmDtype, trans_b: bool, kernel: GemmKernel) -> Option<&'static str> {
+    match kernel {
+        GemmKernel::Sync(t) => Some(self::kernel(dtype, trans_b, t).0),
+        GemmKernel::Wgmma(t) if trans_b => wg_kernel(dtype, t).map(|k| k.0),
+        GemmKernel::Wgmma(_) => None,
+    }
+}
+
+/// Name of the kernel [`gemm`] launches for these arguments on `device`.
+pub fn kernel_name_on(device: &'static Device, dtype: GemmDtype, args: &GemmArgs) -> Result<String> {
+    let k = choose_kernel(dtype, args, sm_count(device)?, wgmma_device(device)?);
+    Ok(entry_name(dtype, args.trans_b, k).unwrap_or("?").to_string())
+}
+
+/// Median TFLOP/s of each of `kernels` for `C[m,n] = A[m,k] B^T` (B stored
+/// `[n,k]`; bias, no activation) on random data, timed like
+/// [`bench_gemm_with`] (rotating input sets larger than the L2 cache, 20
+/// back-to-back launches per sample, `reps` samples, after a warm-up), with
+/// one allocation for all the kernels. `None` forces nothing ([`gemm`]'s
+/// choice).
+pub fn bench_gemm_kernels(
+    device: &'static Device,
+    dtype: GemmDtype,
+    m: usize,
+    n: usize,
+    k: usize,
+    kernels: &[Option<GemmKernel>],
+    reps: usize,
+) -> Result<Vec<f64>> {
+    if reps == 0 {
+        return Err(Error::invalid("bench_gemm_kernels: reps must be at least 1"));
+    }
+    let size = dtype.size();
+    let set_bytes = (m * k + n * k + n + m * n) * size;
+    let sets = (256usize << 20).div_ceil(set_bytes.max(1)).clamp(2, 16);
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rand = |len: usize| -> Vec<u8> {
+        let mut out = Vec::with_capacity(len * size);
+        for _ in 0..len {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let v = ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+            match dtype {
+                GemmDtype::F32 => out.extend_from_slice(&v.to_ne_bytes()),
+                _ => out.extend_from_slice(&to_half_bits(dtype, v).to_ne_bytes()),
+            }
+        }
+        out
+    };
+    // The same random values in every set, at different addresses.
+    let (xa, wb, bb) = (rand(m * k), rand(n * k), rand(n));
+    let mut bufs = Vec::with_capacity(sets);
+    for _ in 0..sets {
+        bufs.push((
+            DeviceAlloc::from_slice(device, &xa)?,
+            DeviceAlloc::from_slice(device, &wb)?,
+            DeviceAlloc::from_slice(device, &bb)?,
+            DeviceAlloc::new(device, m * n * size)?,
+        ));
+    }
+    let stream = Stream::new(device)?;
+    let args: Vec<GemmArgs> = bufs
+        .iter()
+        .map(|(a, b, bias, c)| {
+            let mut g = GemmArgs::dense(m, n, k, a.ptr(), b.ptr(), true, c.ptr());
+            g.bias = bias.ptr();
+            g
+        })
+        .collect();
+    let launch = |g: &GemmArgs, kern: Option<GemmKernel>| match kern {
+        None => gemm(device, stream.raw(), dtype, g),
+        Some(kk) => gemm_with_kernel(device, stream.raw(), dtype, g, kk),
+    };
+    let (start, end) = (Event::new(device, true)?, Event::new(device, true)?);
+    const PER: usize = 20;
+    let mut out = Vec::with_capacity(kernels.len());
+    let mut next = 0usize;
+    for &kern in kernels {
+        for g in &args {
+            launch(g, kern)?;
+        }
+        stream.synchronize()?;
+        let mut samples = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            start.record(stream.raw())?;
+            for _ in 0..PER {
+                launch(&args[next % sets], kern)?;
+                next += 1;
+            }
+            end.record(stream.raw())?;
+            end.synchronize()?;
+            samples.push(Event::elapsed_ms(&start, &end)? as f64 / PER as f64);
+        }
+        samples.sort_by(|x, y| x.total_cmp(y));
+        let ms = samples[samples.len() / 2];
+        if ms <= 0.0 {
+            return Err(Error::Internal("bench_gemm_kernels: zero elapsed time".into()));
+        }
+        out.push(2.0 * m as f64 * n as f64 * k as f64 / (ms * 1e-3) / 1e12);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -1014,6 +1375,86 @@ mod tests {
                     assert!(entry.contains(if tb { "_bnk_" } else { "_bkn_" }));
                 }
             }
+            for t in WgTile::ALL {
+                let Some((entry, bm, bn, threads, smem)) = wg_kernel(dt, t) else {
+                    assert_eq!(dt, GemmDtype::F32);
+                    continue;
+                };
+                assert_eq!((bm, bn), t.dims());
+                assert!(entry.ends_with(&format!("_bnk_wg{bm}x{bn}")) && entry.contains(dt.name()), "{entry}");
+                assert_eq!(threads as usize, bm * 2, "{entry}: a warpgroup per 64 rows");
+                // 4 stages of A and B K tiles (64 halves) + 1 KiB for the alignment.
+                assert_eq!(smem as usize, 4 * (bm + bn) * 128 + 1024, "{entry}");
+                let decl = format!(".visible .entry {entry}(");
+                assert!(PTX_SM90A.contains(&decl), "{entry}");
+                assert!(!PTX.contains(&decl), "{entry} must not be in the sm_90 module");
+                let body = &PTX_SM90A[PTX_SM90A.find(&decl).unwrap()..];
+                assert!(body[decl.len()..].contains(&format!(".maxntid {threads}, 1, 1")));
+                assert!(body.contains(&format!("wgmma.mma_async.sync.aligned.m64n{bn}k16.f32.{0}.{0}", dt.name())));
+            }
         }
+    }
+
+    #[test]
+    fn ptx_modules() {
+        // The sm_90 module: its own header, no sm_90a instruction, every
+        // non-wgmma kernel; the sm_90a module is the whole file.
+        assert!(PTX.starts_with(".version 8.0\n.target sm_90\n.address_size 64\n//*/\n"));
+        assert!(!PTX.contains("wgmma."));
+        assert!(!PTX.contains(".target sm_90a"));
+        assert!(PTX_SM90A.contains("\n.version 8.0\n.target sm_90a\n.address_size 64\n/*\n"));
+        assert!(PTX_SM90A.contains(PTX));
+        assert_eq!(PTX.matches(".visible .entry ").count(), 16);
+        assert_eq!(PTX_SM90A.matches(".visible .entry ").count(), 24);
+        // Every kernel's shared memory fits an H100 / H200 block (227 KiB).
+        for t in WgTile::ALL {
+            assert!(wg_kernel(GemmDtype::F16, t).unwrap().4 <= 227 * 1024);
+        }
+    }
+
+    #[test]
+    fn kernel_choice_with_and_without_wgmma() {
+        use GemmKernel::*;
+        let a = |m, n, k| args(m, n, k, true);
+        // Without wgmma (or fp32, or B stored [K, N]): choose_tile's tile.
+        for (m, n, k) in [(1024, 2304, 768), (1024, 768, 768), (1024, 4096, 1024)] {
+            for dt in [GemmDtype::F32, GemmDtype::F16, GemmDtype::Bf16] {
+                assert_eq!(choose_kernel(dt, &a(m, n, k), 132, false), Sync(choose_tile(dt, &a(m, n, k), 132)));
+            }
+            assert_eq!(choose_kernel(GemmDtype::F32, &a(m, n, k), 132, true), Sync(choose_tile(GemmDtype::F32, &a(m, n, k), 132)));
+            let bkn = args(m, n, k, false);
+            assert_eq!(choose_kernel(GemmDtype::F16, &bkn, 132, true), Sync(choose_tile(GemmDtype::F16, &bkn, 132)));
+        }
+        // With wgmma, the benchmark shapes take the kernels that measured
+        // fastest on an H100 (see choose_kernel): the 128x192 tile fills the
+        // GPU in one round where 128x128 tiles leave it unevenly loaded.
+        for (dt, n, k, want) in [
+            (GemmDtype::F16, 768, 768, Sync(GemmTile::Small)),
+            (GemmDtype::F16, 2304, 768, Wgmma(WgTile::M128N192)),
+            (GemmDtype::Bf16, 3072, 768, Wgmma(WgTile::M128N192)),
+            (GemmDtype::Bf16, 768, 3072, Sync(GemmTile::Small)),
+            (GemmDtype::F16, 3072, 1024, Wgmma(WgTile::M128N192)),
+            (GemmDtype::Bf16, 1024, 1024, Wgmma(WgTile::M64N128)),
+            (GemmDtype::F16, 4096, 1024, Wgmma(WgTile::M128N256)),
+            (GemmDtype::Bf16, 1024, 4096, Sync(GemmTile::Medium)),
+        ] {
+            assert_eq!(choose_kernel(dt, &a(1024, n, k), 132, true), want, "1024 x {n} x {k}");
+        }
+        // Tiny problems stay on the small mma.sync tiles; many of them in a
+        // batch fill the GPU with wgmma tiles.
+        assert_eq!(choose_kernel(GemmDtype::F16, &a(16, 64, 64), 132, true), Sync(GemmTile::Small));
+        let mut heads = a(128, 128, 64);
+        heads.batch = 96;
+        assert!(matches!(choose_kernel(GemmDtype::F16, &heads, 132, true), Wgmma(_)));
+        // The model: a block alone vs rounds of co-resident blocks.
+        let one = estimate(Sync(GemmTile::Large), &a(128, 128, 1000), 132);
+        assert!((one - (1000.0 * 0.01338 + 7.06)).abs() < 1e-9);
+        let three = estimate(Sync(GemmTile::Large), &a(128 * 3, 128 * 132, 1000), 132);
+        assert!((three - one * (1.28 + 1.0)).abs() < 1e-9, "2 co-resident + 1: {three} vs {one}");
+        // entry names
+        assert_eq!(entry_name(GemmDtype::Bf16, true, Wgmma(WgTile::M128N192)), Some("gemm_bf16_bnk_wg128x192"));
+        assert_eq!(entry_name(GemmDtype::Bf16, false, Wgmma(WgTile::M128N192)), None);
+        assert_eq!(entry_name(GemmDtype::F32, true, Wgmma(WgTile::M64N128)), None);
+        assert_eq!(entry_name(GemmDtype::F16, false, Sync(GemmTile::Large)), Some("gemm_f16_bkn_128x128"));
     }
 }

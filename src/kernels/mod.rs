@@ -50,10 +50,11 @@ pub const MODULES: &[(&str, &str)] = &[
     (norm::MODULE, norm::PTX),
 ];
 
-/// JIT-compiles every module on `device` now (about 100 ms the first time).
+/// JIT-compiles every module on `device` now (about 100 ms the first time),
+/// the Hopper-only GEMM module included where the device runs it.
 pub fn preload(device: &'static Device) -> Result<()> {
     for (name, ptx) in MODULES {
         module(device, name, ptx)?;
     }
-    Ok(())
+    gemm::preload_sm90a(device)
 }
