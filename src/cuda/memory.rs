@@ -237,13 +237,16 @@ pub unsafe fn copy_htod_async(
     Ok(())
 }
 
-/// Synchronous host-to-device copy.
+/// Synchronous host-to-device copy: returns once the bytes are in device
+/// memory. (`cuMemcpyHtoD` alone may return before the DMA from its staging
+/// buffer has finished, and kernels on non-blocking streams do not wait for
+/// the legacy stream, so it waits for the legacy stream too.)
 ///
 /// # Safety
 /// As for [`copy_htod_async`].
 pub unsafe fn copy_htod(dst: CUdeviceptr, src: *const u8, bytes: usize) -> Result<()> {
     cu!(cuMemcpyHtoD_v2(dst, src.cast(), bytes))?;
-    Ok(())
+    crate::cuda::stream::synchronize_legacy()
 }
 
 /// Synchronous device-to-host copy.
@@ -261,7 +264,9 @@ pub unsafe fn copy_dtoh(dst: *mut u8, src: CUdeviceptr, bytes: usize) -> Result<
 /// `dst..dst+bytes` must be device memory.
 pub unsafe fn memset_d8(dst: CUdeviceptr, value: u8, bytes: usize) -> Result<()> {
     cu!(cuMemsetD8_v2(dst, value, bytes))?;
-    Ok(())
+    // cuMemsetD8 is asynchronous for device memory: wait, so that work on
+    // non-blocking streams sees the bytes.
+    crate::cuda::stream::synchronize_legacy()
 }
 
 /// Enqueues a device-to-device copy on `stream`.
