@@ -267,3 +267,19 @@ def test_child_timeout_and_death():
     with pytest.raises(E.ChildDied):
         dead.recv(10)
     dead.close()
+
+
+def test_merge_takes_the_multi_process_variants_from_phase_b():
+    import importlib.util, os
+    spec = importlib.util.spec_from_file_location("merge", os.path.join(os.path.dirname(__file__), "merge.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a = {"argv": ["a"], "models": {"m": {"variants": {"pipeswitch": {"n": 40}, "mps": {"n": 0}}}}, "errors": ["ea"]}
+    b = {"argv": ["b"], "mps": {"status": "active"}, "errors": ["eb"],
+         "models": {"m": {"variants": {"pipeswitch": {"n": 5}, "mps": {"n": 20}, "stop_and_start": {"n": 2}}}}}
+    out = mod.merge(a, b)
+    v = out["models"]["m"]["variants"]
+    assert v["pipeswitch"] == {"n": 40}, "phase A keeps its own main variants"
+    assert v["mps"] == {"n": 20} and v["stop_and_start"] == {"n": 2}
+    assert out["mps"] == {"status": "active"} and out["errors"] == ["ea", "eb"]
+    assert out["phases"]["B"]["argv"] == ["b"]
