@@ -37,6 +37,8 @@ impl Event {
 
     /// Records the event at the current end of `stream` (raw: any stream of
     /// the same context, NULL for the legacy default stream).
+    // CUstream is an opaque driver handle: passed to the driver, never dereferenced here.
+    #[allow(clippy::not_unsafe_ptr_arg_deref)]
     pub fn record(&self, stream: CUstream) -> Result<()> {
         cu!(cuEventRecord(self.raw, stream))?;
         Ok(())

@@ -156,6 +156,8 @@ impl Function {
 
 /// The last error of a kernel launch on this thread's context, if any
 /// (`cuCtxSynchronize` reports asynchronous faults).
+// CUstream is an opaque driver handle: passed to the driver, never dereferenced here.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 pub fn check_launch(stream: cudarc::driver::sys::CUstream) -> Result<()> {
     cu!(cuStreamSynchronize(stream))?;
     Ok(())

@@ -48,6 +48,8 @@ impl Stream {
 
 /// Makes a foreign stream (a worker's compute stream, possibly NULL for the
 /// legacy default stream) wait for `event`, on the GPU: no host blocking.
+// CUstream is an opaque driver handle: passed to the driver, never dereferenced here.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 pub fn wait_event_raw(stream: CUstream, event: &Event) -> Result<()> {
     cu!(cuStreamWaitEvent(stream, event.raw(), 0))?;
     Ok(())

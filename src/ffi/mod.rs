@@ -76,6 +76,18 @@ pub(crate) fn slice_arg<'a, T>(p: *const T, n: usize, what: &'static str) -> Res
     Ok(unsafe { std::slice::from_raw_parts(p, n) })
 }
 
+/// A writable slice argument: (NULL, 0) is empty; (NULL, n > 0) is an error.
+pub(crate) fn slice_mut_arg<'a, T>(p: *mut T, n: usize, what: &'static str) -> Result<&'a mut [T]> {
+    if n == 0 {
+        return Ok(&mut []);
+    }
+    if p.is_null() {
+        return Err(Error::NullArgument(what));
+    }
+    // SAFETY: the caller passes n writable elements (C API contract).
+    Ok(unsafe { std::slice::from_raw_parts_mut(p, n) })
+}
+
 /// Writes an output parameter (only on success, so callers' values survive failures).
 pub(crate) fn out<T>(p: *mut T, what: &'static str) -> Result<OutParam<T>> {
     if p.is_null() {

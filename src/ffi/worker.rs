@@ -194,8 +194,7 @@ pub extern "C" fn ps_worker_read(
         if out_buf.is_null() {
             return Err(Error::NullArgument("out"));
         }
-        // SAFETY: the caller passes `bytes` writable bytes (C API contract).
-        let buf = unsafe { std::slice::from_raw_parts_mut(out_buf.cast::<u8>(), bytes) };
+        let buf = super::slice_mut_arg(out_buf.cast::<u8>(), bytes, "out")?;
         self::worker(worker)?.read(self::program(program)?, str_arg(name, "name")?, buf)
     })
 }
@@ -215,8 +214,7 @@ pub extern "C" fn ps_worker_layer_ms(worker: *mut ps_worker, program: *const ps_
         if ms.len() != n_layers {
             return Err(Error::invalid(format!("model {:?} has {} layers, n_layers is {n_layers}", p.model().name, ms.len())));
         }
-        // SAFETY: the caller passes n_layers writable doubles.
-        unsafe { std::ptr::copy_nonoverlapping(ms.as_ptr(), ms_out, n_layers) };
+        super::slice_mut_arg(ms_out, n_layers, "ms_out")?.copy_from_slice(&ms);
         Ok(())
     })
 }

@@ -173,7 +173,7 @@ pub fn validate_shape(a: &Conv2dArgs) -> Result<ConvDims> {
         }
     }
     for (name, v) in [("h + 2*pad_h", a.h.checked_add(a.pad_h.saturating_mul(2))), ("w + 2*pad_w", a.w.checked_add(a.pad_w.saturating_mul(2)))] {
-        if v.map_or(true, |v| v >= MAX_EXTENT) {
+        if v.is_none_or(|v| v >= MAX_EXTENT) {
             return Err(Error::invalid(format!("conv2d: {name} must be below 2^28")));
         }
     }
