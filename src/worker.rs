@@ -98,6 +98,19 @@ impl Program {
             shapes.insert(t.name.clone(), t.shape.iter().map(|&d| d as usize).collect());
         }
         graph.validate(&shapes)?;
+        for op in &graph.ops {
+            if let Op::Attention { qkv, heads, .. } = op {
+                let d = graph.inputs.iter().chain(&graph.activations).find(|(n, _)| n == qkv).map(|(_, d)| d);
+                let hidden = d.map_or(0, |d| d.shape[1] / 3);
+                if hidden != heads * 64 {
+                    return Err(Error::invalid(format!(
+                        "graph {}: attention -> {}: the worker's attention kernel needs heads of 64 (hidden {hidden}, {heads} heads)",
+                        graph.name,
+                        op.output()
+                    )));
+                }
+            }
+        }
         let mut tensor_layer = HashMap::new();
         for (li, l) in model.layers.iter().enumerate() {
             for t in &model.tensors[l.first_tensor..l.first_tensor + l.n_tensors] {

@@ -1713,5 +1713,15 @@ fn a_model_file_brings_its_graph_and_the_worker_binds_it() {
         *trans_b = !*trans_b;
     }
     assert!(matches!(Program::new(m.clone(), wrong), Err(Error::InvalidArgument(_))));
+    // Heads of 32: a valid graph, but not one the worker's attention kernel runs.
+    let mut heads32 = d.graph.clone();
+    for op in &mut heads32.ops {
+        if let pipeswitch::model::graph::Op::Attention { heads, .. } = op {
+            *heads = 4;
+        }
+    }
+    heads32.validate(&d.weight_shapes()).unwrap();
+    let e = Program::new(m.clone(), heads32).unwrap_err();
+    assert!(e.to_string().contains("heads of 64"), "{e}");
     assert!(matches!(Program::from_store(&s, "nope"), Err(Error::NotFound(_))));
 }

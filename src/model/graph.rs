@@ -204,8 +204,22 @@ impl Graph {
                 }
             }
             let out = act(op, op.output())?;
+            if self.inputs.iter().any(|(n, _)| n == op.output()) {
+                return Err(bad(op, "an op may not write a graph input".into()));
+            }
+            if op.operands().contains(&op.output()) {
+                return Err(bad(op, "the output may not also be an operand".into()));
+            }
+            if out.dtype != "F32" {
+                return Err(bad(op, format!("outputs are F32, not {}", out.dtype)));
+            }
             match op {
                 Op::Embedding { ids, wte, wpe, token_type, type_ids, .. } => {
+                    for i in [Some(ids), type_ids.as_ref()].into_iter().flatten() {
+                        if act(op, i)?.dtype != "I32" {
+                            return Err(bad(op, format!("{i} must be I32")));
+                        }
+                    }
                     let ids = act(op, ids)?;
                     let (wte, wpe) = (w(op, wte)?, w(op, wpe)?);
                     let t = ids.numel();

@@ -321,5 +321,19 @@ mod tests {
         let mut g2 = m.graph.clone();
         g2.ops.swap(1, 2);
         assert!(g2.validate(&m.weight_shapes()).is_err(), "read before write");
+        // An op writing a graph input, or its own operand; ids that are not I32.
+        let mut g3 = m.graph.clone();
+        if let Op::LayerNorm { out, .. } = &mut g3.ops[1] {
+            *out = "input_ids".into();
+        }
+        assert!(g3.validate(&m.weight_shapes()).is_err(), "writes an input");
+        let mut g4 = m.graph.clone();
+        if let Op::LayerNorm { x, out, .. } = &mut g4.ops[1] {
+            *out = x.clone();
+        }
+        assert!(g4.validate(&m.weight_shapes()).is_err(), "in place");
+        let mut g5 = m.graph.clone();
+        g5.inputs[0].1.dtype = "F32".into();
+        assert!(g5.validate(&m.weight_shapes()).is_err(), "F32 ids");
     }
 }
