@@ -84,6 +84,12 @@ pub fn resnet152_shape() -> Shape {
     s
 }
 
+/// "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3": the card's part of
+/// result file names.
+pub fn card_slug(card: &str) -> String {
+    card.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect()
+}
+
 /// Total bytes and tensor count of a shape.
 pub fn shape_size(shape: &Shape) -> Result<(u64, usize)> {
     let mut bytes = 0u64;

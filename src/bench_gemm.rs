@@ -400,12 +400,7 @@ pub fn utc_string(unix_s: u64) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z", r / 3600, r % 3600 / 60, r % 60)
 }
 
-/// "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3" (file names).
-pub fn card_slug(card: &str) -> String {
-    card.chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
-        .collect()
-}
+pub use crate::bench::card_slug;
 
 const METHOD_NOTE: &str = "F.linear semantics (x[M,K] W[N,K]^T + b, trans_b = true, bias on); per (shape, dtype): \
 rotating input sets totalling >= rotate_bytes; each sample = spin kernel, start event, launches_per_sample back-to-back \

@@ -20,8 +20,7 @@ use crate::bench::Stats;
 use crate::cuda::{self, Device};
 use crate::error::{Error, Result};
 use crate::ffi::plan::layer_transfer_ms;
-use crate::model::cpu::{example_inputs, HostTensor};
-use crate::model::graph::Op;
+use crate::model::cpu::example_inputs;
 use crate::model::reference::{reference_models, ModelDef};
 use crate::model::weights::write_model_file;
 use crate::store::Store;
@@ -145,26 +144,6 @@ impl Drop for StoreGuard {
     }
 }
 
-fn host_bytes(t: &HostTensor) -> Vec<u8> {
-    match t {
-        HostTensor::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        HostTensor::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    }
-}
-
-/// Rows of the token table of a transformer (for valid token ids).
-fn vocab_of(def: &ModelDef) -> usize {
-    let shapes = def.weight_shapes();
-    def.graph
-        .ops
-        .iter()
-        .find_map(|op| match op {
-            Op::Embedding { wte, .. } => shapes.get(wte).map(|s| s[0]),
-            _ => None,
-        })
-        .unwrap_or(1)
-}
-
 /// Per-model state during the demo.
 struct Entry {
     def: ModelDef,
@@ -274,8 +253,7 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoReport> 
     let mut entries = Vec::new();
     for d in defs {
         let program = Program::from_store(&store, &d.graph.name)?;
-        let vocab = vocab_of(&d);
-        let inputs = example_inputs(&d.graph, opts.seed, vocab).iter().map(|(k, v)| (k.clone(), host_bytes(v))).collect();
+        let inputs = example_inputs(&d.graph, opts.seed, d.vocab()).iter().map(|(k, v)| (k.clone(), v.to_le_bytes())).collect();
         entries.push(Entry { def: d, program, inputs, optimal: vec![], per_layer: vec![], layer_ms: vec![], ready_output: vec![] });
     }
     let region_bytes = entries.iter().map(|e| e.program.model().bytes).max().unwrap_or(0);
@@ -399,7 +377,7 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoReport> 
     switch.set_timing(false)?;
 
     // 7. Report.
-    let slug: String = card.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+    let slug = crate::bench::card_slug(&card);
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(format!("creating {}", opts.out_dir.display()), e))?;
     let trace_path = opts.out_dir.join(format!("demo-trace-{slug}.json"));
     write_json(&trace_path, &serde_json::json!({ "traceEvents": trace, "displayTimeUnit": "ms" }))?;

@@ -251,11 +251,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCmd::Transfer { device, reps, json_out }) => {
             let report = bench::run_transfer(device, reps.max(3), &mut |line| println!("{line}"))?;
-            let slug: String = report
-                .card
-                .chars()
-                .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
-                .collect();
+            let slug = bench::card_slug(&report.card);
             let path = json_out.unwrap_or_else(|| PathBuf::from(format!("bench/results/transfer-{slug}.json")));
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;

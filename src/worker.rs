@@ -55,6 +55,9 @@ pub struct Program {
     /// a few rows of it are needed, not all of it).
     op_host_table: Vec<Option<usize>>,
     slots: HashMap<String, Slot>,
+    /// Index in the model's tensors of every weight, by name (so a run does
+    /// not search the tensor list).
+    weights: HashMap<String, usize>,
     /// Bytes of activation buffer the program needs (error flag included).
     act_bytes: u64,
 }
@@ -111,6 +114,7 @@ impl Program {
                 }
             }
         }
+        let weights: HashMap<String, usize> = model.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         let mut tensor_layer = HashMap::new();
         for (li, l) in model.layers.iter().enumerate() {
             for t in &model.tensors[l.first_tensor..l.first_tensor + l.n_tensors] {
@@ -133,7 +137,7 @@ impl Program {
                 if decls.contains_key(o) {
                     continue;
                 }
-                let (_, t) = model.tensor(o).ok_or_else(|| Error::invalid(format!("weight {o} is not in the model")))?;
+                let t = weights.get(o).map(|&i| &model.tensors[i]).ok_or_else(|| Error::invalid(format!("weight {o} is not in the model")))?;
                 if t.dtype != Dtype::F32 {
                     return Err(Error::invalid(format!(
                         "weight {o} is {}: the worker's kernels run fp32 models",
@@ -188,7 +192,7 @@ impl Program {
             let d = decls[n];
             slots.insert(n.to_string(), Slot { offset: off, bytes: *bytes, shape: d.shape.clone(), dtype: d.dtype()? });
         }
-        Ok(Program { model, graph, op_layer, op_charge, op_host_table, slots, act_bytes })
+        Ok(Program { model, graph, op_layer, op_charge, op_host_table, slots, weights, act_bytes })
     }
 
     /// The program of a stored model whose graph was stored with it (the
@@ -522,7 +526,7 @@ impl Worker {
         let s = self.stream.raw();
         // Address of a weight or activation; shape of an activation.
         let w = |name: &str| -> Result<(CUdeviceptr, Vec<usize>)> {
-            let (_, t) = p.model.tensor(name).ok_or_else(|| Error::invalid(format!("weight {name} is not in the model")))?;
+            let t = p.weights.get(name).map(|&i| &p.model.tensors[i]).ok_or_else(|| Error::invalid(format!("weight {name} is not in the model")))?;
             Ok((wbase + t.offset, t.shape.iter().map(|&d| d as usize).collect()))
         };
         let a = |name: &str| -> Result<(CUdeviceptr, &[usize])> {

@@ -13,7 +13,6 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use pipeswitch::model::cpu::{example_inputs, reference_weights, run_graph_cpu, tiny_models, HostTensor};
-use pipeswitch::model::graph::Op;
 use pipeswitch::model::reference::ModelDef;
 use pipeswitch::model::weights::write_model_file;
 use pipeswitch::store::Store;
@@ -180,23 +179,6 @@ fn tiny(name: &str) -> ModelDef {
     tiny_models(2, 16).into_iter().find(|d| d.graph.name == name).unwrap_or_else(|| panic!("no tiny model {name}"))
 }
 
-/// Vocabulary of a transformer (rows of its token table), 0 for others.
-fn vocab(d: &ModelDef) -> usize {
-    let shapes = d.weight_shapes();
-    d.graph
-        .ops
-        .iter()
-        .find_map(|op| if let Op::Embedding { wte, .. } = op { shapes.get(wte).map(|s| s[0]) } else { None })
-        .unwrap_or(0)
-}
-
-fn bytes_of(t: &HostTensor) -> Vec<u8> {
-    match t {
-        HostTensor::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        HostTensor::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    }
-}
-
 /// A store in this binary's shm directory holding reference models written
 /// with their graphs by `write_model_file` (and optionally a model with
 /// no graph, "nograph"); destroyed on drop.
@@ -240,7 +222,7 @@ fn input_args(dir: &Path, inputs: &HashMap<String, HostTensor>) -> Vec<String> {
     names.sort();
     for n in names {
         let path = dir.join(format!("{n}.bin"));
-        std::fs::write(&path, bytes_of(&inputs[n])).expect("writing an input");
+        std::fs::write(&path, inputs[n].to_le_bytes()).expect("writing an input");
         args.push("--input".to_string());
         args.push(format!("{n}={}", path.display()));
     }
@@ -278,7 +260,7 @@ fn cpu_reference(d: &ModelDef, inputs: &HashMap<String, HostTensor>) -> Vec<f32>
 /// the CPU reference. Returns the store and the program's text.
 fn run_model_on_gpu(tag: &str, d: &ModelDef) -> (ModelStore, String) {
     let ms = model_store(tag, &[d], false);
-    let inputs = example_inputs(&d.graph, RUN_SEED, vocab(d));
+    let inputs = example_inputs(&d.graph, RUN_SEED, d.vocab());
     let out = ms.dir.path().join("out.bin");
     let output = &d.graph.outputs[0];
     let mut args = vec![d.graph.name.clone(), "--profile".into(), "--output".into(), format!("{output}={}", out.display())];
@@ -346,7 +328,7 @@ fn no_gpu_env() -> &'static [(&'static str, &'static str)] {
 fn check_run_model_without_a_gpu(exe: &Path, tag: &str, env: &[(&str, &str)]) -> String {
     let d = tiny("tiny-gpt2");
     let ms = model_store(tag, &[&d], false);
-    let inputs = example_inputs(&d.graph, RUN_SEED, vocab(&d));
+    let inputs = example_inputs(&d.graph, RUN_SEED, d.vocab());
     let out = ms.dir.path().join("out.bin");
     let mut args = vec![d.graph.name.clone(), "--output".into(), format!("ln_f.out={}", out.display())];
     args.extend(input_args(ms.dir.path(), &inputs));

@@ -8,7 +8,7 @@
 //! byte of the buffer (columns beside a column slice, padding between batch
 //! entries) still holds exactly what was there before. Half-type inputs are
 //! rounded to the half type first and the reference uses the rounded values.
-//! Benchmarks live elsewhere (`gemm::bench_gemm`, `pipeswitch bench gemm`);
+//! Benchmarks live elsewhere (`gemm::bench_gemm_kernels`, `pipeswitch bench gemm`);
 //! these tests only check correctness, except `kernel_speeds`, which prints
 //! every kernel's speed at the benchmark shapes when PIPESWITCH_GEMM_SPEEDS
 //! is set.

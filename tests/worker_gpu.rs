@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use pipeswitch::arena::Arena;
 use pipeswitch::error::Error;
-use pipeswitch::model::cpu::{example_inputs, reference_weights, run_graph_cpu, tiny_models, HostTensor};
-use pipeswitch::model::graph::Op;
+use pipeswitch::model::cpu::{example_inputs, reference_weights, run_graph_cpu, tiny_models};
 use pipeswitch::model::reference::{bert, resnet, ModelDef, ResNetConfig, TransformerConfig};
 use pipeswitch::model::weights::write_model_file;
 use pipeswitch::planner;
@@ -38,18 +37,6 @@ fn store_of(tag: &str, defs: &[&ModelDef]) -> TempStore {
         store.add_safetensors(&d.graph.name, &path, None, &mut |_, _| {}).unwrap();
     }
     TempStore(Arc::new(store), name)
-}
-
-fn vocab(d: &ModelDef) -> usize {
-    let shapes = d.weight_shapes();
-    d.graph.ops.iter().find_map(|op| if let Op::Embedding { wte, .. } = op { shapes.get(wte).map(|s| s[0]) } else { None }).unwrap_or(0)
-}
-
-fn bytes_of(t: &HostTensor) -> Vec<u8> {
-    match t {
-        HostTensor::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        HostTensor::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    }
 }
 
 /// max |gpu - ref| / max(1, max |ref|)
@@ -83,8 +70,8 @@ fn setup(tag: &str, defs: &[&ModelDef]) -> Setup {
 fn switch_and_run(s: &mut Setup, d: &ModelDef, plan: Option<&[usize]>) -> Vec<f32> {
     let p = Program::from_store(&s.store.0, &d.graph.name).unwrap();
     s.worker.prepare(&p).unwrap();
-    for (k, v) in example_inputs(&d.graph, SEED, vocab(d)) {
-        s.worker.set_input(&p, &k, &bytes_of(&v)).unwrap();
+    for (k, v) in example_inputs(&d.graph, SEED, d.vocab()) {
+        s.worker.set_input(&p, &k, &v.to_le_bytes()).unwrap();
     }
     match plan {
         Some(plan) => s.switch.start(&s.store.0, &d.graph.name, &s.arena, s.region, plan).unwrap(),
@@ -95,7 +82,7 @@ fn switch_and_run(s: &mut Setup, d: &ModelDef, plan: Option<&[usize]>) -> Vec<f3
 }
 
 fn cpu_output(d: &ModelDef) -> Vec<f32> {
-    let inputs = example_inputs(&d.graph, SEED, vocab(d));
+    let inputs = example_inputs(&d.graph, SEED, d.vocab());
     run_graph_cpu(&d.graph, &reference_weights(d, SEED), &inputs).unwrap().remove(&d.graph.outputs[0]).unwrap()
 }
 
@@ -149,8 +136,8 @@ fn profiled_runs_give_layer_times_that_the_planner_uses() {
     let p = Program::from_store(&s.store.0, &d.graph.name).unwrap();
     assert!(s.store.0.model(&d.graph.name).unwrap().attribute(GRAPH_ATTRIBUTE).is_some());
     s.worker.prepare(&p).unwrap();
-    for (k, v) in example_inputs(&d.graph, SEED, vocab(d)) {
-        s.worker.set_input(&p, &k, &bytes_of(&v)).unwrap();
+    for (k, v) in example_inputs(&d.graph, SEED, d.vocab()) {
+        s.worker.set_input(&p, &k, &v.to_le_bytes()).unwrap();
     }
     s.switch.start_whole(&s.store.0, &d.graph.name, &s.arena, s.region).unwrap();
     s.worker.run(&p, &s.switch, RunOptions { profile: true }).unwrap();

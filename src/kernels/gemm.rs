@@ -903,88 +903,6 @@ pub fn from_half_bits(dtype: GemmDtype, h: u16) -> f32 {
 // Benchmark helper
 // ---------------------------------------------------------------------------
 
-/// Median TFLOP/s of `C[m,n] = A[m,k] B^T` (B stored `[n,k]`, nn.Linear
-/// layout, no bias or activation) in `dtype`, over `reps` samples; see
-/// [`bench_gemm_with`].
-pub fn bench_gemm(device: &'static Device, dtype: GemmDtype, m: usize, n: usize, k: usize, reps: usize) -> Result<f64> {
-    bench_gemm_with(device, dtype, m, n, k, true, None, reps)
-}
-
-/// Median TFLOP/s of one GEMM shape on random data: several input sets
-/// (together larger than the L2 cache) are rotated so the inputs come from
-/// device memory; each sample times 20 back-to-back launches between two
-/// events. `tile` None = what [`gemm`] chooses.
-#[allow(clippy::too_many_arguments)]
-pub fn bench_gemm_with(
-    device: &'static Device,
-    dtype: GemmDtype,
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_b: bool,
-    tile: Option<GemmTile>,
-    reps: usize,
-) -> Result<f64> {
-    if reps == 0 {
-        return Err(Error::invalid("bench_gemm: reps must be at least 1"));
-    }
-    let size = dtype.size();
-    let set_bytes = (m * k + n * k + m * n) * size;
-    let sets = (256usize << 20).div_ceil(set_bytes.max(1)).clamp(2, 16);
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut rand = |len: usize| -> Vec<u8> {
-        let mut out = Vec::with_capacity(len * size);
-        for _ in 0..len {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let v = ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-            match dtype {
-                GemmDtype::F32 => out.extend_from_slice(&v.to_ne_bytes()),
-                _ => out.extend_from_slice(&to_half_bits(dtype, v).to_ne_bytes()),
-            }
-        }
-        out
-    };
-    let mut bufs = Vec::with_capacity(sets);
-    for _ in 0..sets {
-        let a = DeviceAlloc::from_slice(device, &rand(m * k))?;
-        let b = DeviceAlloc::from_slice(device, &rand(n * k))?;
-        let c = DeviceAlloc::new(device, m * n * size)?;
-        bufs.push((a, b, c));
-    }
-    let stream = Stream::new(device)?;
-    let args: Vec<GemmArgs> = bufs.iter().map(|(a, b, c)| GemmArgs::dense(m, n, k, a.ptr(), b.ptr(), trans_b, c.ptr())).collect();
-    let tile = match tile {
-        Some(t) => t,
-        None => choose_tile(dtype, &args[0], sm_count(device)?),
-    };
-    for g in &args {
-        gemm_with_tile(device, stream.raw(), dtype, g, tile)?;
-    }
-    stream.synchronize()?;
-    let (start, end) = (Event::new(device, true)?, Event::new(device, true)?);
-    const PER: usize = 20;
-    let mut samples = Vec::with_capacity(reps);
-    let mut next = 0usize;
-    for _ in 0..reps {
-        start.record(stream.raw())?;
-        for _ in 0..PER {
-            gemm_with_tile(device, stream.raw(), dtype, &args[next % sets], tile)?;
-            next += 1;
-        }
-        end.record(stream.raw())?;
-        end.synchronize()?;
-        samples.push(Event::elapsed_ms(&start, &end)? as f64 / PER as f64);
-    }
-    samples.sort_by(|x, y| x.total_cmp(y));
-    let ms = samples[samples.len() / 2];
-    if ms <= 0.0 {
-        return Err(Error::Internal("bench_gemm: zero elapsed time".into()));
-    }
-    Ok(2.0 * m as f64 * n as f64 * k as f64 / (ms * 1e-3) / 1e12)
-}
-
 /// Name of the mma.sync / FFMA kernel ([`choose_tile`]) for these arguments
 /// on a GPU with `sms` multiprocessors: what [`gemm`] launches on a GPU
 /// without the wgmma kernels. [`kernel_name_on`] names what it launches on a
@@ -1012,10 +930,10 @@ pub fn kernel_name_on(device: &'static Device, dtype: GemmDtype, args: &GemmArgs
 }
 
 /// Median TFLOP/s of each of `kernels` for `C[m,n] = A[m,k] B^T` (B stored
-/// `[n,k]`; bias, no activation) on random data, timed like
-/// [`bench_gemm_with`] (rotating input sets larger than the L2 cache, 20
-/// back-to-back launches per sample, `reps` samples, after a warm-up), with
-/// one allocation for all the kernels. `None` forces nothing ([`gemm`]'s
+/// `[n,k]`; bias, no activation) on random data: rotating input sets larger
+/// than the L2 cache, 20 back-to-back launches per sample between two
+/// events, `reps` samples after a warm-up, one allocation for all the
+/// kernels. `None` forces nothing ([`gemm`]'s
 /// choice).
 pub fn bench_gemm_kernels(
     device: &'static Device,

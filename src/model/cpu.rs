@@ -52,6 +52,13 @@ impl HostTensor {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The values as little-endian bytes (what a worker's input takes).
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        match self {
+            HostTensor::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            HostTensor::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
     /// The dtype's name as in [`TensorDecl::dtype`] ("F32", "I32").
     pub fn dtype_name(&self) -> &'static str {
         match self {
@@ -379,9 +386,8 @@ mod tests {
         tiny_models(batch, seq).into_iter().find(|m| m.graph.name == name).unwrap()
     }
 
-    /// Vocabulary of a transformer model (rows of its token table).
     fn vocab(m: &ModelDef) -> usize {
-        m.layers.iter().flat_map(|(_, ws)| ws.iter()).find(|w| w.name.contains("wte") || w.name.contains("word_embeddings")).map_or(0, |w| w.shape[0])
+        m.vocab()
     }
 
     fn run1(m: &ModelDef, w: &HostWeights, inp: &HashMap<String, HostTensor>) -> Vec<f32> {

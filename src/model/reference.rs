@@ -42,6 +42,19 @@ impl ModelDef {
             .flat_map(|(_, ws)| ws.iter().map(|w| (w.name.clone(), w.shape.clone())))
             .collect()
     }
+    /// Rows of the token table of the model's embedding (0 without one):
+    /// token ids must lie below it.
+    pub fn vocab(&self) -> usize {
+        let shapes = self.weight_shapes();
+        self.graph
+            .ops
+            .iter()
+            .find_map(|op| match op {
+                Op::Embedding { wte, .. } => shapes.get(wte).map(|s| s[0]),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
     pub fn n_params(&self) -> usize {
         self.layers.iter().flat_map(|(_, ws)| ws.iter()).map(|w| w.shape.iter().product::<usize>()).sum()
     }
