@@ -5,11 +5,15 @@
 # with no cargo on PATH, no PIPESWITCH_LIB and no source tree on sys.path.
 # Needs network to PyPI (setuptools for the build, pytest for the venv).
 set -euo pipefail
+export PIP_DISABLE_PIP_VERSION_CHECK=1
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-python3 -m pip wheel -q --no-deps -w "$work/dist" "$root/python"
+# A fresh venv: its pip builds the wheel (build isolation: nothing is
+# installed into the venv by that), then installs it.
+python3 -m venv "$work/venv"
+"$work/venv/bin/python" -m pip wheel -q --no-deps -w "$work/dist" "$root/python"
 # pip builds in the source tree: leave no build/ or egg-info there.
 rm -rf "$root/python/build" "$root/python/pipeswitch.egg-info"
 wheels=("$work"/dist/pipeswitch-*.whl)
@@ -23,7 +27,6 @@ esac
 python3 -c 'import sys, zipfile; sys.exit("pipeswitch/libpipeswitch.so" not in zipfile.ZipFile(sys.argv[1]).namelist())' "$wheel" \
   || { echo "check-wheel: the wheel has no pipeswitch/libpipeswitch.so" >&2; exit 1; }
 
-python3 -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q "$wheel" pytest
 
 # PATH without any directory holding cargo (rustup's ~/.cargo/bin included).
