@@ -17,6 +17,7 @@ fi
 # without cargo, running python/tests.
 scripts/check-install.sh
 python3 scripts/abi.py check
+python3 -m pytest scripts/tests -q -p no:cacheprovider
 scripts/check-wheel.sh
 # The experiments' figure and bookkeeping code (standard library only).
 python3 -m pytest bench/paper -q
