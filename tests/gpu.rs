@@ -207,12 +207,11 @@ fn unhex(s: &str) -> Vec<u8> {
 }
 
 fn handle_bytes(h: &ArenaIpcHandle) -> Vec<u8> {
-    unsafe { std::slice::from_raw_parts((h as *const ArenaIpcHandle).cast::<u8>(), 128).to_vec() }
+    h.to_bytes().to_vec()
 }
 
 fn handle_from(bytes: &[u8]) -> ArenaIpcHandle {
-    assert_eq!(bytes.len(), 128);
-    unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ArenaIpcHandle>()) }
+    ArenaIpcHandle::decode(bytes.try_into().expect("128 bytes")).expect("a valid handle")
 }
 
 /// The worker side of the IPC tests, run in a child process (this same test
@@ -222,6 +221,22 @@ fn handle_from(bytes: &[u8]) -> ArenaIpcHandle {
 fn ipc_child() {
     let Ok(role) = std::env::var("PS_TEST_CHILD") else { return };
     let handle = handle_from(&unhex(&std::env::var("PS_TEST_HANDLE").unwrap()));
+    if role == "forged" {
+        // A handle that claims 64 MiB more than the owner allocated (every
+        // field valid on its own): refused against the real mapping.
+        let mut forged = handle;
+        forged.bytes += 64 << 20;
+        forged.workspace_offset += 64 << 20;
+        match Arena::import(&forged) {
+            Err(Error::InvalidArgument(m)) if m.contains("claims") => println!("CHILD-FORGED-REFUSED: {m}"),
+            other => panic!("a forged handle was not refused: {other:?}"),
+        }
+        // The genuine handle still imports, with the owner's sizes.
+        let arena = Arena::import(&handle).unwrap();
+        assert_eq!((arena.bytes(), arena.workspace()), (handle.bytes, (handle.workspace_offset, handle.workspace_bytes)));
+        println!("CHILD-GENUINE-OK");
+        return;
+    }
     let arena = Arc::new(Arena::import(&handle).unwrap());
     match role.as_str() {
         "switch" => {
@@ -280,6 +295,16 @@ fn a_worker_process_switches_into_the_owners_arena() {
     let mut back = vec![0u8; m.bytes as usize];
     arena.read(region, &mut back).unwrap();
     assert!(back == ts.0.model_bytes(&m).unwrap());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_forged_handle_claiming_more_than_the_mapping_is_refused() {
+    let arena = Arena::create(0, 32 << 20, 2 << 20).unwrap();
+    let h = arena.export().unwrap();
+    assert_eq!(ArenaIpcHandle::decode(&h.to_bytes()).unwrap(), h);
+    let (ok, text) = spawn_child("forged", &[("PS_TEST_HANDLE", hex(&handle_bytes(&h)))]);
+    assert!(ok && text.contains("CHILD-FORGED-REFUSED") && text.contains("CHILD-GENUINE-OK"), "{text}");
 }
 
 #[test]
