@@ -41,6 +41,8 @@ fi
 if [ "${BENCH:-1}" = 1 ]; then
   echo "=== bench transfer" | tee -a "$log"
   .gpu/pipeswitch bench transfer --reps "${REPS:-20}" --json-out "$OUT/transfer.json" 2>&1 | tee -a "$log"
+  echo "=== bench kernels" | tee -a "$log"
+  .gpu/pipeswitch bench kernels 2>&1 | tee -a "$log"
 fi
 echo "overall fail=$fail" | tee -a "$log"
 exit $fail
