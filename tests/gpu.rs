@@ -273,11 +273,17 @@ fn handle_from(bytes: &[u8]) -> ArenaIpcHandle {
 }
 
 /// The worker side of the IPC tests, run in a child process (this same test
-/// binary, selected with PS_TEST_CHILD). Does nothing in a normal run.
+/// binary, selected with PS_TEST_CHILD). In a normal run it checks the
+/// harness itself: an exported handle survives the hex text the parent sends.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn ipc_child() {
-    let Ok(role) = std::env::var("PS_TEST_CHILD") else { return };
+    let Ok(role) = std::env::var("PS_TEST_CHILD") else {
+        let arena = Arena::create(0, 4 << 20, 2 << 20).unwrap();
+        let h = arena.export().unwrap();
+        assert_eq!(handle_from(&unhex(&hex(&handle_bytes(&h)))), h);
+        return;
+    };
     let handle = handle_from(&unhex(&std::env::var("PS_TEST_HANDLE").unwrap()));
     if role == "forged" {
         // A handle that claims 64 MiB more than the owner allocated (every
