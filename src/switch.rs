@@ -104,6 +104,24 @@ pub fn check_plan(group_starts: &[usize], n_layers: usize) -> Result<()> {
     Ok(())
 }
 
+/// The end of each layer's bytes in `model`, checked: a store's table comes
+/// from shared memory, and a layer that overflowed or ended past the model
+/// would make the switch read past the model and write past its region.
+pub fn layer_ends(model: &Model) -> Result<Vec<u64>> {
+    model
+        .layers
+        .iter()
+        .map(|l| {
+            l.offset.checked_add(l.bytes).filter(|&e| e <= model.bytes).ok_or_else(|| {
+                Error::corrupt(format!(
+                    "layer {:?} of model {:?} ([{}, +{})) ends past the model's {} bytes",
+                    l.name, model.name, l.offset, l.bytes, model.bytes
+                ))
+            })
+        })
+        .collect()
+}
+
 /// Where group `g` of a plan ends in the model's bytes, and which group holds
 /// each layer: group g covers layers `[starts[g], starts[g+1])` (the last one
 /// runs to the end), `layer_ends[l]` is the end of layer l's bytes. Pure
@@ -537,7 +555,7 @@ impl Switch {
         store.pin(self.device)?;
         let host = store.host_ptr(&model)?;
 
-        let layer_ends: Vec<u64> = model.layers.iter().map(|l| l.offset + l.bytes).collect();
+        let layer_ends = layer_ends(&model)?;
         let (group_ends, layer_group) = group_layout(&layer_ends, &starts);
         let copies = match group_starts {
             Some(_) => copy_schedule(&group_ends, self.chunking)?,
@@ -879,6 +897,35 @@ mod tests {
         }
         ops.push(Op::End);
         ops
+    }
+
+    #[test]
+    fn layers_past_the_model_are_refused() {
+        use crate::store::LayerInfo;
+        let layer = |offset: u64, bytes: u64| LayerInfo {
+            name: format!("l{offset}"),
+            first_tensor: 0,
+            n_tensors: 0,
+            offset,
+            bytes,
+            exec_ms: f64::NAN,
+        };
+        let mut m = Model {
+            name: "m".into(),
+            id: 1,
+            segment_offset: 4096,
+            bytes: 1024,
+            layers: vec![layer(0, 512), layer(512, 512)],
+            tensors: Vec::new(),
+            attributes: Vec::new(),
+        };
+        assert_eq!(layer_ends(&m).unwrap(), vec![512, 1024]);
+        m.layers[1].bytes = 513;
+        assert!(matches!(layer_ends(&m), Err(Error::CorruptStore(_))));
+        m.layers[1] = layer(u64::MAX, 2);
+        assert!(matches!(layer_ends(&m), Err(Error::CorruptStore(_))));
+        m.layers[1] = layer(512, u64::MAX);
+        assert!(matches!(layer_ends(&m), Err(Error::CorruptStore(_))));
     }
 
     #[test]
