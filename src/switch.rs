@@ -270,11 +270,14 @@ pub(crate) struct Pipeline<E: CopyEngine, H> {
     current: Option<Running<H>>,
     retired: Vec<H>,
     failed: Option<String>,
+    /// A failed switch's copies were never waited for (the drain failed):
+    /// the end event does not cover them, only a successful drain does.
+    undrained: bool,
 }
 
 impl<E: CopyEngine, H> Pipeline<E, H> {
     pub(crate) fn new(engine: E) -> Self {
-        Pipeline { engine, current: None, retired: Vec::new(), failed: None }
+        Pipeline { engine, current: None, retired: Vec::new(), failed: None, undrained: false }
     }
 
     fn current(&self) -> Result<&Running<H>> {
@@ -322,8 +325,13 @@ impl<E: CopyEngine, H> Pipeline<E, H> {
     unsafe fn enqueue(&mut self, dst: CUdeviceptr, src: *const u8, n_groups: usize, copies: &[Copy]) -> Result<()> {
         self.engine.reserve_groups(n_groups)?;
         // The end event's last record follows every earlier switch's copies:
-        // once it has completed, what they held may go.
-        if !self.retired.is_empty() && self.engine.is_done()? {
+        // once it has completed, what they held may go. Copies of a failed
+        // switch that could not be waited for come after it: they need a drain.
+        if self.undrained {
+            self.engine.drain()?;
+            self.undrained = false;
+            self.retired.clear();
+        } else if !self.retired.is_empty() && self.engine.is_done()? {
             self.retired.clear();
         }
         self.engine.record_start()?;
@@ -349,11 +357,13 @@ impl<E: CopyEngine, H> Pipeline<E, H> {
         match self.engine.drain() {
             Ok(()) => {
                 self.retired.clear();
+                self.undrained = false;
                 drop(held);
             }
             Err(d) => {
                 tracing::warn!("a switch failed ({e}) and waiting for its copies failed too ({d})");
                 self.retired.push(held);
+                self.undrained = true;
             }
         }
     }
@@ -366,6 +376,7 @@ impl<E: CopyEngine, H> Pipeline<E, H> {
         }
         self.current = None;
         self.retired.clear();
+        self.undrained = false;
         Ok(())
     }
 
@@ -1034,29 +1045,45 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_drain_keeps_everything_until_the_copies_are_done() {
+    fn a_failed_drain_keeps_everything_until_a_drain_succeeds() {
         let mut r = Xs(0xd4a1_0000_0000_0003);
         let (a, b, c) = (case(&mut r), case(&mut r), case(&mut r));
-        let fake = Fake::default();
-        let mut p = Pipe::new(fake.clone());
-        let (ta, tb, tc): (Token, Token, Token) = (Arc::new("a"), Arc::new("b"), Arc::new("c"));
-        start(&mut p, &a, &[&ta]).unwrap();
-        let before = fake.n_ops();
-        // b fails at its start event, and the drain after it fails too.
-        fake.fail_at(before + 2);
-        fake.fail_at(before + 3);
-        assert!(start(&mut p, &b, &[&tb]).is_err());
-        assert_eq!(fake.ops()[before + 3], Op::Drain);
-        assert_eq!((Arc::strong_count(&ta), Arc::strong_count(&tb)), (2, 2), "released while copies may still run");
-        assert!(p.wait_group(0, std::ptr::null_mut()).is_err());
-        // c starts; its query says the earlier copies are still running.
-        fake.set_done(false);
-        start(&mut p, &c, &[&tc]).unwrap();
-        assert_eq!((Arc::strong_count(&ta), Arc::strong_count(&tb)), (2, 2));
-        // They finish; the next start (here: a again) sees it and releases a, b and c.
-        fake.set_done(true);
-        start(&mut p, &a, &[&ta]).unwrap();
-        assert_eq!((Arc::strong_count(&ta), Arc::strong_count(&tb), Arc::strong_count(&tc)), (2, 1, 1));
+        for c_drain_fails in [false, true] {
+            let fake = Fake::default();
+            let mut p = Pipe::new(fake.clone());
+            let (ta, tb, tc): (Token, Token, Token) = (Arc::new("a"), Arc::new("b"), Arc::new("c"));
+            start(&mut p, &a, &[&ta]).unwrap();
+            let before = fake.n_ops();
+            // b fails at its start event, and the drain after it fails too.
+            fake.fail_at(before + 2);
+            fake.fail_at(before + 3);
+            assert!(start(&mut p, &b, &[&tb]).is_err());
+            assert_eq!(fake.ops()[before + 2..], [Op::Start, Op::Drain]);
+            assert_eq!((Arc::strong_count(&ta), Arc::strong_count(&tb)), (2, 2), "released while copies may still run");
+            assert!(p.wait_group(0, std::ptr::null_mut()).is_err());
+            // The end event does not cover b's partial copies, so even a
+            // "done" end event releases nothing: c's start drains first.
+            fake.set_done(true);
+            let before = fake.n_ops();
+            if c_drain_fails {
+                fake.fail_at(before + 1);
+                assert!(start(&mut p, &c, &[&tc]).is_err());
+                // The reset's own drain succeeds: everything goes.
+                assert_eq!(fake.ops()[before..], [Op::Reserve(c.starts.len()), Op::Drain, Op::Drain]);
+                assert!(p.wait_group(0, std::ptr::null_mut()).is_err());
+            } else {
+                start(&mut p, &c, &[&tc]).unwrap();
+                let mut want = expected_ops(&c, c.host.as_ptr() as usize, false);
+                want.insert(1, Op::Drain);
+                assert_eq!(fake.ops()[before..], want);
+                assert_eq!(Arc::strong_count(&tc), 2);
+            }
+            assert_eq!((Arc::strong_count(&ta), Arc::strong_count(&tb)), (1, 1));
+            // From now on, the end event is trusted again.
+            let before = fake.n_ops();
+            start(&mut p, &a, &[&ta]).unwrap();
+            assert_eq!(fake.ops()[before..], expected_ops(&a, a.host.as_ptr() as usize, !c_drain_fails));
+        }
     }
 
     #[test]
