@@ -36,7 +36,7 @@ if [ "${SANITIZE:-1}" = 1 ]; then
     [ $rc = 0 ] || fail=1
   }
   for tool in ${SANITIZERS:-memcheck racecheck synccheck}; do
-    sanitize "$tool" gpu --skip ipc --skip worker --skip dies --skip error_paths --skip measured
+    sanitize "$tool" gpu --skip ipc --skip worker --skip dies --skip error_paths --skip measured --skip forged
     sanitize "$tool" worker_gpu --skip full_size
     sanitize "$tool" kernels_misc
     sanitize "$tool" kernels_conv --skip resnet
@@ -54,6 +54,8 @@ fi
 if [ "${BENCH:-1}" = 1 ]; then
   echo "=== bench transfer" | tee -a "$log"
   .gpu/pipeswitch bench transfer --reps "${REPS:-20}" --json-out "$OUT/transfer.json" 2>&1 | tee -a "$log"
+  echo "=== bench kernels" | tee -a "$log"
+  .gpu/pipeswitch bench kernels 2>&1 | tee -a "$log"
 fi
 echo "overall fail=$fail" | tee -a "$log"
 exit $fail

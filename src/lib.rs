@@ -16,6 +16,7 @@
 pub mod arena;
 pub mod bench;
 pub mod bench_gemm;
+pub mod bench_kernels;
 pub mod cuda;
 pub mod demo;
 pub mod error;

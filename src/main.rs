@@ -137,6 +137,14 @@ enum BenchCmd {
         #[arg(long)]
         json_out: Option<PathBuf>,
     },
+    /// Our conv kernels at every ResNet-152 shape (each tile and the automatic
+    /// choice) and the transformer kernels at the demo's shapes.
+    Kernels {
+        #[arg(long, default_value_t = 0)]
+        device: i32,
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+    },
 }
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
@@ -261,6 +269,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("targets: {}", report.targets);
             println!("wrote {}", path.display());
             Ok(())
+        }
+        Command::Bench(BenchCmd::Kernels { device, reps }) => {
+            pipeswitch::bench_kernels::run_kernels(device, reps, &mut |line| println!("{line}"))
         }
         Command::Bench(BenchCmd::Gemm { device, reps, torch, all_tiles, json_out }) => {
             use pipeswitch::bench_gemm;
