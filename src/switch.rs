@@ -236,6 +236,17 @@ impl CopyEngine for CudaCopies {
 
 /// The switch in flight (or last completed): what its copies read and write,
 /// kept alive until they have completed.
+/// How a switch brings its model in.
+#[derive(Clone, Copy)]
+enum Mode<'a> {
+    /// Pipelined, in the groups that start at these layers.
+    Plan(&'a [usize]),
+    /// One copy, one group.
+    Whole,
+    /// No copy: the bytes are in place already.
+    Resident,
+}
+
 struct InFlight {
     model: Arc<Model>,
     store: Arc<Store>,
@@ -312,7 +323,8 @@ impl<E: CopyEngine, H> Pipeline<E, H> {
         // SAFETY: forwarded from the caller.
         match unsafe { self.enqueue(dst, src, group_starts.len(), copies) } {
             Ok(()) => {
-                self.current = Some(Running { held, dst, group_starts, layer_group, copies: copies.len() });
+                let copies = copies.iter().filter(|c| c.end > c.start).count();
+                self.current = Some(Running { held, dst, group_starts, layer_group, copies });
                 Ok(())
             }
             Err(e) => {
@@ -528,13 +540,21 @@ impl Switch {
         dst_offset: u64,
         group_starts: &[usize],
     ) -> Result<()> {
-        self.begin(store, model_name, arena, dst_offset, Some(group_starts))
+        self.begin(store, model_name, arena, dst_offset, Mode::Plan(group_starts))
     }
 
     /// The whole model in one copy with one event (group 0): transfer-then-run,
     /// the baseline that pipelining is measured against.
     pub fn start_whole(&mut self, store: &Arc<Store>, model_name: &str, arena: &Arc<Arena>, dst_offset: u64) -> Result<()> {
-        self.begin(store, model_name, arena, dst_offset, None)
+        self.begin(store, model_name, arena, dst_offset, Mode::Whole)
+    }
+
+    /// Attaches a model whose bytes are already at `dst_offset` (resident, as
+    /// the residency manager reports): no copy, one group that is complete as
+    /// soon as the copy stream reaches it. A worker then runs the model as it
+    /// runs a switched one.
+    pub fn start_resident(&mut self, store: &Arc<Store>, model_name: &str, arena: &Arc<Arena>, dst_offset: u64) -> Result<()> {
+        self.begin(store, model_name, arena, dst_offset, Mode::Resident)
     }
 
     fn begin(
@@ -543,7 +563,7 @@ impl Switch {
         model_name: &str,
         arena: &Arc<Arena>,
         dst_offset: u64,
-        group_starts: Option<&[usize]>,
+        mode: Mode<'_>,
     ) -> Result<()> {
         if arena.device().ordinal() != self.device.ordinal() {
             return Err(Error::invalid(format!(
@@ -554,12 +574,12 @@ impl Switch {
         }
         let model = store.model(model_name)?;
         let n_layers = model.layers.len();
-        let starts: Vec<usize> = match group_starts {
-            Some(s) => {
+        let starts: Vec<usize> = match mode {
+            Mode::Plan(s) => {
                 check_plan(s, n_layers)?;
                 s.to_vec()
             }
-            None => vec![0],
+            Mode::Whole | Mode::Resident => vec![0],
         };
         arena.check_region(dst_offset, model.bytes)?;
         self.device.bind()?;
@@ -568,9 +588,11 @@ impl Switch {
 
         let layer_ends = layer_ends(&model)?;
         let (group_ends, layer_group) = group_layout(&layer_ends, &starts);
-        let copies = match group_starts {
-            Some(_) => copy_schedule(&group_ends, self.chunking)?,
-            None => vec![Copy { start: 0, end: model.bytes, completes_groups: vec![0] }],
+        let copies = match mode {
+            Mode::Plan(_) => copy_schedule(&group_ends, self.chunking)?,
+            Mode::Whole => vec![Copy { start: 0, end: model.bytes, completes_groups: vec![0] }],
+            // An empty copy: only the group's event.
+            Mode::Resident => vec![Copy { start: 0, end: 0, completes_groups: vec![0] }],
         };
         let dst = arena.base() + dst_offset;
         let held = InFlight { model, store: store.clone(), arena: arena.clone() };

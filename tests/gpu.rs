@@ -97,6 +97,19 @@ fn pipelined_switch_delivers_every_byte_and_address() {
     arena.read(region, &mut back).unwrap();
     assert!(back == store.model_bytes(&m).unwrap());
     assert!(sw.elapsed_ms().unwrap() > 0.0);
+    // A resident model attached by another switch: no copy, one group that
+    // completes, the same addresses; the bytes stay as they were.
+    let mut resident = Switch::new(0).unwrap();
+    resident.start_resident(store, "resnet", &arena, region).unwrap();
+    assert_eq!((resident.n_copies().unwrap(), resident.n_groups().unwrap()), (0, 1));
+    resident.synchronize().unwrap();
+    assert!(resident.group_ready(0).unwrap());
+    assert_eq!(resident.group_of_layer(m.layers.len() - 1).unwrap(), 0);
+    assert_eq!(resident.model_base().unwrap(), arena.base() + region);
+    let (ptr, _) = resident.tensor_ptr(m.tensors.len() - 1).unwrap();
+    assert_eq!(ptr, arena.base() + region + m.tensors[m.tensors.len() - 1].offset);
+    arena.read(region, &mut back).unwrap();
+    assert!(back == store.model_bytes(&m).unwrap());
 }
 
 #[test]
