@@ -76,13 +76,13 @@ impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io { context: context.into(), source }
     }
-    pub(crate) fn os(context: impl Into<String>, source: nix::errno::Errno) -> Self {
+    pub fn os(context: impl Into<String>, source: nix::errno::Errno) -> Self {
         Error::Os { context: context.into(), source }
     }
-    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+    pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidArgument(msg.into())
     }
-    pub(crate) fn corrupt(msg: impl Into<String>) -> Self {
+    pub fn corrupt(msg: impl Into<String>) -> Self {
         Error::CorruptStore(msg.into())
     }
 }

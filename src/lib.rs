@@ -14,11 +14,7 @@
 //! - [`ffi`]: the C ABI (`include/pipeswitch.h`).
 
 pub mod arena;
-pub mod bench;
-pub mod bench_gemm;
-pub mod bench_kernels;
 pub mod cuda;
-pub mod demo;
 pub mod error;
 pub mod ffi;
 pub mod kernels;

@@ -82,7 +82,7 @@ fn model_file(dir: &Path) -> PathBuf {
     for (i, (_, s)) in shapes.iter().enumerate() {
         let n: u64 = s.iter().product();
         let mut v = vec![0u8; (n * 4) as usize];
-        pipeswitch::bench::fill_random(&mut v, 77 + i as u64);
+        pipeswitch::measure::fill_random(&mut v, 77 + i as u64);
         data.push(v);
     }
     let tensors: Vec<WriteTensor<'_>> = shapes

@@ -5,7 +5,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use pipeswitch::arena::{Arena, ArenaIpcHandle};
-use pipeswitch::bench::{add_synthetic, fill_random, resnet152_shape, Shape};
+use pipeswitch::model::synthetic::{add_synthetic, fill_random, resnet152_shape, Shape};
 use pipeswitch::cuda::{memory, Device, DeviceAlloc, Stream};
 use pipeswitch::error::Error;
 use pipeswitch::store::{Dtype, Store};
@@ -29,7 +29,7 @@ fn temp_store(tag: &str, models: &[(&str, &Shape)]) -> TempStore {
     let _ = Store::destroy(&name);
     let cap: u64 = models
         .iter()
-        .map(|(_, s)| pipeswitch::bench::shape_size(s).unwrap().0 + (4 << 20))
+        .map(|(_, s)| pipeswitch::model::synthetic::shape_size(s).unwrap().0 + (4 << 20))
         .sum();
     let store = Store::create(&name, cap, 8).unwrap();
     for (i, (m, s)) in models.iter().enumerate() {

@@ -15,18 +15,18 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::arena::Arena;
+use pipeswitch::arena::Arena;
 use crate::bench::Stats;
-use crate::cuda::{self, Device};
-use crate::error::{Error, Result};
-use crate::ffi::plan::layer_transfer_ms;
-use crate::model::cpu::example_inputs;
-use crate::model::reference::{reference_models, ModelDef};
-use crate::model::weights::write_model_file;
-use crate::store::Store;
-use crate::switch::Switch;
-use crate::worker::{Program, RunOptions, Worker};
-use crate::{measure, planner};
+use pipeswitch::cuda::{self, Device};
+use pipeswitch::error::{Error, Result};
+use pipeswitch::ffi::plan::layer_transfer_ms;
+use pipeswitch::model::cpu::example_inputs;
+use pipeswitch::model::reference::{reference_models, ModelDef};
+use pipeswitch::model::weights::write_model_file;
+use pipeswitch::store::Store;
+use pipeswitch::switch::Switch;
+use pipeswitch::worker::{Program, RunOptions, Worker};
+use pipeswitch::{measure, planner};
 
 /// What the demo does.
 #[derive(Debug, Clone)]
@@ -170,7 +170,7 @@ struct Plans {
 /// (token tables) travel last, in a group of their own. A switch is over
 /// when both its run and its copies are: the predicted time is the larger
 /// of the planner's makespan and the last copy's end.
-fn plans(m: &crate::store::Model, needed: usize, peak_gbps: f64, a: f64, b: f64) -> Result<Plans> {
+fn plans(m: &pipeswitch::store::Model, needed: usize, peak_gbps: f64, a: f64, b: f64) -> Result<Plans> {
     let t = layer_transfer_ms(m, peak_gbps)?;
     let x: Vec<f64> = m.layers.iter().map(|l| l.exec_ms).collect();
     let needed = needed.clamp(1, t.len());
@@ -203,7 +203,7 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoReport> 
     let device = Device::get(opts.device)?;
     let card = device.name()?;
     log(&format!("device {}: {card}", opts.device));
-    crate::kernels::preload(device)?;
+    pipeswitch::kernels::preload(device)?;
 
     let mut defs = reference_models(opts.batch, opts.seq);
     if !opts.models.is_empty() {
@@ -353,7 +353,7 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoReport> 
     // and the per-layer plan, and the ready model.
     switch.set_timing(true)?;
     let mut trace = Vec::new();
-    let origin = crate::cuda::Event::new(device, true)?;
+    let origin = pipeswitch::cuda::Event::new(device, true)?;
     for (mi, e) in entries.iter().enumerate() {
         let name = e.program.model().name.clone();
         for (k, plan) in [&e.optimal, &e.per_layer].into_iter().enumerate() {
@@ -463,7 +463,7 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(&str)) -> Result<DemoReport> 
 
 /// Where the time of a pipelined switch goes, from the cost model.
 #[allow(clippy::too_many_arguments)]
-fn explain(m: &crate::store::Model, t: &[f64], x: &[f64], plan: &[usize], a: f64, b: f64, measured: f64, ready: f64, predicted: f64) -> Vec<String> {
+fn explain(m: &pipeswitch::store::Model, t: &[f64], x: &[f64], plan: &[usize], a: f64, b: f64, measured: f64, ready: f64, predicted: f64) -> Vec<String> {
     let mut notes = Vec::new();
     if let Ok(tl) = planner::timeline(t, x, a, b, plan) {
         let first = &tl[0];

@@ -9,7 +9,12 @@ use std::sync::Arc;
 use pipeswitch::error::{Error, Result};
 use pipeswitch::ffi::plan::layer_transfer_ms;
 use pipeswitch::store::Store;
-use pipeswitch::{bench, measure, planner};
+use pipeswitch::{measure, planner};
+
+mod bench;
+mod bench_gemm;
+mod bench_kernels;
+mod demo;
 
 #[derive(Parser)]
 #[command(name = "pipeswitch", version, about = "Millisecond GPU model switching: store, plan, switch, measure")]
@@ -242,11 +247,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Demo { device, reps, out_dir, workdir, keep_files, models } => {
-            let mut opts = pipeswitch::demo::DemoOptions { device, reps: reps.max(1), out_dir, keep_files, models, ..Default::default() };
+            let mut opts = demo::DemoOptions { device, reps: reps.max(1), out_dir, keep_files, models, ..Default::default() };
             if let Some(w) = workdir {
                 opts.workdir = w;
             }
-            pipeswitch::demo::run(&opts, &mut |line| println!("{line}")).map(|_| ())
+            demo::run(&opts, &mut |line| println!("{line}")).map(|_| ())
         }
         Command::Measure { device } => {
             let p = measure::measure_h2d(device, 1 << 30, 9)?;
@@ -271,10 +276,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(BenchCmd::Kernels { device, reps }) => {
-            pipeswitch::bench_kernels::run_kernels(device, reps, &mut |line| println!("{line}"))
+            bench_kernels::run_kernels(device, reps, &mut |line| println!("{line}"))
         }
         Command::Bench(BenchCmd::Gemm { device, reps, torch, all_tiles, json_out }) => {
-            use pipeswitch::bench_gemm;
             let dev = pipeswitch::cuda::Device::get(device)?;
             let report = bench_gemm::run_gemm_bench_logged(dev, reps, torch.as_deref(), all_tiles, &mut |line| eprintln!("{line}"))?;
             print!("{}", bench_gemm::format_table(&report));

@@ -6,12 +6,12 @@
 //! bias + GELU and softmax kernels at BERT-base's and GPT-2 medium's demo
 //! shapes (batch 8, 128 tokens). Medians of `reps` timed launches.
 
-use crate::cuda::{Device, DeviceAlloc, Event, Stream};
-use crate::error::Result;
-use crate::kernels::attention::attention;
-use crate::kernels::conv::{self, ConvTile};
-use crate::kernels::elementwise::{self as ew, Activation};
-use crate::kernels::norm;
+use pipeswitch::cuda::{Device, DeviceAlloc, Event, Stream};
+use pipeswitch::error::Result;
+use pipeswitch::kernels::attention::attention;
+use pipeswitch::kernels::conv::{self, ConvTile};
+use pipeswitch::kernels::elementwise::{self as ew, Activation};
+use pipeswitch::kernels::norm;
 
 /// Runs the kernel benchmark on `device`, one line at a time into `log`.
 pub fn run_kernels(device: i32, reps: usize, log: &mut dyn FnMut(&str)) -> Result<()> {
@@ -60,7 +60,7 @@ fn time_ms(d: &'static Device, s: &Stream, reps: usize, f: &mut dyn FnMut() -> R
         e1.synchronize()?;
         ms.push(f64::from(Event::elapsed_ms(&e0, &e1)?));
     }
-    Ok(crate::measure::median(&mut ms))
+    Ok(pipeswitch::measure::median(&mut ms))
 }
 
 fn demo_shapes(d: &'static Device, reps: usize, log: &mut dyn FnMut(&str)) -> Result<()> {
