@@ -65,6 +65,9 @@ pub enum Error {
     Disconnected(String),
     #[error("refused: {0}")]
     Refused(String),
+    /// A failure the daemon or a worker reported, with its status code.
+    #[error("{message} (status {status})")]
+    Remote { status: u32, message: String },
 
     #[error("internal error: {0}")]
     Internal(String),

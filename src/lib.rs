@@ -4,6 +4,7 @@
 //! - [`store`]: the pinned host model store in shared memory;
 //! - [`arena`]: the device arena (one allocation per GPU, CUDA IPC export);
 //! - [`planner`]: the optimal layer grouping;
+//! - [`client`]: an application's connection to the GPU daemon;
 //! - [`protocol`]: the messages between the daemon, its workers and clients;
 //! - [`residency`]: which models stay in an arena between uses, and where;
 //! - [`switch`]: pipelined transfer with one event per group;
@@ -14,6 +15,7 @@
 //! - [`ffi`]: the C ABI (`include/pipeswitch.h`).
 
 pub mod arena;
+pub mod client;
 pub mod cuda;
 pub mod error;
 pub mod ffi;

@@ -92,6 +92,7 @@ pub(crate) fn status_of(e: &Error) -> ps_status {
         Error::Protocol(_) => PS_ERR_PROTOCOL,
         Error::Disconnected(_) => PS_ERR_DISCONNECTED,
         Error::Refused(_) => PS_ERR_REFUSED,
+        Error::Remote { status, .. } => *status,
         Error::Internal(_) => PS_ERR_INTERNAL,
     }
 }
