@@ -254,6 +254,8 @@ enum Buffer {
     Region { arena: Arc<Arena>, offset: u64, bytes: u64 },
     /// From the arena workspace attached to this process.
     Workspace { ptr: CUdeviceptr, bytes: u64 },
+    /// A region the daemon gave this worker: used, never grown or freed.
+    Given { offset: u64, bytes: u64 },
 }
 
 /// Runs programs on one device's compute stream.
@@ -305,6 +307,16 @@ impl Worker {
         })
     }
 
+    /// A worker whose activations live in `[offset, offset + bytes)` of
+    /// `arena`, a region that someone else (the daemon) reserved for it.
+    /// `prepare` fails for a program whose activations do not fit.
+    pub fn with_region(arena: &Arc<Arena>, offset: u64, bytes: u64) -> Result<Worker> {
+        arena.check_region(offset, bytes)?;
+        let mut w = Worker::new(arena)?;
+        w.buffer = Buffer::Given { offset, bytes };
+        Ok(w)
+    }
+
     pub fn device(&self) -> &'static Device {
         self.device
     }
@@ -317,7 +329,7 @@ impl Worker {
     fn buffer_bytes(&self) -> u64 {
         match &self.buffer {
             Buffer::None => 0,
-            Buffer::Region { bytes, .. } | Buffer::Workspace { bytes, .. } => *bytes,
+            Buffer::Region { bytes, .. } | Buffer::Workspace { bytes, .. } | Buffer::Given { bytes, .. } => *bytes,
         }
     }
 
@@ -326,6 +338,7 @@ impl Worker {
             Buffer::None => 0,
             Buffer::Region { arena, offset, .. } => arena.base() + offset,
             Buffer::Workspace { ptr, .. } => *ptr,
+            Buffer::Given { offset, .. } => self.arena.base() + offset,
         }
     }
 
@@ -335,6 +348,7 @@ impl Worker {
             Buffer::None => Ok(()),
             Buffer::Region { arena, offset, .. } => arena.release(offset),
             Buffer::Workspace { ptr, .. } => arena::workspace::free(ptr),
+            Buffer::Given { .. } => Ok(()),
         }
     }
 
@@ -345,6 +359,12 @@ impl Worker {
         let need = program.act_bytes;
         if need <= self.buffer_bytes() {
             return Ok(());
+        }
+        if let Buffer::Given { bytes, .. } = self.buffer {
+            return Err(Error::ArenaFull(format!(
+                "model {:?} needs {need} bytes of activations; this worker's region has {bytes}",
+                program.model.name
+            )));
         }
         self.free_buffer()?;
         self.device.bind()?;

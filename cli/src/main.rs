@@ -63,6 +63,50 @@ enum Command {
     /// three reference models (ResNet-152, BERT-base, GPT-2 medium), switches
     /// among them and prints ready / transfer-then-run / pipelined latencies;
     /// writes a JSON report and a Chrome trace (open it in Perfetto).
+    /// Run the daemon that owns one GPU: the store, the device arena, the
+    /// residency of models, standby workers and a queue of inference
+    /// requests, on a Unix socket in a private directory. Stop it with
+    /// SIGTERM or SIGINT (Ctrl-C).
+    ///
+    /// Example: `pipeswitch store create models --size 8G`, add models, then
+    /// `pipeswitch serve --store models`; clients connect to
+    /// `$XDG_RUNTIME_DIR/pipeswitch/gpu0.sock` (or /tmp/pipeswitch-<uid>/).
+    Serve {
+        /// The store that holds the models.
+        #[arg(long)]
+        store: String,
+        #[arg(long, default_value_t = 0)]
+        device: i32,
+        /// Bytes of GPU memory for the arena (models and worker regions), e.g. 16G.
+        #[arg(long, default_value = "8G", value_parser = parse_size)]
+        arena_size: u64,
+        /// Bytes of the arena that keep models resident (default: what the
+        /// worker regions leave).
+        #[arg(long, value_parser = parse_size)]
+        residency_size: Option<u64>,
+        /// Activation bytes of each worker.
+        #[arg(long, default_value = "512M", value_parser = parse_size)]
+        worker_region: u64,
+        /// Standby workers kept ready.
+        #[arg(long, default_value_t = 2)]
+        standbys: usize,
+        /// The worker command (default: this program's `worker`).
+        #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+        worker_cmd: Option<Vec<String>>,
+        /// Directory of the socket (default $PIPESWITCH_SOCKET_DIR,
+        /// $XDG_RUNTIME_DIR/pipeswitch or /tmp/pipeswitch-<uid>).
+        #[arg(long)]
+        socket_dir: Option<PathBuf>,
+        /// Requests queued at most.
+        #[arg(long, default_value_t = 1024)]
+        max_queue: usize,
+    },
+    /// A built-in worker process for `pipeswitch serve` (the daemon starts
+    /// these itself; the socket comes in PIPESWITCH_SOCKET).
+    Worker {
+        #[arg(long, env = "PIPESWITCH_SOCKET")]
+        socket: PathBuf,
+    },
     Demo {
         #[arg(long, default_value_t = 0)]
         device: i32,
@@ -246,6 +290,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Serve { store, device, arena_size, residency_size, worker_region, standbys, worker_cmd, socket_dir, max_queue } => {
+            serve_cmd(store, device, arena_size, residency_size, worker_region, standbys, worker_cmd, socket_dir, max_queue)
+        }
+        Command::Worker { socket } => {
+            init_logging();
+            pipeswitch_cli::worker::run(&socket)
+        }
         Command::Demo { device, reps, out_dir, workdir, keep_files, models } => {
             let mut opts = demo::DemoOptions { device, reps: reps.max(1), out_dir, keep_files, models, ..Default::default() };
             if let Some(w) = workdir {
@@ -292,6 +343,63 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PIPESWITCH_LOG").unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serve_cmd(
+    store: String,
+    device: i32,
+    arena_size: u64,
+    residency_size: Option<u64>,
+    worker_region: u64,
+    standbys: usize,
+    worker_cmd: Option<Vec<String>>,
+    socket_dir: Option<PathBuf>,
+    max_queue: usize,
+) -> Result<()> {
+    use pipeswitch_cli::serve::{CudaGpu, Daemon, ServeConfig};
+    if !pipeswitch::cuda::driver_available() {
+        return Err(Error::NoDriver);
+    }
+    init_logging();
+    // SIGTERM and SIGINT are taken by this thread alone (blocked before any
+    // other thread starts, so they inherit the mask).
+    let mut signals = nix::sys::signal::SigSet::empty();
+    signals.add(nix::sys::signal::Signal::SIGTERM);
+    signals.add(nix::sys::signal::Signal::SIGINT);
+    signals.thread_block().map_err(|e| Error::os("blocking SIGTERM/SIGINT", e))?;
+    let regions = (standbys as u64 + 1).saturating_mul(worker_region);
+    let residency = residency_size.unwrap_or_else(|| arena_size.saturating_sub(regions).saturating_sub(4 << 20));
+    let gpu = CudaGpu::new(device, arena_size)?;
+    let worker_cmd = match worker_cmd {
+        Some(c) => c.into_iter().map(Into::into).collect(),
+        None => {
+            let exe = std::env::current_exe().map_err(|e| Error::io("locating this program", e))?;
+            vec![exe.into_os_string(), "worker".into()]
+        }
+    };
+    let config = ServeConfig {
+        device,
+        store,
+        socket_dir: socket_dir.unwrap_or_else(pipeswitch::protocol::default_socket_dir),
+        residency_bytes: residency,
+        worker_region_bytes: worker_region,
+        standbys,
+        worker_cmd,
+        max_queue,
+        hello_timeout: std::time::Duration::from_secs(5),
+        worker_start_timeout: std::time::Duration::from_secs(120),
+    };
+    let daemon = Daemon::start(config, Box::new(gpu))?;
+    println!("pipeswitch: serving GPU {device} on {} (stop with Ctrl-C or SIGTERM)", daemon.socket().display());
+    let sig = signals.wait().map_err(|e| Error::os("waiting for a signal", e))?;
+    tracing::info!("{sig:?}: stopping");
+    daemon.stop()
 }
 
 fn store_cmd(cmd: StoreCmd) -> Result<()> {

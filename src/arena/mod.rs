@@ -332,6 +332,30 @@ impl Arena {
         }
     }
 
+    /// Moves `bytes` from arena offset `from` to `to` (`to < from`; the two
+    /// ranges may overlap) on `stream`, device to device: pieces of at most
+    /// `from - to` bytes in increasing order, so no piece overwrites bytes
+    /// that a later piece still reads. Returns once enqueued. `stream` is an
+    /// opaque driver handle (never dereferenced here).
+    #[allow(clippy::not_unsafe_ptr_arg_deref)]
+    pub fn move_bytes(&self, from: u64, to: u64, bytes: u64, stream: cudarc::driver::sys::CUstream) -> Result<()> {
+        if to >= from {
+            return Err(Error::invalid(format!("a move goes to a lower offset: {from} -> {to}")));
+        }
+        let src = self.check_io(from, usize::try_from(bytes).map_err(|_| Error::invalid("move too large"))?)?;
+        let dst = self.check_io(to, bytes as usize)?;
+        let shift = from - to;
+        let mut done = 0;
+        while done < bytes {
+            let n = shift.min(bytes - done);
+            // SAFETY: both ranges lie inside the arena (checked above); a
+            // piece of at most `shift` bytes does not overlap its destination.
+            unsafe { memory::copy_dtod_async(dst + done, src + done, n as usize, stream)? };
+            done += n;
+        }
+        Ok(())
+    }
+
     /// Copies device bytes at `offset` to `out` (synchronous; for checks and tests).
     pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<()> {
         let src = self.check_io(offset, out.len())?;

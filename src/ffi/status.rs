@@ -68,7 +68,8 @@ pub const PS_ERR_PANIC: ps_status = 900;
 /// An internal invariant failed.
 pub const PS_ERR_INTERNAL: ps_status = 901;
 
-pub(crate) fn status_of(e: &Error) -> ps_status {
+/// The status code of an error (what the C ABI returns for it).
+pub fn status_of(e: &Error) -> ps_status {
     match e {
         Error::NullArgument(_) => PS_ERR_NULL_ARGUMENT,
         Error::InvalidArgument(_) | Error::Plan(_) => PS_ERR_INVALID_ARGUMENT,
