@@ -270,6 +270,12 @@ fn serve_connection(conn: ConnId, stream: UnixStream, tx: Sender<Event>, hello_t
     let refuse = |stream: &UnixStream, status: u32, message: String| {
         tracing::warn!("connection {conn} refused: {message}");
         let _ = send(stream, &Message::Error { request_id: 0, status, message }, None);
+        // Let the peer read the refusal: closing with its bytes unread
+        // would reset the connection instead.
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut sink = [0u8; 4096];
+        while matches!(std::io::Read::read(&mut &*stream, &mut sink), Ok(n) if n > 0) {}
     };
     match nix::sys::socket::getsockopt(&stream.as_fd(), nix::sys::socket::sockopt::PeerCredentials) {
         Ok(c) if c.uid() == me => {}
@@ -315,8 +321,10 @@ enum WState {
     /// Spawned, not yet connected and ready.
     Starting,
     Standby,
-    /// Serving `model` (holding it resident); `busy` while a task runs.
+    /// Serving a model (holding it resident).
     Active,
+    /// Deactivated, cleaning up: answers standby when done.
+    Leaving,
 }
 
 struct WorkerRec {
@@ -349,6 +357,9 @@ struct Request {
 
 struct Running {
     task_id: u64,
+    /// The task's own use of its model when its worker was already active
+    /// on it (otherwise the worker's use covers the task).
+    ticket: Option<Ticket>,
     worker: u32,
     client: Option<ConnId>,
     request_id: u64,
@@ -376,6 +387,11 @@ struct Controller {
     next_task: u64,
     stats: Stats,
     stopping: bool,
+    /// Workers that died before they were ready, in a row: spawning backs
+    /// off (0.1 s doubling up to 10 s) so a broken worker command does not
+    /// spin.
+    failed_starts: u32,
+    next_spawn: Instant,
 }
 
 impl Controller {
@@ -400,6 +416,8 @@ impl Controller {
             next_task: 1,
             stats: Stats::default(),
             stopping: false,
+            failed_starts: 0,
+            next_spawn: Instant::now(),
         })
     }
 
@@ -514,10 +532,10 @@ impl Controller {
     }
 
     fn keep_standbys(&mut self) {
-        if self.stopping {
+        if self.stopping || Instant::now() < self.next_spawn {
             return;
         }
-        let ready = self.workers.iter().filter(|w| matches!(w.state, WState::Starting | WState::Standby)).count();
+        let ready = self.workers.iter().filter(|w| matches!(w.state, WState::Starting | WState::Standby | WState::Leaving)).count();
         for _ in ready..self.cfg.standbys {
             if let Err(e) = self.spawn_worker() {
                 tracing::error!("could not start a standby worker: {e}");
@@ -539,7 +557,7 @@ impl Controller {
                     }
                 }
             }
-            if w.state == WState::Starting && w.started.elapsed() > self.cfg.worker_start_timeout {
+            if matches!(w.state, WState::Starting | WState::Leaving) && w.started.elapsed() > self.cfg.worker_start_timeout {
                 lost.push((i, "did not report standby in time".into()));
             }
         }
@@ -584,6 +602,7 @@ impl Controller {
                     }
                     self.release_model(i);
                     self.workers[i].state = WState::Standby;
+                    self.failed_starts = 0;
                 }
             }
             (Some(Role::Worker), Message::TaskDone { task_id, status, message, outputs, timing }) => {
@@ -605,6 +624,7 @@ impl Controller {
             tracing::warn!("worker {} finished task {task_id}, which it was not running", self.workers[i].id);
             return;
         };
+        self.end_use(run.ticket);
         if status == 0 {
             if run.loading {
                 if let Err(e) = self.policy.loaded(&run.model) {
@@ -621,7 +641,7 @@ impl Controller {
             // What a failed task wrote into the region cannot be trusted.
             if run.loading {
                 let _ = self.policy.failed(&run.model);
-                self.workers[i].model = None;
+                self.release_model(i);
             }
             if let Some(client) = run.client {
                 self.stats.failed += 1;
@@ -655,7 +675,14 @@ impl Controller {
         let mut w = self.workers.remove(i);
         tracing::warn!("worker {} (pid {}) lost: {why}", w.id, w.pid);
         self.stats.workers_lost += 1;
+        if w.state == WState::Starting {
+            // Died before it was ready: back off before the next start.
+            self.failed_starts += 1;
+            let backoff = Duration::from_millis(100u64 << self.failed_starts.min(7)).min(Duration::from_secs(10));
+            self.next_spawn = Instant::now() + backoff;
+        }
         if let Some(run) = self.running.take_if(|r| r.worker == w.id) {
+            self.end_use(run.ticket);
             if run.loading {
                 // The region was being written: no longer resident.
                 let _ = self.policy.failed(&run.model);
@@ -677,6 +704,14 @@ impl Controller {
         }
         if let Err(e) = self.space.release(w.region.0) {
             tracing::error!("releasing worker region: {e}");
+        }
+    }
+
+    fn end_use(&mut self, ticket: Option<Ticket>) {
+        if let Some(t) = ticket {
+            if let Err(e) = self.policy.release(t) {
+                tracing::error!("residency: {e}");
+            }
         }
     }
 
@@ -713,35 +748,48 @@ impl Controller {
                 }
             };
             let key = ModelId { name: m.name.clone(), id: m.id };
-            if let Err(e) = self.start(req, &m, key) {
-                tracing::warn!("request failed to start: {e}");
+            match self.start(req, &m, key) {
+                Ok(true) => {}
+                // Waiting for a standby.
+                Ok(false) => return,
+                Err(e) => tracing::warn!("request failed to start: {e}"),
             }
         }
     }
 
-    fn start(&mut self, req: Request, m: &Arc<Model>, key: ModelId) -> Result<()> {
+    /// Starts `req` on a worker; Ok(false): no worker is free yet (the
+    /// request is back at the head of the queue).
+    fn start(&mut self, req: Request, m: &Arc<Model>, key: ModelId) -> Result<bool> {
         let queued_ms = req.arrived.elapsed().as_secs_f64() * 1e3;
         // The active worker already serves this model: no switch.
         let active = self.workers.iter().position(|w| w.state == WState::Active && w.model.as_ref().is_some_and(|(k, _)| *k == key));
-        let (i, offset, resident) = match active {
-            Some(i) => (i, self.policy.offset(&key).expect("held models are placed"), true),
-            None => {
-                let Some(i) = self.workers.iter().position(|w| w.state == WState::Standby) else {
-                    // No standby yet: wait for one.
-                    self.queue.push_front(req);
-                    return Ok(());
+        let (i, offset, resident, ticket) = match active {
+            Some(i) => {
+                // A use of its own: counts as a hit and refreshes recency.
+                let (ticket, decision) = self.policy.acquire(&key, m.bytes)?;
+                let Acquire::Hit { offset, loading: false } = decision else {
+                    let _ = self.policy.release(ticket);
+                    return Err(Error::Internal(format!("model {:?} is held by its worker but not resident", key.name)));
                 };
+                (i, offset, true, Some(ticket))
+            }
+            None => {
                 // The worker active on another model steps down (it answers
                 // standby once it has cleaned up).
                 let others: Vec<usize> = (0..self.workers.len()).filter(|&j| self.workers[j].state == WState::Active).collect();
                 for j in others {
                     self.release_model(j);
-                    self.workers[j].state = WState::Starting;
+                    self.workers[j].state = WState::Leaving;
                     self.workers[j].started = Instant::now();
                     if let Some(c) = self.workers[j].conn {
                         self.send_to(c, &Message::Deactivate, None);
                     }
                 }
+                let Some(i) = self.workers.iter().position(|w| w.state == WState::Standby) else {
+                    // No standby yet: wait for one.
+                    self.queue.push_front(req);
+                    return Ok(false);
+                };
                 let (ticket, decision) = match self.policy.acquire(&key, m.bytes) {
                     Ok(d) => d,
                     Err(e) => {
@@ -767,9 +815,10 @@ impl Controller {
                         (offset, false)
                     }
                 };
+                // The worker holds the model while it stays active on it.
                 self.workers[i].model = Some((key.clone(), ticket));
                 self.workers[i].state = WState::Active;
-                (i, offset, resident)
+                (i, offset, resident, None)
             }
         };
         let task_id = self.next_task;
@@ -788,6 +837,7 @@ impl Controller {
         let conn = self.workers[i].conn.expect("standby and active workers are connected");
         self.running = Some(Running {
             task_id,
+            ticket,
             worker: self.workers[i].id,
             client: Some(req.client),
             request_id: req.request_id,
@@ -799,7 +849,7 @@ impl Controller {
         if !self.send_to(conn, &Message::Activate(task), req.file.as_ref()) {
             self.worker_lost(i, "could not be activated");
         }
-        Ok(())
+        Ok(true)
     }
 
     fn shutdown(&mut self, rx: &Receiver<Event>) {
@@ -808,6 +858,7 @@ impl Controller {
             self.reply_error(r.client, r.request_id, &Error::Refused("the daemon is stopping".into()));
         }
         if let Some(run) = self.running.take() {
+            self.end_use(run.ticket);
             if let Some(c) = run.client {
                 self.reply_error(c, run.request_id, &Error::Disconnected("the daemon stopped".into()));
             }
