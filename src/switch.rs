@@ -16,7 +16,7 @@ use std::sync::Arc;
 use crate::arena::Arena;
 use crate::cuda::{memory, stream, Device, Event, Stream};
 use crate::error::{Error, Result};
-use crate::store::{Model, Store, TensorInfo};
+use crate::store::{Model, ModelLease, Store, TensorInfo};
 
 /// Copy chunking, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +106,9 @@ pub fn check_plan(group_starts: &[usize], n_layers: usize) -> Result<()> {
 
 struct InFlight {
     model: Arc<Model>,
+    /// Leases on this switch's model and on earlier ones whose copies had
+    /// not finished when it started: their bytes stay put until then.
+    leases: Vec<ModelLease>,
     store: Arc<Store>,
     arena: Arc<Arena>,
     dst: CUdeviceptr,
@@ -250,7 +253,8 @@ impl Switch {
                 self.device.ordinal()
             )));
         }
-        let model = store.model(model_name)?;
+        let lease = store.lease(model_name)?;
+        let model = lease.model().clone();
         let n_layers = model.layers.len();
         let starts: Vec<usize> = match group_starts {
             Some(s) => {
@@ -291,6 +295,12 @@ impl Switch {
             let e = starts.get(g + 1).copied().unwrap_or(n_layers);
             layer_group[s..e].iter_mut().for_each(|x| *x = g);
         }
+        let mut leases = vec![lease];
+        if let Some(prev) = &self.current {
+            if !self.end_event.is_complete()? {
+                leases.extend(prev.leases.iter().cloned());
+            }
+        }
         let dst = arena.base() + dst_offset;
         let raw = self.stream.raw();
         self.start_event.record(raw)?;
@@ -316,6 +326,7 @@ impl Switch {
         self.end_event.record(raw)?;
         self.current = Some(InFlight {
             model,
+            leases,
             store: store.clone(),
             arena: arena.clone(),
             dst,
