@@ -470,3 +470,274 @@ fn segments_of_another_owner_writable_by_others_or_symlinked_are_refused() {
     std::fs::remove_file(&link).unwrap();
     Store::destroy(name).unwrap();
 }
+
+// ---------------------------------------------------------------------------
+// Leases: in this process, across processes, for bound programs
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_removed_model_is_hidden_at_once_and_freed_with_its_last_lease() {
+    let name = "lease-local";
+    let s = create(name, 1 << 20, 4);
+    let a_data = vec![bytes(60, 70_000)];
+    s.add_model("a", &spec(&a_data), &mut |_, _| {}).unwrap();
+    let fa = s.model_footprint("a").unwrap();
+    let u0 = s.usage().unwrap();
+    let lease = s.lease("a").unwrap();
+    let lease2 = lease.clone();
+    let other = open(name).lease("a").unwrap();
+    s.remove_model("a").unwrap();
+    // Hidden everywhere at once...
+    assert!(matches!(s.model("a"), Err(Error::NotFound(_))));
+    assert!(matches!(s.lease("a"), Err(Error::NotFound(_))));
+    assert!(matches!(open(name).model("a"), Err(Error::NotFound(_))));
+    assert!(s.models().unwrap().is_empty());
+    assert_eq!(s.usage().unwrap().models, 0);
+    // ...but its space is kept while leased, and its bytes readable through the lease.
+    assert_eq!(s.usage().unwrap().used_bytes, u0.used_bytes);
+    let mut back = vec![0u8; lease.bytes as usize];
+    s.read(&lease, 0, &mut back).unwrap();
+    assert!(back == stored_bytes(&a_data));
+    // The name is free again, and the new model goes elsewhere.
+    let a2_data = vec![bytes(61, 70_000)];
+    let a2 = s.add_model("a", &spec(&a2_data), &mut |_, _| {}).unwrap();
+    assert_ne!(a2.segment_offset, lease.segment_offset);
+    assert_eq!(s.usage().unwrap().used_bytes, u0.used_bytes + fa);
+    s.remove_model("a").unwrap();
+    assert_eq!(s.usage().unwrap().used_bytes, u0.used_bytes, "an unleased remove frees at once");
+    drop(lease);
+    drop(lease2);
+    assert_eq!(s.usage().unwrap().used_bytes, u0.used_bytes, "another handle still leases it");
+    drop(other);
+    assert_eq!(s.usage().unwrap().used_bytes, 0, "the last lease frees the space");
+    // A lease is no way into another store.
+    let t = create("lease-local-2", 1 << 20, 4);
+    t.add_model("a", &spec(&a_data), &mut |_, _| {}).unwrap();
+    let foreign = t.lease("a").unwrap();
+    let mut b = [0u8; 8];
+    assert!(matches!(s.read(&foreign, 0, &mut b), Err(Error::InvalidArgument(_))));
+    drop((s, t, foreign));
+    Store::destroy(name).unwrap();
+    Store::destroy("lease-local-2").unwrap();
+}
+
+#[test]
+fn a_lease_held_by_another_process_keeps_the_space_until_it_dies() {
+    let name = "lease-proc";
+    let s = create(name, 1 << 20, 4);
+    let a_data = vec![bytes(70, 90_000)];
+    let a = s.add_model("a", &spec(&a_data), &mut |_, _| {}).unwrap();
+    let fa = s.model_footprint("a").unwrap();
+    let (mut held_r, mut held_w) = pipe();
+    let (mut end_r, mut end_w) = pipe();
+    // SAFETY: the child leases a model and leaves with _exit or dies.
+    let child = match unsafe { fork() }.expect("fork") {
+        ForkResult::Child => {
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let c = Store::open(name).unwrap();
+                let l = c.lease("a").unwrap();
+                send_byte(&mut held_w);
+                wait_byte(&mut end_r);
+                // Still the model's bytes, although removed meanwhile.
+                let mut b = vec![0u8; l.bytes as usize];
+                c.read(&l, 0, &mut b).unwrap();
+                i32::from(b != stored_bytes(&[bytes(70, 90_000)]))
+            }))
+            .unwrap_or(101);
+            // SAFETY: ends the child without running the harness's atexit.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    wait_byte(&mut held_r);
+    s.remove_model("a").unwrap();
+    assert!(matches!(s.model("a"), Err(Error::NotFound(_))), "hidden at once");
+    assert_eq!(s.usage().unwrap().used_bytes, fa, "freed while another process reads it");
+    // An add does not take the leased space.
+    let b_data = vec![bytes(71, 90_000)];
+    let b = s.add_model("b", &spec(&b_data), &mut |_, _| {}).unwrap();
+    assert!(b.segment_offset >= a.segment_offset + fa);
+    send_byte(&mut end_w);
+    assert_eq!(waitpid(child, None).unwrap(), WaitStatus::Exited(child, 0));
+    // The child released its lease on exit.
+    s.remove_model("b").unwrap();
+    assert_eq!(s.usage().unwrap().used_bytes, 0);
+
+    // A holder killed outright: the kernel drops its lock; the next add reclaims.
+    s.add_model("a", &spec(&a_data), &mut |_, _| {}).unwrap();
+    let (mut held_r, mut held_w) = pipe();
+    // SAFETY: as above; this child is killed while it holds the lease.
+    let child = match unsafe { fork() }.expect("fork") {
+        ForkResult::Child => {
+            let c = Store::open(name).unwrap();
+            let _l = c.lease("a").unwrap();
+            send_byte(&mut held_w);
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    wait_byte(&mut held_r);
+    s.remove_model("a").unwrap();
+    assert_eq!(s.usage().unwrap().used_bytes, fa);
+    nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert!(matches!(waitpid(child, None).unwrap(), WaitStatus::Signaled(..)));
+    let c = s.add_model("c", &spec(&b_data), &mut |_, _| {}).unwrap();
+    assert_eq!(c.segment_offset, a.segment_offset, "the dead holder's space was not reclaimed");
+    assert_eq!(s.usage().unwrap().used_bytes, s.model_footprint("c").unwrap());
+    drop(s);
+    Store::destroy(name).unwrap();
+}
+
+#[test]
+fn a_bound_program_keeps_its_model_stored() {
+    use pipeswitch::model::cpu::tiny_models;
+    use pipeswitch::model::weights::write_model_file;
+    use pipeswitch::worker::Program;
+
+    let name = "lease-program";
+    let defs = tiny_models(2, 16);
+    let d = &defs[2];
+    let s = create(name, 16 << 20, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    write_model_file(d, &path, 3, &mut |_, _| {}).unwrap();
+    s.add_safetensors("gpt", &path, None, &mut |_, _| {}).unwrap();
+    let f = s.model_footprint("gpt").unwrap();
+    let p = Program::from_store(&s, "gpt").unwrap();
+    s.remove_model("gpt").unwrap();
+    assert_eq!(s.usage().unwrap().used_bytes, f, "the program's model was freed");
+    drop(p);
+    assert_eq!(s.usage().unwrap().used_bytes, 0);
+    drop(s);
+    Store::destroy(name).unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Defect 6: capacity
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_store_sized_with_capacity_for_holds_its_models_and_not_more() {
+    use pipeswitch::store::{capacity_for, footprint};
+    shm_dir();
+    let mut sizes: Vec<usize> = vec![1, 255, 256, 257, 1000, 4095, 4096, 4097, 8191, 8192, 12_000, 65_536, 100_003, 1 << 20];
+    sizes.extend((0..24).map(|i| 37 + i * 5_003));
+    for (i, &n) in sizes.iter().enumerate() {
+        for layers in [1usize, 3, 17] {
+            let data: Vec<Vec<u8>> = (0..layers).map(|l| bytes((i * 100 + l) as u64, n.div_ceil(layers))).collect();
+            let sp = spec(&data);
+            let f = footprint(&sp).unwrap();
+            let weights = stored_bytes(&data).len() as u64;
+            assert!(f > weights && f % ALLOC_ALIGN == 0, "n {n}: footprint {f}, weights {weights}");
+            let cap = capacity_for(&[f]).unwrap();
+            assert_eq!(cap, f);
+            let name = format!("cap-{i}-{layers}");
+            // A capacity of the model's weights (rounded up to pages) holds
+            // it only if its metadata fits in the last page's slack.
+            if weights >= ALLOC_ALIGN {
+                let s = create(&name, weights, 1);
+                let r = s.add_model("m", &sp, &mut |_, _| {});
+                if weights.next_multiple_of(ALLOC_ALIGN) >= f {
+                    r.unwrap();
+                } else {
+                    assert!(matches!(r, Err(Error::StoreFull(_))), "n {n}, {layers} layers: {r:?}");
+                }
+                drop(s);
+                Store::destroy(&name).unwrap();
+            }
+            // ...its footprint is, exactly.
+            let s = create(&name, cap, 1);
+            let m = s.add_model("m", &sp, &mut |_, _| {}).unwrap_or_else(|e| panic!("n {n}, {layers} layers: {e}"));
+            assert_eq!(m.bytes, weights);
+            assert_eq!(s.model_footprint("m").unwrap(), f);
+            assert_eq!(s.usage().unwrap().used_bytes, f);
+            assert_eq!(s.usage().unwrap().largest_free_bytes, 0);
+            drop(s);
+            Store::destroy(&name).unwrap();
+            if f > ALLOC_ALIGN {
+                let s = create(&name, f - ALLOC_ALIGN, 1);
+                assert!(matches!(s.add_model("m", &sp, &mut |_, _| {}), Err(Error::StoreFull(_))));
+                drop(s);
+                Store::destroy(&name).unwrap();
+            }
+        }
+    }
+    // A set of models: the sum of their footprints, in any order of adds.
+    let set: Vec<Vec<Vec<u8>>> = (0..6).map(|k| vec![bytes(900 + k, 3_000 + 9_999 * k as usize)]).collect();
+    let fps: Vec<u64> = set.iter().map(|d| footprint(&spec(d)).unwrap()).collect();
+    let cap = capacity_for(&fps).unwrap();
+    assert_eq!(cap, fps.iter().sum::<u64>());
+    let s = create("cap-set", cap, 8);
+    for (k, d) in set.iter().enumerate().rev() {
+        s.add_model(&format!("m{k}"), &spec(d), &mut |_, _| {}).unwrap();
+    }
+    assert_eq!(s.usage().unwrap().used_bytes, cap);
+    drop(s);
+    Store::destroy("cap-set").unwrap();
+    assert_eq!(capacity_for(&[]).unwrap(), ALLOC_ALIGN);
+    assert_eq!(capacity_for(&[1, 4097]).unwrap(), 3 * ALLOC_ALIGN);
+    assert!(matches!(capacity_for(&[u64::MAX - 10, 8192]), Err(Error::InvalidArgument(_))));
+}
+
+#[test]
+fn capacity_and_checks_through_the_c_abi() {
+    use pipeswitch::ffi::{PS_ERR_CORRUPT_STORE, PS_ERR_INVALID_STATE, PS_ERR_NOT_FOUND, PS_ERR_NULL_ARGUMENT};
+    use pipeswitch::store::safetensors::{write_file, WriteTensor};
+    shm_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    let w = bytes(80, 40_000);
+    let b = bytes(81, 1_000);
+    write_file(
+        &path,
+        &[
+            WriteTensor { name: "l0.w", dtype: Dtype::U8, shape: &[40_000], data: &w },
+            WriteTensor { name: "l1.b", dtype: Dtype::U8, shape: &[1_000], data: &b },
+        ],
+        None,
+    )
+    .unwrap();
+    let cpath = CString::new(path.to_str().unwrap()).unwrap();
+    let mut fp = 0u64;
+    assert_eq!(ps_store_safetensors_footprint(cpath.as_ptr(), std::ptr::null(), 0, &mut fp), PS_OK);
+    let mut cap = 0u64;
+    assert_eq!(ps_store_capacity_for(&fp, 1, &mut cap), PS_OK);
+    assert_eq!(cap, fp);
+    assert_eq!(ps_store_capacity_for(std::ptr::null(), 0, &mut cap), PS_OK);
+    assert_eq!(cap, ALLOC_ALIGN);
+    assert_eq!(ps_store_capacity_for(std::ptr::null(), 1, &mut cap), PS_ERR_NULL_ARGUMENT);
+    assert_eq!(ps_store_capacity_for(&fp, 1, std::ptr::null_mut()), PS_ERR_NULL_ARGUMENT);
+    let name = CString::new("cap-c").unwrap();
+    let model = CString::new("m").unwrap();
+    let mut s = std::ptr::null_mut();
+    assert_eq!(ps_store_create(name.as_ptr(), fp, 1, &mut s), PS_OK);
+    assert_eq!(ps_store_add_safetensors(s, model.as_ptr(), cpath.as_ptr(), std::ptr::null(), 0), PS_OK);
+    let mut stored = 0u64;
+    assert_eq!(ps_store_model_footprint(s, model.as_ptr(), &mut stored), PS_OK);
+    assert_eq!(stored, fp);
+    let mut info = ps_model_info { id: 0, bytes: 0, n_layers: 0, n_tensors: 0 };
+    assert_eq!(ps_store_model_info(s, model.as_ptr(), &mut info), PS_OK);
+    assert!(info.bytes < fp);
+    let nope = CString::new("nope").unwrap();
+    assert_eq!(ps_store_model_footprint(s, nope.as_ptr(), &mut stored), PS_ERR_NOT_FOUND);
+    assert_eq!(ps_store_check(s), PS_OK);
+    assert_eq!(ps_store_check(std::ptr::null()), PS_ERR_NULL_ARGUMENT);
+    // Damage: a flipped state byte.
+    let seg = seg_path("cap-c");
+    patch(&seg, HEADER_BYTES + u64::from(slot_of(&seg, "m")) * ENTRY_BYTES, &[1]);
+    assert_eq!(ps_store_check(s), PS_ERR_CORRUPT_STORE);
+    let mut count = 0usize;
+    assert_eq!(ps_store_model_count(s, &mut count), PS_ERR_CORRUPT_STORE);
+    // An inherited handle in a forked child.
+    let handle = s as usize;
+    let status = in_child(|| {
+        let mut n = 0usize;
+        let st = ps_store_model_count(handle as *const ps_store, &mut n);
+        i32::from(st != PS_ERR_INVALID_STATE)
+    });
+    assert!(matches!(status, WaitStatus::Exited(_, 0)), "{status:?}");
+    assert_eq!(ps_store_free(s), PS_OK);
+    Store::destroy("cap-c").unwrap();
+}
