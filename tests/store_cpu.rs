@@ -312,7 +312,7 @@ fn snapshot(name: &str) -> Snapshot {
             (d.segment_offset + d.bytes) as usize,
         );
         data.push(file[a..b].to_vec());
-        assert!(s.model_bytes(&d).unwrap() == &file[a..b]);
+        assert!(s.model_bytes(&d).unwrap() == file[a..b]);
         details.push(format!("{d:?}"));
     }
     Snapshot {

@@ -741,3 +741,30 @@ fn capacity_and_checks_through_the_c_abi() {
     assert_eq!(ps_store_free(s), PS_OK);
     Store::destroy("cap-c").unwrap();
 }
+
+/// A commit whose slot was taken from it while it wrote fails, and writes
+/// nothing over whatever the slot holds now.
+#[test]
+fn a_commit_checks_that_its_slot_is_still_its_own() {
+    let name = "commit-check";
+    let s = create(name, 1 << 20, 4);
+    let data: Vec<Vec<u8>> = (0..4).map(|i| bytes(90 + i, 10_000)).collect();
+    let path = seg_path(name);
+    let mut stolen = false;
+    let r = s.add_model("w", &spec(&data), &mut |done, total| {
+        if !stolen && done > 0 && done < total {
+            stolen = true;
+            // As a mistaken reclaim elsewhere would: the slot is freed.
+            let slot = slot_of(&path, "w");
+            patch(&path, HEADER_BYTES + u64::from(slot) * ENTRY_BYTES, &[0u8; ENTRY_BYTES as usize]);
+        }
+    });
+    assert!(matches!(&r, Err(Error::InvalidState(m)) if m.contains("taken")), "{r:?}");
+    assert!(s.models().unwrap().is_empty());
+    assert_eq!(s.usage().unwrap().used_bytes, 0);
+    // The writer lock was let go: the slot and the name can be used again.
+    s.add_model("w", &spec(&data), &mut |_, _| {}).unwrap();
+    assert!(s.model_bytes(&s.model("w").unwrap()).unwrap() == stored_bytes(&data));
+    drop(s);
+    Store::destroy(name).unwrap();
+}

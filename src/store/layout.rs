@@ -267,7 +267,7 @@ impl Entry {
         if b.iter().all(|&x| x == 0) {
             return Ok(None);
         }
-        if rd_u64(b, E_CHECKSUM) != fnv1a(&b[..E_CHECKSUM]) {
+        if rd_u64(b, E_CHECKSUM) != fnv1a(&b[..E_CHECKSUM]) || b[E_CHECKSUM + 8..].iter().any(|&x| x != 0) {
             return Err(Error::corrupt("table entry checksum mismatch"));
         }
         let state = match rd_u32(b, E_STATE) {
@@ -574,4 +574,59 @@ pub fn decode_model(e: &Entry, meta: &[u8]) -> Result<Model> {
         tensors,
         attributes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(state: EntryState) -> Entry {
+        Entry {
+            state,
+            writer_pid: 42,
+            id: 7,
+            alloc_offset: 8192,
+            alloc_bytes: 8192,
+            data_bytes: 4096,
+            meta_offset: 8192 + 4096,
+            meta_bytes: 100,
+            meta_checksum: 5,
+            n_layers: 1,
+            n_tensors: 1,
+            name: "m".into(),
+        }
+    }
+
+    #[test]
+    fn the_entry_checksum_covers_every_field() {
+        let h = Header::plan(1 << 20, 4).unwrap();
+        for state in [EntryState::Writing, EntryState::Ready, EntryState::Removing] {
+            let e = entry(state);
+            let b = e.encode();
+            assert_eq!(Entry::decode(&b, &h).unwrap(), Some(e));
+            for i in 0..ENTRY_BYTES as usize {
+                let mut bad = b;
+                bad[i] ^= 0x01;
+                assert!(Entry::decode(&bad, &h).is_err(), "state {state:?}: flipping byte {i} went unnoticed");
+            }
+        }
+        // Free is all zeros; a zero state with anything else set is damage.
+        assert_eq!(Entry::decode(&[0u8; ENTRY_BYTES as usize], &h).unwrap(), None);
+        let mut b = entry(EntryState::Ready).encode();
+        b[E_STATE] = 0;
+        assert!(Entry::decode(&b, &h).is_err());
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        assert!(Header::plan(1 << 20, MAX_MODELS).is_ok());
+        assert!(Header::plan(1 << 20, MAX_MODELS + 1).is_err());
+        assert!(Header::plan(1 << 20, 0).is_err());
+        let mut h = Header::plan(1 << 20, 4).unwrap();
+        h.table_capacity = MAX_MODELS + 1;
+        h.data_offset = align_up(HEADER_BYTES + u64::from(h.table_capacity) * ENTRY_BYTES, ALLOC_ALIGN);
+        h.total_bytes = h.data_offset + h.data_bytes;
+        let e = Header::decode(&h.encode(), h.total_bytes).unwrap_err();
+        assert!(e.to_string().contains("entries"), "{e}");
+    }
 }
