@@ -174,12 +174,22 @@ typedef struct ps_tensor_info {
 } ps_tensor_info;
 
 /**
- * How full a store is.
+ * How full a store is. Bytes count footprints (`ps_store_model_footprint`:
+ * weights, metadata, page rounding), not weights alone.
  */
 typedef struct ps_store_usage {
   uint64_t capacity_bytes;
+  /**
+   * Footprints of all models, removed ones still in use included.
+   */
   uint64_t used_bytes;
+  /**
+   * The largest footprint an add can place now.
+   */
   uint64_t largest_free_bytes;
+  /**
+   * Models that lookups see.
+   */
   uint32_t models;
   uint32_t max_models;
 } ps_store_usage;

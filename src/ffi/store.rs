@@ -69,12 +69,16 @@ pub struct ps_tensor_info {
     pub layer: usize,
 }
 
-/// How full a store is.
+/// How full a store is. Bytes count footprints (`ps_store_model_footprint`:
+/// weights, metadata, page rounding), not weights alone.
 #[repr(C)]
 pub struct ps_store_usage {
     pub capacity_bytes: u64,
+    /// Footprints of all models, removed ones still in use included.
     pub used_bytes: u64,
+    /// The largest footprint an add can place now.
     pub largest_free_bytes: u64,
+    /// Models that lookups see.
     pub models: u32,
     pub max_models: u32,
 }
