@@ -174,12 +174,22 @@ typedef struct ps_tensor_info {
 } ps_tensor_info;
 
 /**
- * How full a store is.
+ * How full a store is. Bytes count footprints (`ps_store_model_footprint`:
+ * weights, metadata, page rounding), not weights alone.
  */
 typedef struct ps_store_usage {
   uint64_t capacity_bytes;
+  /**
+   * Footprints of all models, removed ones still in use included.
+   */
   uint64_t used_bytes;
+  /**
+   * The largest footprint an add can place now.
+   */
   uint64_t largest_free_bytes;
+  /**
+   * Models that lookups see.
+   */
   uint32_t models;
   uint32_t max_models;
 } ps_store_usage;
@@ -448,9 +458,12 @@ ps_status ps_measure_h2d(int32_t device,
                          double *overhead_ms_out);
 
 /**
- * Creates the store `name` (a file /dev/shm/pipeswitch-<name>) with room for
- * `capacity_bytes` of model data and `max_models` models (0: 256). Its space
- * is reserved now: a full /dev/shm gives `PS_ERR_STORE_FULL` here.
+ * Creates the store `name` (a file /dev/shm/pipeswitch-<name>, mode 0600)
+ * with room for `capacity_bytes` of model data and `max_models` models
+ * (0: 256; at most 65536). Its space is reserved now: a full /dev/shm gives
+ * `PS_ERR_STORE_FULL` here. Each model takes its footprint
+ * (`ps_store_model_footprint`) of the capacity, more than its weights:
+ * size stores with `ps_store_capacity_for`.
  */
 ps_status ps_store_create(const char *name,
                           uint64_t capacity_bytes,
@@ -458,7 +471,11 @@ ps_status ps_store_create(const char *name,
                           struct ps_store **store_out);
 
 /**
- * Opens an existing store by name (from any process).
+ * Opens an existing store by name (from any process of the user that
+ * created it: a segment owned by another user, writable by group or
+ * others, or a symbolic link is refused with `PS_ERR_OS`). A handle belongs
+ * to the process that opened it: after fork(), the child must open the
+ * store again; the inherited handle answers `PS_ERR_INVALID_STATE`.
  */
 ps_status ps_store_open(const char *name, struct ps_store **store_out);
 
@@ -499,7 +516,9 @@ ps_status ps_store_add_safetensors(const struct ps_store *store,
                                    size_t n_layer_names);
 
 /**
- * Removes a model; its space is reused by later adds.
+ * Removes a model: it disappears from every lookup at once. Its space is
+ * reused by later adds once no process still reads it, switches it or has
+ * a program bound to it (a process that dies lets go of it).
  */
 ps_status ps_store_remove_model(const struct ps_store *store, const char *model);
 
@@ -579,12 +598,52 @@ ps_status ps_store_pin(const struct ps_store *store, int32_t device);
 /**
  * Copies `bytes` of a stored model's data, from byte `offset` of the model,
  * into `dst` (host memory). For checks, and for CPU-side use of weights.
+ * The model is leased during the copy: the bytes are the named model's,
+ * even while another thread or process removes it and adds others.
  */
 ps_status ps_store_read(const struct ps_store *store,
                         const char *model,
                         uint64_t offset,
                         void *dst,
                         size_t bytes);
+
+/**
+ * Checks every entry of the store's model table. `PS_ERR_CORRUPT_STORE`
+ * if any is damaged; the message names the slots. The space of a damaged
+ * entry stays reserved, and adds are refused while any exists (listing and
+ * usage report the same status; intact models can still be read by name).
+ */
+ps_status ps_store_check(const struct ps_store *store);
+
+/**
+ * Bytes the stored model occupies in the store's capacity (its footprint):
+ * its weights (`ps_model_info.bytes`) plus its metadata (names, shapes,
+ * attributes, profile), rounded up to 4096. To size a store that holds it,
+ * pass footprints to `ps_store_capacity_for`.
+ */
+ps_status ps_store_model_footprint(const struct ps_store *store,
+                                   const char *model,
+                                   uint64_t *bytes_out);
+
+/**
+ * The footprint the model in a safetensors file would have in a store
+ * (layers as for `ps_store_add_safetensors`), without adding it.
+ */
+ps_status ps_store_safetensors_footprint(const char *path,
+                                         const char *const *layer_names,
+                                         size_t n_layer_names,
+                                         uint64_t *bytes_out);
+
+/**
+ * The `capacity_bytes` for `ps_store_create` with which a new store holds
+ * models of these footprints (`ps_store_model_footprint`,
+ * `ps_store_safetensors_footprint`) all at once. A store's capacity counts
+ * footprints, not weights: a store created with a model's
+ * `ps_model_info.bytes` as its capacity cannot hold it. After removes,
+ * free space may be split: `ps_store_usage.largest_free_bytes` tells what
+ * fits.
+ */
+ps_status ps_store_capacity_for(const uint64_t *footprints, size_t n, uint64_t *capacity_out);
 
 /**
  * A switch engine for `device`.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use crate::arena::Arena;
 use crate::cuda::{memory, stream, Device, Event, Stream};
 use crate::error::{Error, Result};
-use crate::store::{Model, Store, TensorInfo};
+use crate::store::{Model, ModelLease, Store, TensorInfo};
 
 /// Copy chunking, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,6 +249,10 @@ enum Mode<'a> {
 
 struct InFlight {
     model: Arc<Model>,
+    /// The model's lease: its bytes stay in the store until the copies are
+    /// done (the pipeline keeps a retired switch's `InFlight` until then).
+    #[allow(dead_code)]
+    lease: ModelLease,
     store: Arc<Store>,
     /// Held, not read: the copies write into it.
     #[allow(dead_code)]
@@ -572,7 +576,8 @@ impl Switch {
                 self.device.ordinal()
             )));
         }
-        let model = store.model(model_name)?;
+        let lease = store.lease(model_name)?;
+        let model = lease.model().clone();
         let n_layers = model.layers.len();
         let starts: Vec<usize> = match mode {
             Mode::Plan(s) => {
@@ -595,10 +600,11 @@ impl Switch {
             Mode::Resident => vec![Copy { start: 0, end: 0, completes_groups: vec![0] }],
         };
         let dst = arena.base() + dst_offset;
-        let held = InFlight { model, store: store.clone(), arena: arena.clone() };
+        let held = InFlight { model, lease, store: store.clone(), arena: arena.clone() };
         // SAFETY: the source lies inside the pinned store mapping (host_ptr
         // checked the model's range), the destination inside the arena
-        // (check_region); `held` keeps both alive until the copies complete.
+        // (check_region); `held` keeps both alive, and the model's lease keeps
+        // its bytes in place, until the copies complete.
         unsafe { self.pipe.start(held, dst, host, starts, layer_group, &copies) }
     }
 

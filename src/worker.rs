@@ -23,7 +23,7 @@ use crate::cuda::{Device, Event, Stream};
 use crate::error::{Error, Result};
 use crate::kernels::{attention, conv, gemm, norm};
 use crate::model::graph::{Act, Graph, Op, WeightShapes};
-use crate::store::{Dtype, Model, Store, GRAPH_ATTRIBUTE};
+use crate::store::{Dtype, Model, ModelLease, Store, GRAPH_ATTRIBUTE};
 use crate::switch::Switch;
 
 /// Alignment of every activation in the buffer.
@@ -60,6 +60,9 @@ pub struct Program {
     weights: HashMap<String, usize>,
     /// Bytes of activation buffer the program needs (error flag included).
     act_bytes: u64,
+    /// A program bound to a stored model keeps it stored (its bytes are
+    /// neither freed nor reused) while the program lives.
+    lease: Option<ModelLease>,
 }
 
 /// Offsets for tensors with lifetimes `[first, last]` (op indices), first
@@ -192,18 +195,20 @@ impl Program {
             let d = decls[n];
             slots.insert(n.to_string(), Slot { offset: off, bytes: *bytes, shape: d.shape.clone(), dtype: d.dtype()? });
         }
-        Ok(Program { model, graph, op_layer, op_charge, op_host_table, slots, weights, act_bytes })
+        Ok(Program { model, graph, op_layer, op_charge, op_host_table, slots, weights, act_bytes, lease: None })
     }
 
     /// The program of a stored model whose graph was stored with it (the
     /// [`GRAPH_ATTRIBUTE`] attribute, e.g. from a safetensors file's metadata).
     pub fn from_store(store: &Store, model: &str) -> Result<Program> {
-        let m = store.model(model)?;
-        let json = m.attribute(GRAPH_ATTRIBUTE).ok_or_else(|| {
+        let lease = store.lease(model)?;
+        let json = lease.attribute(GRAPH_ATTRIBUTE).ok_or_else(|| {
             Error::NotFound(format!("model {model:?} has no graph (attribute {GRAPH_ATTRIBUTE:?}) to run"))
         })?;
         let graph = Graph::from_json(json)?;
-        Program::new(m.clone(), graph)
+        let mut program = Program::new(lease.model().clone(), graph)?;
+        program.lease = Some(lease);
+        Ok(program)
     }
 
     pub fn model(&self) -> &Arc<Model> {

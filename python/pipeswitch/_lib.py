@@ -257,6 +257,10 @@ SIGNATURES = {
     "ps_store_get_usage": (STATUS, [_store_p, _P(ps_store_usage)]),
     "ps_store_pin": (STATUS, [_store_p, c_int32]),
     "ps_store_read": (STATUS, [_store_p, c_char_p, c_uint64, c_void_p, c_size_t]),
+    "ps_store_check": (STATUS, [_store_p]),
+    "ps_store_model_footprint": (STATUS, [_store_p, c_char_p, _u64_p]),
+    "ps_store_safetensors_footprint": (STATUS, [c_char_p, _P(c_char_p), c_size_t, _u64_p]),
+    "ps_store_capacity_for": (STATUS, [_u64_p, c_size_t, _u64_p]),
     # switch
     "ps_switch_new": (STATUS, [c_int32, _P(_switch_p)]),
     "ps_switch_free": (STATUS, [_switch_p]),
