@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use pipeswitch::arena::Arena;
-use pipeswitch::bench::{add_synthetic, resnet152_shape, shape_size};
+use pipeswitch::model::synthetic::{add_synthetic, resnet152_shape, shape_size};
 use pipeswitch::error::Error;
 use pipeswitch::store::Store;
 use pipeswitch::switch::Switch;
