@@ -4,6 +4,7 @@
 //! - [`store`]: the pinned host model store in shared memory;
 //! - [`arena`]: the device arena (one allocation per GPU, CUDA IPC export);
 //! - [`planner`]: the optimal layer grouping;
+//! - [`cost`]: the cost model fitted to measurements, closed-loop planning;
 //! - [`switch`]: pipelined transfer with one event per group;
 //! - [`worker`]: runs a model graph from the arena as its groups arrive;
 //! - [`kernels`] and [`model`]: hand-written PTX layers, model graphs;
@@ -14,6 +15,7 @@
 pub mod arena;
 pub mod bench;
 pub mod bench_gemm;
+pub mod cost;
 pub mod cuda;
 pub mod demo;
 pub mod error;
