@@ -283,3 +283,27 @@ def test_merge_takes_the_multi_process_variants_from_phase_b():
     assert v["mps"] == {"n": 20} and v["stop_and_start"] == {"n": 2}
     assert out["mps"] == {"status": "active"} and out["errors"] == ["ea", "eb"]
     assert out["phases"]["B"]["argv"] == ["b"]
+
+
+def test_plan_checks_of_issue_15():
+    from experiments import plan_checks, transfer_ms
+
+    def var(ms):
+        return {"stats": {"total_ms": {"median": ms}}}
+
+    mres = {"bytes": int(8e9), "plans": {"optimal": {"predicted_ms": 10.0}, "hand": {"predicted_ms": 10.5},
+                                         "per_layer": {"predicted_ms": 11.0}, "one_group": {"predicted_ms": 20.0}}}
+    variants = {"pipeswitch": var(10.2), "hand_groups": var(10.1), "per_layer_groups": var(11.0),
+                "transfer_then_run": var(19.0)}
+    c = plan_checks(mres, variants, 800.0, 9.8)  # bytes/peak = 10 ms
+    assert transfer_ms(mres["bytes"], 800.0) == 10.0
+    assert c["optimal_within_2pct_of_best_other"] is True  # 10.2 <= 1.02 x 10.1
+    assert c["measured_within_3pct_of_predicted"] is True  # 10.2 vs 10.0
+    assert c["target_1_05_ms"] == 10.5 and c["meets_1_05"] is True
+    variants["pipeswitch"] = var(10.4)
+    c = plan_checks(mres, variants, 800.0, 9.8)
+    assert c["optimal_within_2pct_of_best_other"] is False
+    assert c["measured_within_3pct_of_predicted"] is False  # 4% off
+    assert c["meets_1_05"] is True
+    c = plan_checks({"bytes": 1}, {}, None, None)
+    assert c["optimal_within_2pct_of_best_other"] is None and c["meets_1_05"] is None
