@@ -608,6 +608,24 @@ mod tests {
     }
 
     #[test]
+    fn fit_of_a_large_model_is_fast() {
+        // ResNet-152 as PyTorch registers it: 311 layers; 10 measured plans.
+        let s = synthetic(311, 31, gpu_like());
+        let mut plans = calibration_plans(311);
+        plans.extend([vec![0, 5, 40], vec![0, 1, 2, 3, 100, 200], vec![0, 150], vec![0, 10, 20, 30]]);
+        let data: Vec<Measurement> =
+            plans.iter().map(|p| Measurement { group_starts: p.clone(), measured_ms: true_ms(&s, p) }).collect();
+        let start = std::time::Instant::now();
+        let f = fit(&s.t, &s.x, &Costs::new(0.004, 0.0), FitTerms::default(), &data).expect("fit");
+        let secs = start.elapsed().as_secs_f64();
+        println!("fit of 311 layers, {} plans: {:.3} s, max error {:.2e}", data.len(), secs, f.max_rel_error);
+        assert!(f.max_rel_error < 5e-3, "{f:?}");
+        if !cfg!(debug_assertions) {
+            assert!(secs < 1.0, "{secs} s");
+        }
+    }
+
+    #[test]
     fn stored_cost_round_trips_and_rejects_garbage() {
         let s = StoredCost {
             costs: gpu_like(),
