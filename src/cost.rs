@@ -107,15 +107,20 @@ fn check_data(t: &[f64], x: &[f64], base: &Costs, data: &[Measurement]) -> Resul
     Ok(())
 }
 
-/// Squared relative errors of `costs` on `data` (validated), summed.
-fn loss(t: &[f64], x: &[f64], costs: &Costs, data: &[Measurement]) -> f64 {
+/// Weighted squared relative errors of `costs` on `data` (validated), summed.
+fn loss(t: &[f64], x: &[f64], costs: &Costs, data: &[Measurement], weights: &[f64]) -> f64 {
     data.iter()
-        .map(|d| match planner::makespan_with(t, x, costs, &d.group_starts) {
-            Ok(p) => (p / d.measured_ms - 1.0).powi(2),
+        .zip(weights)
+        .map(|(d, w)| match planner::makespan_with(t, x, costs, &d.group_starts) {
+            Ok(p) => w * (p / d.measured_ms - 1.0).powi(2),
             Err(_) => f64::INFINITY,
         })
         .sum()
 }
+
+/// Weight of a plan the closed loop measured (the model's own optimum)
+/// against a calibration plan's 1: the fit must be right where the plan is.
+const LOOP_WEIGHT: f64 = 4.0;
 
 /// The free terms as a vector, and back.
 fn params(c: &Costs) -> [f64; 5] {
@@ -146,6 +151,11 @@ fn clamp_params(p: &mut [f64; 5]) {
 /// optimum of a bounded compass search from several starts; deterministic).
 /// `t`, `x`: per-layer transfer and (measured) execution times, ms.
 pub fn fit(t: &[f64], x: &[f64], base: &Costs, terms: FitTerms, data: &[Measurement]) -> Result<Fit> {
+    fit_weighted(t, x, base, terms, data, &vec![1.0; data.len()])
+}
+
+/// [`fit`] with a weight per measurement.
+fn fit_weighted(t: &[f64], x: &[f64], base: &Costs, terms: FitTerms, data: &[Measurement], weights: &[f64]) -> Result<Fit> {
     base.validate()?;
     check_data(t, x, base, data)?;
     let free = [terms.exec_overhead, terms.first_kernel, terms.exec_scale, terms.copy_slowdown, terms.floor_per_group];
@@ -166,7 +176,7 @@ pub fn fit(t: &[f64], x: &[f64], base: &Costs, terms: FitTerms, data: &[Measurem
     let mut best: Option<([f64; 5], f64)> = None;
     for mut p in starts {
         clamp_params(&mut p);
-        let mut f = loss(t, x, &with_params(base, &p), data);
+        let mut f = loss(t, x, &with_params(base, &p), data, weights);
         let mut steps = steps0;
         for _ in 0..4000 {
             let mut improved = false;
@@ -181,7 +191,7 @@ pub fn fit(t: &[f64], x: &[f64], base: &Costs, terms: FitTerms, data: &[Measurem
                     if q == p {
                         continue;
                     }
-                    let g = loss(t, x, &with_params(base, &q), data);
+                    let g = loss(t, x, &with_params(base, &q), data, weights);
                     if g < f {
                         (p, f, improved) = (q, g, true);
                         break;
@@ -290,13 +300,15 @@ pub fn plan_closed_loop(
             measure_plan(p, &mut data)?;
         }
     }
+    let calibrated = data.len();
+    let weights = |data: &[Measurement]| -> Vec<f64> { (0..data.len()).map(|i| if i < calibrated { 1.0 } else { LOOP_WEIGHT }).collect() };
     let mut fitted = fit(t, x, base, opts.terms, &data)?;
     let mut plan = planner::plan_groups_with(t, x, &fitted.costs)?;
     let mut measured = measure_plan(&plan.group_starts, &mut data)?;
     let mut rounds = 0;
     while (measured / plan.makespan_ms - 1.0).abs() > opts.tolerance && rounds < opts.max_rounds {
         rounds += 1;
-        fitted = fit(t, x, &fitted.costs, opts.terms, &data)?;
+        fitted = fit_weighted(t, x, &fitted.costs, opts.terms, &data, &weights(&data))?;
         let next = planner::plan_groups_with(t, x, &fitted.costs)?;
         if next.group_starts == plan.group_starts {
             plan = next;
@@ -307,7 +319,7 @@ pub fn plan_closed_loop(
     }
     if (measured / plan.makespan_ms - 1.0).abs() > opts.tolerance {
         // One last fit that includes the last measurement, for the predictions below.
-        fitted = fit(t, x, &fitted.costs, opts.terms, &data)?;
+        fitted = fit_weighted(t, x, &fitted.costs, opts.terms, &data, &weights(&data))?;
     }
     // Per plan, the median of its measurements (a plan may be measured twice).
     let measured_of = |p: &[usize]| {
