@@ -271,7 +271,7 @@ fn demo_closed_loop_on_the_gpu() {
     let m = &report.models[0];
     assert!(m.variants.iter().all(|v| v.output_matches_ready), "{:?}", m.variants);
     let r = &m.closed_loop;
-    assert!(r.data.len() >= pipeswitch::cost::calibration_plans(m.needed_layers).len() + 1);
+    assert!(r.data.len() > pipeswitch::cost::calibration_plans(m.needed_layers).len());
     assert!(r.rounds <= 4);
     assert_eq!(m.stored_cost.groups as usize, r.group_starts.len());
     assert!(m.variants.iter().all(|v| v.predicted_ms.is_finite() && v.predicted_ms > 0.0));
