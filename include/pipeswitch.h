@@ -106,6 +106,84 @@ typedef struct ps_arena_ipc_handle {
 } ps_arena_ipc_handle;
 
 /**
+ * The terms of the extended cost model (see `ps_plan_groups_cost`). The
+ * two-overhead model of `ps_plan_groups` is `{a, b, 0, 1, 0, 0, 0}`.
+ */
+typedef struct ps_cost_model {
+  /**
+   * `a`: transfer overhead per group, ms.
+   */
+  double transfer_overhead_ms;
+  /**
+   * `b`: execution overhead per group (its wait and launch), ms.
+   */
+  double exec_overhead_ms;
+  /**
+   * `L`: latency of the first kernel after the first group arrives, ms.
+   */
+  double first_kernel_ms;
+  /**
+   * `κ` (> 0): measured per-layer time to the time it takes in a switch.
+   */
+  double exec_scale;
+  /**
+   * `σ`: relative slowdown of kernels while copies run (all groups but the last).
+   */
+  double copy_slowdown;
+  /**
+   * `R`: no switch ends before `R + h·K` (K groups), ms.
+   */
+  double floor_ms;
+  /**
+   * `h`, ms.
+   */
+  double floor_per_group_ms;
+} ps_cost_model;
+
+/**
+ * Measures one plan for `ps_plan_closed_loop`: writes the switch + first
+ * run time of the plan (`n_groups` group starts) to `*ms_out` and returns
+ * 0, or returns non-zero to stop the loop (which then fails).
+ */
+typedef int32_t (*ps_measure_plan_fn)(void *user,
+                                      const size_t *group_starts,
+                                      size_t n_groups,
+                                      double *ms_out);
+
+/**
+ * A fitted cost model and the predicted and measured makespans of the plan
+ * chosen with it, as kept with a model in the store.
+ */
+typedef struct ps_cost_record {
+  struct ps_cost_model model;
+  /**
+   * Bandwidth the transfer times were computed with, GB/s.
+   */
+  double bandwidth_gbps;
+  /**
+   * Predicted and measured switch + first run of the chosen plan, ms.
+   */
+  double predicted_ms;
+  double measured_ms;
+  /**
+   * Groups of the chosen plan.
+   */
+  uint32_t groups;
+  /**
+   * Refit-and-replan rounds the closed loop ran.
+   */
+  uint32_t rounds;
+  /**
+   * Root mean square of predicted / measured - 1 over the calibration.
+   */
+  double fit_rms_rel_error;
+  /**
+   * When it was stored, seconds since the Unix epoch (0: unknown).
+   */
+  uint64_t unix_s;
+} ps_cost_record;
+
+/**
  * A layer to add with `ps_store_add_model`: it takes the next `n_tensors`
  * tensors of the tensor array, in order.
  */
@@ -456,6 +534,76 @@ ps_status ps_measure_h2d(int32_t device,
                          uint64_t bytes,
                          double *bandwidth_gbps_out,
                          double *overhead_ms_out);
+
+/**
+ * The optimal grouping under the extended cost model `model`: as
+ * `ps_plan_groups`, with the first group's kernels starting `L` later,
+ * execution times scaled by `κ` (and `1 + σ` in every group but the last),
+ * and the makespan no less than `R + h·K` for `K` groups. Exact.
+ */
+ps_status ps_plan_groups_cost(const double *transfer_ms,
+                              const double *exec_ms,
+                              size_t n_layers,
+                              const struct ps_cost_model *model,
+                              size_t *group_starts_out,
+                              size_t group_starts_capacity,
+                              size_t *n_groups_out,
+                              double *makespan_ms_out);
+
+/**
+ * The makespan of a given plan under the extended cost model `model`.
+ */
+ps_status ps_plan_makespan_cost(const double *transfer_ms,
+                                const double *exec_ms,
+                                size_t n_layers,
+                                const struct ps_cost_model *model,
+                                const size_t *group_starts,
+                                size_t n_groups,
+                                double *makespan_ms_out);
+
+/**
+ * Closed-loop planning: measures the calibration plans (one group, one
+ * group per layer, 2, 4, 8, 16 equal groups) and the `n_extra` plans in
+ * `extra_group_starts` (concatenated; `extra_n_groups[i]` starts each), fits
+ * the terms b, L, κ, σ, h of `base` (a and R are kept), plans, measures the
+ * plan, and while measured and predicted differ by more than `tolerance`
+ * (e.g. 0.03) refits and replans, at most `max_rounds` times. Writes the
+ * best measured plan and its record (fitted model, predicted, measured;
+ * its `bandwidth_gbps` is 0: the loop sees transfer times only, so set it
+ * before `ps_store_set_cost`); `measure` is called from this thread only.
+ */
+ps_status ps_plan_closed_loop(const double *transfer_ms,
+                              const double *exec_ms,
+                              size_t n_layers,
+                              const struct ps_cost_model *base,
+                              const size_t *extra_group_starts,
+                              const size_t *extra_n_groups,
+                              size_t n_extra,
+                              ps_measure_plan_fn measure,
+                              void *user,
+                              size_t max_rounds,
+                              double tolerance,
+                              struct ps_cost_record *record_out,
+                              size_t *group_starts_out,
+                              size_t group_starts_capacity,
+                              size_t *n_groups_out);
+
+/**
+ * Keeps a cost record with model `model` in the store (in place; any
+ * process that opens the store reads it with `ps_store_get_cost`).
+ */
+ps_status ps_store_set_cost(const struct ps_store *store,
+                            const char *model,
+                            const struct ps_cost_record *record);
+
+/**
+ * Reads the cost record kept with model `model`: `*has_record_out` is 0
+ * (and `*record_out` untouched) when there is none, else 1.
+ */
+ps_status ps_store_get_cost(const struct ps_store *store,
+                            const char *model,
+                            struct ps_cost_record *record_out,
+                            uint32_t *has_record_out);
 
 /**
  * Creates the store `name` (a file /dev/shm/pipeswitch-<name>, mode 0600)

@@ -9,12 +9,10 @@ use std::sync::Arc;
 use pipeswitch::error::{Error, Result};
 use pipeswitch::ffi::plan::layer_transfer_ms;
 use pipeswitch::store::Store;
+use pipeswitch::planner::Costs;
 use pipeswitch::{measure, planner};
 
-mod bench;
-mod bench_gemm;
-mod bench_kernels;
-mod demo;
+use pipeswitch_cli::{bench, bench_gemm, bench_kernels, demo};
 
 #[derive(Parser)]
 #[command(name = "pipeswitch", version, about = "Millisecond GPU model switching: store, plan, switch, measure")]
@@ -125,6 +123,12 @@ enum Command {
         /// Only these models (resnet152, bert-base, gpt2-medium).
         #[arg(long, value_delimiter = ',')]
         models: Vec<String>,
+        /// Switches per calibration plan of the cost model's fit.
+        #[arg(long, default_value_t = 5)]
+        calibration_reps: usize,
+        /// Refit-and-replan rounds of the closed loop, at most.
+        #[arg(long, default_value_t = 4)]
+        max_rounds: usize,
     },
 }
 
@@ -246,12 +250,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plan { store, model, bandwidth_gbps, transfer_overhead_ms, exec_overhead_ms, assume_exec_ratio, device, json } => {
             let s = Store::open(&store)?;
             let m = s.model(&model)?;
-            let (bw, a) = match (bandwidth_gbps, transfer_overhead_ms) {
-                (Some(bw), Some(a)) => (bw, a),
-                (bw, a) => {
+            // A fitted cost model stored with the model (pipeswitch demo, the
+            // Python calibrate) gives the terms, the bandwidth and a.
+            let stored = s.cost(&model)?;
+            let (bw, a) = match (bandwidth_gbps, transfer_overhead_ms, &stored) {
+                (Some(bw), Some(a), _) => (bw, a),
+                (bw, a, Some(c)) => (bw.unwrap_or(c.bandwidth_gbps), a.unwrap_or(c.costs.transfer_overhead_ms)),
+                (bw, a, None) => {
                     let p = measure::measure_h2d(device, 256 << 20, 9)?;
                     (bw.unwrap_or(p.peak_gbps), a.unwrap_or(p.overhead_ms))
                 }
+            };
+            let costs = match &stored {
+                Some(c) => Costs { transfer_overhead_ms: a, ..c.costs },
+                None => Costs::new(a, exec_overhead_ms),
             };
             let t = layer_transfer_ms(&m, bw)?;
             let x: Vec<f64> = match assume_exec_ratio {
@@ -263,19 +275,44 @@ fn run(cli: Cli) -> Result<()> {
                     "model {model:?} has no measured execution times; pass --assume-exec-ratio R to plan with R x transfer time"
                 )));
             }
-            let plan = planner::plan_groups(&t, &x, a, exec_overhead_ms)?;
-            let timeline = planner::timeline(&t, &x, a, exec_overhead_ms, &plan.group_starts)?;
+            let plan = planner::plan_groups_with(&t, &x, &costs)?;
+            let timeline = planner::timeline_with(&t, &x, &costs, &plan.group_starts)?;
+            let per_layer = planner::makespan_with(&t, &x, &costs, &planner::per_layer_plan(t.len()))?;
+            let single = planner::makespan_with(&t, &x, &costs, &planner::single_group_plan(t.len()))?;
             if json {
                 let v = serde_json::json!({
                     "model": model, "bandwidth_gbps": bw, "transfer_overhead_ms": a,
-                    "exec_overhead_ms": exec_overhead_ms, "group_starts": plan.group_starts,
+                    "exec_overhead_ms": costs.exec_overhead_ms, "costs": costs, "group_starts": plan.group_starts,
                     "makespan_ms": plan.makespan_ms,
-                    "per_layer_makespan_ms": planner::makespan(&t, &x, a, exec_overhead_ms, &planner::per_layer_plan(t.len()))?,
-                    "single_group_makespan_ms": planner::makespan(&t, &x, a, exec_overhead_ms, &planner::single_group_plan(t.len()))?,
+                    "per_layer_makespan_ms": per_layer,
+                    "single_group_makespan_ms": single,
+                    "stored_cost": stored,
                 });
                 println!("{}", serde_json::to_string_pretty(&v).map_err(|e| Error::Internal(e.to_string()))?);
             } else {
-                println!("model {model}: {} layers, {}, bandwidth {bw:.2} GB/s, a = {a:.4} ms, b = {exec_overhead_ms:.4} ms", m.layers.len(), human(m.bytes));
+                println!("model {model}: {} layers, {}, bandwidth {bw:.2} GB/s, a = {a:.4} ms, b = {:.4} ms", m.layers.len(), human(m.bytes), costs.exec_overhead_ms);
+                match &stored {
+                    Some(c) => {
+                        println!(
+                            "fitted cost model (stored): L = {:.4} ms, κ = {:.4}, σ = {:.4}, floor R = {:.3} ms + h = {:.4} ms per group; fit rms {:.2}%, {} refit rounds",
+                            c.costs.first_kernel_ms,
+                            c.costs.exec_scale,
+                            c.costs.copy_slowdown,
+                            c.costs.floor_ms,
+                            c.costs.floor_per_group_ms,
+                            c.fit_rms_rel_error * 100.0,
+                            c.rounds
+                        );
+                        println!(
+                            "chosen plan when fitted: {} groups, predicted {:.3} ms, measured {:.3} ms ({:+.1}%)",
+                            c.groups,
+                            c.predicted_ms,
+                            c.measured_ms,
+                            (c.measured_ms / c.predicted_ms - 1.0) * 100.0
+                        );
+                    }
+                    None => println!("no fitted cost model stored (pipeswitch demo or pipeswitch.torch.calibrate_module store one): the two-overhead model"),
+                }
                 println!("{:>5} {:>7} {:>7} {:>10} {:>10} {:>10} {:>10}", "group", "first", "end", "bytes", "copy end", "run start", "run end");
                 for (g, tl) in timeline.iter().enumerate() {
                     let (s, e) = m.layer_range(tl.first_layer, tl.end_layer).unwrap_or((0, 0));
@@ -284,9 +321,7 @@ fn run(cli: Cli) -> Result<()> {
                         tl.first_layer, tl.end_layer, human(e - s), tl.transfer_end_ms, tl.exec_start_ms, tl.exec_end_ms
                     );
                 }
-                let pl = planner::makespan(&t, &x, a, exec_overhead_ms, &planner::per_layer_plan(t.len()))?;
-                let sg = planner::makespan(&t, &x, a, exec_overhead_ms, &planner::single_group_plan(t.len()))?;
-                println!("makespan: optimal {:.3} ms, one group per layer {pl:.3} ms, one group {sg:.3} ms", plan.makespan_ms);
+                println!("makespan: optimal {:.3} ms, one group per layer {per_layer:.3} ms, one group {single:.3} ms", plan.makespan_ms);
             }
             Ok(())
         }
@@ -297,8 +332,17 @@ fn run(cli: Cli) -> Result<()> {
             init_logging();
             pipeswitch_cli::worker::run(&socket)
         }
-        Command::Demo { device, reps, out_dir, workdir, keep_files, models } => {
-            let mut opts = demo::DemoOptions { device, reps: reps.max(1), out_dir, keep_files, models, ..Default::default() };
+        Command::Demo { device, reps, out_dir, workdir, keep_files, models, calibration_reps, max_rounds } => {
+            let mut opts = demo::DemoOptions {
+                device,
+                reps: reps.max(1),
+                out_dir,
+                keep_files,
+                models,
+                calibration_reps: calibration_reps.max(1),
+                max_rounds,
+                ..Default::default()
+            };
             if let Some(w) = workdir {
                 opts.workdir = w;
             }

@@ -391,7 +391,8 @@ pub fn layout_model(spec: &ModelSpec<'_>) -> Result<ModelLayout> {
     let strings_off = tensors_off + TENSOR_RECORD * tensor_recs.len();
     let attrs_off = strings_off + strings.len();
     let profile_off = align_up((attrs_off + attributes.len()) as u64, 8) as usize;
-    let total = profile_off + 8 * layer_recs.len();
+    // The profile, then the cost area (zero: no cost model yet).
+    let total = profile_off + 8 * layer_recs.len() + COST_AREA_BYTES;
     if total > u32::MAX as usize {
         return Err(Error::invalid("model metadata too large"));
     }
@@ -476,6 +477,19 @@ pub fn meta_checksum(meta: &[u8]) -> Result<u64> {
         return Err(Error::corrupt("model metadata profile offset out of range"));
     }
     Ok(fnv1a(&meta[..p]))
+}
+
+/// Size of the cost area after the profile (`crate::cost::StoredCost`, not
+/// checksummed, written in place like the profile). Models added before it
+/// existed have none: their metadata ends with the profile.
+pub const COST_AREA_BYTES: usize = 128;
+const _: () = assert!(crate::cost::StoredCost::BYTES <= COST_AREA_BYTES);
+
+/// Offset of the cost area inside a checked metadata blob of a model of
+/// `n_layers` layers, `None` when the blob has none.
+pub fn cost_offset(meta: &[u8], n_layers: usize) -> Option<usize> {
+    let off = profile_offset(meta).checked_add(8 * n_layers)?;
+    (off.checked_add(COST_AREA_BYTES)? <= meta.len()).then_some(off)
 }
 
 /// Offset of the profile (exec_ms per layer) inside a checked metadata blob.

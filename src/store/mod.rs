@@ -836,6 +836,39 @@ impl Store {
         Ok(())
     }
 
+    /// Stores a fitted cost model and the predicted and measured makespans
+    /// of its plan with the model (in place, under the exclusive lock, like
+    /// [`Store::set_layer_exec_ms`]). Models added by a library without the
+    /// cost area cannot keep one (an error: add them again).
+    pub fn set_cost(&self, name: &str, cost: &crate::cost::StoredCost) -> Result<()> {
+        cost.validate()?;
+        let _g = self.sh.locked(true)?;
+        let (_, e) = self.sh.find_ready(name)?;
+        let mut meta = vec![0u8; e.meta_bytes as usize];
+        self.sh.seg.read(e.meta_offset, &mut meta)?;
+        layout::decode_model(&e, &meta)?;
+        let off = layout::cost_offset(&meta, e.n_layers as usize).ok_or_else(|| {
+            Error::InvalidState(format!("model {name:?} was stored without room for a cost model; add it again"))
+        })?;
+        self.sh.seg.write(e.meta_offset + off as u64, &cost.to_bytes())?;
+        self.sh.bump_generation();
+        Ok(())
+    }
+
+    /// The cost model stored with a model, `None` if there is none.
+    pub fn cost(&self, name: &str) -> Result<Option<crate::cost::StoredCost>> {
+        let _g = self.sh.locked(false)?;
+        let (_, e) = self.sh.find_ready(name)?;
+        let mut meta = vec![0u8; e.meta_bytes as usize];
+        self.sh.seg.read(e.meta_offset, &mut meta)?;
+        layout::decode_model(&e, &meta)?;
+        match layout::cost_offset(&meta, e.n_layers as usize) {
+            Some(off) => crate::cost::StoredCost::from_bytes(&meta[off..off + layout::COST_AREA_BYTES])
+                .map_err(|err| Error::corrupt(format!("model {name:?}: {err}"))),
+            None => Ok(None),
+        }
+    }
+
     /// Page-locks the whole segment for this process (`cuMemHostRegister`,
     /// portable), once: later calls return at once. Switches call it
     /// themselves; call it ahead to keep its cost (about 40 ms per GiB) out
