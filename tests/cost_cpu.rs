@@ -89,35 +89,6 @@ fn bad_costs_are_refused_and_change_nothing() {
     Store::destroy(name).expect("destroy");
 }
 
-#[test]
-fn plan_command_prints_the_stored_cost_model() {
-    let name = "cost-store-cli";
-    let s = store_with_model(name);
-    s.set_layer_exec_ms("m", &[0.01, 0.02, 0.03]).expect("profile");
-    let run = |json: bool| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pipeswitch"));
-        cmd.args(["plan", name, "m", "--bandwidth-gbps", "50", "--transfer-overhead-ms", "0.004"]);
-        if json {
-            cmd.arg("--json");
-        }
-        let out = cmd.output().expect("run pipeswitch");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).expect("utf-8")
-    };
-    assert!(run(false).contains("no fitted cost model stored"));
-    s.set_cost("m", &sample()).expect("set");
-    let text = run(false);
-    assert!(text.contains("fitted cost model (stored): L = 0.3000 ms, κ = 0.9000"), "{text}");
-    assert!(text.contains("3 groups, predicted 8.400 ms, measured 8.500 ms (+1.2%)"), "{text}");
-    let v: serde_json::Value = serde_json::from_str(&run(true)).expect("json");
-    assert_eq!(v["stored_cost"]["measured_ms"], 8.5);
-    assert_eq!(v["costs"]["first_kernel_ms"], 0.3);
-    // The plan's makespan is the fitted model's (floor R = 7.5 ms + h per group).
-    assert!(v["makespan_ms"].as_f64().expect("number") >= 7.5);
-    drop(s);
-    Store::destroy(name).expect("destroy");
-}
-
 mod c_abi {
     use super::*;
     use pipeswitch::ffi::plan::*;
