@@ -480,3 +480,229 @@ fn program_of(st: *const ps_store, model: &str) -> *mut ps_program {
     assert!(!p.is_null());
     p
 }
+
+// ---------------------------------------------------------------------------
+// Switches and workers on a GPU
+// ---------------------------------------------------------------------------
+
+use pipeswitch::model::cpu::{example_inputs, reference_weights, run_graph_cpu};
+
+/// The tiny GPT-2 ready to run through the C calls: its store, an arena
+/// with a region for it, a switch, a worker prepared for its program with
+/// the example inputs set.
+struct Gpu {
+    name: String,
+    st: Raw,
+    arena: Raw,
+    region: u64,
+    sw: Raw,
+    worker: Raw,
+    prog: Raw,
+    starts: Vec<usize>,
+    out: CString,
+    out_bytes: usize,
+    def: ModelDef,
+}
+
+#[track_caller]
+fn ok(st: ps_status) {
+    assert_eq!(st, PS_OK, "{}", last_error());
+}
+
+/// Prepares `worker` for `prog` and sets the example inputs.
+fn set_inputs(worker: *mut ps_worker, prog: *const ps_program, def: &ModelDef) {
+    ok(ps_worker_prepare(worker, prog));
+    for (k, v) in example_inputs(&def.graph, SEED, def.vocab()) {
+        let (k, v) = (cstr(&k), v.to_le_bytes());
+        ok(ps_worker_set_input(worker, prog, k.as_ptr(), v.as_ptr().cast(), v.len()));
+    }
+}
+
+impl Gpu {
+    fn new(tag: &str) -> Gpu {
+        let name = format!("thr-gpu-{tag}");
+        let st = store_with_graph_model(&name);
+        let def = tiny("tiny-gpt2");
+        let mut info = ps_model_info { id: 0, bytes: 0, n_layers: 0, n_tensors: 0 };
+        ok(ps_store_model_info(st, c"tiny-gpt2".as_ptr(), &mut info));
+        let prog = program_of(st, "tiny-gpt2");
+        let mut act = 0u64;
+        ok(ps_program_activation_bytes(prog, &mut act));
+        let mut arena: *mut ps_arena = null_mut();
+        ok(ps_arena_create(0, info.bytes + act + (16 << 20), 8 << 20, &mut arena));
+        let mut region = 0u64;
+        ok(ps_arena_alloc(arena, info.bytes, &mut region));
+        let mut sw: *mut ps_switch = null_mut();
+        ok(ps_switch_new(0, &mut sw));
+        let mut worker: *mut ps_worker = null_mut();
+        ok(ps_worker_new(arena, &mut worker));
+        set_inputs(worker, prog, &def);
+        let out = cstr(&def.graph.outputs[0]);
+        let mut out_bytes = 0u64;
+        ok(ps_program_tensor_bytes(prog, out.as_ptr(), &mut out_bytes));
+        Gpu {
+            name,
+            st: Raw::of(st),
+            arena: Raw::of(arena),
+            region,
+            sw: Raw::of(sw),
+            worker: Raw::of(worker),
+            prog: Raw::of(prog),
+            starts: (0..info.n_layers).collect(),
+            out,
+            out_bytes: out_bytes as usize,
+            def,
+        }
+    }
+
+    fn start(&self) -> ps_status {
+        ps_switch_start(
+            self.sw.get(),
+            self.st.get(),
+            c"tiny-gpt2".as_ptr(),
+            self.arena.get(),
+            self.region,
+            self.starts.as_ptr(),
+            self.starts.len(),
+        )
+    }
+
+    /// One run on the last switch, and its output.
+    fn run(&self) -> Vec<f32> {
+        ok(ps_worker_run(self.worker.get(), self.prog.get(), self.sw.get(), 0));
+        let mut out = vec![0f32; self.out_bytes / 4];
+        ok(ps_worker_read(self.worker.get(), self.prog.get(), self.out.as_ptr(), out.as_mut_ptr().cast(), self.out_bytes));
+        out
+    }
+
+    fn free(self) {
+        ok(ps_worker_free(self.worker.get()));
+        ok(ps_switch_free(self.sw.get()));
+        ok(ps_program_free(self.prog.get()));
+        ok(ps_arena_free(self.arena.get()));
+        ok(ps_store_free(self.st.get()));
+        unlink(&self.name);
+    }
+}
+
+/// A worker runs the model over and over while a second thread starts the
+/// next switch of the same model on the same switch, and a third asks the
+/// switch about its groups. Each run waits for the switch it read (a start
+/// waits until the run is enqueued), so every output equals the first, and
+/// the first equals the CPU reference.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_worker_runs_while_another_thread_restarts_its_switch() {
+    let g = Arc::new(Gpu::new("restart"));
+    ok(g.start());
+    let first = g.run();
+    let weights = reference_weights(&g.def, SEED);
+    let inputs = example_inputs(&g.def.graph, SEED, g.def.vocab());
+    let reference = run_graph_cpu(&g.def.graph, &weights, &inputs).unwrap().remove(&g.def.graph.outputs[0]).unwrap();
+    let scale = reference.iter().fold(1f32, |m, v| m.max(v.abs()));
+    let err = first.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+    assert!(err < 1e-3, "the first run is off the CPU reference by {err}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let runner = {
+        let (g, first) = (g.clone(), first.clone());
+        thread::spawn(move || {
+            for i in 0..100 {
+                assert!(g.run() == first, "run {i} differs from the first");
+            }
+        })
+    };
+    let starter = {
+        let (g, stop) = (g.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                ok(g.start());
+                n += 1;
+            }
+            ok(ps_switch_synchronize(g.sw.get()));
+            n
+        })
+    };
+    let asker = {
+        let (g, stop) = (g.clone(), stop.clone());
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let (mut n, mut ready, mut ptr) = (0usize, -1i32, 0u64);
+                ok(ps_switch_n_groups(g.sw.get(), &mut n));
+                assert_eq!(n, g.starts.len());
+                ok(ps_switch_group_ready(g.sw.get(), n - 1, &mut ready));
+                assert!(ready == 0 || ready == 1);
+                ok(ps_switch_tensor_ptr(g.sw.get(), 0, &mut ptr));
+                assert_ne!(ptr, 0);
+                ok(ps_switch_wait_group(g.sw.get(), n - 1, null_mut()));
+            }
+        })
+    };
+    runner.join().expect("the runner failed");
+    stop.store(true, Ordering::Relaxed);
+    let starts = starter.join().expect("the starter failed");
+    asker.join().expect("the asker failed");
+    assert!(starts > 0);
+    ok(ps_worker_synchronize(g.worker.get()));
+    Arc::try_unwrap(g).ok().expect("threads hold no Gpu").free();
+}
+
+/// A switch and a worker are freed while other threads use them: every
+/// call answers PS_OK or PS_ERR_INVALID_HANDLE, and the objects go when the
+/// last call on them returns (the worker's drop waits for its run).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_switch_and_worker_freed_while_in_use() {
+    let g = Gpu::new("free");
+    for round in 0..20 {
+        let mut sw: *mut ps_switch = null_mut();
+        ok(ps_switch_new(0, &mut sw));
+        let mut worker: *mut ps_worker = null_mut();
+        ok(ps_worker_new(g.arena.get(), &mut worker));
+        set_inputs(worker, g.prog.get(), &g.def);
+        let (sw, worker) = (Raw::of(sw), Raw::of(worker));
+        ok(ps_switch_start(sw.get(), g.st.get(), c"tiny-gpt2".as_ptr(), g.arena.get(), g.region, g.starts.as_ptr(), g.starts.len()));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let user = {
+            let (calls, prog) = (calls.clone(), g.prog);
+            thread::spawn(move || {
+                // Once refused, a handle stays refused.
+                let (mut sw_dead, mut worker_dead, mut after) = (false, false, 0);
+                while after < 10 {
+                    let mut n = 0usize;
+                    for st in [ps_switch_n_groups(sw.get(), &mut n), ps_switch_synchronize(sw.get())] {
+                        match st {
+                            PS_OK => assert!(!sw_dead, "round {round}: a freed switch worked again"),
+                            PS_ERR_INVALID_HANDLE => sw_dead = true,
+                            other => panic!("round {round}: status {other}: {}", last_error()),
+                        }
+                    }
+                    match ps_worker_synchronize(worker.get()) {
+                        PS_OK => assert!(!worker_dead, "round {round}: a freed worker worked again"),
+                        PS_ERR_INVALID_HANDLE => worker_dead = true,
+                        other => panic!("round {round}: status {other}: {}", last_error()),
+                    }
+                    match ps_worker_run(worker.get(), prog.get(), sw.get(), 0) {
+                        PS_OK => assert!(!sw_dead && !worker_dead, "round {round}: a run on a freed handle"),
+                        PS_ERR_INVALID_HANDLE => {}
+                        other => panic!("round {round}: status {other}: {}", last_error()),
+                    }
+                    if sw_dead && worker_dead {
+                        after += 1;
+                    }
+                    calls.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        while calls.load(Ordering::Relaxed) < round % 4 && !user.is_finished() {
+            std::hint::spin_loop();
+        }
+        ok(ps_switch_free(sw.get()));
+        ok(ps_worker_free(worker.get()));
+        user.join().expect("the user thread failed");
+        assert_eq!(ps_switch_free(sw.get()), PS_ERR_INVALID_HANDLE);
+        assert_eq!(ps_worker_free(worker.get()), PS_ERR_INVALID_HANDLE);
+    }
+    g.free();
+}
