@@ -14,6 +14,8 @@ pub enum Error {
     InvalidArgument(String),
     #[error("{0} is not a live handle (never created, or freed already)")]
     InvalidHandle(&'static str),
+    #[error("{expected} is not a live handle: it is a {found} handle")]
+    HandleType { expected: &'static str, found: &'static str },
     #[error("buffer too small: {needed} needed, capacity {capacity}")]
     BufferTooSmall { needed: usize, capacity: usize },
 

@@ -144,6 +144,19 @@ fn c_example_is_clean_under_address_sanitizer() {
     assert!(!text.contains("AddressSanitizer"), "{text}");
 }
 
+/// `handle_threads.c`: store handles shared between POSIX threads (use
+/// while another thread frees, double free from two threads, freed handles
+/// kept while new ones are made). No GPU needed.
+#[test]
+fn c_handles_shared_between_threads() {
+    common::shm_dir();
+    let exe = compile("cc", "-std=c11", "handle_threads.c", "handle_threads", &["-pthread"]);
+    let out = Command::new(&exe).arg(format!("cthreads-{}", std::process::id())).output().expect("running handle_threads");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "status {:?}: {text}", out.status);
+    assert!(text.contains("handle threads: OK"), "{text}");
+}
+
 #[test]
 fn header_compiles_as_cpp_and_matches_the_library() {
     let exe = compile("c++", "-std=c++17", "header_check.cpp", "header_check", &[]);

@@ -74,7 +74,7 @@ pub fn status_of(e: &Error) -> ps_status {
         Error::NullArgument(_) => PS_ERR_NULL_ARGUMENT,
         Error::InvalidArgument(_) | Error::Plan(_) => PS_ERR_INVALID_ARGUMENT,
         Error::BufferTooSmall { .. } => PS_ERR_BUFFER_TOO_SMALL,
-        Error::InvalidHandle(_) => PS_ERR_INVALID_HANDLE,
+        Error::InvalidHandle(_) | Error::HandleType { .. } => PS_ERR_INVALID_HANDLE,
         Error::NotFound(_) => PS_ERR_NOT_FOUND,
         Error::AlreadyExists(_) => PS_ERR_ALREADY_EXISTS,
         Error::StoreFull(_) => PS_ERR_STORE_FULL,

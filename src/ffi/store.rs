@@ -103,8 +103,9 @@ pub const PS_MAX_DIMS: u32 = 8;
 
 const _: () = assert!(MAX_DIMS == PS_MAX_DIMS as usize);
 
-pub(crate) fn store_ref<'a>(p: *const ps_store) -> Result<&'a Arc<Store>> {
-    Ok(&handles::get(p, "store")?.inner)
+/// The store of a live handle, held for one call (a free meanwhile waits for it).
+pub(crate) fn store_ref(p: *const ps_store) -> Result<Arc<Store>> {
+    Ok(handles::get(p, "store")?.inner.clone())
 }
 
 /// Creates the store `name` (a file /dev/shm/pipeswitch-<name>, mode 0600)
