@@ -840,6 +840,18 @@ ps_status ps_switch_start_whole(struct ps_switch *switch_,
                                 uint64_t dst_offset);
 
 /**
+ * Attaches `model`, whose bytes are already at `dst_offset` of `arena` (a
+ * resident model, e.g. as the daemon or a residency manager reports it):
+ * no copy; one group (0) that completes as soon as the copy stream reaches
+ * it. Workers then run the model exactly as after `ps_switch_start`.
+ */
+ps_status ps_switch_start_resident(struct ps_switch *switch_,
+                                   const struct ps_store *store,
+                                   const char *model,
+                                   const struct ps_arena *arena,
+                                   uint64_t dst_offset);
+
+/**
  * Makes `stream` (a CUstream of the device's primary context, e.g. PyTorch's
  * current stream; NULL is the legacy default stream) wait on the GPU for
  * group `group`. The host does not block.

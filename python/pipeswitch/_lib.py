@@ -304,6 +304,7 @@ SIGNATURES = {
     "ps_switch_start": (STATUS, [_switch_p, _store_p, c_char_p, _arena_p, c_uint64, _size_p,
                                     c_size_t]),
     "ps_switch_start_whole": (STATUS, [_switch_p, _store_p, c_char_p, _arena_p, c_uint64]),
+    "ps_switch_start_resident": (STATUS, [_switch_p, _store_p, c_char_p, _arena_p, c_uint64]),
     "ps_switch_wait_group": (STATUS, [_switch_p, c_size_t, c_void_p]),
     "ps_switch_group_of_layer": (STATUS, [_switch_p, c_size_t, _size_p]),
     "ps_switch_n_groups": (STATUS, [_switch_p, _size_p]),

@@ -706,6 +706,12 @@ class Switch:
         _c.lib().ps_switch_start_whole(self._handle(), store._handle(), _enc(model, "model name"),
                                        arena._handle(), int(offset))
 
+    def start_resident(self, store, model, arena, offset):
+        """Attaches ``model`` whose bytes are already at ``offset`` (resident):
+        no copy, one group that is complete at once."""
+        _c.lib().ps_switch_start_resident(self._handle(), store._handle(), _enc(model, "model name"),
+                                          arena._handle(), int(offset))
+
     def wait_group(self, group, stream=0):
         """Makes ``stream`` wait on the GPU for group ``group`` of the last
         switch; the host does not block. ``stream``: an int CUstream handle of

@@ -101,6 +101,24 @@ pub extern "C" fn ps_switch_start_whole(
     })
 }
 
+/// Attaches `model`, whose bytes are already at `dst_offset` of `arena` (a
+/// resident model, e.g. as the daemon or a residency manager reports it):
+/// no copy; one group (0) that completes as soon as the copy stream reaches
+/// it. Workers then run the model exactly as after `ps_switch_start`.
+#[no_mangle]
+pub extern "C" fn ps_switch_start_resident(
+    switch: *mut ps_switch,
+    store: *const super::store::ps_store,
+    model: *const c_char,
+    arena: *const super::arena::ps_arena,
+    dst_offset: u64,
+) -> ps_status {
+    boundary("ps_switch_start_resident", || {
+        let mut s = switch_mut(switch)?;
+        s.start_resident(&store_ref(store)?, str_arg(model, "model")?, &arena_ref(arena)?, dst_offset)
+    })
+}
+
 /// Makes `stream` (a CUstream of the device's primary context, e.g. PyTorch's
 /// current stream; NULL is the legacy default stream) wait on the GPU for
 /// group `group`. The host does not block.
