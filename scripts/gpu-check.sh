@@ -20,6 +20,12 @@ for t in .gpu/deps/*; do
   fi
   tail -n 3 "$log" | grep "test result" || true
 done
+if [ "${PYTEST:-1}" = 1 ]; then
+  echo "=== python tests with PyTorch on the GPU" | tee -a "$log"
+  PIPESWITCH_LIB=$PWD/.gpu/libpipeswitch.so python3 -m pytest python/tests -q -p no:cacheprovider >"$OUT/pytest-gpu.log" 2>&1
+  rc=$?; echo "pytest rc=$rc" | tee -a "$log"; tail -n 3 "$OUT/pytest-gpu.log" | tee -a "$log"
+  [ $rc = 0 ] || fail=1
+fi
 if [ "${SANITIZE:-1}" = 1 ]; then
   # memcheck, racecheck (shared-memory hazards in our kernels) and synccheck
   # (barrier misuse) on every test binary that runs kernels or switches; the
@@ -29,7 +35,7 @@ if [ "${SANITIZE:-1}" = 1 ]; then
     local tool=$1 name=$2; shift 2
     local slog="$OUT/$tool-$name.log"
     echo "=== compute-sanitizer $tool: $name $*" | tee -a "$log"
-    compute-sanitizer --tool "$tool" --error-exitcode 9 ".gpu/deps/$name" --ignored --test-threads=1 "$@" >"$slog" 2>&1
+    timeout "${SAN_TIMEOUT:-150}" compute-sanitizer --tool "$tool" --error-exitcode 9 ".gpu/deps/$name" --ignored --test-threads=1 "$@" >"$slog" 2>&1
     local rc=$?
     echo "$tool $name rc=$rc" | tee -a "$log"
     grep -E "test result|ERROR SUMMARY|RACECHECK SUMMARY" "$slog" | tail -n 3 | tee -a "$log"
