@@ -73,10 +73,33 @@
 typedef struct ps_arena ps_arena;
 
 /**
+ * A connection to a daemon. Thread-safe: requests on one client take turns.
+ */
+typedef struct ps_client ps_client;
+
+/**
+ * One use of a model placed by a residency manager; ends with
+ * `ps_model_use_free`. Thread-safe (it does not change).
+ */
+typedef struct ps_model_use ps_model_use;
+
+/**
  * A stored model's graph bound to the model (weights, activation layout).
  * Thread-safe (it does not change).
  */
 typedef struct ps_program ps_program;
+
+/**
+ * The residency manager of one arena: keeps models in a region of it while
+ * there is room. Thread-safe.
+ */
+typedef struct ps_residency ps_residency;
+
+/**
+ * The outputs of one request; read with `ps_result_*`, free with
+ * `ps_result_free`. Thread-safe (it does not change).
+ */
+typedef struct ps_result ps_result;
 
 /**
  * An open host model store (shared memory). Thread-safe.
@@ -109,6 +132,79 @@ typedef uint32_t ps_status;
 typedef struct ps_arena_ipc_handle {
   uint8_t bytes[128];
 } ps_arena_ipc_handle;
+
+/**
+ * A tensor to add with `ps_store_add_model`. `data` holds `bytes` bytes,
+ * which must equal the element size of `dtype` times the product of `shape`.
+ */
+typedef struct ps_tensor_desc {
+  const char *name;
+  /**
+   * One of `PS_DTYPE_*`.
+   */
+  uint32_t dtype;
+  uint32_t ndim;
+  const uint64_t *shape;
+  const void *data;
+  uint64_t bytes;
+} ps_tensor_desc;
+
+/**
+ * A daemon's counters.
+ */
+typedef struct ps_daemon_stats {
+  uint64_t requests;
+  uint64_t failed;
+  /**
+   * Requests whose model was resident (no copy) and those that copied it.
+   */
+  uint64_t hits;
+  uint64_t misses;
+  uint64_t evictions;
+  uint64_t bytes_copied;
+  uint32_t workers;
+  uint32_t standbys;
+  uint64_t workers_started;
+  uint64_t workers_lost;
+} ps_daemon_stats;
+
+/**
+ * One output tensor of a result. `name` and `data` stay valid until the
+ * result is freed.
+ */
+typedef struct ps_tensor_view {
+  const char *name;
+  /**
+   * One of `PS_DTYPE_*`.
+   */
+  uint32_t dtype;
+  uint32_t ndim;
+  uint64_t shape[8];
+  const void *data;
+  uint64_t bytes;
+} ps_tensor_view;
+
+/**
+ * Where a request's time went, in ms.
+ */
+typedef struct ps_timing {
+  /**
+   * Waiting in the daemon's queue.
+   */
+  double queued_ms;
+  /**
+   * From the daemon's decision to the worker's first kernel.
+   */
+  double activation_ms;
+  /**
+   * The worker's time from activation to its result.
+   */
+  double worker_ms;
+  /**
+   * From the request's arrival at the daemon to its result leaving it.
+   */
+  double total_ms;
+} ps_timing;
 
 /**
  * The terms of the extended cost model (see `ps_plan_groups_cost`). The
@@ -189,6 +285,37 @@ typedef struct ps_cost_record {
 } ps_cost_record;
 
 /**
+ * A residency manager's counters.
+ */
+typedef struct ps_residency_stats {
+  /**
+   * Uses of a model that was resident (or arriving): no copy.
+   */
+  uint64_t hits;
+  /**
+   * Uses that started a copy.
+   */
+  uint64_t misses;
+  uint64_t evictions;
+  /**
+   * Models moved inside the region to make room, and their bytes.
+   */
+  uint64_t moves;
+  uint64_t bytes_moved;
+  /**
+   * Bytes of completed copies.
+   */
+  uint64_t bytes_loaded;
+  uint64_t failed_loads;
+  /**
+   * GPU time of completed switches (copies), ms.
+   */
+  double switch_ms;
+  uint64_t capacity_bytes;
+  uint64_t used_bytes;
+} ps_residency_stats;
+
+/**
  * A layer to add with `ps_store_add_model`: it takes the next `n_tensors`
  * tensors of the tensor array, in order.
  */
@@ -196,22 +323,6 @@ typedef struct ps_layer_desc {
   const char *name;
   size_t n_tensors;
 } ps_layer_desc;
-
-/**
- * A tensor to add with `ps_store_add_model`. `data` holds `bytes` bytes,
- * which must equal the element size of `dtype` times the product of `shape`.
- */
-typedef struct ps_tensor_desc {
-  const char *name;
-  /**
-   * One of `PS_DTYPE_*`.
-   */
-  uint32_t dtype;
-  uint32_t ndim;
-  const uint64_t *shape;
-  const void *data;
-  uint64_t bytes;
-} ps_tensor_desc;
 
 /**
  * A stored model.
@@ -481,6 +592,65 @@ ps_status ps_arena_write(const struct ps_arena *arena,
                          size_t bytes);
 
 /**
+ * Connects to the daemon of GPU `device`: at `socket_path`, or (NULL) at
+ * the default socket (`$PIPESWITCH_SOCKET_DIR`, else
+ * `$XDG_RUNTIME_DIR/pipeswitch`, else `/tmp/pipeswitch-<uid>`, then
+ * `gpu<device>.sock`). `timeout_ms`: how long a request may wait for its
+ * result (0: forever). `PS_ERR_DISCONNECTED` if no daemon listens there;
+ * `PS_ERR_REFUSED` if it refuses this user.
+ */
+ps_status ps_client_connect(const char *socket_path_or_null,
+                            int32_t device,
+                            uint64_t timeout_ms,
+                            struct ps_client **client_out);
+
+/**
+ * Closes the connection. NULL does nothing.
+ */
+ps_status ps_client_free(struct ps_client *client);
+
+/**
+ * Runs `model` on `inputs` (`n_inputs` tensors; each `data` holds `bytes`
+ * bytes, the element size of `dtype` times the product of `shape`) through
+ * the daemon and waits for its result. Large tensors travel in shared
+ * memory, not through the socket. A failure of the request (unknown model,
+ * a model larger than the GPU's room, a worker that died) is this call's
+ * status; the connection stays usable.
+ */
+ps_status ps_client_infer(struct ps_client *client,
+                          const char *model,
+                          const struct ps_tensor_desc *inputs,
+                          size_t n_inputs,
+                          struct ps_result **result_out);
+
+/**
+ * The daemon's counters.
+ */
+ps_status ps_client_stats(struct ps_client *client, struct ps_daemon_stats *stats_out);
+
+/**
+ * The number of output tensors.
+ */
+ps_status ps_result_count(const struct ps_result *result, size_t *count_out);
+
+/**
+ * Output tensor `index` (in the model's order of outputs).
+ */
+ps_status ps_result_tensor(const struct ps_result *result,
+                           size_t index,
+                           struct ps_tensor_view *tensor_out);
+
+/**
+ * Where the request's time went.
+ */
+ps_status ps_result_timing(const struct ps_result *result, struct ps_timing *timing_out);
+
+/**
+ * Frees a result; the views taken from it become invalid. NULL does nothing.
+ */
+ps_status ps_result_free(struct ps_result *result);
+
+/**
  * The optimal grouping of `n_layers` layers (PipeSwitch's cost model):
  * group k holds layers [s_k, s_{k+1}); its transfer ends at
  * T_k = T_{k-1} + a + sum of its transfer times; its execution ends at
@@ -609,6 +779,94 @@ ps_status ps_store_get_cost(const struct ps_store *store,
                             const char *model,
                             struct ps_cost_record *record_out,
                             uint32_t *has_record_out);
+
+/**
+ * A residency manager that keeps models in `bytes` bytes of `arena` (a
+ * region it allocates now; in the arena's owner process).
+ */
+ps_status ps_residency_new(const struct ps_arena *arena,
+                           uint64_t bytes,
+                           struct ps_residency **residency_out);
+
+/**
+ * Frees the manager once every use of it has been freed (uses keep it
+ * alive until then). NULL does nothing.
+ */
+ps_status ps_residency_free(struct ps_residency *residency);
+
+/**
+ * Starts a use of `model` from `store`. A resident model comes back at once
+ * with nothing to copy; otherwise the model's pipelined switch starts now
+ * with the groups starting at `group_starts` (NULL, 0: one group per
+ * layer), evicting least recently used models that are not in use, or
+ * moving them to make a contiguous gap. `PS_ERR_ARENA_FULL` says why a
+ * model cannot get in (models in use split the space, or it is larger than
+ * the region). Wait per group with `ps_model_use_wait_group`, or run the
+ * built-in worker with `ps_worker_run_use`.
+ */
+ps_status ps_residency_acquire(const struct ps_residency *residency,
+                               const struct ps_store *store,
+                               const char *model,
+                               const size_t *group_starts,
+                               size_t n_groups,
+                               struct ps_model_use **use_out);
+
+/**
+ * Ends a use; the model stays resident until its room is needed. Free a
+ * use only after the GPU work that reads the model has completed (or is
+ * ordered before later copies). NULL does nothing.
+ */
+ps_status ps_model_use_free(struct ps_model_use *model_use);
+
+/**
+ * Arena offset of the model's first byte, and whether the use found it
+ * placed already (1: no copy was started for it).
+ */
+ps_status ps_model_use_offset(const struct ps_model_use *model_use,
+                              uint64_t *offset_out,
+                              int32_t *was_hit_out);
+
+/**
+ * Makes `stream` (a CUstream of the device's primary context; NULL: the
+ * legacy default stream) wait on the GPU for group `group` of the model;
+ * for a resident model there is nothing to wait for.
+ */
+ps_status ps_model_use_wait_group(const struct ps_model_use *model_use, size_t group, void *stream);
+
+/**
+ * The group that holds `layer`.
+ */
+ps_status ps_model_use_group_of_layer(const struct ps_model_use *model_use,
+                                      size_t layer,
+                                      size_t *group_out);
+
+/**
+ * Blocks the host until the model has arrived.
+ */
+ps_status ps_model_use_synchronize(const struct ps_model_use *model_use);
+
+/**
+ * Runs `program` (bound to the use's model) on the built-in worker, each
+ * group's kernels waiting on the GPU for that group (as `ps_worker_run`).
+ */
+ps_status ps_worker_run_use(struct ps_worker *worker_handle,
+                            const struct ps_program *program_handle,
+                            const struct ps_model_use *model_use,
+                            int32_t profile);
+
+/**
+ * The manager's counters.
+ */
+ps_status ps_residency_stats(const struct ps_residency *residency,
+                             struct ps_residency_stats *stats_out);
+
+/**
+ * The bytes of `model` in the arena can no longer be trusted (a worker
+ * died writing them): it is copied again at its next use.
+ */
+ps_status ps_residency_invalidate(const struct ps_residency *residency,
+                                  const struct ps_store *store,
+                                  const char *model);
 
 /**
  * Creates the store `name` (a file /dev/shm/pipeswitch-<name>, mode 0600)

@@ -135,6 +135,67 @@ class ps_worker(Structure):
     """Opaque: the built-in worker (compute stream, activation buffer)."""
 
 
+class ps_client(Structure):
+    """Opaque: a connection to the GPU daemon."""
+
+
+class ps_result(Structure):
+    """Opaque: the outputs of one daemon request."""
+
+
+class ps_residency(Structure):
+    """Opaque: the residency manager of an arena."""
+
+
+class ps_model_use(Structure):
+    """Opaque: one use of a model placed by a residency manager."""
+
+
+class ps_tensor_view(Structure):
+    _fields_ = [
+        ("name", c_char_p),
+        ("dtype", c_uint32),
+        ("ndim", c_uint32),
+        ("shape", c_uint64 * 8),
+        ("data", c_void_p),
+        ("bytes", c_uint64),
+    ]
+
+
+class ps_timing(Structure):
+    _fields_ = [("queued_ms", c_double), ("activation_ms", c_double), ("worker_ms", c_double), ("total_ms", c_double)]
+
+
+class ps_daemon_stats(Structure):
+    _fields_ = [
+        ("requests", c_uint64),
+        ("failed", c_uint64),
+        ("hits", c_uint64),
+        ("misses", c_uint64),
+        ("evictions", c_uint64),
+        ("bytes_copied", c_uint64),
+        ("workers", c_uint32),
+        ("standbys", c_uint32),
+        ("workers_started", c_uint64),
+        ("workers_lost", c_uint64),
+    ]
+
+
+class ps_residency_stats(Structure):
+    _fields_ = [
+        ("hits", c_uint64),
+        ("misses", c_uint64),
+        ("evictions", c_uint64),
+        ("moves", c_uint64),
+        ("bytes_moved", c_uint64),
+        ("bytes_loaded", c_uint64),
+        ("failed_loads", c_uint64),
+        ("switch_ms", c_double),
+        ("capacity_bytes", c_uint64),
+        ("used_bytes", c_uint64),
+    ]
+
+
 class ps_arena_ipc_handle(Structure):
     _fields_ = [("bytes", c_uint8 * 128)]
 
@@ -218,7 +279,9 @@ class ps_cost_record(Structure):
 STRUCTS = {
     c.__name__: c
     for c in (ps_arena, ps_store, ps_switch, ps_program, ps_worker, ps_arena_ipc_handle, ps_layer_desc, ps_tensor_desc,
-              ps_model_info, ps_layer_info, ps_tensor_info, ps_store_usage, ps_cost_model, ps_cost_record)
+              ps_model_info, ps_layer_info, ps_tensor_info, ps_store_usage, ps_cost_model, ps_cost_record,
+              ps_client, ps_result, ps_residency, ps_model_use, ps_tensor_view, ps_timing, ps_daemon_stats,
+              ps_residency_stats)
 }
 
 #: ``ps_measure_plan_fn``: (user, group starts, number of groups, out ms) -> 0 or an error code.
@@ -231,6 +294,10 @@ _arena_p = _P(ps_arena)
 _switch_p = _P(ps_switch)
 _program_p = _P(ps_program)
 _worker_p = _P(ps_worker)
+_client_p = _P(ps_client)
+_result_p = _P(ps_result)
+_residency_p = _P(ps_residency)
+_use_p = _P(ps_model_use)
 _u64_p = _P(c_uint64)
 _size_p = _P(c_size_t)
 _f64_p = _P(c_double)
@@ -329,6 +396,25 @@ SIGNATURES = {
     "ps_worker_prepare": (STATUS, [_worker_p, _program_p]),
     "ps_worker_set_input": (STATUS, [_worker_p, _program_p, c_char_p, c_void_p, c_size_t]),
     "ps_worker_run": (STATUS, [_worker_p, _program_p, _switch_p, c_int32]),
+    "ps_worker_run_use": (STATUS, [_worker_p, _program_p, _use_p, c_int32]),
+    "ps_client_connect": (STATUS, [c_char_p, c_int32, c_uint64, _P(_client_p)]),
+    "ps_client_free": (STATUS, [_client_p]),
+    "ps_client_infer": (STATUS, [_client_p, c_char_p, _P(ps_tensor_desc), c_size_t, _P(_result_p)]),
+    "ps_client_stats": (STATUS, [_client_p, _P(ps_daemon_stats)]),
+    "ps_result_count": (STATUS, [_result_p, _size_p]),
+    "ps_result_tensor": (STATUS, [_result_p, c_size_t, _P(ps_tensor_view)]),
+    "ps_result_timing": (STATUS, [_result_p, _P(ps_timing)]),
+    "ps_result_free": (STATUS, [_result_p]),
+    "ps_residency_new": (STATUS, [_arena_p, c_uint64, _P(_residency_p)]),
+    "ps_residency_free": (STATUS, [_residency_p]),
+    "ps_residency_acquire": (STATUS, [_residency_p, _store_p, c_char_p, _size_p, c_size_t, _P(_use_p)]),
+    "ps_residency_stats": (STATUS, [_residency_p, _P(ps_residency_stats)]),
+    "ps_residency_invalidate": (STATUS, [_residency_p, _store_p, c_char_p]),
+    "ps_model_use_free": (STATUS, [_use_p]),
+    "ps_model_use_offset": (STATUS, [_use_p, _u64_p, _i32_p]),
+    "ps_model_use_wait_group": (STATUS, [_use_p, c_size_t, c_void_p]),
+    "ps_model_use_group_of_layer": (STATUS, [_use_p, c_size_t, _size_p]),
+    "ps_model_use_synchronize": (STATUS, [_use_p]),
     "ps_worker_synchronize": (STATUS, [_worker_p]),
     "ps_worker_read": (STATUS, [_worker_p, _program_p, c_char_p, c_void_p, c_size_t]),
     "ps_worker_layer_ms": (STATUS, [_worker_p, _program_p, _f64_p, c_size_t]),

@@ -8,8 +8,10 @@
 #![allow(non_camel_case_types)]
 
 pub mod arena;
+pub mod client;
 pub mod handles;
 pub mod plan;
+pub mod residency;
 pub mod status;
 pub mod store;
 pub mod switch;

@@ -84,7 +84,9 @@ pub struct ModelUse {
     model: Arc<Model>,
     /// Arena offset of the model's first byte.
     offset: u64,
-    /// The switch that copies the model in, while this use may wait on it.
+    /// The switch that brings the model in: the one copying it (started by
+    /// this use or an earlier one), or one that attached it when it was
+    /// resident. Taken in `drop` so that the switch can return to the pool.
     load: Option<Arc<Switch>>,
     hit: bool,
 }
@@ -167,9 +169,28 @@ impl ResidencyManager {
         self.reap(&mut inner)?;
         let (ticket, decision) = inner.policy.acquire(&key, m.bytes)?;
         let (offset, load, hit) = match decision {
-            Acquire::Hit { offset, loading } => {
-                let load = if loading { inner.loads.get(&key).cloned() } else { None };
-                (offset, load, true)
+            Acquire::Hit { offset, loading: true } => (offset, inner.loads.get(&key).cloned(), true),
+            Acquire::Hit { offset, loading: false } => {
+                // A switch that attaches the resident bytes (no copy), so that
+                // a worker runs the model as it runs a switched one.
+                let mut sw = match inner.idle.pop() {
+                    Some(sw) => sw,
+                    None => match Switch::new(self.device.ordinal()) {
+                        Ok(sw) => sw,
+                        Err(e) => {
+                            inner.policy.release(ticket)?;
+                            return Err(e);
+                        }
+                    },
+                };
+                if let Err(e) = sw.start_resident(store, model, &self.arena, self.offset + offset) {
+                    inner.idle.push(sw);
+                    inner.policy.release(ticket)?;
+                    return Err(e);
+                }
+                let sw = Arc::new(sw);
+                inner.draining.push(sw.clone());
+                (offset, Some(sw), true)
             }
             Acquire::Miss { offset, evicted, moves } => {
                 for k in &evicted {
@@ -340,7 +361,9 @@ impl ModelUse {
         }
     }
 
-    /// The switch copying the model in, if this use started or joined one.
+    /// The switch that brought the model in: what a worker runs it with
+    /// (`Worker::run`), waiting per group on the GPU where it is still
+    /// arriving.
     pub fn switch(&self) -> Option<&Switch> {
         self.load.as_deref()
     }
