@@ -626,7 +626,7 @@ ps_status ps_client_infer(struct ps_client *client,
 /**
  * The daemon's counters.
  */
-ps_status ps_client_stats(struct ps_client *client, struct ps_daemon_stats *stats_out);
+ps_status ps_client_get_stats(struct ps_client *client, struct ps_daemon_stats *stats_out);
 
 /**
  * The number of output tensors.
@@ -857,8 +857,8 @@ ps_status ps_worker_run_use(struct ps_worker *worker_handle,
 /**
  * The manager's counters.
  */
-ps_status ps_residency_stats(const struct ps_residency *residency,
-                             struct ps_residency_stats *stats_out);
+ps_status ps_residency_get_stats(const struct ps_residency *residency,
+                                 struct ps_residency_stats *stats_out);
 
 /**
  * The bytes of `model` in the arena can no longer be trusted (a worker

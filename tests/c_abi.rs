@@ -158,6 +158,23 @@ fn c_handles_shared_between_threads() {
 }
 
 #[test]
+fn c_infer_client_without_a_daemon_says_so() {
+    let exe = compile("cc", "-std=c11", "infer_client.c", "infer_client", &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("gpu0.sock");
+    let out = Command::new(&exe)
+        .args(["--socket", sock.to_str().expect("utf-8"), "m", "x:f32:2x3"])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("connect") && err.contains("no daemon listens") && err.contains("pipeswitch serve"), "{err}");
+    let out = Command::new(&exe).args(["m", "x:f64:2"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad input"));
+}
+
+#[test]
 fn header_compiles_as_cpp_and_matches_the_library() {
     let exe = compile("c++", "-std=c++17", "header_check.cpp", "header_check", &[]);
     let out = Command::new(&exe).output().expect("run");

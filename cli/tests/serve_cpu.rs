@@ -158,6 +158,13 @@ fn setup(w: &World, residency: u64, workers: usize) -> Setup {
     for _ in 0..workers {
         fake_worker(&socket, seen.clone(), die_on.clone(), slow.clone());
     }
+    // Every worker is a standby before the test begins.
+    let mut c = Client::connect(&socket, Some(Duration::from_secs(5))).unwrap();
+    let t0 = std::time::Instant::now();
+    while c.stats().unwrap().standbys < workers as u32 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "fake workers never became standbys");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     Setup { daemon: Some(daemon), seen, die_on, slow, moves, socket }
 }
 
@@ -399,4 +406,46 @@ fn broken_worker_commands_back_off() {
     assert!(st.workers_started >= 2 && st.workers_started <= 6, "{st:?}");
     assert_eq!(st.workers_lost, st.workers_started - st.workers as u64);
     d.stop().unwrap();
+}
+
+#[test]
+fn the_c_client_abi_talks_to_the_daemon() {
+    use pipeswitch::ffi::client::*;
+    use pipeswitch::ffi::store::ps_tensor_desc;
+    use pipeswitch::ffi::{PS_ERR_NOT_FOUND, PS_ERR_NULL_ARGUMENT, PS_OK};
+    use std::ffi::{CStr, CString};
+    let w = world("cabi");
+    let s = setup(&w, 3 * MIB, 1);
+    let path = CString::new(s.socket.to_str().unwrap()).unwrap();
+    let mut client: *mut ps_client = std::ptr::null_mut();
+    assert_eq!(ps_client_connect(path.as_ptr(), 0, 10_000, &mut client), PS_OK);
+    let name = CString::new("x").unwrap();
+    let shape = [4u64, 100_000];
+    let data: Vec<u8> = (0..1_600_000u32).map(|i| (i % 251) as u8).collect();
+    let input = ps_tensor_desc { name: name.as_ptr(), dtype: 1, ndim: 2, shape: shape.as_ptr(), data: data.as_ptr().cast(), bytes: data.len() as u64 };
+    let model = CString::new("a").unwrap();
+    let mut result: *mut ps_result = std::ptr::null_mut();
+    assert_eq!(ps_client_infer(client, model.as_ptr(), &input, 1, &mut result), PS_OK);
+    let mut n = 0usize;
+    assert_eq!(ps_result_count(result, &mut n), PS_OK);
+    assert_eq!(n, 1);
+    let mut v = std::mem::MaybeUninit::<ps_tensor_view>::uninit();
+    assert_eq!(ps_result_tensor(result, 0, v.as_mut_ptr()), PS_OK);
+    let v = unsafe { v.assume_init() };
+    assert_eq!(unsafe { CStr::from_ptr(v.name) }.to_str().unwrap(), "x");
+    assert_eq!((v.dtype, v.ndim, &v.shape[..2]), (1, 2, &shape[..]));
+    let back = unsafe { std::slice::from_raw_parts(v.data.cast::<u8>(), v.bytes as usize) };
+    assert!(back == &data[..], "the echoed tensor comes back byte for byte");
+    let mut t = ps_timing::default();
+    assert_eq!(ps_result_timing(result, &mut t), PS_OK);
+    assert!(t.total_ms > 0.0);
+    assert_eq!(ps_result_free(result), PS_OK);
+    assert_ne!(ps_result_free(result), PS_OK, "a freed result is not live");
+    let unknown = CString::new("nope").unwrap();
+    assert_eq!(ps_client_infer(client, unknown.as_ptr(), std::ptr::null(), 0, &mut result), PS_ERR_NOT_FOUND);
+    assert_eq!(ps_client_infer(client, std::ptr::null(), std::ptr::null(), 0, &mut result), PS_ERR_NULL_ARGUMENT);
+    let mut st = ps_daemon_stats::default();
+    assert_eq!(ps_client_get_stats(client, &mut st), PS_OK);
+    assert_eq!((st.requests, st.failed, st.misses), (2, 1, 1));
+    assert_eq!(ps_client_free(client), PS_OK);
 }

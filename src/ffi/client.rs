@@ -162,8 +162,8 @@ pub extern "C" fn ps_client_infer(
 
 /// The daemon's counters.
 #[no_mangle]
-pub extern "C" fn ps_client_stats(client: *mut ps_client, stats_out: *mut ps_daemon_stats) -> ps_status {
-    boundary("ps_client_stats", || {
+pub extern "C" fn ps_client_get_stats(client: *mut ps_client, stats_out: *mut ps_daemon_stats) -> ps_status {
+    boundary("ps_client_get_stats", || {
         let o = out(stats_out, "stats_out")?;
         let s = handles::write(client, "client")?.stats()?;
         o.write(ps_daemon_stats {

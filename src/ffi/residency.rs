@@ -171,8 +171,8 @@ pub extern "C" fn ps_worker_run_use(
 
 /// The manager's counters.
 #[no_mangle]
-pub extern "C" fn ps_residency_stats(residency: *const ps_residency, stats_out: *mut ps_residency_stats) -> ps_status {
-    boundary("ps_residency_stats", || {
+pub extern "C" fn ps_residency_get_stats(residency: *const ps_residency, stats_out: *mut ps_residency_stats) -> ps_status {
+    boundary("ps_residency_get_stats", || {
         let o = out(stats_out, "stats_out")?;
         let s = manager(residency)?.inner.stats()?;
         let c = s.counters;
