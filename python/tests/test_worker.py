@@ -1,0 +1,394 @@
+"""The PyTorch worker (python -m pipeswitch.worker).
+
+CPU, no torch: the protocol loop (pipeswitch.worker.serve) against a fake
+daemon on a socket pair with a fake backend (hello, welcome, standby, tasks
+with inline and memfd tensors, failed tasks answered and survived,
+deactivate, shutdown, EOF), and the command line.
+
+GPU (skipped without torch, CUDA and the driver): the real worker process
+against a fake daemon that owns a real store and arena: pipelined and
+resident activations, a moved region, a changed model id, an unknown model,
+deactivate and shutdown.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import uuid
+
+import pytest
+
+import pipeswitch
+from pipeswitch import protocol as P
+from pipeswitch import worker as W
+
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HANDLE = bytes(range(128))
+
+
+class FakeBackend:
+    """Echoes its inputs reversed (bytes reversed too); model "bad" fails
+    with a NotFound, model "boom" with a plain exception."""
+
+    def __init__(self, welcome):
+        self.welcome = welcome
+        self.tasks = []
+        self.deactivated = 0
+        self.closed = False
+
+    def run(self, task, inputs):
+        self.tasks.append(task)
+        if task.model == "bad":
+            raise pipeswitch.NotFound(200, "PS_ERR_NOT_FOUND", "no model named 'bad'")
+        if task.model == "boom":
+            raise RuntimeError("boom")
+        outs = [("out%d" % i, t.dtype, t.shape, data[::-1]) for i, (t, data) in enumerate(reversed(inputs))]
+        return outs, 1.5
+
+    def deactivate(self):
+        self.deactivated += 1
+
+    def close(self):
+        self.closed = True
+
+
+def start_worker(make_backend=FakeBackend):
+    daemon, sock = socket.socketpair()
+    daemon.settimeout(10)
+    made = []
+    result = {}
+
+    def factory(welcome):
+        made.append(make_backend(welcome))
+        return made[-1]
+
+    def run():
+        try:
+            W.serve(sock, factory)
+            result["ok"] = True
+        except BaseException as e:  # checked by the test
+            result["error"] = e
+        finally:
+            sock.close()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return daemon, t, made, result
+
+
+def task(task_id, model, inputs, resident=False):
+    return P.Task(task_id, P.TASK_INFERENCE, model, 3, 1 << 20, resident, [0, 2], inputs, P.monotonic_ns())
+
+
+def test_the_task_loop_with_a_fake_backend():
+    daemon, t, made, result = start_worker()
+    with daemon:
+        hello, fd = P.recv(daemon)
+        assert hello == P.Hello(P.ROLE_WORKER, os.getpid(), "torch") and fd is None
+        P.send(daemon, P.Welcome(99, 0, "models", 7, HANDLE, 1 << 30, 64 << 20))
+        assert P.recv(daemon) == (P.Standby(7), None)
+        assert made[0].welcome.arena_handle == HANDLE and made[0].welcome.activation_bytes == 64 << 20
+        # A task with an inline and a memfd input.
+        big = bytes(i % 253 for i in range(P.INLINE_LIMIT + 10))
+        tensors, fd = P.pack_tensors([("a", 11, [2], b"\1\2\3\4\5\6\7\x08"), ("b", 1, [len(big)], big)])
+        P.send(daemon, P.Activate(task(1, "m", tensors)), fd)
+        os.close(fd)
+        done, fd = P.recv(daemon)
+        assert isinstance(done, P.TaskDone) and done.task_id == 1 and done.status == 0, done
+        assert done.timing.activation_ms == 1.5 and done.timing.worker_ms > 0
+        outs = P.unpack_tensors(done.outputs, fd)
+        os.close(fd)
+        assert [(o.name, o.dtype, o.shape, d) for o, d in outs] == [
+            ("out0", 1, [len(big)], big[::-1]), ("out1", 11, [2], b"\x08\7\6\5\4\3\2\1")]
+        assert made[0].tasks[0].plan == [0, 2] and made[0].tasks[0].region_offset == 1 << 20
+        # Failed tasks are answered with their status; the worker keeps serving.
+        P.send(daemon, P.Activate(task(2, "bad", [])))
+        done = P.recv(daemon)[0]
+        assert (done.task_id, done.status, done.message, done.outputs) == (2, 200, "no model named 'bad'", [])
+        P.send(daemon, P.Activate(task(3, "boom", [])))
+        done = P.recv(daemon)[0]
+        assert (done.task_id, done.status) == (3, 901) and "RuntimeError: boom" in done.message
+        # A task whose tensor claims bytes beyond its (missing) file.
+        bad = [P.Tensor("x", 1, [4], P.Shared(0, 4))]
+        P.send(daemon, P.Activate(task(4, "m", bad)))
+        done = P.recv(daemon)[0]
+        assert (done.task_id, done.status) == (4, 700) and "did not come" in done.message
+        P.send(daemon, P.Activate(task(5, "m", [], resident=True)))
+        done = P.recv(daemon)[0]
+        assert (done.task_id, done.status, done.outputs) == (5, 0, [])
+        assert made[0].tasks[-1].resident
+        # Deactivate: cleaned up, standby again.
+        P.send(daemon, P.Deactivate())
+        assert P.recv(daemon) == (P.Standby(7), None)
+        assert made[0].deactivated == 1
+        P.send(daemon, P.Shutdown())
+        t.join(10)
+    assert result == {"ok": True} and made[0].closed
+
+
+def test_eof_ends_the_worker_and_bad_daemons_are_errors():
+    # EOF after standby: a clean end.
+    daemon, t, made, result = start_worker()
+    P.recv(daemon)
+    P.send(daemon, P.Welcome(1, 0, "s", 1, HANDLE))
+    P.recv(daemon)
+    daemon.close()
+    t.join(10)
+    assert result == {"ok": True} and made[0].closed
+    # A refusal instead of the welcome.
+    daemon, t, made, result = start_worker()
+    with daemon:
+        P.recv(daemon)
+        P.send(daemon, P.Error(0, 702, "too many workers"))
+        t.join(10)
+    assert isinstance(result["error"], pipeswitch.Refused) and not made
+    # A welcome without an arena handle.
+    daemon, t, made, result = start_worker()
+    with daemon:
+        P.recv(daemon)
+        P.send(daemon, P.Welcome(1, 0, "s", 1, b""))
+        t.join(10)
+    assert isinstance(result["error"], pipeswitch.ProtocolError) and "arena handle" in str(result["error"])
+    # A message a worker does not expect.
+    daemon, t, made, result = start_worker()
+    with daemon:
+        P.recv(daemon)
+        P.send(daemon, P.Welcome(1, 0, "s", 1, HANDLE))
+        P.recv(daemon)
+        P.send(daemon, P.Infer(1, "m", []))
+        t.join(10)
+    assert isinstance(result["error"], pipeswitch.ProtocolError) and made[0].closed
+    # A backend that cannot start: the error comes out, nothing is sent.
+    def broken(welcome):
+        raise RuntimeError("no GPU here")
+
+    daemon, t, made, result = start_worker(broken)
+    with daemon:
+        P.recv(daemon)
+        P.send(daemon, P.Welcome(1, 0, "s", 1, HANDLE))
+        t.join(10)
+        assert P.recv(daemon) is None
+    assert "no GPU here" in str(result["error"])
+
+
+def test_status_of_task_errors():
+    assert W.status_of(pipeswitch.ArenaFull(203, "PS_ERR_ARENA_FULL", "full")) == 203
+    assert W.status_of(W.TaskError(204, "changed")) == 204
+    assert W.status_of(RuntimeError("CUDA error: an illegal memory access")) == 302
+    assert W.status_of(RuntimeError("CUDA out of memory. Tried to allocate")) == 303
+    assert W.status_of(ValueError("bad shape")) == 101
+    assert W.status_of(KeyError("x")) == 200
+    assert W.status_of(ZeroDivisionError()) == 901
+
+
+def test_model_specs():
+    assert W.parse_models(["a=m:f", "b=x.y:z.w"]) == {"a": "m:f", "b": "x.y:z.w"}
+    for bad in (["a"], ["=m:f"], ["a=m:f", "a=m:g"]):
+        with pytest.raises(ValueError):
+            W.parse_models(bad)
+    assert W.load_factory("os.path:join") is os.path.join
+    with pytest.raises(ValueError):
+        W.load_factory("os.path")
+    with pytest.raises(TypeError):
+        W.load_factory("os:sep")
+
+
+def run_cli(args, env_extra=None, timeout=60):
+    env = dict(os.environ, PYTHONPATH=PKG_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("PIPESWITCH_SOCKET", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "pipeswitch.worker"] + args, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_the_command_line():
+    r = run_cli(["--models", "a=m:f"])
+    assert r.returncode == 2 and "PIPESWITCH_SOCKET" in r.stderr
+    r = run_cli(["--models", "nonsense"], {"PIPESWITCH_SOCKET": "/nonexistent"})
+    assert r.returncode == 2 and "NAME=module:factory" in r.stderr
+    r = run_cli([], {"PIPESWITCH_SOCKET": "/nonexistent/gpu0.sock"})
+    assert r.returncode == 1 and "/nonexistent/gpu0.sock" in r.stderr
+    # A daemon that accepts, reads the hello and closes: exit 0.
+    d = tempfile.mkdtemp()
+    path = os.path.join(d, "gpu0.sock")
+    lst = socket.socket(socket.AF_UNIX)
+    lst.bind(path)
+    lst.listen(1)
+    seen = []
+
+    def daemon():
+        c, _ = lst.accept()
+        with c:
+            seen.append(P.recv(c)[0])
+
+    th = threading.Thread(target=daemon, daemon=True)
+    th.start()
+    try:
+        r = run_cli(["--models", "a=m:f"], {"PIPESWITCH_SOCKET": path})
+        th.join(10)
+        assert r.returncode == 0, r.stderr
+        assert seen[0].role == P.ROLE_WORKER and seen[0].worker_kind == "torch"
+    finally:
+        lst.close()
+        os.unlink(path)
+        os.rmdir(d)
+
+
+# ---------------------------------------------------------------------------
+# GPU: the real worker process
+# ---------------------------------------------------------------------------
+
+MODELS_PY = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def mlp():
+        return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                             nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(8, 8)
+            self.a = nn.Linear(8, 3)
+            self.b = nn.Linear(8, 2)
+
+        def forward(self, x, y):
+            h = torch.relu(self.body(x + y))
+            return {"logits": self.a(h), "extra": (self.b(h), None)}
+
+    def two_heads():
+        with torch.device("meta"):
+            return TwoHeads()
+""")
+
+
+def _gpu_ready():
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and pipeswitch.driver_available()
+
+
+gpu = pytest.mark.skipif(not _gpu_ready(), reason="needs torch, a CUDA GPU and the driver")
+
+
+@gpu
+def test_the_torch_worker_process_serves_a_fake_daemon(tmp_path):
+    import torch
+
+    from pipeswitch.torch import register_module
+
+    sys.path.insert(0, str(tmp_path))
+    (tmp_path / "psw_models.py").write_text(MODELS_PY)
+    import psw_models
+
+    name = "worker-%s" % uuid.uuid4().hex[:12]
+    store = pipeswitch.Store.create(name, 64 << 20)
+    arena = pipeswitch.Arena.create(0, 64 << 20, 8 << 20)
+    proc = None
+    try:
+        torch.manual_seed(0)
+        ref_mlp, ref_two = psw_models.mlp(), psw_models.TwoHeads()
+        x = torch.randn(16, 32)
+        register_module(store, "mlp", ref_mlp, (x,), measure=False)
+        x8, y8 = torch.randn(4, 8), torch.randn(4, 8)
+        register_module(store, "two", ref_two, (x8, y8), measure=False)
+        mlp_info = store.model_info("mlp")
+        region = arena.alloc(mlp_info.bytes)
+        region2 = arena.alloc(mlp_info.bytes)
+        region3 = arena.alloc(store.model_info("two").bytes)
+        act = arena.alloc(4 << 20)
+
+        path = str(tmp_path / "gpu0.sock")
+        lst = socket.socket(socket.AF_UNIX)
+        lst.bind(path)
+        lst.listen(1)
+        lst.settimeout(120)
+        env = dict(os.environ, PIPESWITCH_SOCKET=path,
+                   PYTHONPATH=os.pathsep.join([str(tmp_path), PKG_ROOT, os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.Popen([sys.executable, "-m", "pipeswitch.worker", "--models", "mlp=psw_models:mlp",
+                                 "two=psw_models:two_heads"], env=env)
+        conn, _ = lst.accept()
+        conn.settimeout(120)
+        hello = P.recv(conn)[0]
+        assert hello.role == P.ROLE_WORKER and hello.worker_kind == "torch" and hello.pid == proc.pid
+        P.send(conn, P.Welcome(os.getpid(), 0, name, 4, arena.export(), act, 4 << 20))
+        assert P.recv(conn) == (P.Standby(4), None)
+
+        def activate(task_id, model, inputs, offset, plan, resident=False, model_id=None):
+            mid = store.model_info(model).id if model_id is None else model_id
+            packed, fd = P.pack_tensors([(n, pipeswitch.dtype_code(str(t.dtype)), list(t.shape),
+                                          t.contiguous().numpy().tobytes()) for n, t in inputs])
+            P.send(conn, P.Activate(P.Task(task_id, P.TASK_INFERENCE, model, mid, offset, resident, plan, packed,
+                                           P.monotonic_ns())), fd)
+            if fd is not None:
+                os.close(fd)
+            done, fd = P.recv(conn)
+            assert done.task_id == task_id
+            outs = {}
+            if done.status == 0:
+                for t, data in P.unpack_tensors(done.outputs, fd):
+                    assert t.dtype == pipeswitch.PS_DTYPE_F32
+                    outs[t.name] = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(t.shape)
+            if fd is not None:
+                os.close(fd)
+            return done, outs
+
+        with torch.no_grad():
+            ref = ref_mlp(x)
+            n_layers = len(mlp_info.layers)
+            # Pipelined, one group per layer.
+            done, outs = activate(1, "mlp", [("x", x)], region, list(range(n_layers)))
+            assert done.status == 0, done.message
+            torch.testing.assert_close(outs["out0"], ref, rtol=1e-5, atol=1e-5)
+            assert 0 < done.timing.activation_ms < 60_000 and done.timing.worker_ms > 0
+            # Resident (no copy), a large input and output through memfds.
+            xb = torch.randn(2048, 32)
+            done, outs = activate(2, "mlp", [("x", xb)], region, [0], resident=True)
+            assert done.status == 0, done.message
+            assert isinstance(done.outputs[0].data, P.Shared)
+            torch.testing.assert_close(outs["out0"], ref_mlp(xb), rtol=1e-5, atol=1e-5)
+            # Moved to another region with another plan.
+            P.send(conn, P.Deactivate())
+            assert P.recv(conn) == (P.Standby(4), None)
+            done, outs = activate(3, "mlp", [("x", x)], region2, [0, 2])
+            assert done.status == 0, done.message
+            torch.testing.assert_close(outs["out0"], ref, rtol=1e-5, atol=1e-5)
+            # A dict output with a nested tuple; two positional inputs.
+            done, outs = activate(4, "two", [("x", x8), ("y", y8)], region3, [0, 1])
+            assert done.status == 0, done.message
+            r = ref_two(x8, y8)
+            assert sorted(outs) == ["extra.0", "logits"]
+            torch.testing.assert_close(outs["logits"], r["logits"], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(outs["extra.0"], r["extra"][0], rtol=1e-5, atol=1e-5)
+            # Refusals: a changed model id, a model without a module, bad inputs.
+            done, _ = activate(5, "mlp", [("x", x)], region, [0], model_id=mlp_info.id + 1000)
+            assert done.status == 204 and "changed" in done.message
+            done, _ = activate(6, "nope", [("x", x)], region, [0], model_id=0)
+            assert done.status == 200 and "no module" in done.message
+            done, _ = activate(7, "mlp", [("x", torch.randn(16, 5))], region, [0])
+            assert done.status != 0
+            # ... and it still serves.
+            done, outs = activate(8, "mlp", [("x", x)], region, [0, 3])
+            assert done.status == 0, done.message
+            torch.testing.assert_close(outs["out0"], ref, rtol=1e-5, atol=1e-5)
+        P.send(conn, P.Deactivate())
+        assert P.recv(conn) == (P.Standby(4), None)
+        P.send(conn, P.Shutdown())
+        assert proc.wait(60) == 0
+        conn.close()
+        lst.close()
+    finally:
+        sys.path.remove(str(tmp_path))
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        arena.close()
+        store.close()
+        pipeswitch.Store.unlink(name)
