@@ -36,12 +36,14 @@ import argparse
 import ctypes
 import importlib
 import logging
+import math
 import os
 import socket
 import sys
 import time
 
 from . import protocol as P
+from ._lib import DTYPE_SIZES
 from .errors import Disconnected, PipeSwitchError
 
 __all__ = ["serve", "TorchBackend", "TaskError", "status_of", "main"]
@@ -309,8 +311,13 @@ class TorchBackend:
                               plan=None if task.resident else task.plan, resident=task.resident)
         args = []
         for t, data in inputs:
-            dt = self._torch_dtype(_dtype_name(t.dtype))
+            name = _dtype_name(t.dtype)
+            dt = self._torch_dtype(name)
             shape = [int(d) for d in t.shape]
+            want = math.prod(shape) * DTYPE_SIZES[t.dtype]
+            if want != len(data):
+                raise TaskError(_INVALID_ARGUMENT, "input %r: a %s tensor of shape %s has %d bytes, not %d"
+                                % (t.name, name, shape, want, len(data)))
             if len(data) == 0:
                 x = torch.empty(shape, dtype=dt)
             else:
@@ -324,8 +331,11 @@ class TorchBackend:
         return [(n, _dtype_code(t.dtype), list(t.shape), _tensor_bytes(t)) for n, t in cpu], activation_ms
 
     def deactivate(self):
+        """Waits for the task's kernels and copies. An error here (a sticky
+        CUDA error) ends the worker: the daemon starts a fresh one."""
         self._torch.cuda.synchronize(self.device)
-        self.worker.synchronize()
+        if self.worker._current is not None:
+            self.worker.synchronize()
 
     def close(self):
         try:

@@ -392,3 +392,91 @@ def test_the_torch_worker_process_serves_a_fake_daemon(tmp_path):
         arena.close()
         store.close()
         pipeswitch.Store.unlink(name)
+
+
+def _pipeswitch_bin():
+    root = os.path.dirname(PKG_ROOT)
+    for p in (os.environ.get("PIPESWITCH_BIN"), os.path.join(root, "target", "release", "pipeswitch"),
+              os.path.join(root, "target", "debug", "pipeswitch")):
+        if p and os.access(p, os.X_OK):
+            return p
+    return None
+
+
+@gpu
+@pytest.mark.skipif(_pipeswitch_bin() is None, reason="needs the pipeswitch program (cargo build; or PIPESWITCH_BIN)")
+def test_serve_with_torch_workers_and_the_python_client(tmp_path):
+    """End to end: `pipeswitch serve` starts `python -m pipeswitch.worker`
+    standbys; the Python client's requests switch between two models and
+    back, with the results of the reference modules."""
+    import time
+
+    import torch
+
+    from pipeswitch.client import Client
+    from pipeswitch.torch import register_module
+
+    sys.path.insert(0, str(tmp_path))
+    (tmp_path / "psw_models2.py").write_text(MODELS_PY)
+    import psw_models2
+
+    name = "serve-%s" % uuid.uuid4().hex[:12]
+    store = pipeswitch.Store.create(name, 64 << 20)
+    sock_dir = tempfile.mkdtemp(prefix="ps-serve-")
+    daemon = None
+    try:
+        torch.manual_seed(0)
+        ref_mlp, ref_two = psw_models2.mlp(), psw_models2.TwoHeads()
+        x = torch.randn(16, 32)
+        x8, y8 = torch.randn(4, 8), torch.randn(4, 8)
+        register_module(store, "mlp", ref_mlp, (x,), device="cuda:0")
+        register_module(store, "two", ref_two, (x8, y8), device="cuda:0")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), PKG_ROOT, os.environ.get("PYTHONPATH", "")]))
+        daemon = subprocess.Popen(
+            [_pipeswitch_bin(), "serve", "--store", name, "--device", "0", "--arena-size", "256M",
+             "--worker-region", "16M", "--standbys", "2", "--socket-dir", sock_dir,
+             "--worker-cmd", sys.executable, "-m", "pipeswitch.worker",
+             "--models", "mlp=psw_models2:mlp", "two=psw_models2:two_heads"], env=env)
+        path = P.socket_path(sock_dir, 0)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path):
+            assert daemon.poll() is None, "the daemon exited with %s" % daemon.returncode
+            assert time.monotonic() < deadline, "no socket after 60 s"
+            time.sleep(0.1)
+
+        def as_tensor(v):
+            if isinstance(v, tuple):
+                data, _, shape = v
+                return torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
+            return torch.from_numpy(v.copy())
+
+        with torch.no_grad(), Client(socket=path, timeout=180) as c:
+            for _ in range(2):
+                out = c.infer("mlp", {"x": x})
+                torch.testing.assert_close(as_tensor(out["out0"]), ref_mlp(x), rtol=1e-5, atol=1e-5)
+                assert out.timing.total_ms > 0 and out.timing.worker_ms > 0
+                out = c.infer("two", [("x", x8, None, None), ("y", y8, None, None)])
+                r = ref_two(x8, y8)
+                torch.testing.assert_close(as_tensor(out["logits"]), r["logits"], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(as_tensor(out["extra.0"]), r["extra"][0], rtol=1e-5, atol=1e-5)
+            xb = torch.randn(4096, 32)  # 512 KiB: in a memfd both ways
+            out = c.infer("mlp", {"x": xb})
+            torch.testing.assert_close(as_tensor(out["out0"]), ref_mlp(xb), rtol=1e-4, atol=1e-4)
+            with pytest.raises(pipeswitch.NotFound):
+                c.infer("absent", {"x": x})
+            s = c.stats()
+            # "absent" counts as a request and a failure.
+            assert s.requests == 6 and s.failed == 1 and s.workers >= 2 and s.workers_lost == 0, s
+            assert s.hits >= 2 and s.misses >= 2 and s.evictions == 0, s
+    finally:
+        sys.path.remove(str(tmp_path))
+        if daemon is not None:
+            daemon.terminate()
+            try:
+                assert daemon.wait(60) == 0
+            finally:
+                if daemon.poll() is None:
+                    daemon.kill()
+                    daemon.wait()
+        store.close()
+        pipeswitch.Store.unlink(name)
