@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-from .errors import ArgumentError, Disconnected, ProtocolError, from_status
+from .errors import ArgumentError, Disconnected, OsError, ProtocolError, from_status
 
 __all__ = [
     "MAGIC", "VERSION", "HEADER_BYTES", "MAX_BODY", "INLINE_LIMIT", "MAX_DIMS", "MAX_SHARED_TENSOR",
@@ -77,6 +77,10 @@ def _malformed(what):
 
 def _disconnected(message):
     return Disconnected(_PS_ERR_DISCONNECTED, "PS_ERR_DISCONNECTED", message)
+
+
+def _os_error(what, e):
+    return OsError(401, "PS_ERR_OS", "%s: %s" % (what, e))
 
 
 def error_of(status, message):
@@ -591,6 +595,8 @@ def send(sock, msg, file=None):
             raise _disconnected("the peer closed the connection") from None
         except socket.timeout:
             raise _disconnected("timed out sending a frame") from None
+        except OSError as e:
+            raise _os_error("sending a frame", e) from None
         data = data[n:]
         fd = None
 
@@ -606,6 +612,8 @@ def _recv_exact(sock, n):
             raise _disconnected("timed out in the middle of a frame") from None
         except ConnectionResetError:
             raise _disconnected("the peer reset the connection") from None
+        except OSError as e:
+            raise _os_error("reading a frame", e) from None
         if not chunk:
             raise protocol_error("the connection closed in the middle of a frame")
         buf += chunk
@@ -629,6 +637,8 @@ def recv(sock):
                 raise _disconnected("timed out waiting for the peer") from None
             except ConnectionResetError:
                 raise _disconnected("the peer reset the connection") from None
+            except OSError as e:
+                raise _os_error("receiving a frame", e) from None
         for level, typ, payload in anc:
             if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
                 usable = len(payload) - len(payload) % 4
@@ -665,20 +675,32 @@ def pack_tensors(tensors):
     sending)."""
     items = []
     for name, dtype, shape, data in tensors:
-        mv = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data
+        try:
+            mv = memoryview(data)
+            if mv.format != "B" or mv.ndim != 1:
+                mv = mv.cast("B")
+        except (TypeError, ValueError) as e:
+            raise ArgumentError(101, "PS_ERR_INVALID_ARGUMENT",
+                                "tensor %r: its data is not a contiguous buffer: %s" % (name, e)) from None
         items.append((name, int(dtype), [int(d) for d in shape], mv))
     shared = sum(len(mv) for *_, mv in items if len(mv) > INLINE_LIMIT)
     fd = None
     try:
         if shared:
-            fd = os.memfd_create("pipeswitch-tensors", os.MFD_CLOEXEC)
-            os.ftruncate(fd, shared)
+            try:
+                fd = os.memfd_create("pipeswitch-tensors", os.MFD_CLOEXEC)
+                os.ftruncate(fd, shared)
+            except OSError as e:
+                raise _os_error("a memfd for %d bytes of tensors" % shared, e) from None
         out, offset = [], 0
         for name, dtype, shape, mv in items:
             if len(mv) > INLINE_LIMIT:
                 done = 0
                 while done < len(mv):
-                    done += os.pwrite(fd, mv[done:], offset + done)
+                    try:
+                        done += os.pwrite(fd, mv[done:], offset + done)
+                    except OSError as e:
+                        raise _os_error("writing tensor %r to shared memory" % name, e) from None
                 out.append(Tensor(name, dtype, shape, Shared(offset, len(mv))))
                 offset += len(mv)
             else:

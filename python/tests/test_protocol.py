@@ -293,3 +293,46 @@ def test_error_of_maps_statuses_to_exception_classes():
     e = p.error_of(0, "odd")
     assert isinstance(e, ProtocolError) and e.status == 700
     assert p.error_of(203, "full").name == "PS_ERR_ARENA_FULL"
+
+
+def test_os_failures_are_pipeswitch_errors():
+    import pipeswitch
+
+    a, b = socket.socketpair()
+    a.close()
+    with pytest.raises(pipeswitch.OsError):
+        p.send(a, p.Shutdown())
+    with pytest.raises(pipeswitch.OsError):
+        p.recv(a)
+    b.close()
+    with pytest.raises(ArgumentError, match="contiguous"):
+        p.pack_tensors([("x", 1, [1], object())])
+    # Multi-byte and multi-dimensional buffers are packed as their bytes.
+    import array
+
+    ts, fd = p.pack_tensors([("x", 11, [2], array.array("f", [1.0, 2.0]))])
+    assert fd is None and ts[0].data.data == array.array("f", [1.0, 2.0]).tobytes()
+    ts, _ = p.pack_tensors([("y", 1, [2, 2], memoryview(b"abcd").cast("B", (2, 2)))])
+    assert ts[0].data.data == b"abcd"
+
+
+def test_damaged_frames_over_a_socket_raise_protocol_errors_only():
+    import random
+
+    rng = random.Random(11)
+    frames = [p.encode_frame(m) for m in every_message()]
+    for i in range(200):
+        f = bytearray(rng.choice(frames))
+        for _ in range(rng.randint(1, 3)):
+            f[rng.randrange(len(f))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            f = f[:rng.randrange(len(f))]
+        a, b = socket.socketpair()
+        with b:
+            a.sendall(bytes(f))
+            a.close()
+            try:
+                while p.recv(b) is not None:
+                    pass
+            except ProtocolError:
+                pass
