@@ -245,6 +245,9 @@ class TorchBackend:
         # Plans come from the daemon: no link measurement here.
         self.worker = Worker(self.device, self.arena, self.store, bandwidth_gbps=1.0,
                              group_transfer_overhead_ms=0.0)
+        # Its region of the arena: PyTorch's activations use its own caching
+        # allocator instead (the arena's workspace allocator is per process
+        # and would not know the region).
         self.activation = (welcome.activation_offset, welcome.activation_bytes)
         self._warm(warm_bytes)
         self.modules = {}
@@ -261,7 +264,6 @@ class TorchBackend:
             else:
                 log.warning("model %r is not in store %r yet: it is attached when first activated",
                             name, welcome.store)
-        self._stream = torch.cuda.current_stream(self.device)
 
     def _warm(self, warm_bytes):
         torch = self._torch
