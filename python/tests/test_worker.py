@@ -11,13 +11,17 @@ resident activations, a moved region, a changed model id, an unknown model,
 deactivate and shutdown.
 """
 
+import contextlib
+import ctypes
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
+import types
 import uuid
 
 import pytest
@@ -236,6 +240,199 @@ def test_the_command_line():
         lst.close()
         os.unlink(path)
         os.rmdir(d)
+
+
+# ---------------------------------------------------------------------------
+# TorchBackend.run's decisions with a fake torch and a fake pipeswitch.torch.Worker
+# ---------------------------------------------------------------------------
+
+class _DType:
+    def __init__(self, name, size):
+        self.name, self.size = name, size
+
+    def __str__(self):
+        return "torch." + self.name
+
+
+class _FakeTensor:
+    """Bytes with a dtype and a shape; ``device`` records where it went."""
+
+    def __init__(self, data, dtype, shape, device="cpu"):
+        self.buf = bytearray(data)
+        self.dtype, self.shape, self.device = dtype, list(shape), device
+        self._c = (ctypes.c_char * max(len(self.buf), 1)).from_buffer(self.buf) if self.buf else None
+
+    def view(self, dtype):
+        return _FakeTensor(self.buf, dtype, [len(self.buf) // dtype.size], self.device)
+
+    def reshape(self, shape):
+        return _FakeTensor(self.buf, self.dtype, shape, self.device)
+
+    def to(self, device, non_blocking=False):
+        return _FakeTensor(self.buf, self.dtype, self.shape, str(device))
+
+    def detach(self):
+        return self
+
+    def contiguous(self):
+        return self
+
+    def numel(self):
+        return len(self.buf) // self.dtype.size
+
+    def element_size(self):
+        return self.dtype.size
+
+    def data_ptr(self):
+        return ctypes.addressof(self._c) if self._c is not None else 0
+
+
+class _FakeTorch:
+    Tensor = _FakeTensor
+    uint8 = _DType("uint8", 1)
+    float32 = _DType("float32", 4)
+    int64 = _DType("int64", 8)
+
+    def __init__(self):
+        self.synced = 0
+
+    def inference_mode(self):
+        return contextlib.nullcontext()
+
+    def frombuffer(self, buf, dtype):
+        return _FakeTensor(buf, dtype, [len(buf)])
+
+    def empty(self, shape, dtype):
+        return _FakeTensor(b"", dtype, shape)
+
+    @property
+    def cuda(self):
+        fake = self
+
+        class Cuda:
+            @staticmethod
+            def synchronize(device=None):
+                fake.synced += 1
+        return Cuda
+
+
+class _FakeStore:
+    def __init__(self, ids):
+        self.ids = ids
+
+    def model_info(self, name):
+        if name not in self.ids:
+            raise pipeswitch.NotFound(200, "PS_ERR_NOT_FOUND", "no model %r" % name)
+        return types.SimpleNamespace(name=name, id=self.ids[name], bytes=1024)
+
+
+class _FakeTorchWorker:
+    def __init__(self):
+        self._models, self._current, self.calls = {}, None, []
+
+    def attach(self, module, name, region_offset=None, plan=None):
+        self.calls.append(("attach", name, region_offset, plan))
+        self._models[name] = types.SimpleNamespace(info=self.store.model_info(name), module=module)
+
+    def detach(self, name):
+        self.calls.append(("detach", name))
+        del self._models[name]
+
+    def switch_to(self, name, region_offset=None, plan=None, resident=False):
+        self.calls.append(("switch_to", name, region_offset, plan, resident))
+        self._current = None if resident else name
+
+    def synchronize(self):
+        self.calls.append(("synchronize",))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+def fake_backend(monkeypatch, ids, modules):
+    torch = _FakeTorch()
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    b = object.__new__(W.TorchBackend)
+    b._torch = torch
+    b._torch_dtype = {"F32": torch.float32, "I64": torch.int64, "U8": torch.uint8}.__getitem__
+    b.device = "cuda:0"
+    b.store = _FakeStore(ids)
+    b.worker = _FakeTorchWorker()
+    b.worker.store = b.store
+    b.modules = modules
+    b.arena = types.SimpleNamespace(size=lambda: 1 << 30)
+    return b, torch
+
+
+def ftask(model, model_id, inputs, offset=4096, plan=(0, 2), resident=False):
+    return P.Task(1, P.TASK_INFERENCE, model, model_id, offset, resident, list(plan), [], P.monotonic_ns() - 5_000_000)
+
+
+def test_torch_backend_decisions_with_a_fake_torch(monkeypatch):
+    seen = []
+
+    def double_and_sum(x, y):
+        seen.append((x, y))
+        return {"first": x, "pair": (y, None)}
+
+    b, torch = fake_backend(monkeypatch, {"m": 7, "other": 1}, {"m": double_and_sum, "nostore": lambda: None})
+    x = struct.pack("<4f", 1, 2, 3, 4)
+    y = struct.pack("<2q", 5, -6)
+    inputs = [(P.Tensor("x", pipeswitch.PS_DTYPE_F32, [2, 2], P.Inline(x)), x),
+              (P.Tensor("y", pipeswitch.PS_DTYPE_I64, [2], P.Inline(y)), y)]
+    outs, activation_ms = b.run(ftask("m", 7, inputs), inputs)
+    # Attached at the task's region with its plan, then switched with both.
+    assert b.worker.calls == [("attach", "m", 4096, [0, 2]), ("switch_to", "m", 4096, [0, 2], False)]
+    assert activation_ms >= 5
+    (gx, gy), = seen
+    assert (gx.device, gx.dtype.name, gx.shape, bytes(gx.buf)) == ("cuda:0", "float32", [2, 2], x)
+    assert (gy.device, gy.dtype.name, gy.shape, bytes(gy.buf)) == ("cuda:0", "int64", [2], y)
+    assert outs == [("first", pipeswitch.PS_DTYPE_F32, [2, 2], x), ("pair.0", pipeswitch.PS_DTYPE_I64, [2], y)]
+    # A resident hit: no new attach, no plan (no rebind for the plan), resident.
+    b.worker.calls.clear()
+    b.run(ftask("m", 7, inputs, offset=8192, plan=[0], resident=True), inputs)
+    assert b.worker.calls == [("switch_to", "m", 8192, None, True)]
+    # The stored model changed since the daemon decided: refused with 204.
+    with pytest.raises(W.TaskError) as e:
+        b.run(ftask("m", 8, inputs), inputs)
+    assert e.value.status == 204 and "changed" in str(e.value)
+    # The store now has a new "m" (id 8): detached and attached afresh.
+    b.store.ids["m"] = 8
+    b.worker.calls.clear()
+    b.run(ftask("m", 8, inputs), inputs)
+    assert [c[0] for c in b.worker.calls] == ["detach", "attach", "switch_to"]
+    # No module for the model: 200; not in the store: NotFound.
+    with pytest.raises(W.TaskError) as e:
+        b.run(ftask("other", 1, inputs), inputs)
+    assert e.value.status == 200 and "no module" in str(e.value)
+    with pytest.raises(pipeswitch.NotFound):
+        b.run(ftask("nostore", 1, inputs), inputs)
+    # Inputs whose bytes do not match their shape: 101, before the forward.
+    seen.clear()
+    bad = [(P.Tensor("x", pipeswitch.PS_DTYPE_F32, [3], P.Inline(x)), x)]
+    with pytest.raises(W.TaskError) as e:
+        b.run(ftask("m", 8, bad), bad)
+    assert e.value.status == 101 and not seen
+    # Deactivate synchronizes the device, and the switch only when one is in flight.
+    b.worker.calls.clear()
+    b.deactivate()
+    assert torch.synced == 1 and b.worker.calls == [("synchronize",)]
+    b.worker._current = None
+    b.deactivate()
+    assert torch.synced == 2 and b.worker.calls == [("synchronize",)]
+
+
+def test_outputs_are_named_like_the_forward_returns_them(monkeypatch):
+    torch = _FakeTorch()
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    t = [_FakeTensor(b"\0" * 4, torch.float32, [1]) for _ in range(4)]
+    assert W.outputs_of(t[0]) == [("out0", t[0])]
+    assert W.outputs_of((t[0], None, [t[1], t[2]])) == [("out0", t[0]), ("out2.0", t[1]), ("out2.1", t[2])]
+    assert W.outputs_of({"logits": t[0], "past": ((t[1], t[2]),), "none": None}) == [
+        ("logits", t[0]), ("past.0.0", t[1]), ("past.0.1", t[2])]
+    assert W.outputs_of([{"a": t[3]}]) == [("out0.a", t[3])]
+    with pytest.raises(TypeError, match="str"):
+        W.outputs_of("text")
 
 
 # ---------------------------------------------------------------------------
