@@ -164,8 +164,17 @@ class Client:
         return self._sock
 
     def _recv(self):
-        got = P.recv(self._conn())
+        try:
+            got = P.recv(self._conn())
+        except Disconnected as e:
+            if "waiting for the peer" not in e.message:
+                self.close()  # gone, or out of step in the middle of a frame
+            raise
+        except Exception:
+            self.close()  # a malformed frame: the stream is out of step
+            raise
         if got is None:
+            self.close()
             raise Disconnected(701, "PS_ERR_DISCONNECTED", "the daemon closed the connection")
         return got
 

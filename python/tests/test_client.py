@@ -165,7 +165,9 @@ def test_refusals_and_broken_daemons():
         c = Client(socket=d.path, timeout=10)
         with pytest.raises(pipeswitch.ProtocolError, match="magic"):
             c.infer("m", [])
-        c.close()
+        assert c.closed  # out of step: not used again
+        with pytest.raises(pipeswitch.Disconnected, match="closed"):
+            c.stats()
     finally:
         d.close()
 
@@ -175,6 +177,7 @@ def test_refusals_and_broken_daemons():
         c = Client(socket=d.path, timeout=0.2)
         with pytest.raises(pipeswitch.Disconnected, match="timed out"):
             c.infer("m", [])
+        assert not c.closed  # between frames: a later answer is skipped as stale
         c.close()
     finally:
         d.close()
