@@ -508,7 +508,7 @@ def decode_body(kind, body):
     elif kind == 12:
         m = Deactivate()
     else:
-        raise _malformed("unknown message kind %d" % kind)
+        raise _malformed("unknown message kind %r" % (kind,))
     r.finish("message")
     return m
 

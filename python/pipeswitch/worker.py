@@ -293,6 +293,8 @@ class TorchBackend:
 
     def run(self, task, inputs):
         torch = self._torch
+        if task.kind != P.TASK_INFERENCE:
+            raise TaskError(_INVALID_ARGUMENT, "task kind %d: this worker runs inference tasks only" % task.kind)
         module = self.modules.get(task.model)
         if module is None:
             raise TaskError(_NOT_FOUND, "this worker has no module for model %r (its --models: %s)"

@@ -407,6 +407,12 @@ def test_torch_backend_decisions_with_a_fake_torch(monkeypatch):
     assert e.value.status == 200 and "no module" in str(e.value)
     with pytest.raises(pipeswitch.NotFound):
         b.run(ftask("nostore", 1, inputs), inputs)
+    # Training tasks are not run as inference.
+    t = ftask("m", 8, inputs)
+    t.kind = P.TASK_TRAINING
+    with pytest.raises(W.TaskError) as e:
+        b.run(t, inputs)
+    assert e.value.status == 101 and "inference" in str(e.value)
     # Inputs whose bytes do not match their shape: 101, before the forward.
     seen.clear()
     bad = [(P.Tensor("x", pipeswitch.PS_DTYPE_F32, [3], P.Inline(x)), x)]
