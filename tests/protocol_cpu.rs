@@ -217,3 +217,44 @@ fn files_must_match_what_the_frame_announces() {
     assert!(unpack_tensors(vec![t.clone()], file.as_ref()).unwrap_err().to_string().contains("claims"));
     assert!(unpack_tensors(vec![t], None).unwrap_err().to_string().contains("did not come"));
 }
+
+/// The frames of `every_message()` as files that the Python protocol
+/// (python/pipeswitch/protocol.py) decodes and re-encodes byte for byte
+/// (python/tests/test_protocol.py). `PIPESWITCH_BLESS=1` writes them; else
+/// the committed files must equal what this side encodes now, so a change
+/// of an encoding cannot go unnoticed by the Python side.
+#[test]
+fn golden_frames_for_python() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/tests/data/frames");
+    let frames: Vec<(String, Vec<u8>)> = every_message()
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (format!("{:02}-{i:02}.bin", m.kind()), encode_frame(m, 0).unwrap()))
+        .collect();
+    if std::env::var_os("PIPESWITCH_BLESS").is_some() {
+        std::fs::create_dir_all(&dir).unwrap();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "bin") {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+        for (name, bytes) in &frames {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+        return;
+    }
+    let mut present: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e} (write the files with PIPESWITCH_BLESS=1)", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".bin"))
+        .collect();
+    present.sort();
+    let mut expected: Vec<String> = frames.iter().map(|(n, _)| n.clone()).collect();
+    expected.sort();
+    assert_eq!(present, expected, "the golden frames differ from every_message(): rerun with PIPESWITCH_BLESS=1");
+    for (name, bytes) in &frames {
+        let on_disk = std::fs::read(dir.join(name)).unwrap();
+        assert!(on_disk == *bytes, "{name} differs from what Rust encodes now: rerun with PIPESWITCH_BLESS=1 and update the Python side");
+    }
+}

@@ -7,6 +7,9 @@ switching (PipeSwitch, OSDI 2020).
 - :func:`plan_groups`, :func:`plan_model`: the optimal layer grouping;
 - :mod:`pipeswitch.torch` (imported on demand): registering ``nn.Module``\\ s
   and the active-standby worker.
+- :mod:`pipeswitch.client` (``Client``), :mod:`pipeswitch.protocol` and
+  ``python -m pipeswitch.worker``: a client and the PyTorch worker process of
+  the ``pipeswitch serve`` daemon (imported on demand; standard library only).
 
 The C library is loaded on first use (see :mod:`pipeswitch._lib` for where it
 is looked for); importing this package never fails because it is missing.

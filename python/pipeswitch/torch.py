@@ -635,7 +635,8 @@ class Worker:
         self.group_transfer_overhead_ms = group_transfer_overhead_ms
         self.group_exec_overhead_ms = group_exec_overhead_ms
         self._models = {}
-        self._current = None
+        self._current = None  # the model whose switch hooks wait for (None: nothing in flight)
+        self._last = None  # the model of the last switch_to
         self._copy_stream = None
 
     # -- the workspace allocator ------------------------------------------
@@ -958,6 +959,8 @@ class Worker:
         if self._current is entry:
             self.switch.synchronize()
             self._current = None
+        if self._last is entry:
+            self._last = None
         if entry.owns_region:
             self.arena.release(entry.offset)
 
@@ -969,14 +972,60 @@ class Worker:
     @property
     def current(self):
         """Name of the model of the last switch (None before the first)."""
-        return None if self._current is None else self._current.name
+        return None if self._last is None else self._last.name
+
+    def rebind(self, model_name, region_offset=None, plan=None):
+        """Moves attached model ``model_name`` to arena ``region_offset``
+        and/or gives it the group starts ``plan`` (None: unchanged): its
+        tensors become views of the new region and its group waits are
+        rebuilt. A region that :meth:`attach` allocated is released when the
+        model moves. No bytes are copied: the next :meth:`switch_to` fills the
+        region (or declares it resident). On failure nothing changes."""
+        entry = self._models.get(model_name)
+        if entry is None:
+            raise KeyError("model %r is not attached to this worker" % model_name)
+        offset = entry.offset if region_offset is None else int(region_offset)
+        new_plan = entry.plan if plan is None else [int(x) for x in plan]
+        if offset == entry.offset and new_plan == entry.plan:
+            return
+        if offset < 0 or offset + entry.info.bytes > self.arena.size():
+            raise ValueError("region [%d, +%d) lies outside the arena of %d bytes"
+                             % (offset, entry.info.bytes, self.arena.size()))
+        if self._current is entry:
+            self.switch.synchronize()
+            self._current = None
+        old = (entry.offset, entry.plan, entry.resident)
+        for h in entry.hooks:
+            h.remove()
+        entry.hooks = []
+        entry.offset, entry.plan = offset, new_plan
+        if offset != old[0]:
+            entry.resident = False
+        try:
+            self._bind(entry)
+        except BaseException:
+            for h in entry.hooks:
+                h.remove()
+            entry.hooks = []
+            entry.offset, entry.plan, entry.resident = old
+            self._bind(entry)
+            raise
+        if offset != old[0] and entry.owns_region:
+            self.arena.release(old[0])
+            entry.owns_region = False
 
     # -- switching -------------------------------------------------------
-    def switch_to(self, model_name):
+    def switch_to(self, model_name, region_offset=None, plan=None, resident=False):
         """Starts the pipelined copy of ``model_name`` (attached) into its own
         region with its plan, and returns at once (no host wait). The next
         forward of its module runs as the groups arrive: each group's
         pre-hook makes the current stream wait for that group on the GPU.
+
+        ``region_offset`` / ``plan``: move the model to that region and/or
+        use that plan first (:meth:`rebind`), e.g. as a daemon's task says.
+        ``resident=True``: the model's bytes are in its region already (the
+        caller knows, e.g. the daemon's residency policy): no copy
+        (:meth:`Switch.start_resident`), and no forward waits.
 
         Ordering on the device's current stream: (1) the previous model's
         copies complete before anything enqueued later (so it stays usable
@@ -988,6 +1037,8 @@ class Worker:
         if entry is None:
             raise KeyError("model %r is not attached to this worker (attached: %s)"
                            % (model_name, ", ".join(self._models) or "none"))
+        if region_offset is not None or plan is not None:
+            self.rebind(model_name, region_offset, plan)
         stream = torch.cuda.current_stream(self.device)
         prev = self._current
         if prev is not None:
@@ -999,8 +1050,15 @@ class Worker:
             if other is not entry and other.overlaps(entry):
                 other.resident = False
         self._current = None
-        entry.resident = False
+        self._last = entry
         entry.waited = {}
+        if resident:
+            # Complete in its region: the hooks of a resident model that is
+            # not _current wait for nothing.
+            self.switch.start_resident(self.store, model_name, self.arena, entry.offset)
+            entry.resident = True
+            return
+        entry.resident = False
         self.switch.start(self.store, model_name, self.arena, entry.offset, entry.plan)
         entry.resident = True
         self._current = entry

@@ -528,3 +528,45 @@ def test_tables_in_place_keep_the_group_waits(store):
     torch.testing.assert_close(y.cpu(), ref, rtol=1e-4, atol=1e-4)
     worker.close()
     arena.close()
+
+
+@gpu
+def test_switch_to_a_given_region_plan_and_residency(store):
+    """switch_to(region_offset=, plan=, resident=) as the daemon's worker
+    uses it: the views move to the new region, the plan changes, and a
+    resident switch copies nothing (zeroed weights stay zero until a real
+    switch)."""
+    torch.manual_seed(3)
+    m = mlp()
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        ref = m(x)
+    info = register_module(store, "mlp", m, (x,), measure=False)
+    arena = ps.Arena.create(0, 32 << 20, 4 << 20)
+    r1, r2 = arena.alloc(info.bytes), arena.alloc(info.bytes)
+    worker = Worker(0, arena=arena, store=store, bandwidth_gbps=10.0, group_transfer_overhead_ms=0.0)
+    skel = worker.attach(on_meta(mlp), "mlp", r1, plan=[0])
+    xc = x.cuda()
+    with torch.no_grad():
+        worker.switch_to("mlp", region_offset=r2, plan=[0, 1, 3])
+        torch.testing.assert_close(skel(xc).cpu(), ref, rtol=1e-5, atol=1e-5)
+        assert skel[0].weight.data_ptr() == arena.base() + r2 + info.tensor("0.weight").offset
+        assert worker.switch.n_groups() == 3 and worker._models["mlp"].plan == [0, 1, 3]
+        worker.synchronize()
+        # Resident: no copy. Zero the region behind the worker's back: the
+        # forward sees zero weights and biases, so it returns zeros.
+        arena.write(r2, bytes(info.bytes))
+        worker.switch_to("mlp", resident=True)
+        assert worker.current == "mlp" and worker.switch.n_groups() == 1
+        assert torch.count_nonzero(skel(xc)).item() == 0
+        # A real switch copies again.
+        worker.switch_to("mlp")
+        torch.testing.assert_close(skel(xc).cpu(), ref, rtol=1e-5, atol=1e-5)
+        # Resident at another region: the views move, nothing is copied there.
+        worker.switch_to("mlp", region_offset=r1, resident=True)
+        assert skel[0].weight.data_ptr() == arena.base() + r1 + info.tensor("0.weight").offset
+        with pytest.raises(ValueError, match="outside"):
+            worker.switch_to("mlp", region_offset=arena.size())
+        assert skel[0].weight.data_ptr() == arena.base() + r1 + info.tensor("0.weight").offset
+    worker.close()
+    arena.close()

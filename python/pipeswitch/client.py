@@ -1,0 +1,259 @@
+"""A client of ``pipeswitch serve``: connects to the daemon of a GPU and sends
+inference requests for stored models, as an application would.
+
+::
+
+    from pipeswitch.client import Client
+
+    with Client(device=0) as c:
+        out = c.infer("resnet152", {"images": images})   # a numpy array
+        logits = out["out0"]
+        print(out.timing.activation_ms, out.timing.total_ms)
+
+Standard library only; numpy is used when it is importable (inputs may be
+numpy arrays, outputs come back as numpy arrays), and CPU torch tensors are
+accepted as inputs. Failures raise :mod:`pipeswitch.errors` classes by the
+daemon's status (a missing model: :class:`~pipeswitch.NotFound`; a full
+queue: :class:`~pipeswitch.Refused`; no daemon or a dead worker:
+:class:`~pipeswitch.Disconnected`).
+"""
+
+import ctypes
+import math
+import os
+import socket as _socket
+
+from . import protocol as P
+from ._lib import DTYPE_SIZES
+from .core import dtype_code, dtype_name
+from .errors import ArgumentError, Disconnected
+
+__all__ = ["Client", "Outputs", "to_bytes", "from_bytes"]
+
+_NUMPY_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
+    "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64",
+}
+
+
+def _numpy():
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
+
+
+def _arg_error(msg):
+    return ArgumentError(101, "PS_ERR_INVALID_ARGUMENT", msg)
+
+
+def to_bytes(value, dtype=None, shape=None):
+    """``(data, dtype_code, shape)`` of an input: a numpy array or a torch
+    tensor (dtype and shape from it unless given), or bytes-like data with
+    ``dtype`` and ``shape`` given. The byte count must match."""
+    mod = type(value).__module__
+    if mod.startswith("torch"):
+        t = value.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        dtype = str(t.dtype) if dtype is None else dtype
+        shape = tuple(t.shape) if shape is None else shape
+        n = t.numel() * t.element_size()
+        data = ctypes.string_at(t.data_ptr(), n) if n else b""
+    elif mod.startswith("numpy") and hasattr(value, "dtype"):
+        np = _numpy()
+        a = np.ascontiguousarray(value)
+        dtype = a.dtype.name if dtype is None else dtype
+        shape = a.shape if shape is None else shape
+        data = a.tobytes()
+    else:
+        if dtype is None or shape is None:
+            raise _arg_error("bytes need a dtype and a shape")
+        try:
+            data = memoryview(value).cast("B")
+        except TypeError as e:
+            raise _arg_error("cannot send a %s as a tensor: %s" % (type(value).__name__, e)) from None
+    code = dtype_code(dtype)
+    shape = [int(d) for d in shape]
+    if any(d < 0 for d in shape) or len(shape) > P.MAX_DIMS:
+        raise _arg_error("shape %r: at most %d non-negative dimensions" % (shape, P.MAX_DIMS))
+    want = math.prod(shape) * DTYPE_SIZES[code]
+    if want != len(data):
+        raise _arg_error("a %s tensor of shape %r has %d bytes, not %d" % (dtype_name(code), shape, want, len(data)))
+    return data, code, shape
+
+
+def from_bytes(data, dtype, shape, use_numpy=True):
+    """An output as a numpy array (when numpy is importable and has the
+    dtype), else ``(bytes, dtype_name, shape)``."""
+    np = _numpy() if use_numpy else None
+    name = dtype_name(dtype)
+    if np is not None and name in _NUMPY_NAMES:
+        want = math.prod(shape) * DTYPE_SIZES.get(dtype, 1)
+        if want != len(data):
+            raise P.protocol_error("output of shape %r and dtype %s has %d bytes, not %d"
+                                   % (list(shape), name, len(data), want))
+        return np.frombuffer(data, dtype=_NUMPY_NAMES[name]).reshape([int(d) for d in shape])
+    return (data, name, tuple(int(d) for d in shape))
+
+
+class Outputs(dict):
+    """The outputs of a request, name -> array (see :func:`from_bytes`), with
+    ``timing`` (a :class:`pipeswitch.protocol.Timing`, in ms) and
+    ``request_id``."""
+
+    def __init__(self, items, timing, request_id):
+        super().__init__(items)
+        self.timing = timing
+        self.request_id = request_id
+
+
+class Client:
+    """A connection to the daemon serving GPU ``device`` (its socket:
+    ``socket``, default :func:`pipeswitch.protocol.socket_path` in
+    :func:`pipeswitch.protocol.default_socket_dir`, as the Rust side).
+    ``timeout``: seconds a request may wait for its answer (None: forever).
+    One request at a time; not for sharing between threads."""
+
+    def __init__(self, socket=None, device=0, timeout=None, numpy=True):
+        path = socket if socket is not None else P.socket_path(P.default_socket_dir(), device)
+        self.socket_path = os.fspath(path)
+        self.use_numpy = numpy
+        self._next_id = 1
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            s.settimeout(timeout)
+            try:
+                s.connect(self.socket_path)
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                raise Disconnected(701, "PS_ERR_DISCONNECTED",
+                                   "no daemon listens on %s (%s): start one with `pipeswitch serve`"
+                                   % (self.socket_path, e)) from None
+            except OSError as e:
+                raise Disconnected(701, "PS_ERR_DISCONNECTED", "connecting to %s: %s" % (self.socket_path, e)) from None
+            P.send(s, P.Hello(P.ROLE_CLIENT, os.getpid(), ""))
+            got = P.recv(s)
+            msg = self._no_file(got)
+            if isinstance(msg, P.Welcome):
+                self.daemon_pid, self.device, self.store = msg.daemon_pid, msg.device, msg.store
+            elif isinstance(msg, P.Error):
+                raise P.error_of(msg.status, msg.message)
+            elif msg is None:
+                raise Disconnected(701, "PS_ERR_DISCONNECTED", "the daemon closed the connection")
+            else:
+                raise P.protocol_error("the daemon answered hello with %s" % type(msg).__name__)
+        except BaseException:
+            s.close()
+            raise
+        self._sock = s
+
+    @staticmethod
+    def _no_file(got):
+        if got is None:
+            return None
+        msg, fd = got
+        if fd is not None:
+            os.close(fd)
+        return msg
+
+    def _conn(self):
+        if self._sock is None:
+            raise Disconnected(701, "PS_ERR_DISCONNECTED", "the client is closed")
+        return self._sock
+
+    def _recv(self):
+        try:
+            got = P.recv(self._conn())
+        except Disconnected as e:
+            if "waiting for the peer" not in e.message:
+                self.close()  # gone, or out of step in the middle of a frame
+            raise
+        except Exception:
+            self.close()  # a malformed frame: the stream is out of step
+            raise
+        if got is None:
+            self.close()
+            raise Disconnected(701, "PS_ERR_DISCONNECTED", "the daemon closed the connection")
+        return got
+
+    def infer(self, model, inputs):
+        """Runs ``model`` on ``inputs`` through the daemon and waits for the
+        result. ``inputs``: a dict name -> array (numpy or torch) or
+        ``(data, dtype, shape)``, or a list of ``(name, data, dtype, shape)``
+        (dtype and shape None for arrays), in the order the model's forward
+        takes them. Returns :class:`Outputs`."""
+        items = inputs.items() if isinstance(inputs, dict) else inputs
+        packed = []
+        for item in items:
+            if isinstance(inputs, dict):
+                name, v = item
+                data, dtype, shape = (v if isinstance(v, tuple) else (v, None, None))
+            else:
+                name, data, dtype, shape = item
+            packed.append((str(name),) + _reorder(to_bytes(data, dtype, shape)))
+        sock = self._conn()
+        request_id = self._next_id
+        self._next_id += 1
+        tensors, fd = P.pack_tensors(packed)
+        try:
+            P.send(sock, P.Infer(request_id, str(model), tensors), fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        while True:
+            msg, fd = self._recv()
+            try:
+                if isinstance(msg, P.InferResult) and msg.request_id == request_id:
+                    outs = P.unpack_tensors(msg.outputs, fd)
+                    return Outputs([(t.name, from_bytes(b, t.dtype, t.shape, self.use_numpy)) for t, b in outs],
+                                   msg.timing, request_id)
+                if isinstance(msg, P.Error) and msg.request_id in (request_id, 0):
+                    raise P.error_of(msg.status, msg.message)
+                if isinstance(msg, (P.InferResult, P.Error)):
+                    continue  # an answer to an earlier request that timed out here
+                raise P.protocol_error("unexpected message %s" % type(msg).__name__)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
+    def stats(self):
+        """The daemon's counters (a :class:`pipeswitch.protocol.Stats`)."""
+        P.send(self._conn(), P.StatsRequest())
+        while True:
+            msg = self._no_file(self._recv())
+            if isinstance(msg, P.StatsReply):
+                return msg.stats
+            if isinstance(msg, P.InferResult) or (isinstance(msg, P.Error) and msg.request_id != 0):
+                continue
+            if isinstance(msg, P.Error):
+                raise P.error_of(msg.status, msg.message)
+            raise P.protocol_error("unexpected message %s" % type(msg).__name__)
+
+    def close(self):
+        """Closes the connection (again: a no-op)."""
+        s, self._sock = getattr(self, "_sock", None), None
+        if s is not None:
+            s.close()
+
+    @property
+    def closed(self):
+        return self._sock is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def __repr__(self):
+        return "Client(%r%s)" % (self.socket_path, ", closed" if self.closed else "")
+
+
+def _reorder(t):
+    data, code, shape = t
+    return code, shape, data

@@ -1,0 +1,772 @@
+"""The daemon protocol (``pipeswitch serve``) in Python: the same frames and
+messages as the Rust side (``src/protocol``), byte for byte.
+
+A frame is a 16-byte header then a body::
+
+    magic "PSWP" | version u16 | kind u16 | body length u32 | fds u32 | body
+
+Everything is little-endian. Bodies are at most :data:`MAX_BODY` bytes;
+tensors larger than :data:`INLINE_LIMIT` travel in one shared-memory file (a
+memfd) passed beside the frame with ``SCM_RIGHTS`` (``fds`` = 1), each naming
+its byte range in it. Decoding checks every length against the bytes present
+and a limit before it allocates; anything malformed raises
+:class:`pipeswitch.ProtocolError` (status 700), never another exception.
+
+Standard library only. Messages are plain dataclasses; :func:`encode_frame`
+and :func:`decode_frame` turn them into bytes and back; :func:`send` and
+:func:`recv` move them over a Unix stream socket with at most one file;
+:func:`pack_tensors` / :func:`unpack_tensors` put tensor bytes inline or in a
+memfd and read them back (ranges checked against the file's size).
+"""
+
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+from .errors import ArgumentError, Disconnected, OsError, ProtocolError, from_status
+
+__all__ = [
+    "MAGIC", "VERSION", "HEADER_BYTES", "MAX_BODY", "INLINE_LIMIT", "MAX_DIMS", "MAX_SHARED_TENSOR",
+    "MAX_STR", "MAX_LIST", "ROLE_CLIENT", "ROLE_WORKER", "TASK_INFERENCE", "TASK_TRAINING",
+    "Inline", "Shared", "Tensor", "Timing", "Stats", "Task",
+    "Hello", "Welcome", "Error", "Infer", "InferResult", "Standby", "Activate", "TaskDone",
+    "StatsRequest", "StatsReply", "Shutdown", "Deactivate",
+    "Header", "encode_body", "decode_body", "encode_frame", "decode_frame", "send", "recv",
+    "pack_tensors", "unpack_tensors", "monotonic_ns", "default_socket_dir", "socket_path",
+    "protocol_error", "error_of",
+]
+
+MAGIC = b"PSWP"
+#: Protocol version: bumped by any change to a message's encoding.
+VERSION = 1
+HEADER_BYTES = 16
+#: Largest body of a frame.
+MAX_BODY = 1 << 20
+#: Tensors up to this many bytes travel inside the frame.
+INLINE_LIMIT = 64 << 10
+#: Most dimensions of a tensor in a message.
+MAX_DIMS = 8
+#: The largest byte count a tensor in shared memory may claim.
+MAX_SHARED_TENSOR = 1 << 40
+#: Longest string in a message.
+MAX_STR = 16 << 10
+#: Most elements of any list in a message.
+MAX_LIST = 4096
+
+ROLE_CLIENT = 1
+ROLE_WORKER = 2
+TASK_INFERENCE = 1
+TASK_TRAINING = 2
+
+_PS_ERR_PROTOCOL = 700
+_PS_ERR_DISCONNECTED = 701
+_U64 = (1 << 64) - 1
+
+
+def protocol_error(message):
+    """A :class:`ProtocolError` (status 700) with ``message``."""
+    return ProtocolError(_PS_ERR_PROTOCOL, "PS_ERR_PROTOCOL", message)
+
+
+def _malformed(what):
+    return protocol_error("malformed message: " + what)
+
+
+def _disconnected(message):
+    return Disconnected(_PS_ERR_DISCONNECTED, "PS_ERR_DISCONNECTED", message)
+
+
+def _os_error(what, e):
+    return OsError(401, "PS_ERR_OS", "%s: %s" % (what, e))
+
+
+def error_of(status, message):
+    """The exception a daemon's error status and message stand for."""
+    from ._lib import STATUS_NAMES
+
+    status = int(status)
+    if status == 0:
+        return protocol_error("an error with status 0: " + message)
+    return from_status(status, STATUS_NAMES.get(status, "PS_ERR_UNKNOWN"), message)
+
+
+# ---------------------------------------------------------------------------
+# Values
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Inline:
+    """Tensor bytes carried inside the frame."""
+    data: bytes
+
+
+@dataclass
+class Shared:
+    """Bytes ``[offset, offset + bytes)`` of the file passed with the frame."""
+    offset: int
+    bytes: int
+
+
+@dataclass
+class Tensor:
+    """A named tensor of a request or a result: ``dtype`` is a ``PS_DTYPE_*``
+    code, ``data`` an :class:`Inline` or a :class:`Shared`."""
+    name: str
+    dtype: int
+    shape: List[int]
+    data: object
+
+
+@dataclass
+class Timing:
+    """Where a request's time went, in ms (0 where not measured)."""
+    queued_ms: float = 0.0
+    activation_ms: float = 0.0
+    worker_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass
+class Stats:
+    """Counters of a daemon."""
+    requests: int = 0
+    failed: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_copied: int = 0
+    workers: int = 0
+    standbys: int = 0
+    workers_started: int = 0
+    workers_lost: int = 0
+
+
+@dataclass
+class Task:
+    """A task the daemon hands to a standby worker."""
+    task_id: int
+    kind: int
+    model: str
+    model_id: int
+    region_offset: int
+    resident: bool
+    plan: List[int]
+    inputs: List[Tensor]
+    decided_ns: int
+
+
+# ---------------------------------------------------------------------------
+# Messages (frame kinds 1..12)
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Hello:
+    KIND = 1
+    role: int
+    pid: int
+    worker_kind: str = ""
+
+
+@dataclass
+class Welcome:
+    KIND = 2
+    daemon_pid: int
+    device: int
+    store: str
+    worker_id: int
+    arena_handle: bytes = b""
+    activation_offset: int = 0
+    activation_bytes: int = 0
+
+
+@dataclass
+class Error:
+    KIND = 3
+    request_id: int
+    status: int
+    message: str
+
+
+@dataclass
+class Infer:
+    KIND = 4
+    request_id: int
+    model: str
+    inputs: List[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class InferResult:
+    KIND = 5
+    request_id: int
+    outputs: List[Tensor] = field(default_factory=list)
+    timing: Timing = field(default_factory=Timing)
+
+
+@dataclass
+class Standby:
+    KIND = 6
+    worker_id: int
+
+
+@dataclass
+class Activate:
+    KIND = 7
+    task: Task
+
+
+@dataclass
+class TaskDone:
+    KIND = 8
+    task_id: int
+    status: int = 0
+    message: str = ""
+    outputs: List[Tensor] = field(default_factory=list)
+    timing: Timing = field(default_factory=Timing)
+
+
+@dataclass
+class StatsRequest:
+    KIND = 9
+
+
+@dataclass
+class StatsReply:
+    KIND = 10
+    stats: Stats
+
+
+@dataclass
+class Shutdown:
+    KIND = 11
+
+
+@dataclass
+class Deactivate:
+    KIND = 12
+
+
+_KINDS = {c.KIND: c for c in (Hello, Welcome, Error, Infer, InferResult, Standby, Activate, TaskDone,
+                              StatsRequest, StatsReply, Shutdown, Deactivate)}
+
+
+# ---------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------
+
+class _Writer:
+    def __init__(self):
+        self.parts = []
+
+    def _pack(self, fmt, v, what):
+        try:
+            self.parts.append(struct.pack(fmt, v))
+        except (struct.error, TypeError, OverflowError) as e:
+            raise protocol_error("cannot encode %s = %r: %s" % (what, v, e)) from None
+        return self
+
+    def u8(self, v, what="u8"):
+        return self._pack("<B", v, what)
+
+    def u32(self, v, what="u32"):
+        return self._pack("<I", v, what)
+
+    def i32(self, v, what="i32"):
+        return self._pack("<i", v, what)
+
+    def u64(self, v, what="u64"):
+        return self._pack("<Q", v, what)
+
+    def f64(self, v, what="f64"):
+        return self._pack("<d", v, what)
+
+    def bool(self, v, what="bool"):
+        return self.u8(1 if v else 0, what)
+
+    def bytes(self, v, what="bytes"):
+        v = bytes(v)
+        self.u32(len(v), what)
+        self.parts.append(v)
+        return self
+
+    def str(self, v, what="string"):
+        if not isinstance(v, str):
+            raise protocol_error("%s must be a str, not %s" % (what, type(v).__name__))
+        return self.bytes(v.encode("utf-8"), what)
+
+    def len(self, n, what="list"):
+        return self.u32(n, what)
+
+    def body(self):
+        return b"".join(self.parts)
+
+
+def _put_tensors(w, ts):
+    w.len(len(ts), "tensors")
+    for t in ts:
+        w.str(t.name, "tensor name").u32(t.dtype, "tensor dtype").len(len(t.shape), "tensor shape")
+        for d in t.shape:
+            w.u64(d, "tensor dimension")
+        if isinstance(t.data, Inline):
+            w.u8(0).bytes(t.data.data, "tensor bytes")
+        elif isinstance(t.data, Shared):
+            w.u8(1).u64(t.data.offset, "tensor offset").u64(t.data.bytes, "tensor bytes")
+        else:
+            raise protocol_error("tensor %r: data must be Inline or Shared, not %s"
+                                 % (t.name, type(t.data).__name__))
+
+
+def _put_timing(w, t):
+    w.f64(t.queued_ms).f64(t.activation_ms).f64(t.worker_ms).f64(t.total_ms)
+
+
+def encode_body(msg):
+    """The body of ``msg`` (no length limit checked: see :func:`encode_frame`)."""
+    w = _Writer()
+    if isinstance(msg, Hello):
+        w.u8(msg.role, "role").u32(msg.pid, "pid").str(msg.worker_kind, "worker kind")
+    elif isinstance(msg, Welcome):
+        w.u32(msg.daemon_pid).i32(msg.device).str(msg.store).u32(msg.worker_id).bytes(msg.arena_handle)
+        w.u64(msg.activation_offset).u64(msg.activation_bytes)
+    elif isinstance(msg, Error):
+        w.u64(msg.request_id).u32(msg.status).str(msg.message)
+    elif isinstance(msg, Infer):
+        w.u64(msg.request_id).str(msg.model)
+        _put_tensors(w, msg.inputs)
+    elif isinstance(msg, InferResult):
+        w.u64(msg.request_id)
+        _put_tensors(w, msg.outputs)
+        _put_timing(w, msg.timing)
+    elif isinstance(msg, Standby):
+        w.u32(msg.worker_id)
+    elif isinstance(msg, Activate):
+        t = msg.task
+        w.u64(t.task_id).u8(t.kind).str(t.model).u64(t.model_id).u64(t.region_offset).bool(t.resident)
+        w.len(len(t.plan), "plan")
+        for s in t.plan:
+            w.u32(s, "plan")
+        _put_tensors(w, t.inputs)
+        w.u64(t.decided_ns)
+    elif isinstance(msg, TaskDone):
+        w.u64(msg.task_id).u32(msg.status).str(msg.message)
+        _put_tensors(w, msg.outputs)
+        _put_timing(w, msg.timing)
+    elif isinstance(msg, StatsReply):
+        s = msg.stats
+        w.u64(s.requests).u64(s.failed).u64(s.hits).u64(s.misses).u64(s.evictions).u64(s.bytes_copied)
+        w.u32(s.workers).u32(s.standbys).u64(s.workers_started).u64(s.workers_lost)
+    elif isinstance(msg, (StatsRequest, Shutdown, Deactivate)):
+        pass
+    else:
+        raise protocol_error("not a protocol message: %r" % (msg,))
+    return w.body()
+
+
+# ---------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------
+
+class _Reader:
+    def __init__(self, buf):
+        self.buf = buf
+        self.pos = 0
+
+    def take(self, n, what):
+        if n > len(self.buf) - self.pos:
+            raise _malformed("%s: %d bytes needed, %d left" % (what, n, len(self.buf) - self.pos))
+        s = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return s
+
+    def u8(self, what):
+        return self.take(1, what)[0]
+
+    def u32(self, what):
+        return struct.unpack("<I", self.take(4, what))[0]
+
+    def i32(self, what):
+        return struct.unpack("<i", self.take(4, what))[0]
+
+    def u64(self, what):
+        return struct.unpack("<Q", self.take(8, what))[0]
+
+    def f64(self, what):
+        return struct.unpack("<d", self.take(8, what))[0]
+
+    def bool(self, what):
+        v = self.u8(what)
+        if v > 1:
+            raise _malformed("%s: %d is not a boolean" % (what, v))
+        return v == 1
+
+    def bytes(self, max_len, what):
+        n = self.u32(what)
+        if n > max_len:
+            raise _malformed("%s: %d bytes, at most %d" % (what, n, max_len))
+        return bytes(self.take(n, what))
+
+    def str(self, what):
+        b = self.bytes(MAX_STR, what)
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _malformed("%s is not UTF-8" % what) from None
+
+    def len(self, min_elem, what):
+        n = self.u32(what)
+        left = len(self.buf) - self.pos
+        if n > MAX_LIST or n * max(min_elem, 1) > left:
+            raise _malformed("%s: %d elements do not fit" % (what, n))
+        return n
+
+    def finish(self, what):
+        if self.pos != len(self.buf):
+            raise _malformed("%s: %d trailing bytes" % (what, len(self.buf) - self.pos))
+
+
+def _get_tensors(r):
+    # A tensor takes at least 4 (name) + 4 (dtype) + 4 (ndim) + 1 + 4 bytes.
+    n = r.len(17, "tensors")
+    out = []
+    for _ in range(n):
+        name = r.str("tensor name")
+        dtype = r.u32("tensor dtype")
+        ndim = r.len(8, "tensor shape")
+        if ndim > MAX_DIMS:
+            raise _malformed("tensor %r has %d dimensions, at most %d" % (name, ndim, MAX_DIMS))
+        shape = [r.u64("tensor dimension") for _ in range(ndim)]
+        placement = r.u8("tensor placement")
+        if placement == 0:
+            data = Inline(r.bytes(MAX_BODY, "tensor bytes"))
+        elif placement == 1:
+            offset = r.u64("tensor offset")
+            nbytes = r.u64("tensor bytes")
+            if nbytes > MAX_SHARED_TENSOR or offset + nbytes > _U64:
+                raise _malformed("tensor %r: [%d, +%d) is out of range" % (name, offset, nbytes))
+            data = Shared(offset, nbytes)
+        else:
+            raise _malformed("tensor %r: unknown placement %d" % (name, placement))
+        out.append(Tensor(name, dtype, shape, data))
+    return out
+
+
+def _get_timing(r):
+    return Timing(r.f64("queued ms"), r.f64("activation ms"), r.f64("worker ms"), r.f64("total ms"))
+
+
+def decode_body(kind, body):
+    """Decodes a body of frame ``kind``; every byte must be used."""
+    body = bytes(body)
+    if len(body) > MAX_BODY:
+        raise _malformed("a body of %d bytes exceeds %d" % (len(body), MAX_BODY))
+    r = _Reader(body)
+    if kind == 1:
+        role = r.u8("role")
+        if role not in (ROLE_CLIENT, ROLE_WORKER):
+            raise _malformed("unknown role %d" % role)
+        m = Hello(role, r.u32("pid"), r.str("worker kind"))
+    elif kind == 2:
+        daemon_pid, device, store, worker_id = r.u32("daemon pid"), r.i32("device"), r.str("store"), r.u32("worker id")
+        h = r.bytes(128, "arena handle")
+        if h and len(h) != 128:
+            raise _malformed("an arena handle of %d bytes (128 expected)" % len(h))
+        m = Welcome(daemon_pid, device, store, worker_id, h, r.u64("activation offset"), r.u64("activation bytes"))
+    elif kind == 3:
+        m = Error(r.u64("request id"), r.u32("status"), r.str("message"))
+    elif kind == 4:
+        m = Infer(r.u64("request id"), r.str("model"), _get_tensors(r))
+    elif kind == 5:
+        m = InferResult(r.u64("request id"), _get_tensors(r), _get_timing(r))
+    elif kind == 6:
+        m = Standby(r.u32("worker id"))
+    elif kind == 7:
+        task_id = r.u64("task id")
+        tk = r.u8("task kind")
+        if tk not in (TASK_INFERENCE, TASK_TRAINING):
+            raise _malformed("unknown task kind %d" % tk)
+        model = r.str("model")
+        model_id = r.u64("model id")
+        region_offset = r.u64("region offset")
+        resident = r.bool("resident")
+        n = r.len(4, "plan")
+        plan = [r.u32("plan") for _ in range(n)]
+        inputs = _get_tensors(r)
+        m = Activate(Task(task_id, tk, model, model_id, region_offset, resident, plan, inputs, r.u64("decision time")))
+    elif kind == 8:
+        m = TaskDone(r.u64("task id"), r.u32("status"), r.str("message"), _get_tensors(r), _get_timing(r))
+    elif kind == 9:
+        m = StatsRequest()
+    elif kind == 10:
+        m = StatsReply(Stats(r.u64("requests"), r.u64("failed"), r.u64("hits"), r.u64("misses"),
+                             r.u64("evictions"), r.u64("bytes copied"), r.u32("workers"), r.u32("standbys"),
+                             r.u64("workers started"), r.u64("workers lost")))
+    elif kind == 11:
+        m = Shutdown()
+    elif kind == 12:
+        m = Deactivate()
+    else:
+        raise _malformed("unknown message kind %r" % (kind,))
+    r.finish("message")
+    return m
+
+
+# ---------------------------------------------------------------------------
+# Frames
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Header:
+    kind: int
+    body_len: int
+    fds: int = 0
+
+    def encode(self):
+        return MAGIC + struct.pack("<HHII", VERSION, self.kind, self.body_len, self.fds)
+
+    @classmethod
+    def decode(cls, b):
+        """Checks magic, version, size limit and fd count."""
+        b = bytes(b)
+        if len(b) != HEADER_BYTES:
+            raise protocol_error("a frame header has %d bytes, not %d" % (len(b), HEADER_BYTES))
+        if b[:4] != MAGIC:
+            raise protocol_error("not a pipeswitch frame (bad magic)")
+        version, kind, body_len, fds = struct.unpack("<HHII", b[4:])
+        if version != VERSION:
+            raise protocol_error("protocol version %d is not supported (this side speaks version %d)"
+                                 % (version, VERSION))
+        if body_len > MAX_BODY:
+            raise protocol_error("a frame of %d bytes exceeds the limit of %d" % (body_len, MAX_BODY))
+        if fds > 1:
+            raise protocol_error("a frame claims %d files; at most 1" % fds)
+        return cls(kind, body_len, fds)
+
+
+def encode_frame(msg, fds=0):
+    """A whole frame (header and body) for ``msg`` with ``fds`` files beside it."""
+    body = encode_body(msg)
+    if len(body) > MAX_BODY:
+        raise ArgumentError(101, "PS_ERR_INVALID_ARGUMENT",
+                            "a message of %d bytes exceeds the protocol's %d: tensors over %d bytes "
+                            "go in shared memory" % (len(body), MAX_BODY, INLINE_LIMIT))
+    return Header(type(msg).KIND, len(body), fds).encode() + body
+
+
+def decode_frame(data):
+    """Decodes one whole frame (header, body, nothing after): ``(Header, message)``."""
+    data = bytes(data)
+    if len(data) < HEADER_BYTES:
+        raise protocol_error("a frame of %d bytes is shorter than its header" % len(data))
+    h = Header.decode(data[:HEADER_BYTES])
+    body = data[HEADER_BYTES:]
+    if len(body) != h.body_len:
+        raise protocol_error("the header announces %d bytes, the frame has %d" % (h.body_len, len(body)))
+    return h, decode_body(h.kind, body)
+
+
+# ---------------------------------------------------------------------------
+# Sockets
+# ---------------------------------------------------------------------------
+
+_MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+_MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+
+
+def _fileno(f):
+    return f if isinstance(f, int) else f.fileno()
+
+
+def send(sock, msg, file=None):
+    """Sends ``msg`` over the Unix stream socket ``sock``, with ``file`` (an fd
+    or an object with ``fileno()``) beside it if given. A peer that went away
+    raises :class:`pipeswitch.Disconnected` (never SIGPIPE)."""
+    data = memoryview(encode_frame(msg, 0 if file is None else 1))
+    fd = None if file is None else _fileno(file)
+    while len(data) or fd is not None:
+        anc = [] if fd is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))]
+        try:
+            n = sock.sendmsg([data], anc, _MSG_NOSIGNAL)
+        except InterruptedError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            raise _disconnected("the peer closed the connection") from None
+        except socket.timeout:
+            raise _disconnected("timed out sending a frame") from None
+        except OSError as e:
+            raise _os_error("sending a frame", e) from None
+        data = data[n:]
+        fd = None
+
+
+def _recv_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = sock.recv(n - len(buf))
+        except InterruptedError:
+            continue
+        except socket.timeout:
+            raise _disconnected("timed out in the middle of a frame") from None
+        except ConnectionResetError:
+            raise _disconnected("the peer reset the connection") from None
+        except OSError as e:
+            raise _os_error("reading a frame", e) from None
+        if not chunk:
+            raise protocol_error("the connection closed in the middle of a frame")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv(sock):
+    """Receives one frame: ``(message, fd or None)``, or None if the peer closed
+    the connection between frames. The fd (close-on-exec) belongs to the
+    caller. A frame cut short, a bad header or body, or a file where none was
+    announced (or none where one was) raise :class:`pipeswitch.ProtocolError`."""
+    fds = []
+    try:
+        while True:
+            try:
+                data, anc, flags, _ = sock.recvmsg(HEADER_BYTES, socket.CMSG_SPACE(2 * 4), _MSG_CMSG_CLOEXEC)
+                break
+            except InterruptedError:
+                continue
+            except socket.timeout:
+                raise _disconnected("timed out waiting for the peer") from None
+            except ConnectionResetError:
+                raise _disconnected("the peer reset the connection") from None
+            except OSError as e:
+                raise _os_error("receiving a frame", e) from None
+        for level, typ, payload in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds.extend(struct.unpack("%di" % (usable // 4), payload[:usable]))
+        if len(fds) > 1 or flags & getattr(socket, "MSG_CTRUNC", 0x8):
+            raise protocol_error("a frame came with more than one file")
+        if not data:
+            if fds:
+                raise protocol_error("a file came without a frame")
+            return None
+        head = data + _recv_exact(sock, HEADER_BYTES - len(data))
+        h = Header.decode(head)
+        if h.fds == 0 and fds:
+            raise protocol_error("a file came with a frame that announced none")
+        if h.fds == 1 and not fds:
+            raise protocol_error("a frame announced a file that did not come")
+        body = _recv_exact(sock, h.body_len)
+        msg = decode_body(h.kind, body)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return msg, (fds[0] if fds else None)
+
+
+# ---------------------------------------------------------------------------
+# Tensors
+# ---------------------------------------------------------------------------
+
+def pack_tensors(tensors):
+    """Packs ``[(name, dtype_code, shape, data)]`` (data: bytes-like) for a
+    message: small ones inline, the rest into one new memfd. Returns
+    ``(tensors, fd or None)``; the fd belongs to the caller (close it after
+    sending)."""
+    items = []
+    for name, dtype, shape, data in tensors:
+        try:
+            mv = memoryview(data)
+            if mv.format != "B" or mv.ndim != 1:
+                mv = mv.cast("B")
+        except (TypeError, ValueError) as e:
+            raise ArgumentError(101, "PS_ERR_INVALID_ARGUMENT",
+                                "tensor %r: its data is not a contiguous buffer: %s" % (name, e)) from None
+        items.append((name, int(dtype), [int(d) for d in shape], mv))
+    shared = sum(len(mv) for *_, mv in items if len(mv) > INLINE_LIMIT)
+    fd = None
+    try:
+        if shared:
+            try:
+                fd = os.memfd_create("pipeswitch-tensors", os.MFD_CLOEXEC)
+                os.ftruncate(fd, shared)
+            except OSError as e:
+                raise _os_error("a memfd for %d bytes of tensors" % shared, e) from None
+        out, offset = [], 0
+        for name, dtype, shape, mv in items:
+            if len(mv) > INLINE_LIMIT:
+                done = 0
+                while done < len(mv):
+                    try:
+                        done += os.pwrite(fd, mv[done:], offset + done)
+                    except OSError as e:
+                        raise _os_error("writing tensor %r to shared memory" % name, e) from None
+                out.append(Tensor(name, dtype, shape, Shared(offset, len(mv))))
+                offset += len(mv)
+            else:
+                out.append(Tensor(name, dtype, shape, Inline(bytes(mv))))
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    return out, fd
+
+
+def unpack_tensors(tensors, fd=None):
+    """The tensors of a received message with their bytes: ``[(Tensor, bytes)]``;
+    shared ones are read from ``fd``, each range checked against its size."""
+    size = None
+    if fd is not None:
+        try:
+            size = os.fstat(_fileno(fd)).st_size
+        except OSError as e:
+            raise protocol_error("fstat of a tensor file: %s" % e) from None
+    out = []
+    for t in tensors:
+        if isinstance(t.data, Inline):
+            out.append((t, t.data.data))
+            continue
+        off, n = t.data.offset, t.data.bytes
+        if size is None:
+            raise protocol_error("tensor %r is in a file that did not come" % t.name)
+        if off + n > size:
+            raise protocol_error("tensor %r claims [%d, +%d) of a %d-byte file" % (t.name, off, n, size))
+        buf = bytearray(n)
+        view, done = memoryview(buf), 0
+        try:
+            while done < n:
+                got = os.preadv(_fileno(fd), [view[done:]], off + done)
+                if got == 0:
+                    raise protocol_error("tensor %r: the file ended early" % t.name)
+                done += got
+        except OSError as e:
+            raise protocol_error("reading tensor %r: %s" % (t.name, e)) from None
+        out.append((t, bytes(buf)))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Clock and paths
+# ---------------------------------------------------------------------------
+
+def monotonic_ns():
+    """CLOCK_MONOTONIC in ns: comparable between the daemon and its workers."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def default_socket_dir():
+    """``$PIPESWITCH_SOCKET_DIR``, else ``$XDG_RUNTIME_DIR/pipeswitch``, else
+    ``/tmp/pipeswitch-<uid>`` (as ``pipeswitch::protocol::default_socket_dir``)."""
+    d = os.environ.get("PIPESWITCH_SOCKET_DIR")
+    if d is not None:
+        return d
+    d = os.environ.get("XDG_RUNTIME_DIR")
+    if d:
+        return os.path.join(d, "pipeswitch")
+    return "/tmp/pipeswitch-%d" % os.geteuid()
+
+
+def socket_path(directory, device):
+    """The socket of the daemon that serves GPU ``device`` in ``directory``."""
+    return os.path.join(directory, "gpu%d.sock" % int(device))
+

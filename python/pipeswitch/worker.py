@@ -1,0 +1,411 @@
+"""``python -m pipeswitch.worker``: the PyTorch worker process of
+``pipeswitch serve``.
+
+::
+
+    pipeswitch serve --store models --worker-cmd python -m pipeswitch.worker \\
+        --models resnet152=torchvision.models:resnet152 bert=mypkg.models:bert
+
+It connects to the daemon (the socket in ``PIPESWITCH_SOCKET``, or
+``--socket``), says hello (role worker, kind ``"torch"``) and gets its
+welcome: the store's name, the arena's 128-byte IPC handle and its
+activation region. It then opens and pins the store, imports the arena,
+warms PyTorch (CUDA context, a cuBLAS matmul, a cuDNN convolution, the
+caching allocator), builds each ``--models`` module (the factory is called
+with no arguments; eval mode; on the meta device or the CPU) and attaches it
+to the stored model of the same name (:meth:`pipeswitch.torch.Worker.attach`),
+then reports standby.
+
+On ``Activate`` it checks the stored model's id against the task's, binds
+the model at the task's region with the daemon's plan, starts the pipelined
+copy (or declares the model resident: no copy), builds the inputs as CUDA
+tensors and runs the module on them (positional arguments, in the order
+given), the first groups computing while the later ones are still copied.
+``activation_ms`` is CLOCK_MONOTONIC just before the forward minus the
+daemon's decision time. The outputs (a tensor, a tuple/list of tensors, or
+a dict / HF ``ModelOutput``) go back as ``out0``, ``out1``, ... or by key.
+A failed task is answered with its status and message, and the worker keeps
+serving. On ``Deactivate`` it synchronizes, drops the task's state and
+answers ``Standby``; on ``Shutdown`` or when the daemon goes away it exits 0.
+
+The protocol loop (:func:`serve`) is separate from the framework
+(:class:`TorchBackend`), so the loop can be tested with a fake backend.
+"""
+
+import argparse
+import ctypes
+import importlib
+import logging
+import math
+import os
+import socket
+import sys
+import time
+
+from . import protocol as P
+from ._lib import DTYPE_SIZES
+from .errors import Disconnected, PipeSwitchError
+
+__all__ = ["serve", "TorchBackend", "TaskError", "status_of", "main"]
+
+log = logging.getLogger("pipeswitch.worker")
+
+# Status codes (pipeswitch.h).
+_INVALID_ARGUMENT = 101
+_NOT_FOUND = 200
+_INVALID_STATE = 204
+_CUDA = 302
+_CUDA_OOM = 303
+_INTERNAL = 901
+
+
+class TaskError(Exception):
+    """A task failed with ``status`` (a ``PS_ERR_*`` code)."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = int(status)
+
+
+def status_of(e):
+    """The status a task's exception is answered with."""
+    if isinstance(e, (TaskError, PipeSwitchError)):
+        return e.status
+    name = type(e).__name__
+    text = str(e)
+    if name == "OutOfMemoryError" or "out of memory" in text:
+        return _CUDA_OOM
+    if "CUDA" in text or "cuBLAS" in text or "cuDNN" in text or name == "AcceleratorError":
+        return _CUDA
+    if isinstance(e, (ValueError, TypeError, IndexError)):
+        return _INVALID_ARGUMENT
+    if isinstance(e, KeyError):
+        return _NOT_FOUND
+    return _INTERNAL
+
+
+def _message_of(e):
+    if isinstance(e, PipeSwitchError):
+        return e.message
+    return "%s: %s" % (type(e).__name__, e)
+
+
+def serve(sock, make_backend, kind="torch"):
+    """Runs the worker's side of the protocol on the connected ``sock`` until
+    the daemon shuts it down or goes away (then returns).
+
+    ``make_backend(welcome)`` sets everything up and returns an object with
+    ``run(task, inputs) -> (outputs, activation_ms)`` (``inputs``:
+    ``[(protocol.Tensor, bytes)]``; ``outputs``: ``[(name, dtype_code, shape,
+    bytes-like)]``), ``deactivate()`` and ``close()``."""
+    P.send(sock, P.Hello(P.ROLE_WORKER, os.getpid(), kind))
+    got = P.recv(sock)
+    if got is None:
+        raise P._disconnected("the daemon closed the connection before its welcome")
+    msg, fd = got
+    if fd is not None:
+        os.close(fd)
+    if isinstance(msg, P.Error):
+        raise P.error_of(msg.status, msg.message)
+    if not isinstance(msg, P.Welcome):
+        raise P.protocol_error("expected welcome, got %s" % type(msg).__name__)
+    if len(msg.arena_handle) != 128:
+        raise P.protocol_error("an arena handle of %d bytes (128 expected)" % len(msg.arena_handle))
+    worker_id = msg.worker_id
+    t0 = time.monotonic()
+    backend = make_backend(msg)
+    try:
+        log.info("worker %d: ready in %.0f ms", worker_id, (time.monotonic() - t0) * 1e3)
+        P.send(sock, P.Standby(worker_id))
+        while True:
+            got = P.recv(sock)
+            if got is None:
+                return
+            msg, fd = got
+            try:
+                if isinstance(msg, P.Activate):
+                    _task(sock, backend, msg.task, fd, worker_id)
+                elif isinstance(msg, P.Deactivate):
+                    backend.deactivate()
+                    P.send(sock, P.Standby(worker_id))
+                elif isinstance(msg, P.Shutdown):
+                    return
+                else:
+                    raise P.protocol_error("a worker does not expect message %s" % type(msg).__name__)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+    finally:
+        backend.close()
+
+
+def _task(sock, backend, task, fd, worker_id):
+    started = time.monotonic()
+    try:
+        inputs = P.unpack_tensors(task.inputs, fd)
+        outputs, activation_ms = backend.run(task, inputs)
+        tensors, ofd = P.pack_tensors(outputs)
+    except Exception as e:  # answered; the worker keeps serving
+        log.warning("worker %d: task %d failed: %s", worker_id, task.task_id, e)
+        msg = _message_of(e)
+        if len(msg.encode("utf-8")) > P.MAX_STR:
+            msg = msg.encode("utf-8")[:P.MAX_STR - 3].decode("utf-8", "ignore") + "..."
+        P.send(sock, P.TaskDone(task.task_id, status_of(e), msg, [], P.Timing()))
+        return
+    timing = P.Timing(activation_ms=activation_ms, worker_ms=(time.monotonic() - started) * 1e3)
+    try:
+        P.send(sock, P.TaskDone(task.task_id, 0, "", tensors, timing), ofd)
+    finally:
+        if ofd is not None:
+            os.close(ofd)
+
+
+# ---------------------------------------------------------------------------
+# The PyTorch backend
+# ---------------------------------------------------------------------------
+
+def load_factory(spec):
+    """``"module:factory"`` -> the callable."""
+    mod, sep, attr = spec.partition(":")
+    if not sep or not mod or not attr:
+        raise ValueError("%r: a model factory is module:callable (e.g. torchvision.models:resnet18)" % spec)
+    obj = importlib.import_module(mod)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError("%s is not callable" % spec)
+    return obj
+
+
+def parse_models(specs):
+    """``["name=module:factory", ...]`` -> ``{name: "module:factory"}``."""
+    out = {}
+    for s in specs:
+        name, sep, spec = s.partition("=")
+        if not sep or not name:
+            raise ValueError("%r: use NAME=module:factory" % s)
+        if name in out:
+            raise ValueError("model %r is given twice" % name)
+        out[name] = spec
+    return out
+
+
+def outputs_of(result):
+    """``[(name, tensor)]`` of a forward's result: ``out0`` for a tensor,
+    ``out0``, ``out1``, ... for a tuple or list, the keys for a dict or HF
+    ``ModelOutput``; nested ones are named ``key.0``, ``out1.0``, ``out0.key``;
+    None entries are skipped."""
+    import torch
+
+    out = []
+
+    def walk(obj, name):
+        if isinstance(obj, torch.Tensor):
+            out.append((name or "out0", obj))
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                if v is not None:
+                    walk(v, str(k) if name is None else "%s.%s" % (name, k))
+        elif isinstance(obj, (tuple, list)):
+            for i, v in enumerate(obj):
+                if v is not None:
+                    walk(v, "out%d" % i if name is None else "%s.%d" % (name, i))
+        elif obj is not None:
+            raise TypeError("a forward returned a %s; a tensor, a tuple/list or a dict of tensors is needed"
+                            % type(obj).__name__)
+
+    walk(result, None)
+    return out
+
+
+def _tensor_bytes(t):
+    """A CPU, contiguous tensor's bytes (no numpy needed)."""
+    n = t.numel() * t.element_size()
+    return ctypes.string_at(t.data_ptr(), n) if n else b""
+
+
+class TorchBackend:
+    """The PyTorch side of a worker: store, arena, a
+    :class:`pipeswitch.torch.Worker` and the ``--models`` modules."""
+
+    def __init__(self, welcome, models, device=None, warm_bytes=64 << 20):
+        import torch
+
+        from . import core
+        from .torch import Worker, _torch_dtype
+
+        self._torch = torch
+        self._torch_dtype = _torch_dtype
+        dev = welcome.device if device is None else device
+        self.device = torch.device("cuda", dev)
+        torch.cuda.set_device(self.device)
+        self.arena = core.Arena.import_(welcome.arena_handle, dev)
+        self.store = core.Store.open(welcome.store)
+        self.store.pin(dev)
+        # Plans come from the daemon: no link measurement here.
+        self.worker = Worker(self.device, self.arena, self.store, bandwidth_gbps=1.0,
+                             group_transfer_overhead_ms=0.0)
+        # Its region of the arena: PyTorch's activations use its own caching
+        # allocator instead (the arena's workspace allocator is per process
+        # and would not know the region).
+        self.activation = (welcome.activation_offset, welcome.activation_bytes)
+        self._warm(warm_bytes)
+        self.modules = {}
+        for name, spec in models.items():
+            m = load_factory(spec)()
+            if not isinstance(m, torch.nn.Module):
+                raise TypeError("%s returned a %s, not an nn.Module" % (spec, type(m).__name__))
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+            self.modules[name] = m
+            if name in self.store:
+                self._attach(name, 0, [0])
+            else:
+                log.warning("model %r is not in store %r yet: it is attached when first activated",
+                            name, welcome.store)
+
+    def _warm(self, warm_bytes):
+        torch = self._torch
+        with torch.inference_mode():
+            a = torch.randn(256, 256, device=self.device)
+            (a @ a).sum().item()
+            h = torch.randn(64, 256, device=self.device, dtype=torch.float16)
+            (h @ h.t()).float().sum().item()
+            try:
+                x = torch.randn(1, 3, 16, 16, device=self.device)
+                w = torch.randn(4, 3, 3, 3, device=self.device)
+                torch.nn.functional.conv2d(x, w).sum().item()
+            except RuntimeError as e:  # no cuDNN: not fatal
+                log.warning("cuDNN warm-up failed: %s", e)
+            if warm_bytes > 0:
+                # The caching allocator keeps this block for the forwards.
+                block = torch.empty(int(warm_bytes), dtype=torch.uint8, device=self.device)
+                del block
+        torch.cuda.synchronize(self.device)
+
+    def _attach(self, name, offset, plan):
+        info = self.store.model_info(name)
+        if offset + info.bytes > self.arena.size():
+            offset = 0
+        self.worker.attach(self.modules[name], name, region_offset=offset, plan=plan)
+        return info
+
+    def run(self, task, inputs):
+        torch = self._torch
+        if task.kind != P.TASK_INFERENCE:
+            raise TaskError(_INVALID_ARGUMENT, "task kind %d: this worker runs inference tasks only" % task.kind)
+        module = self.modules.get(task.model)
+        if module is None:
+            raise TaskError(_NOT_FOUND, "this worker has no module for model %r (its --models: %s)"
+                            % (task.model, ", ".join(self.modules) or "none"))
+        info = self.store.model_info(task.model)
+        if info.id != task.model_id:
+            raise TaskError(_INVALID_STATE, "model %r changed in the store (id %d now, %d asked for)"
+                            % (task.model, info.id, task.model_id))
+        entry = self.worker._models.get(task.model)
+        if entry is not None and entry.info.id != info.id:
+            self.worker.detach(task.model)  # re-added under the same name: attach afresh
+            entry = None
+        if entry is None:
+            self._attach(task.model, task.region_offset, task.plan)
+        # A resident model waits for no group: its plan does not matter, and
+        # keeping the bound one spares a rebind on every hit.
+        self.worker.switch_to(task.model, region_offset=task.region_offset,
+                              plan=None if task.resident else task.plan, resident=task.resident)
+        args = []
+        for t, data in inputs:
+            name = _dtype_name(t.dtype)
+            dt = self._torch_dtype(name)
+            shape = [int(d) for d in t.shape]
+            want = math.prod(shape) * DTYPE_SIZES[t.dtype]
+            if want != len(data):
+                raise TaskError(_INVALID_ARGUMENT, "input %r: a %s tensor of shape %s has %d bytes, not %d"
+                                % (t.name, name, shape, want, len(data)))
+            if len(data) == 0:
+                x = torch.empty(shape, dtype=dt)
+            else:
+                x = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dt).reshape(shape)
+            args.append(x.to(self.device, non_blocking=False))
+        with torch.inference_mode():
+            activation_ms = (P.monotonic_ns() - task.decided_ns) / 1e6
+            result = module(*args)
+            outs = outputs_of(result)
+            cpu = [(n, t.detach().contiguous().to("cpu")) for n, t in outs]
+        return [(n, _dtype_code(t.dtype), list(t.shape), _tensor_bytes(t)) for n, t in cpu], activation_ms
+
+    def deactivate(self):
+        """Waits for the task's kernels and copies. An error here (a sticky
+        CUDA error) ends the worker: the daemon starts a fresh one."""
+        self._torch.cuda.synchronize(self.device)
+        if self.worker._current is not None:
+            self.worker.synchronize()
+
+    def close(self):
+        try:
+            self._torch.cuda.synchronize(self.device)
+        finally:
+            self.worker.close()
+
+
+def _dtype_name(code):
+    from .core import DTYPE_NAMES
+
+    name = DTYPE_NAMES.get(code)
+    if name is None:
+        raise TaskError(_INVALID_ARGUMENT, "unknown dtype code %d" % code)
+    return name
+
+
+def _dtype_code(torch_dtype):
+    from .core import dtype_code
+
+    return dtype_code(str(torch_dtype))
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m pipeswitch.worker",
+                                 description="The PyTorch worker of `pipeswitch serve`.")
+    ap.add_argument("--models", nargs="+", default=[], metavar="NAME=module:factory",
+                    help="modules to serve: the stored model NAME is run by module:factory()")
+    ap.add_argument("--socket", default=os.environ.get("PIPESWITCH_SOCKET"),
+                    help="the daemon's socket (default $PIPESWITCH_SOCKET)")
+    ap.add_argument("--device", type=int, default=None, help="CUDA device (default: the daemon's)")
+    ap.add_argument("--warm-bytes", type=int, default=64 << 20,
+                    help="bytes the caching allocator reserves at start (default 64 MiB)")
+    args = ap.parse_args(argv)
+    level = os.environ.get("PIPESWITCH_LOG", "info").upper()
+    logging.basicConfig(level=level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO", format="pipeswitch.worker[%(process)d] %(levelname)s %(message)s")
+    if not args.socket:
+        ap.error("no socket: pass --socket or set PIPESWITCH_SOCKET (the daemon sets it)")
+    try:
+        models = parse_models(args.models)
+    except ValueError as e:
+        ap.error(str(e))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(args.socket)
+    except OSError as e:
+        log.error("connecting to %s: %s", args.socket, e)
+        return 1
+    try:
+        serve(sock, lambda w: TorchBackend(w, models, args.device, args.warm_bytes))
+    except PipeSwitchError as e:
+        if isinstance(e, Disconnected):
+            return 0  # the daemon went away
+        log.error("%s", e)
+        return 1
+    except Exception as e:
+        log.exception("worker failed: %s", e)
+        return 1
+    finally:
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""The Python daemon protocol against the Rust one: the golden frames that
+tests/protocol_cpu.rs writes (python/tests/data/frames) decode to the same
+messages and re-encode byte for byte; damaged and hostile frames raise
+ProtocolError only; frames and memfd tensors cross a real socket pair.
+No library, no GPU, no numpy needed."""
+
+import os
+import socket
+import struct
+
+import pytest
+
+from pipeswitch import ArgumentError, Disconnected, ProtocolError
+from pipeswitch import protocol as p
+
+FRAMES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "frames")
+
+
+def tensor(name, n):
+    return p.Tensor(name, 11, [1, n // 4], p.Inline(bytes(i % 256 for i in range(n))))
+
+
+def every_message():
+    """The same list, in the same order, as every_message() in tests/protocol_cpu.rs."""
+    timing = p.Timing(0.5, 0.25, 9.75, 10.5)
+    return [
+        p.Hello(p.ROLE_CLIENT, 42, ""),
+        p.Hello(p.ROLE_WORKER, 7, "builtin"),
+        p.Welcome(1, 0, "models", 3, bytes([9] * 128), 1 << 30, 64 << 20),
+        p.Welcome(1, 0, "s", 0, b"", 0, 0),
+        p.Error(5, 200, 'no model named "x"'),
+        p.Infer(9, "bert", [tensor("input_ids", 64), tensor("mask", 0)]),
+        p.Infer(10, "gpt2", [p.Tensor("big", 9, [8, 1024], p.Shared(4096, 32768))]),
+        p.InferResult(9, [tensor("out", 128)], timing),
+        p.Standby(3),
+        p.Activate(p.Task(77, p.TASK_INFERENCE, "resnet152", 12, 256 << 20, False, [0, 4, 40, 150],
+                          [tensor("images", 16)], 123_456_789)),
+        p.TaskDone(77, 0, "", [tensor("logits", 40)], timing),
+        p.TaskDone(78, 302, "CUDA error", [], p.Timing()),
+        p.StatsRequest(),
+        p.StatsReply(p.Stats(10, 1, 6, 4, 2, 1 << 30, 3, 2, 4, 1)),
+        p.Shutdown(),
+        p.Deactivate(),
+    ]
+
+
+def golden():
+    return ["%02d-%02d.bin" % (m.KIND, i) for i, m in enumerate(every_message())]
+
+
+def test_golden_files_are_every_message():
+    assert sorted(f for f in os.listdir(FRAMES) if f.endswith(".bin")) == sorted(golden())
+
+
+@pytest.mark.parametrize("i", range(len(every_message())))
+def test_golden_frame_decodes_and_reencodes_byte_for_byte(i):
+    m = every_message()[i]
+    with open(os.path.join(FRAMES, golden()[i]), "rb") as f:
+        frame = f.read()
+    h, back = p.decode_frame(frame)
+    assert back == m
+    assert h.kind == m.KIND and h.fds == 0 and h.body_len == len(frame) - p.HEADER_BYTES
+    assert p.encode_frame(back) == frame
+    assert p.encode_frame(m) == frame
+
+
+def test_every_truncation_and_extension_is_a_protocol_error():
+    for m in every_message():
+        frame = p.encode_frame(m)
+        body = frame[p.HEADER_BYTES:]
+        for cut in range(len(body)):
+            with pytest.raises(ProtocolError):
+                p.decode_body(m.KIND, body[:cut])
+        with pytest.raises(ProtocolError):
+            p.decode_body(m.KIND, body + b"\0")
+        for cut in range(len(frame)):
+            with pytest.raises(ProtocolError):
+                p.decode_frame(frame[:cut])
+        with pytest.raises(ProtocolError):
+            p.decode_frame(frame + b"\0")
+
+
+def test_random_damage_raises_only_protocol_errors():
+    import random
+
+    rng = random.Random(7)
+    for m in every_message():
+        frame = bytearray(p.encode_frame(m))
+        for _ in range(300):
+            f = bytearray(frame)
+            for _ in range(rng.randint(1, 4)):
+                f[rng.randrange(len(f))] = rng.randrange(256)
+            try:
+                p.decode_frame(bytes(f))
+            except ProtocolError:
+                pass
+
+
+def test_hostile_headers_and_lengths_are_refused():
+    ok = p.Header(4, 10, 0).encode()
+    with pytest.raises(ProtocolError, match="magic"):
+        p.Header.decode(b"X" + ok[1:])
+    bad = ok[:4] + struct.pack("<H", p.VERSION + 1) + ok[6:]
+    with pytest.raises(ProtocolError) as e:
+        p.Header.decode(bad)
+    assert "version %d" % (p.VERSION + 1) in str(e.value) and "version %d" % p.VERSION in str(e.value)
+    assert e.value.status == 700
+    with pytest.raises(ProtocolError, match="exceeds"):
+        p.Header.decode(ok[:8] + struct.pack("<I", p.MAX_BODY + 1) + ok[12:])
+    with pytest.raises(ProtocolError, match="files"):
+        p.Header.decode(ok[:12] + struct.pack("<I", 2))
+    with pytest.raises(ProtocolError, match="unknown message kind"):
+        p.decode_body(999, b"")
+    # A list that claims 2^32-1 tensors in a short body.
+    body = struct.pack("<QI", 9, 1) + b"m" + struct.pack("<I", 0xFFFFFFFF)
+    with pytest.raises(ProtocolError, match="do not fit"):
+        p.decode_body(4, body)
+    # A list over MAX_LIST even with the bytes present.
+    body = struct.pack("<QI", 9, 1) + b"m" + struct.pack("<I", p.MAX_LIST + 1) + b"\0" * (17 * (p.MAX_LIST + 1))
+    with pytest.raises(ProtocolError, match="do not fit"):
+        p.decode_body(4, body)
+    # A string longer than the body, and one over MAX_STR.
+    with pytest.raises(ProtocolError):
+        p.decode_body(4, struct.pack("<QI", 9, 1 << 30))
+    with pytest.raises(ProtocolError, match="at most"):
+        p.decode_body(3, struct.pack("<QII", 1, 1, p.MAX_STR + 1) + b"a" * (p.MAX_STR + 1))
+    # Not UTF-8.
+    with pytest.raises(ProtocolError, match="UTF-8"):
+        p.decode_body(3, struct.pack("<QII", 1, 1, 2) + b"\xff\xfe")
+    # Too many dimensions, shared ranges that overflow or are too large.
+    t = tensor("x", 4)
+    t.shape = [1] * 9
+    with pytest.raises(ProtocolError, match="dimensions"):
+        p.decode_frame(p.encode_frame(p.Infer(1, "m", [t])))
+    for off, n in [((1 << 64) - 1, 2), (0, p.MAX_SHARED_TENSOR + 1)]:
+        t = p.Tensor("x", 1, [], p.Shared(off, n))
+        with pytest.raises(ProtocolError, match="out of range"):
+            p.decode_frame(p.encode_frame(p.Infer(1, "m", [t])))
+    # Unknown placement, role, task kind; bad boolean; bad arena handle.
+    f = bytearray(p.encode_frame(p.Infer(1, "m", [tensor("x", 4)])))
+    f[-(4 + 4 + 1)] = 2
+    with pytest.raises(ProtocolError, match="placement"):
+        p.decode_frame(bytes(f))
+    f = bytearray(p.encode_frame(p.Hello(p.ROLE_CLIENT, 1, "")))
+    f[p.HEADER_BYTES] = 9
+    with pytest.raises(ProtocolError, match="role"):
+        p.decode_frame(bytes(f))
+    act = every_message()[9]
+    f = bytearray(p.encode_frame(act))
+    f[p.HEADER_BYTES + 8] = 3
+    with pytest.raises(ProtocolError, match="task kind"):
+        p.decode_frame(bytes(f))
+    f = bytearray(p.encode_frame(act))
+    f[p.HEADER_BYTES + 8 + 1 + 4 + len("resnet152") + 16] = 2
+    with pytest.raises(ProtocolError, match="boolean"):
+        p.decode_frame(bytes(f))
+    with pytest.raises(ProtocolError, match="arena handle"):
+        p.decode_frame(p.encode_frame(p.Welcome(1, 0, "s", 0, b"\1" * 5)))
+    with pytest.raises(ProtocolError, match="at most 128"):
+        p.decode_frame(p.encode_frame(p.Welcome(1, 0, "s", 0, b"\1" * 129)))
+    # Too large to send inline: refused before sending (as in Rust: an argument error).
+    with pytest.raises(ArgumentError):
+        p.encode_frame(p.Infer(1, "m", [tensor("x", p.MAX_BODY)]))
+    # Unencodable values are protocol errors too.
+    with pytest.raises(ProtocolError):
+        p.encode_frame(p.Standby(-1))
+    with pytest.raises(ProtocolError):
+        p.encode_frame(p.Error(1, 2, b"bytes"))
+
+
+def test_frames_and_memfd_tensors_cross_a_socket_pair():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        small = bytes(range(100))
+        large = bytes(i * 7 % 251 for i in range(3 * p.INLINE_LIMIT + 5))
+        large2 = bytes(i % 13 for i in range(p.INLINE_LIMIT + 1))
+        exact = b"\5" * p.INLINE_LIMIT
+        tensors, fd = p.pack_tensors([("small", 1, [100], small), ("large", 1, [len(large)], large),
+                                      ("large2", 1, [len(large2)], bytearray(large2)), ("exact", 1, [], exact)])
+        assert isinstance(tensors[0].data, p.Inline) and isinstance(tensors[3].data, p.Inline)
+        assert isinstance(tensors[1].data, p.Shared) and isinstance(tensors[2].data, p.Shared)
+        assert fd is not None
+        p.send(a, p.Infer(3, "m", tensors), fd)
+        os.close(fd)
+        p.send(a, p.StatsRequest())
+        msg, fd = p.recv(b)
+        assert fd is not None
+        assert os.get_inheritable(fd) is False
+        out = p.unpack_tensors(msg.inputs, fd)
+        assert [x[1] for x in out] == [small, large, large2, exact]
+        assert [x[0].name for x in out] == ["small", "large", "large2", "exact"]
+        # A range beyond the file, and a shared tensor without a file.
+        t = p.Tensor("x", 1, [], p.Shared(len(large), len(large2) + 1))
+        with pytest.raises(ProtocolError, match="claims"):
+            p.unpack_tensors([t], fd)
+        with pytest.raises(ProtocolError, match="did not come"):
+            p.unpack_tensors([t], None)
+        os.close(fd)
+        assert p.recv(b) == (p.StatsRequest(), None)
+        # No shared tensors: no file.
+        assert p.pack_tensors([("s", 1, [1], b"x")])[1] is None
+    # A clean close between frames is None; in the middle of one, an error.
+    a, b = socket.socketpair()
+    with b:
+        a.close()
+        assert p.recv(b) is None
+    a, b = socket.socketpair()
+    with b:
+        a.sendall(p.encode_frame(p.Standby(1))[:-2])
+        a.close()
+        with pytest.raises(ProtocolError, match="middle"):
+            p.recv(b)
+    a, b = socket.socketpair()
+    with b:
+        a.sendall(p.encode_frame(p.Standby(1))[:7])
+        a.close()
+        with pytest.raises(ProtocolError):
+            p.recv(b)
+    # Sending to a peer that left: Disconnected, not SIGPIPE.
+    a, b = socket.socketpair()
+    b.close()
+    with a, pytest.raises(Disconnected):
+        p.send(a, p.Shutdown())
+    # A timeout while waiting: Disconnected.
+    a, b = socket.socketpair()
+    with a, b:
+        b.settimeout(0.05)
+        with pytest.raises(Disconnected):
+            p.recv(b)
+
+
+def test_files_must_match_what_the_frame_announces():
+    # Announced, not sent.
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(p.encode_frame(p.Shutdown(), 1))
+        with pytest.raises(ProtocolError, match="did not come"):
+            p.recv(b)
+    # Sent, not announced (and the received fd is closed, not leaked).
+    a, b = socket.socketpair()
+    with a, b:
+        _, fd = p.pack_tensors([("x", 1, [], b"\1" * (p.INLINE_LIMIT + 1))])
+        a.sendmsg([p.encode_frame(p.Shutdown(), 0)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(ProtocolError, match="announced none"):
+            p.recv(b)
+        assert len(os.listdir("/proc/self/fd")) == before
+        # Two files with one frame.
+        a.sendmsg([p.encode_frame(p.Shutdown(), 1)],
+                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("ii", fd, fd))])
+        with pytest.raises(ProtocolError, match="more than one"):
+            p.recv(b)
+        assert len(os.listdir("/proc/self/fd")) == before
+        os.close(fd)
+
+
+def test_a_rust_frame_with_a_file_is_received_from_python():
+    """The Rust encoder's Infer with a Shared tensor (golden 04-06) sent with a
+    memfd large enough: Python receives both."""
+    with open(os.path.join(FRAMES, "04-06.bin"), "rb") as f:
+        frame = bytearray(f.read())
+    frame[12:16] = struct.pack("<I", 1)
+    fd = os.memfd_create("t")
+    os.ftruncate(fd, 4096 + 32768)
+    os.pwrite(fd, b"\7" * 32768, 4096)
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendmsg([bytes(frame)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+        os.close(fd)
+        msg, got = p.recv(b)
+        [(t, data)] = p.unpack_tensors(msg.inputs, got)
+        os.close(got)
+        assert t.name == "big" and t.shape == [8, 1024] and data == b"\7" * 32768
+
+
+def test_socket_paths_follow_the_rust_rule(monkeypatch):
+    monkeypatch.setenv("PIPESWITCH_SOCKET_DIR", "/x/y")
+    assert p.default_socket_dir() == "/x/y"
+    monkeypatch.delenv("PIPESWITCH_SOCKET_DIR")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/5")
+    assert p.default_socket_dir() == "/run/user/5/pipeswitch"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "")
+    assert p.default_socket_dir() == "/tmp/pipeswitch-%d" % os.geteuid()
+    assert p.socket_path("/d", 3) == "/d/gpu3.sock"
+
+
+def test_error_of_maps_statuses_to_exception_classes():
+    import pipeswitch
+
+    assert isinstance(p.error_of(200, "m"), pipeswitch.NotFound)
+    assert isinstance(p.error_of(702, "m"), pipeswitch.Refused)
+    assert isinstance(p.error_of(302, "m"), pipeswitch.CudaError)
+    e = p.error_of(0, "odd")
+    assert isinstance(e, ProtocolError) and e.status == 700
+    assert p.error_of(203, "full").name == "PS_ERR_ARENA_FULL"
+
+
+def test_os_failures_are_pipeswitch_errors():
+    import pipeswitch
+
+    a, b = socket.socketpair()
+    a.close()
+    with pytest.raises(pipeswitch.OsError):
+        p.send(a, p.Shutdown())
+    with pytest.raises(pipeswitch.OsError):
+        p.recv(a)
+    b.close()
+    with pytest.raises(ArgumentError, match="contiguous"):
+        p.pack_tensors([("x", 1, [1], object())])
+    # Multi-byte and multi-dimensional buffers are packed as their bytes.
+    import array
+
+    ts, fd = p.pack_tensors([("x", 11, [2], array.array("f", [1.0, 2.0]))])
+    assert fd is None and ts[0].data.data == array.array("f", [1.0, 2.0]).tobytes()
+    ts, _ = p.pack_tensors([("y", 1, [2, 2], memoryview(b"abcd").cast("B", (2, 2)))])
+    assert ts[0].data.data == b"abcd"
+
+
+def test_damaged_frames_over_a_socket_raise_protocol_errors_only():
+    import random
+
+    rng = random.Random(11)
+    frames = [p.encode_frame(m) for m in every_message()]
+    for i in range(200):
+        f = bytearray(rng.choice(frames))
+        for _ in range(rng.randint(1, 3)):
+            f[rng.randrange(len(f))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            f = f[:rng.randrange(len(f))]
+        a, b = socket.socketpair()
+        with b:
+            a.sendall(bytes(f))
+            a.close()
+            try:
+                while p.recv(b) is not None:
+                    pass
+            except ProtocolError:
+                pass

@@ -1,0 +1,685 @@
+"""The PyTorch worker (python -m pipeswitch.worker).
+
+CPU, no torch: the protocol loop (pipeswitch.worker.serve) against a fake
+daemon on a socket pair with a fake backend (hello, welcome, standby, tasks
+with inline and memfd tensors, failed tasks answered and survived,
+deactivate, shutdown, EOF), and the command line.
+
+GPU (skipped without torch, CUDA and the driver): the real worker process
+against a fake daemon that owns a real store and arena: pipelined and
+resident activations, a moved region, a changed model id, an unknown model,
+deactivate and shutdown.
+"""
+
+import contextlib
+import ctypes
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import types
+import uuid
+
+import pytest
+
+import pipeswitch
+from pipeswitch import protocol as P
+from pipeswitch import worker as W
+
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HANDLE = bytes(range(128))
+
+
+class FakeBackend:
+    """Echoes its inputs reversed (bytes reversed too); model "bad" fails
+    with a NotFound, model "boom" with a plain exception."""
+
+    def __init__(self, welcome):
+        self.welcome = welcome
+        self.tasks = []
+        self.deactivated = 0
+        self.closed = False
+
+    def run(self, task, inputs):
+        self.tasks.append(task)
+        if task.model == "bad":
+            raise pipeswitch.NotFound(200, "PS_ERR_NOT_FOUND", "no model named 'bad'")
+        if task.model == "boom":
+            raise RuntimeError("boom")
+        outs = [("out%d" % i, t.dtype, t.shape, data[::-1]) for i, (t, data) in enumerate(reversed(inputs))]
+        return outs, 1.5
+
+    def deactivate(self):
+        self.deactivated += 1
+
+    def close(self):
+        self.closed = True
+
+
+def start_worker(make_backend=FakeBackend):
+    daemon, sock = socket.socketpair()
+    daemon.settimeout(10)
+    made = []
+    result = {}
+
+    def factory(welcome):
+        made.append(make_backend(welcome))
+        return made[-1]
+
+    def run():
+        try:
+            W.serve(sock, factory)
+            result["ok"] = True
+        except BaseException as e:  # checked by the test
+            result["error"] = e
+        finally:
+            sock.close()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return daemon, t, made, result
+
+
+def task(task_id, model, inputs, resident=False):
+    return P.Task(task_id, P.TASK_INFERENCE, model, 3, 1 << 20, resident, [0, 2], inputs, P.monotonic_ns())
+
+
+def test_the_task_loop_with_a_fake_backend():
+    daemon, t, made, result = start_worker()
+    with daemon:
+        hello, fd = P.recv(daemon)
+        assert hello == P.Hello(P.ROLE_WORKER, os.getpid(), "torch") and fd is None
+        P.send(daemon, P.Welcome(99, 0, "models", 7, HANDLE, 1 << 30, 64 << 20))
+        assert P.recv(daemon) == (P.Standby(7), None)
+        assert made[0].welcome.arena_handle == HANDLE and made[0].welcome.activation_bytes == 64 << 20
+        # A task with an inline and a memfd input.
+        big = bytes(i % 253 for i in range(P.INLINE_LIMIT + 10))
+        tensors, fd = P.pack_tensors([("a", 11, [2], b"\1\2\3\4\5\6\7\x08"), ("b", 1, [len(big)], big)])
+        P.send(daemon, P.Activate(task(1, "m", tensors)), fd)
+        os.close(fd)
+        done, fd = P.recv(daemon)
+        assert isinstance(done, P.TaskDone) and done.task_id == 1 and done.status == 0, done
+        assert done.timing.activation_ms == 1.5 and done.timing.worker_ms > 0
+        outs = P.unpack_tensors(done.outputs, fd)
+        os.close(fd)
+        assert [(o.name, o.dtype, o.shape, d) for o, d in outs] == [
+            ("out0", 1, [len(big)], big[::-1]), ("out1", 11, [2], b"\x08\7\6\5\4\3\2\1")]
+        assert made[0].tasks[0].plan == [0, 2] and made[0].tasks[0].region_offset == 1 << 20
+        # Failed tasks are answered with their status; the worker keeps serving.
+        P.send(daemon, P.Activate(task(2, "bad", [])))
+        done = P.recv(daemon)[0]
+        assert (done.task_id, done.status, done.message, done.outputs) == (2, 200, "no model named 'bad'", [])
+        P.send(daemon, P.Activate(task(3, "boom", [])))
+        done = P.recv(daemon)[0]
+        assert (done.task_id, done.status) == (3, 901) and "RuntimeError: boom" in done.message
+        # A task whose tensor claims bytes beyond its (missing) file.
+        bad = [P.Tensor("x", 1, [4], P.Shared(0, 4))]
+        P.send(daemon, P.Activate(task(4, "m", bad)))
+        done = P.recv(daemon)[0]
+        assert (done.task_id, done.status) == (4, 700) and "did not come" in done.message
+        P.send(daemon, P.Activate(task(5, "m", [], resident=True)))
+        done = P.recv(daemon)[0]
+        assert (done.task_id, done.status, done.outputs) == (5, 0, [])
+        assert made[0].tasks[-1].resident
+        # Deactivate: cleaned up, standby again.
+        P.send(daemon, P.Deactivate())
+        assert P.recv(daemon) == (P.Standby(7), None)
+        assert made[0].deactivated == 1
+        P.send(daemon, P.Shutdown())
+        t.join(10)
+    assert result == {"ok": True} and made[0].closed
+
+
+def test_eof_ends_the_worker_and_bad_daemons_are_errors():
+    # EOF after standby: a clean end.
+    daemon, t, made, result = start_worker()
+    P.recv(daemon)
+    P.send(daemon, P.Welcome(1, 0, "s", 1, HANDLE))
+    P.recv(daemon)
+    daemon.close()
+    t.join(10)
+    assert result == {"ok": True} and made[0].closed
+    # A refusal instead of the welcome.
+    daemon, t, made, result = start_worker()
+    with daemon:
+        P.recv(daemon)
+        P.send(daemon, P.Error(0, 702, "too many workers"))
+        t.join(10)
+    assert isinstance(result["error"], pipeswitch.Refused) and not made
+    # A welcome without an arena handle.
+    daemon, t, made, result = start_worker()
+    with daemon:
+        P.recv(daemon)
+        P.send(daemon, P.Welcome(1, 0, "s", 1, b""))
+        t.join(10)
+    assert isinstance(result["error"], pipeswitch.ProtocolError) and "arena handle" in str(result["error"])
+    # A message a worker does not expect.
+    daemon, t, made, result = start_worker()
+    with daemon:
+        P.recv(daemon)
+        P.send(daemon, P.Welcome(1, 0, "s", 1, HANDLE))
+        P.recv(daemon)
+        P.send(daemon, P.Infer(1, "m", []))
+        t.join(10)
+    assert isinstance(result["error"], pipeswitch.ProtocolError) and made[0].closed
+    # A backend that cannot start: the error comes out, nothing is sent.
+    def broken(welcome):
+        raise RuntimeError("no GPU here")
+
+    daemon, t, made, result = start_worker(broken)
+    with daemon:
+        P.recv(daemon)
+        P.send(daemon, P.Welcome(1, 0, "s", 1, HANDLE))
+        t.join(10)
+        assert P.recv(daemon) is None
+    assert "no GPU here" in str(result["error"])
+
+
+def test_status_of_task_errors():
+    assert W.status_of(pipeswitch.ArenaFull(203, "PS_ERR_ARENA_FULL", "full")) == 203
+    assert W.status_of(W.TaskError(204, "changed")) == 204
+    assert W.status_of(RuntimeError("CUDA error: an illegal memory access")) == 302
+    assert W.status_of(RuntimeError("CUDA out of memory. Tried to allocate")) == 303
+    assert W.status_of(ValueError("bad shape")) == 101
+    assert W.status_of(KeyError("x")) == 200
+    assert W.status_of(ZeroDivisionError()) == 901
+
+
+def test_model_specs():
+    assert W.parse_models(["a=m:f", "b=x.y:z.w"]) == {"a": "m:f", "b": "x.y:z.w"}
+    for bad in (["a"], ["=m:f"], ["a=m:f", "a=m:g"]):
+        with pytest.raises(ValueError):
+            W.parse_models(bad)
+    assert W.load_factory("os.path:join") is os.path.join
+    with pytest.raises(ValueError):
+        W.load_factory("os.path")
+    with pytest.raises(TypeError):
+        W.load_factory("os:sep")
+
+
+def run_cli(args, env_extra=None, timeout=60):
+    env = dict(os.environ, PYTHONPATH=PKG_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("PIPESWITCH_SOCKET", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "pipeswitch.worker"] + args, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_the_command_line():
+    r = run_cli(["--models", "a=m:f"])
+    assert r.returncode == 2 and "PIPESWITCH_SOCKET" in r.stderr
+    r = run_cli(["--models", "nonsense"], {"PIPESWITCH_SOCKET": "/nonexistent"})
+    assert r.returncode == 2 and "NAME=module:factory" in r.stderr
+    r = run_cli([], {"PIPESWITCH_SOCKET": "/nonexistent/gpu0.sock"})
+    assert r.returncode == 1 and "/nonexistent/gpu0.sock" in r.stderr
+    # A daemon that accepts, reads the hello and closes: exit 0.
+    d = tempfile.mkdtemp()
+    path = os.path.join(d, "gpu0.sock")
+    lst = socket.socket(socket.AF_UNIX)
+    lst.bind(path)
+    lst.listen(1)
+    seen = []
+
+    def daemon():
+        c, _ = lst.accept()
+        with c:
+            seen.append(P.recv(c)[0])
+
+    th = threading.Thread(target=daemon, daemon=True)
+    th.start()
+    try:
+        r = run_cli(["--models", "a=m:f"], {"PIPESWITCH_SOCKET": path})
+        th.join(10)
+        assert r.returncode == 0, r.stderr
+        assert seen[0].role == P.ROLE_WORKER and seen[0].worker_kind == "torch"
+    finally:
+        lst.close()
+        os.unlink(path)
+        os.rmdir(d)
+
+
+# ---------------------------------------------------------------------------
+# TorchBackend.run's decisions with a fake torch and a fake pipeswitch.torch.Worker
+# ---------------------------------------------------------------------------
+
+class _DType:
+    def __init__(self, name, size):
+        self.name, self.size = name, size
+
+    def __str__(self):
+        return "torch." + self.name
+
+
+class _FakeTensor:
+    """Bytes with a dtype and a shape; ``device`` records where it went."""
+
+    def __init__(self, data, dtype, shape, device="cpu"):
+        self.buf = bytearray(data)
+        self.dtype, self.shape, self.device = dtype, list(shape), device
+        self._c = (ctypes.c_char * max(len(self.buf), 1)).from_buffer(self.buf) if self.buf else None
+
+    def view(self, dtype):
+        return _FakeTensor(self.buf, dtype, [len(self.buf) // dtype.size], self.device)
+
+    def reshape(self, shape):
+        return _FakeTensor(self.buf, self.dtype, shape, self.device)
+
+    def to(self, device, non_blocking=False):
+        return _FakeTensor(self.buf, self.dtype, self.shape, str(device))
+
+    def detach(self):
+        return self
+
+    def contiguous(self):
+        return self
+
+    def numel(self):
+        return len(self.buf) // self.dtype.size
+
+    def element_size(self):
+        return self.dtype.size
+
+    def data_ptr(self):
+        return ctypes.addressof(self._c) if self._c is not None else 0
+
+
+class _FakeTorch:
+    Tensor = _FakeTensor
+    uint8 = _DType("uint8", 1)
+    float32 = _DType("float32", 4)
+    int64 = _DType("int64", 8)
+
+    def __init__(self):
+        self.synced = 0
+
+    def inference_mode(self):
+        return contextlib.nullcontext()
+
+    def frombuffer(self, buf, dtype):
+        return _FakeTensor(buf, dtype, [len(buf)])
+
+    def empty(self, shape, dtype):
+        return _FakeTensor(b"", dtype, shape)
+
+    @property
+    def cuda(self):
+        fake = self
+
+        class Cuda:
+            @staticmethod
+            def synchronize(device=None):
+                fake.synced += 1
+        return Cuda
+
+
+class _FakeStore:
+    def __init__(self, ids):
+        self.ids = ids
+
+    def model_info(self, name):
+        if name not in self.ids:
+            raise pipeswitch.NotFound(200, "PS_ERR_NOT_FOUND", "no model %r" % name)
+        return types.SimpleNamespace(name=name, id=self.ids[name], bytes=1024)
+
+
+class _FakeTorchWorker:
+    def __init__(self):
+        self._models, self._current, self.calls = {}, None, []
+
+    def attach(self, module, name, region_offset=None, plan=None):
+        self.calls.append(("attach", name, region_offset, plan))
+        self._models[name] = types.SimpleNamespace(info=self.store.model_info(name), module=module)
+
+    def detach(self, name):
+        self.calls.append(("detach", name))
+        del self._models[name]
+
+    def switch_to(self, name, region_offset=None, plan=None, resident=False):
+        self.calls.append(("switch_to", name, region_offset, plan, resident))
+        self._current = None if resident else name
+
+    def synchronize(self):
+        self.calls.append(("synchronize",))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+def fake_backend(monkeypatch, ids, modules):
+    torch = _FakeTorch()
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    b = object.__new__(W.TorchBackend)
+    b._torch = torch
+    b._torch_dtype = {"F32": torch.float32, "I64": torch.int64, "U8": torch.uint8}.__getitem__
+    b.device = "cuda:0"
+    b.store = _FakeStore(ids)
+    b.worker = _FakeTorchWorker()
+    b.worker.store = b.store
+    b.modules = modules
+    b.arena = types.SimpleNamespace(size=lambda: 1 << 30)
+    return b, torch
+
+
+def ftask(model, model_id, inputs, offset=4096, plan=(0, 2), resident=False):
+    return P.Task(1, P.TASK_INFERENCE, model, model_id, offset, resident, list(plan), [], P.monotonic_ns() - 5_000_000)
+
+
+def test_torch_backend_decisions_with_a_fake_torch(monkeypatch):
+    seen = []
+
+    def double_and_sum(x, y):
+        seen.append((x, y))
+        return {"first": x, "pair": (y, None)}
+
+    b, torch = fake_backend(monkeypatch, {"m": 7, "other": 1}, {"m": double_and_sum, "nostore": lambda: None})
+    x = struct.pack("<4f", 1, 2, 3, 4)
+    y = struct.pack("<2q", 5, -6)
+    inputs = [(P.Tensor("x", pipeswitch.PS_DTYPE_F32, [2, 2], P.Inline(x)), x),
+              (P.Tensor("y", pipeswitch.PS_DTYPE_I64, [2], P.Inline(y)), y)]
+    outs, activation_ms = b.run(ftask("m", 7, inputs), inputs)
+    # Attached at the task's region with its plan, then switched with both.
+    assert b.worker.calls == [("attach", "m", 4096, [0, 2]), ("switch_to", "m", 4096, [0, 2], False)]
+    assert activation_ms >= 5
+    (gx, gy), = seen
+    assert (gx.device, gx.dtype.name, gx.shape, bytes(gx.buf)) == ("cuda:0", "float32", [2, 2], x)
+    assert (gy.device, gy.dtype.name, gy.shape, bytes(gy.buf)) == ("cuda:0", "int64", [2], y)
+    assert outs == [("first", pipeswitch.PS_DTYPE_F32, [2, 2], x), ("pair.0", pipeswitch.PS_DTYPE_I64, [2], y)]
+    # A resident hit: no new attach, no plan (no rebind for the plan), resident.
+    b.worker.calls.clear()
+    b.run(ftask("m", 7, inputs, offset=8192, plan=[0], resident=True), inputs)
+    assert b.worker.calls == [("switch_to", "m", 8192, None, True)]
+    # The stored model changed since the daemon decided: refused with 204.
+    with pytest.raises(W.TaskError) as e:
+        b.run(ftask("m", 8, inputs), inputs)
+    assert e.value.status == 204 and "changed" in str(e.value)
+    # The store now has a new "m" (id 8): detached and attached afresh.
+    b.store.ids["m"] = 8
+    b.worker.calls.clear()
+    b.run(ftask("m", 8, inputs), inputs)
+    assert [c[0] for c in b.worker.calls] == ["detach", "attach", "switch_to"]
+    # No module for the model: 200; not in the store: NotFound.
+    with pytest.raises(W.TaskError) as e:
+        b.run(ftask("other", 1, inputs), inputs)
+    assert e.value.status == 200 and "no module" in str(e.value)
+    with pytest.raises(pipeswitch.NotFound):
+        b.run(ftask("nostore", 1, inputs), inputs)
+    # Training tasks are not run as inference.
+    t = ftask("m", 8, inputs)
+    t.kind = P.TASK_TRAINING
+    with pytest.raises(W.TaskError) as e:
+        b.run(t, inputs)
+    assert e.value.status == 101 and "inference" in str(e.value)
+    # Inputs whose bytes do not match their shape: 101, before the forward.
+    seen.clear()
+    bad = [(P.Tensor("x", pipeswitch.PS_DTYPE_F32, [3], P.Inline(x)), x)]
+    with pytest.raises(W.TaskError) as e:
+        b.run(ftask("m", 8, bad), bad)
+    assert e.value.status == 101 and not seen
+    # Deactivate synchronizes the device, and the switch only when one is in flight.
+    b.worker.calls.clear()
+    b.deactivate()
+    assert torch.synced == 1 and b.worker.calls == [("synchronize",)]
+    b.worker._current = None
+    b.deactivate()
+    assert torch.synced == 2 and b.worker.calls == [("synchronize",)]
+
+
+def test_outputs_are_named_like_the_forward_returns_them(monkeypatch):
+    torch = _FakeTorch()
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    t = [_FakeTensor(b"\0" * 4, torch.float32, [1]) for _ in range(4)]
+    assert W.outputs_of(t[0]) == [("out0", t[0])]
+    assert W.outputs_of((t[0], None, [t[1], t[2]])) == [("out0", t[0]), ("out2.0", t[1]), ("out2.1", t[2])]
+    assert W.outputs_of({"logits": t[0], "past": ((t[1], t[2]),), "none": None}) == [
+        ("logits", t[0]), ("past.0.0", t[1]), ("past.0.1", t[2])]
+    assert W.outputs_of([{"a": t[3]}]) == [("out0.a", t[3])]
+    with pytest.raises(TypeError, match="str"):
+        W.outputs_of("text")
+
+
+# ---------------------------------------------------------------------------
+# GPU: the real worker process
+# ---------------------------------------------------------------------------
+
+MODELS_PY = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def mlp():
+        return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                             nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(8, 8)
+            self.a = nn.Linear(8, 3)
+            self.b = nn.Linear(8, 2)
+
+        def forward(self, x, y):
+            h = torch.relu(self.body(x + y))
+            return {"logits": self.a(h), "extra": (self.b(h), None)}
+
+    def two_heads():
+        with torch.device("meta"):
+            return TwoHeads()
+""")
+
+
+def _gpu_ready():
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and pipeswitch.driver_available()
+
+
+gpu = pytest.mark.skipif(not _gpu_ready(), reason="needs torch, a CUDA GPU and the driver")
+
+
+@gpu
+def test_the_torch_worker_process_serves_a_fake_daemon(tmp_path):
+    import torch
+
+    from pipeswitch.torch import register_module
+
+    sys.path.insert(0, str(tmp_path))
+    (tmp_path / "psw_models.py").write_text(MODELS_PY)
+    import psw_models
+
+    name = "worker-%s" % uuid.uuid4().hex[:12]
+    store = pipeswitch.Store.create(name, 64 << 20)
+    arena = pipeswitch.Arena.create(0, 64 << 20, 8 << 20)
+    proc = None
+    try:
+        torch.manual_seed(0)
+        ref_mlp, ref_two = psw_models.mlp(), psw_models.TwoHeads()
+        x = torch.randn(16, 32)
+        register_module(store, "mlp", ref_mlp, (x,), measure=False)
+        x8, y8 = torch.randn(4, 8), torch.randn(4, 8)
+        register_module(store, "two", ref_two, (x8, y8), measure=False)
+        mlp_info = store.model_info("mlp")
+        region = arena.alloc(mlp_info.bytes)
+        region2 = arena.alloc(mlp_info.bytes)
+        region3 = arena.alloc(store.model_info("two").bytes)
+        act = arena.alloc(4 << 20)
+
+        path = str(tmp_path / "gpu0.sock")
+        lst = socket.socket(socket.AF_UNIX)
+        lst.bind(path)
+        lst.listen(1)
+        lst.settimeout(120)
+        env = dict(os.environ, PIPESWITCH_SOCKET=path,
+                   PYTHONPATH=os.pathsep.join([str(tmp_path), PKG_ROOT, os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.Popen([sys.executable, "-m", "pipeswitch.worker", "--models", "mlp=psw_models:mlp",
+                                 "two=psw_models:two_heads"], env=env)
+        conn, _ = lst.accept()
+        conn.settimeout(120)
+        hello = P.recv(conn)[0]
+        assert hello.role == P.ROLE_WORKER and hello.worker_kind == "torch" and hello.pid == proc.pid
+        P.send(conn, P.Welcome(os.getpid(), 0, name, 4, arena.export(), act, 4 << 20))
+        assert P.recv(conn) == (P.Standby(4), None)
+
+        def activate(task_id, model, inputs, offset, plan, resident=False, model_id=None):
+            mid = store.model_info(model).id if model_id is None else model_id
+            packed, fd = P.pack_tensors([(n, pipeswitch.dtype_code(str(t.dtype)), list(t.shape),
+                                          t.contiguous().numpy().tobytes()) for n, t in inputs])
+            P.send(conn, P.Activate(P.Task(task_id, P.TASK_INFERENCE, model, mid, offset, resident, plan, packed,
+                                           P.monotonic_ns())), fd)
+            if fd is not None:
+                os.close(fd)
+            done, fd = P.recv(conn)
+            assert done.task_id == task_id
+            outs = {}
+            if done.status == 0:
+                for t, data in P.unpack_tensors(done.outputs, fd):
+                    assert t.dtype == pipeswitch.PS_DTYPE_F32
+                    outs[t.name] = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(t.shape)
+            if fd is not None:
+                os.close(fd)
+            return done, outs
+
+        with torch.no_grad():
+            ref = ref_mlp(x)
+            n_layers = len(mlp_info.layers)
+            # Pipelined, one group per layer.
+            done, outs = activate(1, "mlp", [("x", x)], region, list(range(n_layers)))
+            assert done.status == 0, done.message
+            torch.testing.assert_close(outs["out0"], ref, rtol=1e-5, atol=1e-5)
+            assert 0 < done.timing.activation_ms < 60_000 and done.timing.worker_ms > 0
+            # Resident (no copy), a large input and output through memfds.
+            xb = torch.randn(2048, 32)
+            done, outs = activate(2, "mlp", [("x", xb)], region, [0], resident=True)
+            assert done.status == 0, done.message
+            assert isinstance(done.outputs[0].data, P.Shared)
+            torch.testing.assert_close(outs["out0"], ref_mlp(xb), rtol=1e-5, atol=1e-5)
+            # Moved to another region with another plan.
+            P.send(conn, P.Deactivate())
+            assert P.recv(conn) == (P.Standby(4), None)
+            done, outs = activate(3, "mlp", [("x", x)], region2, [0, 2])
+            assert done.status == 0, done.message
+            torch.testing.assert_close(outs["out0"], ref, rtol=1e-5, atol=1e-5)
+            # A dict output with a nested tuple; two positional inputs.
+            done, outs = activate(4, "two", [("x", x8), ("y", y8)], region3, [0, 1])
+            assert done.status == 0, done.message
+            r = ref_two(x8, y8)
+            assert sorted(outs) == ["extra.0", "logits"]
+            torch.testing.assert_close(outs["logits"], r["logits"], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(outs["extra.0"], r["extra"][0], rtol=1e-5, atol=1e-5)
+            # Refusals: a changed model id, a model without a module, bad inputs.
+            done, _ = activate(5, "mlp", [("x", x)], region, [0], model_id=mlp_info.id + 1000)
+            assert done.status == 204 and "changed" in done.message
+            done, _ = activate(6, "nope", [("x", x)], region, [0], model_id=0)
+            assert done.status == 200 and "no module" in done.message
+            done, _ = activate(7, "mlp", [("x", torch.randn(16, 5))], region, [0])
+            assert done.status != 0
+            # ... and it still serves.
+            done, outs = activate(8, "mlp", [("x", x)], region, [0, 3])
+            assert done.status == 0, done.message
+            torch.testing.assert_close(outs["out0"], ref, rtol=1e-5, atol=1e-5)
+        P.send(conn, P.Deactivate())
+        assert P.recv(conn) == (P.Standby(4), None)
+        P.send(conn, P.Shutdown())
+        assert proc.wait(60) == 0
+        conn.close()
+        lst.close()
+    finally:
+        sys.path.remove(str(tmp_path))
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        arena.close()
+        store.close()
+        pipeswitch.Store.unlink(name)
+
+
+def _pipeswitch_bin():
+    root = os.path.dirname(PKG_ROOT)
+    for p in (os.environ.get("PIPESWITCH_BIN"), os.path.join(root, "target", "release", "pipeswitch"),
+              os.path.join(root, "target", "debug", "pipeswitch")):
+        if p and os.access(p, os.X_OK):
+            return p
+    return None
+
+
+@gpu
+@pytest.mark.skipif(_pipeswitch_bin() is None, reason="needs the pipeswitch program (cargo build; or PIPESWITCH_BIN)")
+def test_serve_with_torch_workers_and_the_python_client(tmp_path):
+    """End to end: `pipeswitch serve` starts `python -m pipeswitch.worker`
+    standbys; the Python client's requests switch between two models and
+    back, with the results of the reference modules."""
+    import time
+
+    import torch
+
+    from pipeswitch.client import Client
+    from pipeswitch.torch import register_module
+
+    sys.path.insert(0, str(tmp_path))
+    (tmp_path / "psw_models2.py").write_text(MODELS_PY)
+    import psw_models2
+
+    name = "serve-%s" % uuid.uuid4().hex[:12]
+    store = pipeswitch.Store.create(name, 64 << 20)
+    sock_dir = tempfile.mkdtemp(prefix="ps-serve-")
+    daemon = None
+    try:
+        torch.manual_seed(0)
+        ref_mlp, ref_two = psw_models2.mlp(), psw_models2.TwoHeads()
+        x = torch.randn(16, 32)
+        x8, y8 = torch.randn(4, 8), torch.randn(4, 8)
+        register_module(store, "mlp", ref_mlp, (x,), device="cuda:0")
+        register_module(store, "two", ref_two, (x8, y8), device="cuda:0")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), PKG_ROOT, os.environ.get("PYTHONPATH", "")]))
+        daemon = subprocess.Popen(
+            [_pipeswitch_bin(), "serve", "--store", name, "--device", "0", "--arena-size", "256M",
+             "--worker-region", "16M", "--standbys", "2", "--socket-dir", sock_dir,
+             "--worker-cmd", sys.executable, "-m", "pipeswitch.worker",
+             "--models", "mlp=psw_models2:mlp", "two=psw_models2:two_heads"], env=env)
+        path = P.socket_path(sock_dir, 0)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path):
+            assert daemon.poll() is None, "the daemon exited with %s" % daemon.returncode
+            assert time.monotonic() < deadline, "no socket after 60 s"
+            time.sleep(0.1)
+
+        def as_tensor(v):
+            if isinstance(v, tuple):
+                data, _, shape = v
+                return torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
+            return torch.from_numpy(v.copy())
+
+        with torch.no_grad(), Client(socket=path, timeout=180) as c:
+            for _ in range(2):
+                out = c.infer("mlp", {"x": x})
+                torch.testing.assert_close(as_tensor(out["out0"]), ref_mlp(x), rtol=1e-5, atol=1e-5)
+                assert out.timing.total_ms > 0 and out.timing.worker_ms > 0
+                out = c.infer("two", [("x", x8, None, None), ("y", y8, None, None)])
+                r = ref_two(x8, y8)
+                torch.testing.assert_close(as_tensor(out["logits"]), r["logits"], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(as_tensor(out["extra.0"]), r["extra"][0], rtol=1e-5, atol=1e-5)
+            xb = torch.randn(4096, 32)  # 512 KiB: in a memfd both ways
+            out = c.infer("mlp", {"x": xb})
+            torch.testing.assert_close(as_tensor(out["out0"]), ref_mlp(xb), rtol=1e-4, atol=1e-4)
+            with pytest.raises(pipeswitch.NotFound):
+                c.infer("absent", {"x": x})
+            s = c.stats()
+            # "absent" counts as a request and a failure.
+            assert s.requests == 6 and s.failed == 1 and s.workers >= 2 and s.workers_lost == 0, s
+            assert s.hits >= 2 and s.misses >= 2 and s.evictions == 0, s
+    finally:
+        sys.path.remove(str(tmp_path))
+        if daemon is not None:
+            daemon.terminate()
+            try:
+                assert daemon.wait(60) == 0
+            finally:
+                if daemon.poll() is None:
+                    daemon.kill()
+                    daemon.wait()
+        store.close()
+        pipeswitch.Store.unlink(name)
