@@ -22,7 +22,7 @@ for t in .gpu/deps/*; do
 done
 if [ "${PYTEST:-1}" = 1 ]; then
   echo "=== python tests with PyTorch on the GPU" | tee -a "$log"
-  PIPESWITCH_LIB=$PWD/.gpu/libpipeswitch.so python3 -m pytest python/tests -q -p no:cacheprovider >"$OUT/pytest-gpu.log" 2>&1
+  PIPESWITCH_LIB=$PWD/.gpu/libpipeswitch.so PIPESWITCH_BIN=$PWD/.gpu/pipeswitch timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest python/tests -q -rs -p no:cacheprovider >"$OUT/pytest-gpu.log" 2>&1
   rc=$?; echo "pytest rc=$rc" | tee -a "$log"; tail -n 3 "$OUT/pytest-gpu.log" | tee -a "$log"
   [ $rc = 0 ] || fail=1
 fi
