@@ -23,6 +23,9 @@ pub struct InferOutput {
 pub struct Client {
     stream: UnixStream,
     next_id: u64,
+    /// Set when a frame was cut short or malformed: the stream's position
+    /// is lost, so the connection is not used again.
+    broken: Option<String>,
     pub daemon_pid: u32,
     pub device: i32,
     pub store: String,
@@ -44,12 +47,25 @@ impl Client {
         send(&stream, &Message::Hello { role: Role::Client, pid: std::process::id(), worker_kind: String::new() }, None)?;
         match recv(&stream)? {
             Some((Message::Welcome { daemon_pid, device, store, .. }, _)) => {
-                Ok(Client { stream, next_id: 1, daemon_pid, device, store })
+                Ok(Client { stream, next_id: 1, broken: None, daemon_pid, device, store })
             }
             Some((Message::Error { status, message, .. }, _)) => Err(error_of(status, message)),
             Some((m, _)) => Err(Error::Protocol(format!("the daemon answered hello with {m:?}"))),
             None => Err(Error::Disconnected("the daemon closed the connection".into())),
         }
+    }
+
+    /// Receives a frame; a failure in the middle of one breaks the connection.
+    fn recv(&mut self) -> Result<Option<(Message, Option<std::os::fd::OwnedFd>)>> {
+        if let Some(why) = &self.broken {
+            return Err(Error::Disconnected(format!("the connection is closed after an earlier failure ({why})")));
+        }
+        recv(&self.stream).inspect_err(|e| {
+            if matches!(e, Error::Protocol(_) | Error::Disconnected(_) | Error::Io { .. } | Error::Os { .. }) {
+                self.broken = Some(e.to_string());
+                let _ = self.stream.shutdown(std::net::Shutdown::Both);
+            }
+        })
     }
 
     /// Runs `model` on `inputs` through the daemon and waits for the result.
@@ -59,7 +75,7 @@ impl Client {
         let (tensors, file) = pack_tensors(inputs)?;
         send(&self.stream, &Message::Infer { request_id, model: model.to_string(), inputs: tensors }, file.as_ref().map(|f| f.as_fd()))?;
         loop {
-            match recv(&self.stream)? {
+            match self.recv()? {
                 Some((Message::InferResult { request_id: id, outputs, timing }, file)) if id == request_id => {
                     return Ok(InferOutput { outputs: unpack_tensors(outputs, file.as_ref())?, timing });
                 }
@@ -78,7 +94,7 @@ impl Client {
     pub fn stats(&mut self) -> Result<Stats> {
         send(&self.stream, &Message::StatsRequest, None)?;
         loop {
-            match recv(&self.stream)? {
+            match self.recv()? {
                 Some((Message::StatsReply(s), _)) => return Ok(s),
                 Some((Message::InferResult { .. } | Message::Error { request_id: 1.., .. }, _)) => continue,
                 Some((Message::Error { status, message, .. }, _)) => return Err(error_of(status, message)),
