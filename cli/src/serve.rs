@@ -723,14 +723,23 @@ impl Controller {
         }
     }
 
+    /// The model's plan: from the cost model fitted and stored with it (the
+    /// closed loop of `pipeswitch demo` or the calibration of the library),
+    /// else from its profile with default overheads, else one group per layer.
     fn plan_of(&mut self, m: &Model) -> Vec<u32> {
         if let Some(p) = self.plans.get(&m.id) {
             return p.clone();
         }
         let (gbps, a) = self.gpu.h2d();
-        let plan = pipeswitch::ffi::plan::plan_stored_model(m, gbps, a, 0.005)
+        let fitted = self.store.cost(&m.name).ok().flatten().and_then(|c| {
+            let t = pipeswitch::ffi::plan::layer_transfer_ms(m, c.bandwidth_gbps).ok()?;
+            let x: Vec<f64> = m.layers.iter().map(|l| l.exec_ms).collect();
+            pipeswitch::planner::plan_groups_with(&t, &x, &c.costs).ok()
+        });
+        let plan = fitted
+            .or_else(|| pipeswitch::ffi::plan::plan_stored_model(m, gbps, a, 0.005).ok())
             .map(|p| p.group_starts)
-            .unwrap_or_else(|_| pipeswitch::planner::per_layer_plan(m.layers.len()));
+            .unwrap_or_else(|| pipeswitch::planner::per_layer_plan(m.layers.len()));
         let plan: Vec<u32> = plan.into_iter().map(|s| s as u32).collect();
         self.plans.insert(m.id, plan.clone());
         plan
