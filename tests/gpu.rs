@@ -230,8 +230,10 @@ fn a_switch_from_another_store_does_not_wait_and_holds_the_first() {
     // while its switch's copies may still be queued behind a second switch.
     let shape = small_shape();
     let ts1 = temp_store("hold1", &[("small", &shape)]);
-    // The second store's "small" has other bytes (the seed follows the position).
-    let ts2 = temp_store("hold2", &[("pad", &shape), ("small", &shape)]);
+    // The second store's "small" has other bytes: the seed follows the
+    // position (1000 + i), and fill_random makes seeds odd, so it must be
+    // two positions further on.
+    let ts2 = temp_store("hold2", &[("pad", &shape), ("pad2", &shape), ("small", &shape)]);
     let s1 = Arc::new(Store::open(&ts1.1).unwrap());
     let m = s1.model("small").unwrap();
     let arena = Arc::new(Arena::create(0, 2 * m.bytes + (8 << 20), 2 << 20).unwrap());

@@ -20,7 +20,15 @@ fn plan_command_prints_the_stored_cost_model() {
     s.add_model("m", &ModelSpec { attributes: vec![], layers }, &mut |_, _| {}).expect("add");
     s.set_layer_exec_ms("m", &[0.01, 0.02, 0.03]).expect("profile");
     let run = |json: bool| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pipeswitch"));
+        // cargo's build, or on a GPU machine that got the test binaries
+        // without the target dir, `$PIPESWITCH_ROOT/.gpu/pipeswitch`.
+        let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_pipeswitch"));
+        let exe = if built.exists() {
+            built
+        } else {
+            std::path::PathBuf::from(std::env::var_os("PIPESWITCH_ROOT").expect("PIPESWITCH_ROOT")).join(".gpu/pipeswitch")
+        };
+        let mut cmd = std::process::Command::new(exe);
         cmd.env(pipeswitch::store::shm::DIR_ENV, shm.path());
         cmd.args(["plan", name, "m", "--bandwidth-gbps", "50", "--transfer-overhead-ms", "0.004"]);
         if json {

@@ -97,7 +97,8 @@ fn requests_through_the_daemon_match_the_cpu_reference() {
     // Room for two of the three models: the third evicts one.
     let mut sorted = bytes.clone();
     sorted.sort_unstable();
-    let residency = sorted[1] + sorted[2] + (1 << 20);
+    let residency = sorted[1].next_multiple_of(256) + sorted[2].next_multiple_of(256);
+    assert!(sorted[0] > 256, "the smallest model must not fit in the rounding");
     let config = ServeConfig {
         device: 0,
         store: store_name.clone(),
