@@ -57,10 +57,6 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
-    /// The whole idea end to end: writes, ingests, profiles and plans the
-    /// three reference models (ResNet-152, BERT-base, GPT-2 medium), switches
-    /// among them and prints ready / transfer-then-run / pipelined latencies;
-    /// writes a JSON report and a Chrome trace (open it in Perfetto).
     /// Run the daemon that owns one GPU: the store, the device arena, the
     /// residency of models, standby workers and a queue of inference
     /// requests, on a Unix socket in a private directory. Stop it with
@@ -105,6 +101,10 @@ enum Command {
         #[arg(long, env = "PIPESWITCH_SOCKET")]
         socket: PathBuf,
     },
+    /// The whole idea end to end: writes, ingests, profiles and plans the
+    /// three reference models (ResNet-152, BERT-base, GPT-2 medium), switches
+    /// among them and prints ready / transfer-then-run / pipelined latencies;
+    /// writes a JSON report and a Chrome trace (open it in Perfetto).
     Demo {
         #[arg(long, default_value_t = 0)]
         device: i32,
