@@ -38,3 +38,19 @@ fn demo_rejects_bad_arguments_before_touching_the_gpu() {
     assert_eq!(out.status.code(), Some(2), "clap usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--reps"));
 }
+
+#[test]
+fn serve_without_a_gpu_says_so_in_one_line_and_fails() {
+    if pipeswitch::cuda::driver_available() {
+        eprintln!("a CUDA driver is present: the daemon would start; skipped");
+        return;
+    }
+    let out = Command::new(cli().expect("the pipeswitch binary")).args(["serve", "--store", "nope"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("no CUDA driver") && err.contains("GPU"), "{err}");
+    let help = Command::new(cli().expect("the pipeswitch binary")).args(["serve", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("--store") && text.contains("SIGTERM") && text.contains("pipeswitch store create"), "{text}");
+}
