@@ -58,14 +58,14 @@
 
 #define PS_VERSION_MAJOR 0
 
-#define PS_VERSION_MINOR 1
+#define PS_VERSION_MINOR 2
 
 #define PS_VERSION_PATCH 0
 
 /**
  * major * 1000000 + minor * 1000 + patch.
  */
-#define PS_VERSION_NUMBER 1000
+#define PS_VERSION_NUMBER 2000
 
 /**
  * A device arena (owned, or imported from another process). Thread-safe.

@@ -180,7 +180,7 @@ fn header_compiles_as_cpp_and_matches_the_library() {
     let out = Command::new(&exe).output().expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("C++ OK: 0.1.0"), "{text}");
+    assert!(text.contains("C++ OK: 0.2.0"), "{text}");
 }
 
 #[test]

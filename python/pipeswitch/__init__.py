@@ -76,7 +76,7 @@ from .errors import (
     StoreFull,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The header's PS_* constants, as pipeswitch.PS_ERR_NOT_FOUND etc.
 globals().update(CONSTANTS)

@@ -6,10 +6,10 @@ use super::{boundary, out, ps_status};
 use crate::cuda::{driver_available, Device};
 
 pub const PS_VERSION_MAJOR: u32 = 0;
-pub const PS_VERSION_MINOR: u32 = 1;
+pub const PS_VERSION_MINOR: u32 = 2;
 pub const PS_VERSION_PATCH: u32 = 0;
 /// major * 1000000 + minor * 1000 + patch.
-pub const PS_VERSION_NUMBER: u32 = 1000;
+pub const PS_VERSION_NUMBER: u32 = 2000;
 
 const _: () = assert!(PS_VERSION_NUMBER == PS_VERSION_MAJOR * 1_000_000 + PS_VERSION_MINOR * 1000 + PS_VERSION_PATCH);
 
@@ -23,7 +23,7 @@ pub extern "C" fn ps_version_number() -> u32 {
 /// The library's version, "major.minor.patch" (static string).
 #[no_mangle]
 pub extern "C" fn ps_version_string() -> *const c_char {
-    c"0.1.0".as_ptr()
+    c"0.2.0".as_ptr()
 }
 
 /// 1 if a CUDA driver loads and initialises, else 0. Never fails.
