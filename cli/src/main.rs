@@ -84,6 +84,14 @@ enum Command {
         /// Standby workers kept ready.
         #[arg(long, default_value_t = 2)]
         standbys: usize,
+        /// Ablation: one worker serves every model, set up for each on the
+        /// critical path (no standby).
+        #[arg(long, conflicts_with = "process_per_task")]
+        single_worker: bool,
+        /// Ablation: a new worker process for every task (process start and
+        /// CUDA context on the critical path).
+        #[arg(long)]
+        process_per_task: bool,
         /// The worker command (default: this program's `worker`).
         #[arg(long, num_args = 1.., allow_hyphen_values = true)]
         worker_cmd: Option<Vec<String>>,
@@ -325,8 +333,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Serve { store, device, arena_size, residency_size, worker_region, standbys, worker_cmd, socket_dir, max_queue } => {
-            serve_cmd(store, device, arena_size, residency_size, worker_region, standbys, worker_cmd, socket_dir, max_queue)
+        Command::Serve { store, device, arena_size, residency_size, worker_region, standbys, single_worker, process_per_task, worker_cmd, socket_dir, max_queue } => {
+            let mode = (single_worker, process_per_task);
+            serve_cmd(store, device, arena_size, residency_size, worker_region, standbys, mode, worker_cmd, socket_dir, max_queue)
         }
         Command::Worker { socket } => {
             init_logging();
@@ -402,6 +411,7 @@ fn serve_cmd(
     residency_size: Option<u64>,
     worker_region: u64,
     standbys: usize,
+    (single_worker, process_per_task): (bool, bool),
     worker_cmd: Option<Vec<String>>,
     socket_dir: Option<PathBuf>,
     max_queue: usize,
@@ -433,7 +443,9 @@ fn serve_cmd(
         socket_dir: socket_dir.unwrap_or_else(pipeswitch::protocol::default_socket_dir),
         residency_bytes: residency,
         worker_region_bytes: worker_region,
-        standbys,
+        standbys: if single_worker || process_per_task { 0 } else { standbys },
+        single_worker,
+        process_per_task,
         worker_cmd,
         max_queue,
         hello_timeout: std::time::Duration::from_secs(5),

@@ -74,8 +74,18 @@ pub struct ServeConfig {
     pub residency_bytes: u64,
     /// Bytes of the arena each worker gets for its activations.
     pub worker_region_bytes: u64,
-    /// Standby workers kept ready.
+    /// Standby workers kept ready (the daemon starts them; workers that
+    /// connect on their own are used as well).
     pub standbys: usize,
+    /// One worker serves every model: it is taken off its model and set up
+    /// for the next one on the critical path (the paper's single-worker
+    /// ablation). Use with `standbys: 0`.
+    pub single_worker: bool,
+    /// A new worker process for every task, started when the task arrives
+    /// and ended after it (the paper's stop-and-start ablation of workers:
+    /// process start, CUDA context and set-up on the critical path). Use
+    /// with `standbys: 0`.
+    pub process_per_task: bool,
     /// The worker command (program and arguments). The daemon passes the
     /// socket in `PIPESWITCH_SOCKET`.
     pub worker_cmd: Vec<OsString>,
@@ -392,6 +402,8 @@ struct Controller {
     /// spin.
     failed_starts: u32,
     next_spawn: Instant,
+    /// Processes of retired workers, reaped once they exit.
+    exiting: Vec<Child>,
 }
 
 impl Controller {
@@ -418,6 +430,7 @@ impl Controller {
             stopping: false,
             failed_starts: 0,
             next_spawn: Instant::now(),
+            exiting: Vec::new(),
         })
     }
 
@@ -536,7 +549,10 @@ impl Controller {
             return;
         }
         let ready = self.workers.iter().filter(|w| matches!(w.state, WState::Starting | WState::Standby | WState::Leaving)).count();
-        for _ in ready..self.cfg.standbys {
+        // Without standbys one worker must still exist in the ablations: the
+        // single worker at once, a process per task once a request waits.
+        let need_one = self.workers.is_empty() && (self.cfg.single_worker || (self.cfg.process_per_task && !self.queue.is_empty()));
+        for _ in ready..self.cfg.standbys.max(usize::from(need_one)) {
             if let Err(e) = self.spawn_worker() {
                 tracing::error!("could not start a standby worker: {e}");
                 break;
@@ -564,6 +580,7 @@ impl Controller {
         for (i, why) in lost.into_iter().rev() {
             self.worker_lost(i, &why);
         }
+        self.exiting.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
         self.keep_standbys();
     }
 
@@ -619,6 +636,33 @@ impl Controller {
 
     #[allow(clippy::too_many_arguments)]
     fn task_done(&mut self, conn: ConnId, task_id: u64, status: u32, message: String, outputs: Vec<Tensor>, timing: Timing, file: Option<OwnedFd>) {
+        self.finish_task(conn, task_id, status, message, outputs, timing, file);
+        if self.cfg.process_per_task {
+            if let Some(i) = self.worker_index(conn) {
+                self.retire(i);
+            }
+        }
+    }
+
+    /// Ends a worker that did nothing wrong (a process per task): it is told
+    /// to leave, its region and its model go back, its process is reaped later.
+    fn retire(&mut self, i: usize) {
+        self.release_model(i);
+        let mut w = self.workers.remove(i);
+        if let Some(conn) = w.conn.take() {
+            self.send_to(conn, &Message::Shutdown, None);
+            self.conns.remove(&conn);
+        }
+        if let Some(c) = w.child.take() {
+            self.exiting.push(c);
+        }
+        if let Err(e) = self.space.release(w.region.0) {
+            tracing::error!("releasing worker region: {e}");
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_task(&mut self, conn: ConnId, task_id: u64, status: u32, message: String, outputs: Vec<Tensor>, timing: Timing, file: Option<OwnedFd>) {
         let Some(i) = self.worker_index(conn) else { return };
         let Some(run) = self.running.take_if(|r| r.task_id == task_id && r.worker == self.workers[i].id) else {
             tracing::warn!("worker {} finished task {task_id}, which it was not running", self.workers[i].id);
@@ -898,6 +942,10 @@ impl Controller {
                 let _ = c.kill();
                 let _ = c.wait();
             }
+        }
+        for mut c in self.exiting.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
         }
         tracing::info!("stopped");
     }

@@ -87,6 +87,8 @@ fn config(w: &World, residency: u64) -> ServeConfig {
         residency_bytes: residency,
         worker_region_bytes: MIB,
         standbys: 0,
+        single_worker: false,
+        process_per_task: false,
         worker_cmd: vec!["/bin/false".into()],
         max_queue: 64,
         hello_timeout: Duration::from_millis(500),
@@ -448,4 +450,55 @@ fn the_c_client_abi_talks_to_the_daemon() {
     assert_eq!(ps_client_get_stats(client, &mut st), PS_OK);
     assert_eq!((st.requests, st.failed, st.misses), (2, 1, 1));
     assert_eq!(ps_client_free(client), PS_OK);
+}
+
+/// A worker process for the ablation modes: the Python worker's protocol
+/// loop (`pipeswitch.worker.serve`) with a backend that echoes its inputs.
+const PY_ECHO_WORKER: &str = r#"
+import os, socket, sys
+sys.path.insert(0, sys.argv[1])
+import pipeswitch.worker as W
+class Echo:
+    def run(self, task, inputs):
+        return [(t.name, t.dtype, t.shape, b) for t, b in inputs], 0.0
+    def deactivate(self):
+        pass
+    def close(self):
+        pass
+s = socket.socket(socket.AF_UNIX)
+s.connect(os.environ["PIPESWITCH_SOCKET"])
+W.serve(s, lambda welcome: Echo(), kind="echo")
+"#;
+
+fn ablation(tag: &str, single_worker: bool, process_per_task: bool) -> pipeswitch::protocol::Stats {
+    let w = world(tag);
+    let mut cfg = config(&w, 3 * MIB);
+    cfg.single_worker = single_worker;
+    cfg.process_per_task = process_per_task;
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/../python");
+    cfg.worker_cmd = vec!["python3".into(), "-c".into(), PY_ECHO_WORKER.into(), python.into()];
+    let d = Daemon::start(cfg, Box::new(FakeGpu { moves: Moves::default() })).unwrap();
+    let mut c = Client::connect(d.socket(), Some(Duration::from_secs(30))).unwrap();
+    for (i, m) in ["a", "b", "a", "c"].iter().enumerate() {
+        infer(&mut c, m, i as u8).unwrap();
+    }
+    let st = c.stats().unwrap();
+    d.stop().unwrap();
+    st
+}
+
+#[test]
+fn one_worker_serves_every_model_in_the_single_worker_ablation() {
+    let st = ablation("single", true, false);
+    assert_eq!((st.requests, st.failed), (4, 0));
+    assert_eq!((st.workers_started, st.workers_lost), (1, 0), "{st:?}");
+    assert_eq!((st.hits, st.misses), (1, 3));
+}
+
+#[test]
+fn a_new_process_serves_each_task_in_the_process_per_task_ablation() {
+    let st = ablation("pertask", false, true);
+    assert_eq!((st.requests, st.failed), (4, 0));
+    assert_eq!((st.workers_started, st.workers_lost), (4, 0), "{st:?}");
+    assert_eq!((st.hits, st.misses), (1, 3), "residency is the daemon's: it outlives the processes");
 }

@@ -106,6 +106,8 @@ fn requests_through_the_daemon_match_the_cpu_reference() {
         residency_bytes: residency,
         worker_region_bytes: 64 << 20,
         standbys: 2,
+        single_worker: false,
+        process_per_task: false,
         worker_cmd: vec![exe().into_os_string(), "worker".into()],
         max_queue: 64,
         hello_timeout: Duration::from_secs(5),
