@@ -12,7 +12,7 @@ use pipeswitch::store::Store;
 use pipeswitch::planner::Costs;
 use pipeswitch::{measure, planner};
 
-use pipeswitch_cli::{bench, bench_gemm, bench_kernels, demo};
+use pipeswitch_cli::{bench, bench_gemm, bench_kernels, bench_serve, demo};
 
 #[derive(Parser)]
 #[command(name = "pipeswitch", version, about = "Millisecond GPU model switching: store, plan, switch, measure")]
@@ -206,6 +206,25 @@ enum BenchCmd {
         #[arg(long, default_value_t = 20)]
         reps: usize,
     },
+    /// The daemon's experiments with the reference models: switch latency
+    /// through the daemon vs in this process vs ready, the worker ablation
+    /// (standbys / one worker / a process per task), residency under a Zipf
+    /// mix, and a soak.
+    Serve {
+        #[arg(long, default_value_t = 0)]
+        device: i32,
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+        #[arg(long, default_value_t = 300)]
+        zipf_requests: usize,
+        #[arg(long, default_value_t = 1.1)]
+        zipf_s: f64,
+        #[arg(long, default_value_t = 10_000)]
+        soak_requests: usize,
+        /// Where to write the JSON (default: bench/results/serve-<card>.json).
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
 }
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
@@ -376,6 +395,33 @@ fn run(cli: Cli) -> Result<()> {
             let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?;
             std::fs::write(&path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
             println!("targets: {}", report.targets);
+            println!("wrote {}", path.display());
+            Ok(())
+        }
+        Command::Bench(BenchCmd::Serve { device, reps, zipf_requests, zipf_s, soak_requests, json_out }) => {
+            init_logging();
+            let workdir = std::env::temp_dir().join(format!("pipeswitch-bench-serve-{}", std::process::id()));
+            let opts = bench_serve::ServeBenchOptions {
+                device,
+                reps: reps.max(3),
+                zipf_requests,
+                zipf_s,
+                soak_requests,
+                exe: std::env::current_exe().map_err(|e| Error::io("locating this program", e))?,
+                workdir: workdir.clone(),
+            };
+            let report = bench_serve::run(&opts, &mut |line| eprintln!("{line}"));
+            let _ = std::fs::remove_dir_all(&workdir);
+            let report = report?;
+            for line in bench_serve::table(&report) {
+                println!("{line}");
+            }
+            let path = json_out.unwrap_or_else(|| PathBuf::from(format!("bench/results/serve-{}.json", bench::card_slug(&report.card))));
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            }
+            let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?;
+            std::fs::write(&path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
             println!("wrote {}", path.display());
             Ok(())
         }
