@@ -471,6 +471,26 @@ fn segments_of_another_owner_writable_by_others_or_symlinked_are_refused() {
     Store::destroy(name).unwrap();
 }
 
+#[test]
+fn a_model_id_counter_at_its_end_is_damage_not_a_panic() {
+    // Found by the segment_open fuzz target: the add computed id + 1 and
+    // panicked (debug builds) on a header whose next id is u64::MAX.
+    let name = "id-overflow";
+    let s = create(name, 1 << 20, 4);
+    let data = vec![bytes(1, 1000)];
+    s.add_model("first", &spec(&data), &mut |_, _| {}).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(seg_path(name)).unwrap();
+    file.write_all_at(&u64::MAX.to_le_bytes(), pipeswitch::store::layout::H_NEXT_ID as u64).unwrap();
+    let e = s.add_model("second", &spec(&data), &mut |_, _| {}).unwrap_err();
+    assert!(matches!(e, Error::CorruptStore(_)) && e.to_string().contains("next model id"), "{e}");
+    // Nothing stored was lost, and the failed add left nothing behind.
+    assert_eq!(s.models().unwrap().len(), 1);
+    let m = s.model("first").unwrap();
+    assert_eq!(s.model_bytes(&m).unwrap(), stored_bytes(&data));
+    drop(s);
+    Store::destroy(name).unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // Leases: in this process, across processes, for bound programs
 // ---------------------------------------------------------------------------

@@ -740,6 +740,10 @@ impl Store {
             ))
         })?;
         let id = sh.read_u64(layout::H_NEXT_ID)?;
+        // Ids are never reused; a counter at its end is a damaged header.
+        let next_id = id.checked_add(1).ok_or_else(|| {
+            Error::corrupt(format!("store {:?}: the next model id {id} cannot grow (damaged header)", sh.name))
+        })?;
         if !shm::ofd_lock(&sh.lock_file, writer_byte(slot), LockKind::Exclusive)? {
             return Err(Error::InvalidState(format!(
                 "store {:?}: the writer lock of free slot {slot} is held by another process",
@@ -762,7 +766,7 @@ impl Store {
         };
         let written = sh
             .seg
-            .write(layout::H_NEXT_ID as u64, &(id + 1).to_le_bytes())
+            .write(layout::H_NEXT_ID as u64, &next_id.to_le_bytes())
             .and_then(|()| sh.write_entry(slot, Some(&entry)));
         if let Err(e) = written {
             let _ = shm::ofd_lock(&sh.lock_file, writer_byte(slot), LockKind::Unlock);
