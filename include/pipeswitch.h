@@ -285,6 +285,23 @@ typedef struct ps_store_usage {
 #define PS_ERR_PTX 600
 
 /**
+ * A message from a daemon, worker or client is malformed, too large, or of
+ * another protocol version.
+ */
+#define PS_ERR_PROTOCOL 700
+
+/**
+ * The peer (daemon, worker or client) went away or did not answer in time.
+ */
+#define PS_ERR_DISCONNECTED 701
+
+/**
+ * The daemon refused the connection or the request (another user, a second
+ * daemon on the same GPU, a full queue).
+ */
+#define PS_ERR_REFUSED 702
+
+/**
  * A bug inside the library was caught at the boundary (a Rust panic).
  */
 #define PS_ERR_PANIC 900

@@ -21,14 +21,27 @@ for t in .gpu/deps/*; do
   tail -n 3 "$log" | grep "test result" || true
 done
 if [ "${SANITIZE:-1}" = 1 ]; then
-  echo "=== compute-sanitizer memcheck: gpu tests" | tee -a "$log"
-  compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/deps/gpu --ignored --test-threads=1 \
-    --skip ipc --skip worker --skip dies --skip error_paths >"$OUT/memcheck.log" 2>&1
-  echo "memcheck rc=$?" | tee -a "$log"; tail -n 5 "$OUT/memcheck.log" | tee -a "$log"
-  echo "=== compute-sanitizer memcheck: worker (every kernel through the small models)" | tee -a "$log"
-  compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/deps/worker_gpu --ignored --test-threads=1 \
-    --skip full_size >"$OUT/memcheck-worker.log" 2>&1
-  echo "memcheck rc=$?" | tee -a "$log"; tail -n 5 "$OUT/memcheck-worker.log" | tee -a "$log"
+  # memcheck, racecheck (shared-memory hazards in our kernels) and synccheck
+  # (barrier misuse) on every test binary that runs kernels or switches; the
+  # full-size and timing-only tests are skipped (same kernels, larger inputs).
+  # A test binary's own failure or a sanitizer error both count.
+  sanitize() {
+    local tool=$1 name=$2; shift 2
+    local slog="$OUT/$tool-$name.log"
+    echo "=== compute-sanitizer $tool: $name $*" | tee -a "$log"
+    compute-sanitizer --tool "$tool" --error-exitcode 9 ".gpu/deps/$name" --ignored --test-threads=1 "$@" >"$slog" 2>&1
+    local rc=$?
+    echo "$tool $name rc=$rc" | tee -a "$log"
+    grep -E "test result|ERROR SUMMARY|RACECHECK SUMMARY" "$slog" | tail -n 3 | tee -a "$log"
+    [ $rc = 0 ] || fail=1
+  }
+  for tool in ${SANITIZERS:-memcheck racecheck synccheck}; do
+    sanitize "$tool" gpu --skip ipc --skip worker --skip dies --skip error_paths --skip measured
+    sanitize "$tool" worker_gpu --skip full_size
+    sanitize "$tool" kernels_misc
+    sanitize "$tool" kernels_conv --skip resnet
+    sanitize "$tool" kernels_gemm
+  done
 fi
 if [ "${DEMO:-1}" = 1 ]; then
   echo "=== pipeswitch demo" | tee -a "$log"

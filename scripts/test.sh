@@ -11,6 +11,14 @@ if [ -d python/tests ]; then
   cargo build --release --lib
   PIPESWITCH_LIB="$PWD/target/release/libpipeswitch.so" python3 -m pytest python/tests -q
 fi
+# Packaging: scripts/install.sh into a temporary prefix, the C examples built
+# from it with pkg-config (shared and static) and run; the C ABI against its
+# record (abi/pipeswitch.abi); the wheel (pip wheel ./python) in a fresh venv
+# without cargo, running python/tests.
+scripts/check-install.sh
+python3 scripts/abi.py check
+python3 -m pytest scripts/tests -q -p no:cacheprovider
+scripts/check-wheel.sh
 # The experiments' figure and bookkeeping code (standard library only).
 python3 -m pytest bench/paper -q
 # kernels/gemm.ptx is expanded by its generator: the two must agree.

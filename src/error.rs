@@ -59,6 +59,13 @@ pub enum Error {
     #[error(transparent)]
     Plan(#[from] PlanError),
 
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("disconnected: {0}")]
+    Disconnected(String),
+    #[error("refused: {0}")]
+    Refused(String),
+
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -4,6 +4,8 @@
 //! - [`store`]: the pinned host model store in shared memory;
 //! - [`arena`]: the device arena (one allocation per GPU, CUDA IPC export);
 //! - [`planner`]: the optimal layer grouping;
+//! - [`protocol`]: the messages between the daemon, its workers and clients;
+//! - [`residency`]: which models stay in an arena between uses, and where;
 //! - [`switch`]: pipelined transfer with one event per group;
 //! - [`worker`]: runs a model graph from the arena as its groups arrive;
 //! - [`kernels`] and [`model`]: hand-written PTX layers, model graphs;
@@ -22,6 +24,8 @@ pub mod kernels;
 pub mod measure;
 pub mod model;
 pub mod planner;
+pub mod protocol;
+pub mod residency;
 pub mod store;
 pub mod switch;
 pub mod worker;

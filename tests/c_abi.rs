@@ -40,6 +40,15 @@ fn out_dir() -> PathBuf {
 fn compile(compiler: &str, std: &str, src: &str, out: &str, extra: &[&str]) -> PathBuf {
     let lib = lib_dir();
     assert!(lib.join("libpipeswitch.so").exists(), "libpipeswitch.so not built in {}: run `cargo build --lib` first (scripts/test.sh does)", lib.display());
+    // The library's SONAME (build.rs) is what the linked program asks the
+    // loader for; cargo names the file libpipeswitch.so only, so give the
+    // SONAME a link next to it (scripts/install.sh makes the same link).
+    let soname = lib.join(concat!("libpipeswitch.so.", env!("CARGO_PKG_VERSION_MAJOR")));
+    if std::fs::symlink_metadata(&soname).is_err() {
+        std::os::unix::fs::symlink("libpipeswitch.so", &soname)
+            .or_else(|e| if soname.exists() { Ok(()) } else { Err(e) }) // another test thread made it
+            .unwrap_or_else(|e| panic!("linking {}: {e}", soname.display()));
+    }
     let exe = out_dir().join(out);
     let status = Command::new(compiler)
         .args([std, "-Wall", "-Wextra", "-Werror", "-pedantic", "-g"])

@@ -1818,6 +1818,9 @@ fn status_strings() {
         PS_ERR_STORE_VERSION,
         PS_ERR_SAFETENSORS,
         PS_ERR_PTX,
+        PS_ERR_PROTOCOL,
+        PS_ERR_DISCONNECTED,
+        PS_ERR_REFUSED,
         PS_ERR_PANIC,
         PS_ERR_INTERNAL,
     ];

@@ -61,6 +61,9 @@ from .errors import (
     OsError,
     PipeSwitchError,
     PtxError,
+    ProtocolError,
+    Disconnected,
+    Refused,
     StateError,
     StoreFull,
 )
@@ -78,6 +81,7 @@ __all__ = [
     "dtype_code", "dtype_name", "DTYPE_NAMES", "lib", "library_path", "CONSTANTS",
     "PipeSwitchError", "ArgumentError", "InvalidHandle", "StateError", "NotFound",
     "AlreadyExists", "StoreFull", "ArenaFull", "CudaError", "NoDriver", "NoDevice",
-    "CudaOutOfMemory", "OsError", "FormatError", "PtxError", "InternalError",
+    "CudaOutOfMemory", "OsError", "FormatError", "PtxError", "ProtocolError", "Disconnected", "Refused",
+    "InternalError",
     "LibraryNotFound", "LibraryVersionMismatch",
 ] + sorted(CONSTANTS)

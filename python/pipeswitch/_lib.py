@@ -11,8 +11,8 @@ never needs a status check.
 The library is found, on first use (:func:`lib`), in this order:
 
 1. the environment variable ``PIPESWITCH_LIB`` (a path to the ``.so``);
-2. ``libpipeswitch.so`` inside this package's directory (copy it there before
-   ``pip install ./python``, or into the installed package afterwards);
+2. ``libpipeswitch.so`` inside this package's directory (``pip install
+   ./python`` and the wheel put it there: ``python/setup.py`` builds it);
 3. ``target/release/libpipeswitch.so`` of the repository that holds this
    package's source (for ``pip install -e ./python`` or a source checkout);
 4. ``ctypes.util.find_library("pipeswitch")`` (the system's search path).
@@ -88,6 +88,9 @@ PS_ERR_CORRUPT_STORE = 500
 PS_ERR_STORE_VERSION = 501
 PS_ERR_SAFETENSORS = 502
 PS_ERR_PTX = 600
+PS_ERR_PROTOCOL = 700
+PS_ERR_DISCONNECTED = 701
+PS_ERR_REFUSED = 702
 PS_ERR_PANIC = 900
 PS_ERR_INTERNAL = 901
 
@@ -382,8 +385,9 @@ def _load():
                    PS_VERSION_MAJOR, PS_VERSION_MINOR, PS_VERSION_NUMBER))
         return cdll, path
     raise errors.LibraryNotFound(
-        "libpipeswitch.so was not found. Build it (cargo build --release --lib) and either set "
-        "%s=/path/to/libpipeswitch.so, or copy it into the package directory (%s). Tried:\n  %s"
+        "libpipeswitch.so was not found. Install the package with `pip install ./python` (it builds "
+        "and bundles the library), or build it (cargo build --release --lib) and set "
+        "%s=/path/to/libpipeswitch.so (package directory: %s). Tried:\n  %s"
         % (ENV_VAR, _PACKAGE_DIR, "\n  ".join(tried)))
 
 

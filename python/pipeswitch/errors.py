@@ -101,6 +101,19 @@ class PtxError(PipeSwitchError):
     """6xx: a PTX module failed to load or lacks a kernel."""
 
 
+class ProtocolError(PipeSwitchError):
+    """7xx: talking to the daemon failed: a malformed message, a peer that went
+    away, or a refusal."""
+
+
+class Disconnected(ProtocolError):
+    """701: the daemon, worker or client went away or did not answer."""
+
+
+class Refused(ProtocolError):
+    """702: the daemon refused the connection or the request."""
+
+
 class InternalError(PipeSwitchError):
     """9xx: a bug inside the library (a caught panic or a failed invariant)."""
 
@@ -114,6 +127,8 @@ _EXACT = {
     300: NoDriver,
     301: NoDevice,
     303: CudaOutOfMemory,
+    701: Disconnected,
+    702: Refused,
 }
 
 _CATEGORY = {
@@ -123,6 +138,7 @@ _CATEGORY = {
     4: OsError,
     5: FormatError,
     6: PtxError,
+    7: ProtocolError,
     9: InternalError,
 }
 

@@ -136,6 +136,8 @@ def test_status_codes_map_to_exception_classes():
         ps.PS_ERR_CUDA_OUT_OF_MEMORY: ps.CudaOutOfMemory, ps.PS_ERR_IO: ps.OsError, ps.PS_ERR_OS: ps.OsError,
         ps.PS_ERR_CORRUPT_STORE: ps.FormatError, ps.PS_ERR_STORE_VERSION: ps.FormatError,
         ps.PS_ERR_SAFETENSORS: ps.FormatError, ps.PS_ERR_PTX: ps.PtxError,
+        ps.PS_ERR_PROTOCOL: ps.ProtocolError, ps.PS_ERR_DISCONNECTED: ps.Disconnected,
+        ps.PS_ERR_REFUSED: ps.Refused,
         ps.PS_ERR_PANIC: ps.InternalError, ps.PS_ERR_INTERNAL: ps.InternalError,
     }
     assert set(expected) == set(_lib.STATUS_NAMES) - {ps.PS_OK}

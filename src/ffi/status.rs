@@ -54,6 +54,15 @@ pub const PS_ERR_SAFETENSORS: ps_status = 502;
 /// A PTX module failed to load or lacks a kernel.
 pub const PS_ERR_PTX: ps_status = 600;
 
+/// A message from a daemon, worker or client is malformed, too large, or of
+/// another protocol version.
+pub const PS_ERR_PROTOCOL: ps_status = 700;
+/// The peer (daemon, worker or client) went away or did not answer in time.
+pub const PS_ERR_DISCONNECTED: ps_status = 701;
+/// The daemon refused the connection or the request (another user, a second
+/// daemon on the same GPU, a full queue).
+pub const PS_ERR_REFUSED: ps_status = 702;
+
 /// A bug inside the library was caught at the boundary (a Rust panic).
 pub const PS_ERR_PANIC: ps_status = 900;
 /// An internal invariant failed.
@@ -80,6 +89,9 @@ pub(crate) fn status_of(e: &Error) -> ps_status {
         Error::StoreVersion { .. } => PS_ERR_STORE_VERSION,
         Error::Safetensors { .. } => PS_ERR_SAFETENSORS,
         Error::Ptx { .. } => PS_ERR_PTX,
+        Error::Protocol(_) => PS_ERR_PROTOCOL,
+        Error::Disconnected(_) => PS_ERR_DISCONNECTED,
+        Error::Refused(_) => PS_ERR_REFUSED,
         Error::Internal(_) => PS_ERR_INTERNAL,
     }
 }
@@ -107,6 +119,9 @@ pub(crate) fn status_str(s: ps_status) -> &'static std::ffi::CStr {
         PS_ERR_STORE_VERSION => c"unsupported store layout version",
         PS_ERR_SAFETENSORS => c"invalid safetensors file",
         PS_ERR_PTX => c"PTX module error",
+        PS_ERR_PROTOCOL => c"malformed or unsupported protocol message",
+        PS_ERR_DISCONNECTED => c"the peer went away",
+        PS_ERR_REFUSED => c"refused by the daemon",
         PS_ERR_PANIC => c"internal panic caught at the library boundary",
         PS_ERR_INTERNAL => c"internal error",
         _ => c"unknown status code",

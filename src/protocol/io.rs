@@ -1,0 +1,184 @@
+//! Frames over a Unix stream socket, with at most one file passed beside a
+//! frame (`SCM_RIGHTS`), and tensors packed into and read from such a file.
+//!
+//! Writes use `MSG_NOSIGNAL`: a peer that went away gives an error, never a
+//! SIGPIPE that would kill a C program linking the library.
+
+use std::io::{IoSlice, IoSliceMut, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use nix::errno::Errno;
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+use super::{decode_frame, encode_frame, Header, Message, Tensor, TensorData, HEADER_BYTES, INLINE_LIMIT};
+use crate::error::{Error, Result};
+
+fn send_all(sock: RawFd, mut bytes: &[u8], mut fd: Option<RawFd>) -> Result<()> {
+    while !bytes.is_empty() || fd.is_some() {
+        let iov = [IoSlice::new(bytes)];
+        let raw;
+        let cmsgs: Vec<ControlMessage<'_>> = match fd {
+            Some(f) => {
+                raw = [f];
+                vec![ControlMessage::ScmRights(&raw)]
+            }
+            None => Vec::new(),
+        };
+        match sendmsg::<()>(sock, &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) => {
+                bytes = &bytes[n..];
+                fd = None;
+            }
+            Err(Errno::EINTR) => {}
+            Err(Errno::EPIPE | Errno::ECONNRESET) => return Err(Error::Disconnected("the peer closed the connection".into())),
+            Err(e) => return Err(Error::os("sending a frame", e)),
+        }
+    }
+    Ok(())
+}
+
+/// Sends `msg`, with `file` beside it if given.
+pub fn send(stream: &UnixStream, msg: &Message, file: Option<BorrowedFd<'_>>) -> Result<()> {
+    let frame = encode_frame(msg, u32::from(file.is_some()))?;
+    send_all(stream.as_raw_fd(), &frame, file.map(|f| f.as_raw_fd()))
+}
+
+/// Receives one frame. `Ok(None)`: the peer closed the connection between
+/// frames. A frame cut short, a bad header or body, or a file where none was
+/// announced (or none where one was) are protocol errors.
+pub fn recv(stream: &UnixStream) -> Result<Option<(Message, Option<OwnedFd>)>> {
+    let mut head = [0u8; HEADER_BYTES];
+    let mut cmsg = nix::cmsg_space!([RawFd; 2]);
+    let (got, file) = loop {
+        let mut iov = [IoSliceMut::new(&mut head)];
+        match recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(msg) => {
+                let mut file = None;
+                let mut extra = 0;
+                for c in msg.cmsgs().map_err(|e| Error::os("reading a frame's control data", e))? {
+                    if let ControlMessageOwned::ScmRights(fds) = c {
+                        for fd in fds {
+                            // SAFETY: the kernel just installed this descriptor for us.
+                            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                            if file.is_none() {
+                                file = Some(owned);
+                            } else {
+                                extra += 1;
+                            }
+                        }
+                    }
+                }
+                if extra > 0 || msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+                    return Err(Error::Protocol("a frame came with more than one file".into()));
+                }
+                break (msg.bytes, file);
+            }
+            Err(Errno::EINTR) => {}
+            Err(Errno::ECONNRESET) => return Err(Error::Disconnected("the peer reset the connection".into())),
+            Err(Errno::EAGAIN) => return Err(Error::Disconnected("timed out waiting for the peer".into())),
+            Err(e) => return Err(Error::os("receiving a frame", e)),
+        }
+    };
+    if got == 0 {
+        return Ok(None);
+    }
+    read_exact(stream, &mut head[got..])?;
+    let h = Header::decode(&head)?;
+    match (h.fds, &file) {
+        (0, Some(_)) => return Err(Error::Protocol("a file came with a frame that announced none".into())),
+        (1, None) => return Err(Error::Protocol("a frame announced a file that did not come".into())),
+        _ => {}
+    }
+    let mut frame = head.to_vec();
+    frame.resize(HEADER_BYTES + h.body_len as usize, 0);
+    read_exact(stream, &mut frame[HEADER_BYTES..])?;
+    let (_, msg) = decode_frame(&frame)?;
+    Ok(Some((msg, file)))
+}
+
+fn read_exact(mut stream: &UnixStream, buf: &mut [u8]) -> Result<()> {
+    stream.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Error::Protocol("the connection closed in the middle of a frame".into()),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            Error::Disconnected("timed out in the middle of a frame".into())
+        }
+        _ => Error::io("reading a frame", e),
+    })
+}
+
+/// A tensor to send: name, dtype code, shape and bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorRef<'a> {
+    pub name: &'a str,
+    pub dtype: u32,
+    pub shape: &'a [u64],
+    pub data: &'a [u8],
+}
+
+/// Packs tensors for a message: small ones inline, the rest into one new
+/// shared-memory file (returned, to pass with the frame).
+pub fn pack_tensors(tensors: &[TensorRef<'_>]) -> Result<(Vec<Tensor>, Option<OwnedFd>)> {
+    let shared: u64 = tensors.iter().filter(|t| t.data.len() > INLINE_LIMIT).map(|t| t.data.len() as u64).sum();
+    let mut file = if shared > 0 {
+        let fd = nix::sys::memfd::memfd_create(c"pipeswitch-tensors", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(|e| Error::os("memfd_create for request tensors", e))?;
+        Some(std::fs::File::from(fd))
+    } else {
+        None
+    };
+    let mut out = Vec::with_capacity(tensors.len());
+    let mut offset = 0u64;
+    for t in tensors {
+        let data = if t.data.len() > INLINE_LIMIT {
+            let f = file.as_mut().expect("created above");
+            std::os::unix::fs::FileExt::write_all_at(f, t.data, offset)
+                .map_err(|e| Error::io(format!("writing tensor {:?} to shared memory", t.name), e))?;
+            let d = TensorData::Shared { offset, bytes: t.data.len() as u64 };
+            offset += t.data.len() as u64;
+            d
+        } else {
+            TensorData::Inline(t.data.to_vec())
+        };
+        out.push(Tensor { name: t.name.to_string(), dtype: t.dtype, shape: t.shape.to_vec(), data });
+    }
+    Ok((out, file.map(OwnedFd::from)))
+}
+
+/// The tensors of a received message with their bytes: inline ones as they
+/// came, shared ones read from the file passed with the frame (each range
+/// checked against the file's size).
+pub fn unpack_tensors(tensors: Vec<Tensor>, file: Option<&OwnedFd>) -> Result<Vec<(Tensor, Vec<u8>)>> {
+    let size = match file {
+        Some(f) => {
+            let st = nix::sys::stat::fstat(f.as_fd().as_raw_fd()).map_err(|e| Error::os("fstat of a tensor file", e))?;
+            Some(st.st_size as u64)
+        }
+        None => None,
+    };
+    tensors
+        .into_iter()
+        .map(|t| {
+            let bytes = match &t.data {
+                TensorData::Inline(b) => b.clone(),
+                TensorData::Shared { offset, bytes } => {
+                    let (Some(f), Some(size)) = (file, size) else {
+                        return Err(Error::Protocol(format!("tensor {:?} is in a file that did not come", t.name)));
+                    };
+                    if offset.checked_add(*bytes).is_none_or(|e| e > size) {
+                        return Err(Error::Protocol(format!(
+                            "tensor {:?} claims [{offset}, +{bytes}) of a {size}-byte file",
+                            t.name
+                        )));
+                    }
+                    let mut buf = vec![0u8; *bytes as usize];
+                    let file = std::fs::File::from(f.try_clone().map_err(|e| Error::io("duplicating a tensor file", e))?);
+                    std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, *offset)
+                        .map_err(|e| Error::io(format!("reading tensor {:?}", t.name), e))?;
+                    buf
+                }
+            };
+            Ok((t, bytes))
+        })
+        .collect()
+}

@@ -1,0 +1,217 @@
+//! The daemon protocol without a GPU: every message round-trips, damaged and
+//! hostile frames are refused with errors (never a panic or a huge
+//! allocation), and frames cross a real socket pair with tensor files.
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+
+use pipeswitch::error::Error;
+use pipeswitch::protocol::io::{pack_tensors, recv, send, unpack_tensors, TensorRef};
+use pipeswitch::protocol::{
+    decode_frame, encode_frame, Header, Message, Role, Stats, Task, TaskKind, Tensor, TensorData, Timing, HEADER_BYTES,
+    INLINE_LIMIT, MAX_BODY, VERSION,
+};
+
+fn tensor(name: &str, n: usize) -> Tensor {
+    Tensor { name: name.into(), dtype: 11, shape: vec![1, n as u64 / 4], data: TensorData::Inline((0..n).map(|i| i as u8).collect()) }
+}
+
+fn every_message() -> Vec<Message> {
+    let timing = Timing { queued_ms: 0.5, activation_ms: 0.25, worker_ms: 9.75, total_ms: 10.5 };
+    vec![
+        Message::Hello { role: Role::Client, pid: 42, worker_kind: String::new() },
+        Message::Hello { role: Role::Worker, pid: 7, worker_kind: "builtin".into() },
+        Message::Welcome {
+            daemon_pid: 1,
+            device: 0,
+            store: "models".into(),
+            worker_id: 3,
+            arena_handle: vec![9; 128],
+            activation_offset: 1 << 30,
+            activation_bytes: 64 << 20,
+        },
+        Message::Welcome {
+            daemon_pid: 1,
+            device: 0,
+            store: "s".into(),
+            worker_id: 0,
+            arena_handle: vec![],
+            activation_offset: 0,
+            activation_bytes: 0,
+        },
+        Message::Error { request_id: 5, status: 200, message: "no model named \"x\"".into() },
+        Message::Infer { request_id: 9, model: "bert".into(), inputs: vec![tensor("input_ids", 64), tensor("mask", 0)] },
+        Message::Infer {
+            request_id: 10,
+            model: "gpt2".into(),
+            inputs: vec![Tensor { name: "big".into(), dtype: 9, shape: vec![8, 1024], data: TensorData::Shared { offset: 4096, bytes: 32768 } }],
+        },
+        Message::InferResult { request_id: 9, outputs: vec![tensor("out", 128)], timing },
+        Message::Standby { worker_id: 3 },
+        Message::Activate(Task {
+            task_id: 77,
+            kind: TaskKind::Inference,
+            model: "resnet152".into(),
+            model_id: 12,
+            region_offset: 256 << 20,
+            resident: false,
+            plan: vec![0, 4, 40, 150],
+            inputs: vec![tensor("images", 16)],
+        }),
+        Message::TaskDone { task_id: 77, status: 0, message: String::new(), outputs: vec![tensor("logits", 40)], timing },
+        Message::TaskDone { task_id: 78, status: 302, message: "CUDA error".into(), outputs: vec![], timing: Timing::default() },
+        Message::StatsRequest,
+        Message::StatsReply(Stats {
+            requests: 10,
+            failed: 1,
+            hits: 6,
+            misses: 4,
+            evictions: 2,
+            bytes_copied: 1 << 30,
+            workers: 3,
+            standbys: 2,
+            workers_started: 4,
+            workers_lost: 1,
+        }),
+        Message::Shutdown,
+    ]
+}
+
+#[test]
+fn every_message_round_trips() {
+    for m in every_message() {
+        let frame = encode_frame(&m, 0).unwrap();
+        let (h, back) = decode_frame(&frame).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(h.kind, m.kind());
+        assert_eq!(h.body_len as usize, frame.len() - HEADER_BYTES);
+    }
+}
+
+#[test]
+fn every_truncation_and_extension_is_an_error() {
+    for m in every_message() {
+        let frame = encode_frame(&m, 0).unwrap();
+        let body = &frame[HEADER_BYTES..];
+        for cut in 0..body.len() {
+            let r = Message::decode_body(m.kind(), &body[..cut]);
+            assert!(matches!(r, Err(Error::Protocol(_))), "{m:?} cut at {cut}: {r:?}");
+        }
+        let mut longer = body.to_vec();
+        longer.push(0);
+        assert!(matches!(Message::decode_body(m.kind(), &longer), Err(Error::Protocol(_))));
+        // The frame's announced length must match.
+        assert!(decode_frame(&frame[..frame.len() - 1]).is_err() || body.is_empty());
+    }
+}
+
+#[test]
+fn hostile_headers_and_lengths_are_refused() {
+    let ok = Header { kind: 4, body_len: 10, fds: 0 }.encode();
+    let mut bad = ok;
+    bad[0] = b'X';
+    assert!(Header::decode(&bad).unwrap_err().to_string().contains("magic"));
+    let mut bad = ok;
+    bad[4..6].copy_from_slice(&(VERSION + 1).to_le_bytes());
+    let e = Header::decode(&bad).unwrap_err().to_string();
+    assert!(e.contains(&format!("version {}", VERSION + 1)) && e.contains(&format!("version {VERSION}")), "{e}");
+    let mut bad = ok;
+    bad[8..12].copy_from_slice(&(MAX_BODY as u32 + 1).to_le_bytes());
+    assert!(Header::decode(&bad).unwrap_err().to_string().contains("exceeds"));
+    let mut bad = ok;
+    bad[12..16].copy_from_slice(&2u32.to_le_bytes());
+    assert!(Header::decode(&bad).is_err());
+    assert!(Message::decode_body(999, &[]).unwrap_err().to_string().contains("unknown message kind"));
+    // A list that claims 2^32-1 tensors in a 20-byte body.
+    let mut body = 9u64.to_le_bytes().to_vec();
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.push(b'm');
+    body.extend_from_slice(&u32::MAX.to_le_bytes());
+    let e = Message::decode_body(4, &body).unwrap_err().to_string();
+    assert!(e.contains("do not fit"), "{e}");
+    // A string that claims more bytes than the body has.
+    let mut body = 9u64.to_le_bytes().to_vec();
+    body.extend_from_slice(&(1u32 << 30).to_le_bytes());
+    assert!(Message::decode_body(4, &body).is_err());
+    // Too many dimensions, bad booleans, bad roles, shared ranges that overflow.
+    let mut t = tensor("x", 4);
+    t.shape = vec![1; 9];
+    let f = encode_frame(&Message::Infer { request_id: 1, model: "m".into(), inputs: vec![t] }, 0).unwrap();
+    assert!(decode_frame(&f).unwrap_err().to_string().contains("dimensions"));
+    let t = Tensor { name: "x".into(), dtype: 1, shape: vec![], data: TensorData::Shared { offset: u64::MAX, bytes: 2 } };
+    let f = encode_frame(&Message::Infer { request_id: 1, model: "m".into(), inputs: vec![t] }, 0).unwrap();
+    assert!(decode_frame(&f).is_err());
+    let mut f = encode_frame(&Message::Hello { role: Role::Client, pid: 1, worker_kind: String::new() }, 0).unwrap();
+    f[HEADER_BYTES] = 9;
+    assert!(decode_frame(&f).unwrap_err().to_string().contains("role"));
+    // A message too large to send inline is refused before sending.
+    let huge = Message::Infer { request_id: 1, model: "m".into(), inputs: vec![tensor("x", MAX_BODY)] };
+    assert!(matches!(encode_frame(&huge, 0), Err(Error::InvalidArgument(_))));
+}
+
+#[test]
+fn frames_and_tensor_files_cross_a_socket() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let small: Vec<u8> = (0..100u8).collect();
+    let large: Vec<u8> = (0..(3 * INLINE_LIMIT + 5)).map(|i| (i * 7 % 251) as u8).collect();
+    let large2: Vec<u8> = (0..(INLINE_LIMIT + 1)).map(|i| (i % 13) as u8).collect();
+    let refs = [
+        TensorRef { name: "small", dtype: 1, shape: &[100], data: &small },
+        TensorRef { name: "large", dtype: 1, shape: &[large.len() as u64], data: &large },
+        TensorRef { name: "large2", dtype: 1, shape: &[large2.len() as u64], data: &large2 },
+    ];
+    let (tensors, file) = pack_tensors(&refs).unwrap();
+    assert!(matches!(tensors[0].data, TensorData::Inline(_)));
+    assert!(matches!(tensors[1].data, TensorData::Shared { .. }));
+    let msg = Message::Infer { request_id: 3, model: "m".into(), inputs: tensors };
+    send(&a, &msg, file.as_ref().map(|f| f.as_fd())).unwrap();
+    drop(file);
+    send(&a, &Message::StatsRequest, None).unwrap();
+    let (got, file) = recv(&b).unwrap().unwrap();
+    assert!(file.is_some());
+    let Message::Infer { inputs, .. } = got else { panic!("{got:?}") };
+    let unpacked = unpack_tensors(inputs, file.as_ref()).unwrap();
+    assert_eq!(unpacked[0].1, small);
+    assert_eq!(unpacked[1].1, large);
+    assert_eq!(unpacked[2].1, large2);
+    let (got, file) = recv(&b).unwrap().unwrap();
+    assert_eq!(got, Message::StatsRequest);
+    assert!(file.is_none());
+    // A clean close between frames is None; in the middle of one, an error.
+    drop(a);
+    assert!(recv(&b).unwrap().is_none());
+    let (mut a, b) = UnixStream::pair().unwrap();
+    let frame = encode_frame(&Message::Standby { worker_id: 1 }, 0).unwrap();
+    a.write_all(&frame[..frame.len() - 2]).unwrap();
+    drop(a);
+    assert!(matches!(recv(&b), Err(Error::Protocol(_))));
+    // Sending to a peer that left is an error, not SIGPIPE.
+    let (a, b) = UnixStream::pair().unwrap();
+    drop(b);
+    assert!(matches!(send(&a, &Message::Shutdown, None), Err(Error::Disconnected(_))));
+}
+
+#[test]
+fn files_must_match_what_the_frame_announces() {
+    // Announced, not sent.
+    let (mut a, b) = UnixStream::pair().unwrap();
+    a.write_all(&encode_frame(&Message::Shutdown, 1).unwrap()).unwrap();
+    assert!(recv(&b).unwrap_err().to_string().contains("did not come"));
+    // Sent, not announced: the raw frame says 0 files.
+    let (a, b) = UnixStream::pair().unwrap();
+    let (_, file) = pack_tensors(&[TensorRef { name: "x", dtype: 1, shape: &[], data: &vec![1u8; INLINE_LIMIT + 1] }]).unwrap();
+    let frame = encode_frame(&Message::Shutdown, 0).unwrap();
+    {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::io::IoSlice;
+        use std::os::fd::AsRawFd;
+        let fds = [file.as_ref().unwrap().as_raw_fd()];
+        sendmsg::<()>(a.as_raw_fd(), &[IoSlice::new(&frame)], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None).unwrap();
+    }
+    assert!(recv(&b).unwrap_err().to_string().contains("announced none"));
+    // Tensor ranges beyond the file.
+    let t = Tensor { name: "x".into(), dtype: 1, shape: vec![], data: TensorData::Shared { offset: 0, bytes: (INLINE_LIMIT + 2) as u64 } };
+    assert!(unpack_tensors(vec![t.clone()], file.as_ref()).unwrap_err().to_string().contains("claims"));
+    assert!(unpack_tensors(vec![t], None).unwrap_err().to_string().contains("did not come"));
+}
