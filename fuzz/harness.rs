@@ -629,6 +629,85 @@ fn splitmix(state: &mut u64) -> u64 {
 }
 
 // ---------------------------------------------------------------------------
+// Target 5: the daemon's messages
+// ---------------------------------------------------------------------------
+
+/// Bytes of the tensor file that `daemon_message` passes with a frame.
+const TENSOR_FILE_BYTES: usize = 4096;
+
+/// The bytes as a frame (`protocol::decode_frame`), and bytes 2.. as the
+/// body of the kind in bytes 0..2 (`Message::decode_body`). A message that
+/// decodes encodes back to exactly the same bytes (one encoding per
+/// message); its tensors unpack against a 4 KiB tensor file to their
+/// inline bytes or their range of the file, or are refused cleanly.
+pub fn daemon_message(data: &[u8]) {
+    use pipeswitch::protocol::{decode_frame, encode_frame, Message};
+    match decode_frame(data) {
+        Ok((h, m)) => {
+            assert_eq!(encode_frame(&m, h.fds).expect("encoding a decoded message"), data, "{m:?} encodes differently");
+            unpack(m);
+        }
+        Err(e) => clean(&e),
+    }
+    if data.len() >= 2 {
+        let kind = u16::from_le_bytes([data[0], data[1]]);
+        match Message::decode_body(kind, &data[2..]) {
+            Ok(m) => {
+                assert_eq!(m.kind(), kind);
+                assert_eq!(m.encode_body(), &data[2..], "{m:?} encodes differently");
+                unpack(m);
+            }
+            Err(e) => clean(&e),
+        }
+    }
+}
+
+fn unpack(m: pipeswitch::protocol::Message) {
+    use pipeswitch::protocol::{io::unpack_tensors, Message, TensorData};
+    let tensors = match m {
+        Message::Infer { inputs, .. } => inputs,
+        Message::Activate(t) => t.inputs,
+        Message::InferResult { outputs, .. } | Message::TaskDone { outputs, .. } => outputs,
+        _ => return,
+    };
+    static FILE: OnceLock<std::os::fd::OwnedFd> = OnceLock::new();
+    let file = FILE.get_or_init(|| {
+        let f = tempfile::tempfile().expect("tensor file");
+        let bytes: Vec<u8> = (0..TENSOR_FILE_BYTES).map(|i| (i * 7 % 251) as u8).collect();
+        std::os::unix::fs::FileExt::write_all_at(&f, &bytes, 0).expect("writing the tensor file");
+        f.into()
+    });
+    let expect: Vec<Option<Vec<u8>>> = tensors
+        .iter()
+        .map(|t| match &t.data {
+            TensorData::Inline(b) => Some(b.clone()),
+            TensorData::Shared { offset, bytes } => offset
+                .checked_add(*bytes)
+                .filter(|&e| e <= TENSOR_FILE_BYTES as u64)
+                .map(|_| (*offset..offset + bytes).map(|i| (i as usize * 7 % 251) as u8).collect()),
+        })
+        .collect();
+    let without_file = tensors.iter().all(|t| matches!(t.data, TensorData::Inline(_)));
+    match unpack_tensors(tensors.clone(), None) {
+        Ok(v) => {
+            assert!(without_file, "a shared tensor unpacked without its file");
+            assert!(v.iter().zip(&expect).all(|((_, b), e)| Some(b) == e.as_ref()));
+        }
+        Err(e) => {
+            assert!(!without_file, "inline tensors refused: {e}");
+            clean(&e);
+        }
+    }
+    match unpack_tensors(tensors, Some(file)) {
+        Ok(v) => assert!(v.iter().zip(&expect).all(|((_, b), e)| Some(b) == e.as_ref()), "tensor bytes differ"),
+        Err(e) => {
+            assert!(expect.iter().any(Option::is_none), "tensors in range refused: {e}");
+            clean(&e);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Seeds
 // ---------------------------------------------------------------------------
 
@@ -640,6 +719,7 @@ pub fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
         "segment_open" => seed_segments(),
         "graph_bind" => fixtures_graphs(),
         "planner_inputs" => seed_planner(),
+        "daemon_message" => seed_messages(),
         _ => panic!("no target {target}"),
     }
 }
@@ -739,4 +819,30 @@ fn seed_planner() -> Vec<(String, Vec<u8>)> {
     v.push(("seed-raw".to_string(), raw));
     v.push(("seed-zero-overheads".to_string(), vec![0, 0, 0, small(2), small(1), small(1), small(2), small(3), small(3)]));
     v
+}
+
+fn seed_messages() -> Vec<(String, Vec<u8>)> {
+    use pipeswitch::protocol::{encode_frame, Message, Role, Stats, Task, TaskKind, Tensor, TensorData, Timing};
+    let tensors = vec![
+        Tensor { name: "input_ids".into(), dtype: 9, shape: vec![1, 4], data: TensorData::Inline(vec![1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 4, 0, 0, 0]) },
+        Tensor { name: "image".into(), dtype: 11, shape: vec![1, 3, 8, 8], data: TensorData::Shared { offset: 256, bytes: 768 } },
+    ];
+    let timing = Timing { queued_ms: 0.5, activation_ms: 2.0, worker_ms: 7.25, total_ms: 10.0 };
+    let messages = [
+        Message::Hello { role: Role::Worker, pid: 42, worker_kind: "builtin".into() },
+        Message::Welcome { daemon_pid: 1, device: 0, store: "models".into(), worker_id: 3, arena_handle: vec![9; 128], activation_offset: 1 << 20, activation_bytes: 4096 },
+        Message::Error { request_id: 7, status: 200, message: "no model".into() },
+        Message::Infer { request_id: 8, model: "bert".into(), inputs: tensors.clone() },
+        Message::InferResult { request_id: 8, outputs: tensors.clone(), timing },
+        Message::Standby { worker_id: 3 },
+        Message::Activate(Task { task_id: 5, kind: TaskKind::Inference, model: "bert".into(), model_id: 2, region_offset: 0, resident: false, plan: vec![0, 3, 9], inputs: tensors.clone() }),
+        Message::TaskDone { task_id: 5, status: 0, message: String::new(), outputs: tensors, timing },
+        Message::StatsRequest,
+        Message::StatsReply(Stats { requests: 10, failed: 1, hits: 6, misses: 4, evictions: 2, bytes_copied: 1 << 30, workers: 2, standbys: 1, workers_started: 2, workers_lost: 0 }),
+        Message::Shutdown,
+    ];
+    messages
+        .iter()
+        .map(|m| (format!("seed-kind{}", m.kind()), encode_frame(m, u32::from(matches!(m, Message::Infer { .. }))).expect("encoding a seed")))
+        .collect()
 }

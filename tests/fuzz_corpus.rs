@@ -20,8 +20,9 @@ fn files(kind: &str, target: &str) -> Vec<PathBuf> {
     v
 }
 
-/// Runs `f` over the seeds and every stored input, naming the input that fails.
+/// Runs `f` over the seeds and every stored input, naming the inputs that fail.
 fn replay(target: &str, f: fn(&[u8])) {
+    let mut failed = Vec::new();
     let seeds = harness::seeds(target);
     if let Some(dir) = std::env::var_os("PIPESWITCH_FUZZ_SEEDS") {
         let dir = Path::new(&dir).join(target);
@@ -31,20 +32,28 @@ fn replay(target: &str, f: fn(&[u8])) {
         }
     }
     for (name, bytes) in &seeds {
-        run_one(target, name, bytes, f);
+        if !passes(bytes, f) {
+            failed.push(format!("seed {name}"));
+        }
     }
     let corpus = files("corpus", target);
     assert!(!corpus.is_empty(), "fuzz/corpus/{target} is empty");
     for p in corpus.iter().chain(&files("regressions", target)) {
         let bytes = std::fs::read(p).expect("reading a corpus file");
-        run_one(target, &p.display().to_string(), &bytes, f);
+        if !passes(&bytes, f) {
+            failed.push(p.display().to_string());
+        }
     }
+    assert!(
+        failed.is_empty(),
+        "{target}: {} inputs fail (reproduce one with `cargo +nightly fuzz run {target} <file>` in fuzz/):\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
 }
 
-fn run_one(target: &str, name: &str, bytes: &[u8], f: fn(&[u8])) {
-    if std::panic::catch_unwind(|| f(bytes)).is_err() {
-        panic!("{target}: input {name} fails (reproduce: cargo +nightly fuzz run {target} {name}, from fuzz/)");
-    }
+fn passes(bytes: &[u8], f: fn(&[u8])) -> bool {
+    std::panic::catch_unwind(|| f(bytes)).is_ok()
 }
 
 #[test]
@@ -65,4 +74,9 @@ fn graph_bind_corpus() {
 #[test]
 fn planner_inputs_corpus() {
     replay("planner_inputs", harness::planner_inputs);
+}
+
+#[test]
+fn daemon_message_corpus() {
+    replay("daemon_message", harness::daemon_message);
 }
