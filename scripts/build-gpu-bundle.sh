@@ -14,7 +14,11 @@ for line in sys.stdin:
     except ValueError:
         continue
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        print(m["target"]["name"], m["executable"])
+        t = m["target"]
+        # Integration tests keep their names (gpu, worker_gpu, serve_gpu ...);
+        # unit tests of a lib or bin are named after their package.
+        name = t["name"] if t["kind"] == ["test"] else m["package_id"].split("#")[-1].split("@")[0] + "-unit-" + t["kind"][0]
+        print(name, m["executable"])
 ' | while read -r name exe; do cp "$exe" ".gpu/deps/$name"; done
 cp target/release/pipeswitch target/release/libpipeswitch.so .gpu/
 strip .gpu/pipeswitch .gpu/libpipeswitch.so .gpu/deps/* 2>/dev/null || true

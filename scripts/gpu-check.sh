@@ -20,6 +20,12 @@ for t in .gpu/deps/*; do
   fi
   tail -n 3 "$log" | grep "test result" || true
 done
+if [ "${PYTEST:-1}" = 1 ]; then
+  echo "=== python tests with PyTorch on the GPU" | tee -a "$log"
+  PIPESWITCH_LIB=$PWD/.gpu/libpipeswitch.so python3 -m pytest python/tests -q -p no:cacheprovider >"$OUT/pytest-gpu.log" 2>&1
+  rc=$?; echo "pytest rc=$rc" | tee -a "$log"; tail -n 3 "$OUT/pytest-gpu.log" | tee -a "$log"
+  [ $rc = 0 ] || fail=1
+fi
 if [ "${SANITIZE:-1}" = 1 ]; then
   # memcheck, racecheck (shared-memory hazards in our kernels) and synccheck
   # (barrier misuse) on every test binary that runs kernels or switches; the
@@ -29,14 +35,14 @@ if [ "${SANITIZE:-1}" = 1 ]; then
     local tool=$1 name=$2; shift 2
     local slog="$OUT/$tool-$name.log"
     echo "=== compute-sanitizer $tool: $name $*" | tee -a "$log"
-    compute-sanitizer --tool "$tool" --error-exitcode 9 ".gpu/deps/$name" --ignored --test-threads=1 "$@" >"$slog" 2>&1
+    timeout "${SAN_TIMEOUT:-150}" compute-sanitizer --tool "$tool" --error-exitcode 9 ".gpu/deps/$name" --ignored --test-threads=1 "$@" >"$slog" 2>&1
     local rc=$?
     echo "$tool $name rc=$rc" | tee -a "$log"
     grep -E "test result|ERROR SUMMARY|RACECHECK SUMMARY" "$slog" | tail -n 3 | tee -a "$log"
     [ $rc = 0 ] || fail=1
   }
   for tool in ${SANITIZERS:-memcheck racecheck synccheck}; do
-    sanitize "$tool" gpu --skip ipc --skip worker --skip dies --skip error_paths --skip measured
+    sanitize "$tool" gpu --skip ipc --skip worker --skip dies --skip error_paths --skip measured --skip forged
     sanitize "$tool" worker_gpu --skip full_size
     sanitize "$tool" kernels_misc
     sanitize "$tool" kernels_conv --skip resnet
@@ -54,6 +60,8 @@ fi
 if [ "${BENCH:-1}" = 1 ]; then
   echo "=== bench transfer" | tee -a "$log"
   .gpu/pipeswitch bench transfer --reps "${REPS:-20}" --json-out "$OUT/transfer.json" 2>&1 | tee -a "$log"
+  echo "=== bench kernels" | tee -a "$log"
+  .gpu/pipeswitch bench kernels 2>&1 | tee -a "$log"
 fi
 echo "overall fail=$fail" | tee -a "$log"
 exit $fail

@@ -14,6 +14,8 @@ pub enum Error {
     InvalidArgument(String),
     #[error("{0} is not a live handle (never created, or freed already)")]
     InvalidHandle(&'static str),
+    #[error("{expected} is not a live handle: it is a {found} handle")]
+    HandleType { expected: &'static str, found: &'static str },
     #[error("buffer too small: {needed} needed, capacity {capacity}")]
     BufferTooSmall { needed: usize, capacity: usize },
 
@@ -65,6 +67,9 @@ pub enum Error {
     Disconnected(String),
     #[error("refused: {0}")]
     Refused(String),
+    /// A failure the daemon or a worker reported, with its status code.
+    #[error("{message} (status {status})")]
+    Remote { status: u32, message: String },
 
     #[error("internal error: {0}")]
     Internal(String),
@@ -76,13 +81,13 @@ impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io { context: context.into(), source }
     }
-    pub(crate) fn os(context: impl Into<String>, source: nix::errno::Errno) -> Self {
+    pub fn os(context: impl Into<String>, source: nix::errno::Errno) -> Self {
         Error::Os { context: context.into(), source }
     }
-    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+    pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidArgument(msg.into())
     }
-    pub(crate) fn corrupt(msg: impl Into<String>) -> Self {
+    pub fn corrupt(msg: impl Into<String>) -> Self {
         Error::CorruptStore(msg.into())
     }
 }

@@ -4,6 +4,8 @@
 //! - [`store`]: the pinned host model store in shared memory;
 //! - [`arena`]: the device arena (one allocation per GPU, CUDA IPC export);
 //! - [`planner`]: the optimal layer grouping;
+//! - [`cost`]: the cost model fitted to measurements, closed-loop planning;
+//! - [`client`]: an application's connection to the GPU daemon;
 //! - [`protocol`]: the messages between the daemon, its workers and clients;
 //! - [`residency`]: which models stay in an arena between uses, and where;
 //! - [`switch`]: pipelined transfer with one event per group;
@@ -14,10 +16,9 @@
 //! - [`ffi`]: the C ABI (`include/pipeswitch.h`).
 
 pub mod arena;
-pub mod bench;
-pub mod bench_gemm;
+pub mod client;
+pub mod cost;
 pub mod cuda;
-pub mod demo;
 pub mod error;
 pub mod ffi;
 pub mod kernels;

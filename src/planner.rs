@@ -16,6 +16,29 @@
 //! The makespan of a plan is the `E` of its last group; [`plan_groups`] returns
 //! a plan minimising it.
 //!
+//! # The extended cost model ([`Costs`], [`plan_groups_with`])
+//!
+//! What a GPU does differs from the two-overhead model in ways measurements
+//! show (see `crate::cost`, which fits these terms): the first kernel starts
+//! `L` after its group arrives; every layer's measured time is off by a
+//! factor `κ` (profiling probes, launch gaps); kernels run `σ` slower while
+//! copies still run (every group but the last); and a run cannot end before
+//! a floor `R + h·K` (a host-bound forward: `R` is the ready run, `h` the
+//! host cost of one group's wait). For a plan of `K` groups:
+//!
+//! ```text
+//! E_k = max(E_{k-1}, T_k) + [k = 1]·L + b + κ·(1 + [k < K]·σ)·sum_{i in group k} x_i
+//! makespan = max(E_K, R + h·K)
+//! ```
+//!
+//! With `L = σ = R = h = 0` and `κ = 1` this is the model above. The DP below
+//! stays exact: `L` only enters the first row, the last group's unscaled
+//! execution is a separate exact transition into `f(k, n)` (the last group is
+//! the one ending at `n`), and the floor depends on `K` only, which the DP
+//! enumerates. The memory of the back-pointers is bounded by
+//! [`MAX_BACKPOINTERS`]; a search that would need more fails with
+//! [`PlanError::TooLarge`] instead of growing without bound.
+//!
 //! # Algorithm
 //!
 //! Let `P(i)`, `X(i)` be the prefix sums of `t` and `x` over the first `i`
@@ -51,8 +74,9 @@
 //! whose lower bound `max(k·a + P(n) + b + x_{n-1}, a + t_0 + k·b + X(n))`
 //! (non-decreasing in `k`) cannot beat the best makespan found. Every step is
 //! an exact equivalence or a proven bound, so the result is the exact optimum.
-//! Time is `O(n·K)` and memory `O(n·K)` (the back-pointers), where `K <= n` is
-//! the number of group counts examined; at worst (`a = b = 0`) `O(n²)`.
+//! Time is `O(n·K)` and memory `O(n·K)` (the back-pointers, 4 bytes each), where
+//! `K <= n` is the number of group counts examined; at worst (`a = b = 0`)
+//! `O(n²)`, so `n·K` is capped at [`MAX_BACKPOINTERS`] (an error beyond).
 //!
 //! Ties: a plan with more groups replaces the best one only when its makespan
 //! is smaller by more than a relative `1e-12`, so among (near-)optimal plans the
@@ -66,7 +90,66 @@ use std::iter;
 const TIE_RELATIVE_TOLERANCE: f64 = 1e-12;
 
 /// Marks a back-pointer that was never set.
-const NO_PARENT: usize = usize::MAX;
+const NO_PARENT: u32 = u32::MAX;
+
+/// The most back-pointers one plan search may keep (`n + 1` per group count
+/// examined, 4 bytes each: 256 MiB). Beyond it [`plan_groups`] fails with
+/// [`PlanError::TooLarge`]; positive overheads (which end the search after
+/// few group counts) or merging layers keep a model below it.
+pub const MAX_BACKPOINTERS: usize = 1 << 26;
+
+/// The terms of the cost model (module documentation, "The extended cost
+/// model"). [`Costs::new`] gives the two-overhead model.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Costs {
+    /// `a`: transfer overhead per group (ms).
+    pub transfer_overhead_ms: f64,
+    /// `b`: execution overhead per group (its wait and launch, ms).
+    pub exec_overhead_ms: f64,
+    /// `L`: latency of the first kernel after the first group arrives (ms).
+    pub first_kernel_ms: f64,
+    /// `κ`: measured per-layer time to the time it takes in a switch.
+    pub exec_scale: f64,
+    /// `σ`: relative slowdown of kernels while copies run (every group but the last).
+    pub copy_slowdown: f64,
+    /// `R`: no switch ends before this (ms; e.g. the ready run when the host issues slower than the GPU runs).
+    pub floor_ms: f64,
+    /// `h`: the floor grows by this per group (ms).
+    pub floor_per_group_ms: f64,
+}
+
+impl Costs {
+    /// The two-overhead model: `a` and `b`, nothing else.
+    pub fn new(a: f64, b: f64) -> Costs {
+        Costs {
+            transfer_overhead_ms: a,
+            exec_overhead_ms: b,
+            first_kernel_ms: 0.0,
+            exec_scale: 1.0,
+            copy_slowdown: 0.0,
+            floor_ms: 0.0,
+            floor_per_group_ms: 0.0,
+        }
+    }
+
+    /// Checks every term: finite and non-negative (`exec_scale` positive).
+    pub fn validate(&self) -> Result<(), PlanError> {
+        for (what, value) in [
+            ("group_transfer_overhead_ms", self.transfer_overhead_ms),
+            ("group_exec_overhead_ms", self.exec_overhead_ms),
+            ("first_kernel_ms", self.first_kernel_ms),
+            ("exec_scale", self.exec_scale),
+            ("copy_slowdown", self.copy_slowdown),
+            ("floor_ms", self.floor_ms),
+            ("floor_per_group_ms", self.floor_per_group_ms),
+        ] {
+            if !is_valid(value) || (what == "exec_scale" && value == 0.0) {
+                return Err(PlanError::BadOverhead { what, value });
+            }
+        }
+        Ok(())
+    }
+}
 
 /// A grouping of layers and its makespan.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,13 +185,24 @@ pub enum PlanError {
         /// The offending entry.
         value: f64,
     },
-    /// A per-group overhead that is negative, infinite or NaN.
+    /// A per-group overhead (or another term of [`Costs`]) that is negative,
+    /// infinite or NaN (`exec_scale`: also 0).
     #[error("{what} = {value} is not a finite non-negative number")]
     BadOverhead {
         /// Name of the offending overhead.
         what: &'static str,
         /// The offending value.
         value: f64,
+    },
+    /// The search would keep more than [`MAX_BACKPOINTERS`] back-pointers.
+    #[error("planning {layers} layers needs more than {limit} back-pointers ({group_counts} group counts examined so far); give positive per-group overheads or merge layers")]
+    TooLarge {
+        /// Number of layers.
+        layers: usize,
+        /// Group counts examined when the limit was reached.
+        group_counts: usize,
+        /// [`MAX_BACKPOINTERS`].
+        limit: usize,
     },
 }
 
@@ -142,14 +236,35 @@ pub fn plan_groups(
     group_transfer_overhead_ms: f64,
     group_exec_overhead_ms: f64,
 ) -> Result<Plan, PlanError> {
-    let (a, b) = (group_transfer_overhead_ms, group_exec_overhead_ms);
-    validate_inputs(transfer_ms, exec_ms, a, b)?;
-    let group_starts = optimal_group_starts(transfer_ms, exec_ms, a, b);
-    let makespan_ms = makespan(transfer_ms, exec_ms, a, b, &group_starts)?;
+    let costs = Costs::new(group_transfer_overhead_ms, group_exec_overhead_ms);
+    plan_groups_with(transfer_ms, exec_ms, &costs)
+}
+
+/// The optimal plan under the extended cost model `costs` (exact).
+pub fn plan_groups_with(transfer_ms: &[f64], exec_ms: &[f64], costs: &Costs) -> Result<Plan, PlanError> {
+    validate_inputs(transfer_ms, exec_ms, costs.transfer_overhead_ms, costs.exec_overhead_ms)?;
+    costs.validate()?;
+    let group_starts = optimal_group_starts(transfer_ms, exec_ms, costs, MAX_BACKPOINTERS)?;
+    let makespan_ms = makespan_with(transfer_ms, exec_ms, costs, &group_starts)?;
     Ok(Plan {
         group_starts,
         makespan_ms,
     })
+}
+
+/// [`makespan`] under the extended cost model.
+pub fn makespan_with(transfer_ms: &[f64], exec_ms: &[f64], costs: &Costs, group_starts: &[usize]) -> Result<f64, PlanError> {
+    costs.validate()?;
+    simulate(transfer_ms, exec_ms, costs, group_starts, |_| {})
+}
+
+/// [`timeline`] under the extended cost model (the floor `R + h·K` is not a
+/// group's: the makespan is the larger of it and the last `exec_end_ms`).
+pub fn timeline_with(transfer_ms: &[f64], exec_ms: &[f64], costs: &Costs, group_starts: &[usize]) -> Result<Vec<GroupTiming>, PlanError> {
+    costs.validate()?;
+    let mut groups = Vec::with_capacity(group_starts.len());
+    simulate(transfer_ms, exec_ms, costs, group_starts, |g| groups.push(g))?;
+    Ok(groups)
 }
 
 /// Simulates the cost model for a given plan and returns its makespan.
@@ -163,7 +278,7 @@ pub fn makespan(
     b: f64,
     group_starts: &[usize],
 ) -> Result<f64, PlanError> {
-    simulate(transfer_ms, exec_ms, a, b, group_starts, |_| {})
+    simulate(transfer_ms, exec_ms, &Costs::new(a, b), group_starts, |_| {})
 }
 
 /// Per-group timeline of a plan, for traces and reports.
@@ -177,7 +292,7 @@ pub fn timeline(
     group_starts: &[usize],
 ) -> Result<Vec<GroupTiming>, PlanError> {
     let mut groups = Vec::with_capacity(group_starts.len());
-    simulate(transfer_ms, exec_ms, a, b, group_starts, |g| groups.push(g))?;
+    simulate(transfer_ms, exec_ms, &Costs::new(a, b), group_starts, |g| groups.push(g))?;
     Ok(groups)
 }
 
@@ -259,23 +374,28 @@ fn validate_plan(group_starts: &[usize], n: usize) -> Result<(), PlanError> {
 fn simulate(
     transfer_ms: &[f64],
     exec_ms: &[f64],
-    a: f64,
-    b: f64,
+    costs: &Costs,
     group_starts: &[usize],
     mut visit: impl FnMut(GroupTiming),
 ) -> Result<f64, PlanError> {
+    let (a, b) = (costs.transfer_overhead_ms, costs.exec_overhead_ms);
     let n = validate_inputs(transfer_ms, exec_ms, a, b)?;
     validate_plan(group_starts, n)?;
+    let groups = group_starts.len();
     let ends = group_starts.iter().skip(1).chain(iter::once(&n));
     let (mut transfer_end, mut exec_end) = (0.0_f64, 0.0_f64);
-    for (&first_layer, &end_layer) in group_starts.iter().zip(ends) {
+    for (k, (&first_layer, &end_layer)) in group_starts.iter().zip(ends).enumerate() {
         // Validated: first_layer < end_layer <= n.
         let group_transfer: f64 = transfer_ms[first_layer..end_layer].iter().sum();
         let group_exec: f64 = exec_ms[first_layer..end_layer].iter().sum();
         let transfer_start = transfer_end;
         transfer_end = transfer_start + a + group_transfer;
-        let exec_start = exec_end.max(transfer_end);
-        exec_end = exec_start + b + group_exec;
+        let mut exec_start = exec_end.max(transfer_end);
+        if k == 0 {
+            exec_start += costs.first_kernel_ms;
+        }
+        let scale = if k + 1 < groups { costs.exec_scale * (1.0 + costs.copy_slowdown) } else { costs.exec_scale };
+        exec_end = exec_start + b + scale * group_exec;
         visit(GroupTiming {
             first_layer,
             end_layer,
@@ -285,7 +405,16 @@ fn simulate(
             exec_end_ms: exec_end,
         });
     }
-    Ok(exec_end)
+    Ok(exec_end.max(floor(costs, groups)))
+}
+
+/// `R + h·K`, 0 when both are 0 (no floor).
+fn floor(costs: &Costs, groups: usize) -> f64 {
+    if costs.floor_ms == 0.0 && costs.floor_per_group_ms == 0.0 {
+        0.0
+    } else {
+        costs.floor_ms + costs.floor_per_group_ms * groups as f64
+    }
 }
 
 /// `[0, v_0, v_0 + v_1, ...]`, length `values.len() + 1`.
@@ -306,15 +435,26 @@ fn improves(candidate: f64, best: Option<f64>) -> bool {
     }
 }
 
-/// The DP of the module documentation, on validated non-empty input.
-fn optimal_group_starts(transfer_ms: &[f64], exec_ms: &[f64], a: f64, b: f64) -> Vec<usize> {
+/// The DP of the module documentation, on validated non-empty input, keeping
+/// at most `max_backpointers` back-pointers.
+fn optimal_group_starts(transfer_ms: &[f64], exec_ms: &[f64], costs: &Costs, max_backpointers: usize) -> Result<Vec<usize>, PlanError> {
     let n = transfer_ms.len();
     let (Some(&first_transfer), Some(&last_exec)) = (transfer_ms.first(), exec_ms.last()) else {
-        return single_group_plan(n);
+        return Ok(single_group_plan(n));
     };
+    if n >= NO_PARENT as usize {
+        return Err(PlanError::TooLarge { layers: n, group_counts: 0, limit: max_backpointers });
+    }
+    let (a, b) = (costs.transfer_overhead_ms, costs.exec_overhead_ms);
+    let first_kernel = costs.first_kernel_ms;
     let prefix_t = prefix_sums(transfer_ms);
-    let prefix_x = prefix_sums(exec_ms);
-    let (total_t, total_x) = (prefix_t[n], prefix_x[n]);
+    // Groups before the last run while copies do (scaled by 1 + σ); the last
+    // group (the one ending at n) is unscaled.
+    let busy = costs.exec_scale * (1.0 + costs.copy_slowdown);
+    let prefix_x: Vec<f64> = prefix_sums(exec_ms).into_iter().map(|v| v * busy).collect();
+    let prefix_last: Vec<f64> = prefix_sums(exec_ms).into_iter().map(|v| v * costs.exec_scale).collect();
+    let slowed = costs.copy_slowdown != 0.0;
+    let (total_t, total_x) = (prefix_t[n], prefix_last[n]);
     let stride = n + 1;
 
     // prev[j] = f(k-1, j), cur[i] = f(k, i); infinity marks unreachable states.
@@ -322,25 +462,31 @@ fn optimal_group_starts(transfer_ms: &[f64], exec_ms: &[f64], a: f64, b: f64) ->
     prev[0] = 0.0;
     let mut cur = vec![f64::INFINITY; stride];
     // parents[(k-1)*stride + i] = start of the last group in the best plan for f(k, i).
-    let mut parents: Vec<usize> = Vec::new();
+    let mut parents: Vec<u32> = Vec::new();
     // Candidate j with u_j = f(k-1, j) - X(j), both strictly increasing front to back.
     let mut queue: VecDeque<(usize, f64)> = VecDeque::with_capacity(stride);
     let mut best: Option<(usize, f64)> = None;
 
     for groups in 1..=n {
         let k = groups as f64;
+        let floor_k = floor(costs, groups);
         if let Some((_, best_ms)) = best {
-            let lower_bound =
-                (k * a + total_t + b + last_exec).max(a + first_transfer + k * b + total_x);
+            let lower_bound = (k * a + total_t + b + costs.exec_scale * last_exec)
+                .max(a + first_transfer + first_kernel + k * b + total_x)
+                .max(floor_k);
             if lower_bound >= best_ms {
                 break;
             }
         }
         let row = parents.len();
+        if row + stride > max_backpointers {
+            return Err(PlanError::TooLarge { layers: n, group_counts: groups - 1, limit: max_backpointers });
+        }
         parents.resize(row + stride, NO_PARENT);
         cur.fill(f64::INFINITY);
         queue.clear();
         let mut reachable = false;
+        let first = if groups == 1 { first_kernel } else { 0.0 };
 
         for end in groups..=n {
             let newest = end - 1;
@@ -353,6 +499,24 @@ fn optimal_group_starts(transfer_ms: &[f64], exec_ms: &[f64], a: f64, b: f64) ->
                 queue.push_back((newest, u));
             }
             let transfer_end = k * a + prefix_t[end];
+            if end == n && slowed {
+                // The last group: its own (unscaled) transition, every j.
+                let mut choice: Option<(usize, f64)> = None;
+                for j in (groups - 1)..n {
+                    if prev[j].is_finite() {
+                        let c = prev[j].max(transfer_end) - prefix_last[j];
+                        if choice.is_none_or(|(_, best_c)| c < best_c) {
+                            choice = Some((j, c));
+                        }
+                    }
+                }
+                if let Some((j, c)) = choice {
+                    cur[n] = c + first + b + prefix_last[n];
+                    parents[row + n] = j as u32;
+                    reachable = true;
+                }
+                continue;
+            }
             while queue.get(1).is_some_and(|&(j, _)| prev[j] <= transfer_end) {
                 queue.pop_front();
             }
@@ -362,12 +526,13 @@ fn optimal_group_starts(transfer_ms: &[f64], exec_ms: &[f64], a: f64, b: f64) ->
                 (Some(&(j0, _)), _) => j0,
                 (None, _) => continue,
             };
-            cur[end] = cost(choice) + b + prefix_x[end];
-            parents[row + end] = choice;
+            // (Without a slowdown the last group's scale is the others'.)
+            cur[end] = cost(choice) + first + b + prefix_x[end];
+            parents[row + end] = choice as u32;
             reachable = true;
         }
 
-        let total = cur[n];
+        let total = cur[n].max(floor_k);
         if total.is_finite() && improves(total, best.map(|(_, ms)| ms)) {
             best = Some((groups, total));
         }
@@ -377,16 +542,17 @@ fn optimal_group_starts(transfer_ms: &[f64], exec_ms: &[f64], a: f64, b: f64) ->
         }
     }
 
-    best.and_then(|(groups, _)| reconstruct(&parents, stride, groups, n))
-        .unwrap_or_else(|| single_group_plan(n))
+    Ok(best
+        .and_then(|(groups, _)| reconstruct(&parents, stride, groups, n))
+        .unwrap_or_else(|| single_group_plan(n)))
 }
 
 /// Follows the back-pointers from `f(groups, n)` to the group starts.
-fn reconstruct(parents: &[usize], stride: usize, groups: usize, n: usize) -> Option<Vec<usize>> {
+fn reconstruct(parents: &[u32], stride: usize, groups: usize, n: usize) -> Option<Vec<usize>> {
     let mut starts = Vec::with_capacity(groups);
     let mut end = n;
     for k in (1..=groups).rev() {
-        let start = *parents.get((k - 1) * stride + end)?;
+        let start = *parents.get((k - 1) * stride + end)? as usize;
         if start >= end {
             return None;
         }
@@ -606,6 +772,127 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn random_costs(rng: &mut SplitMix64, a: f64, b: f64) -> Costs {
+        let pick = |rng: &mut SplitMix64, hi: f64| if rng.below(3) == 0 { 0.0 } else { rng.range(0.0, hi) };
+        Costs {
+            transfer_overhead_ms: a,
+            exec_overhead_ms: b,
+            first_kernel_ms: pick(rng, 3.0),
+            exec_scale: rng.range(0.3, 2.0),
+            copy_slowdown: pick(rng, 1.0),
+            floor_ms: pick(rng, 20.0),
+            floor_per_group_ms: pick(rng, 2.0),
+        }
+    }
+
+    #[test]
+    fn extended_model_matches_brute_force() {
+        let mut rng = SplitMix64(0x5EED_0010);
+        let mut count = 0;
+        for n in 1..=10 {
+            for regime in REGIMES {
+                for _ in 0..12 {
+                    let overheads = rng.below(2) == 0;
+                    let inst = random_instance(&mut rng, n, regime, overheads);
+                    let costs = random_costs(&mut rng, inst.a, inst.b);
+                    let plan = plan_groups_with(&inst.t, &inst.x, &costs).expect("valid");
+                    assert_eq!(makespan_with(&inst.t, &inst.x, &costs, &plan.group_starts), Ok(plan.makespan_ms));
+                    let brute = (0..1u32 << (n - 1))
+                        .map(|mask| {
+                            let starts: Vec<usize> =
+                                iter::once(0).chain((1..n).filter(|i| mask & (1 << (i - 1)) != 0)).collect();
+                            makespan_with(&inst.t, &inst.x, &costs, &starts).expect("valid partition")
+                        })
+                        .fold(f64::INFINITY, f64::min);
+                    assert!(
+                        rel_close(plan.makespan_ms, brute, 1e-9),
+                        "dp {} vs brute {brute} for {inst:?} {costs:?}",
+                        plan.makespan_ms
+                    );
+                    count += 1;
+                }
+            }
+        }
+        assert!(count >= 700);
+    }
+
+    #[test]
+    fn extended_model_with_default_terms_is_the_two_overhead_model() {
+        let mut rng = SplitMix64(0x5EED_0011);
+        for n in [1, 7, 40, 200] {
+            for regime in REGIMES {
+                let inst = random_instance(&mut rng, n, regime, true);
+                let old = plan_groups(&inst.t, &inst.x, inst.a, inst.b).expect("valid");
+                let new = plan_groups_with(&inst.t, &inst.x, &Costs::new(inst.a, inst.b)).expect("valid");
+                assert_eq!(old, new);
+            }
+        }
+    }
+
+    #[test]
+    fn extended_terms_hand_computed() {
+        // t = [1, 1], x = [1, 1], L = 0.5, κ = 2, σ = 0.5.
+        // [0]    : T = 2, E = 2 + 0.5 + 2·2 = 6.5
+        // [0, 1] : T1 = 1, E1 = 1 + 0.5 + 3·1 = 4.5; T2 = 2, E2 = 4.5 + 2·1 = 6.5
+        let costs = Costs { first_kernel_ms: 0.5, exec_scale: 2.0, copy_slowdown: 0.5, ..Costs::new(0.0, 0.0) };
+        let (t, x) = ([1.0, 1.0], [1.0, 1.0]);
+        assert_eq!(makespan_with(&t, &x, &costs, &[0]), Ok(6.5));
+        assert_eq!(makespan_with(&t, &x, &costs, &[0, 1]), Ok(6.5));
+        // A floor of 6 + 0.25 per group: [0] -> 6.5, [0, 1] -> max(6.5, 6.5) = 6.5; with h = 0.5, [0, 1] -> 7.
+        let floored = Costs { floor_ms: 6.0, floor_per_group_ms: 0.5, ..costs };
+        assert_eq!(makespan_with(&t, &x, &floored, &[0, 1]), Ok(7.0));
+        let plan = plan_groups_with(&t, &x, &floored).expect("valid");
+        assert_eq!(plan.group_starts, vec![0]);
+        assert_eq!(plan.makespan_ms, 6.5);
+        // The slowdown makes splitting lose: without it [0, 1] -> E1 = 3.5, E2 = 5.5 < 6.5.
+        let fast = Costs { copy_slowdown: 0.0, ..costs };
+        let plan = plan_groups_with(&t, &x, &fast).expect("valid");
+        assert_eq!(plan, Plan { group_starts: vec![0, 1], makespan_ms: 5.5 });
+    }
+
+    #[test]
+    fn rejects_bad_cost_terms() {
+        for (costs, what) in [
+            (Costs { exec_scale: 0.0, ..Costs::new(0.0, 0.0) }, "exec_scale"),
+            (Costs { first_kernel_ms: -1.0, ..Costs::new(0.0, 0.0) }, "first_kernel_ms"),
+            (Costs { copy_slowdown: f64::NAN, ..Costs::new(0.0, 0.0) }, "copy_slowdown"),
+            (Costs { floor_ms: f64::INFINITY, ..Costs::new(0.0, 0.0) }, "floor_ms"),
+            (Costs { floor_per_group_ms: -0.5, ..Costs::new(0.0, 0.0) }, "floor_per_group_ms"),
+        ] {
+            assert!(
+                matches!(plan_groups_with(&[1.0], &[1.0], &costs), Err(PlanError::BadOverhead { what: w, .. }) if w == what),
+                "{what}"
+            );
+            assert!(matches!(makespan_with(&[1.0], &[1.0], &costs, &[0]), Err(PlanError::BadOverhead { .. })));
+        }
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        // Issue 9: 20,000 layers with no overheads took 3.1 GB of back-pointers.
+        // Now the search stops at MAX_BACKPOINTERS with a clear error.
+        let n = 20_000;
+        let mut rng = SplitMix64(0x5EED_0012);
+        let t: Vec<f64> = (0..n).map(|_| rng.range(0.0, 1.0)).collect();
+        let x: Vec<f64> = (0..n).map(|_| rng.range(0.0, 1.0)).collect();
+        match plan_groups(&t, &x, 0.0, 0.0) {
+            Err(PlanError::TooLarge { layers, group_counts, limit }) => {
+                assert_eq!((layers, limit), (n, MAX_BACKPOINTERS));
+                assert!(group_counts * (n + 1) <= MAX_BACKPOINTERS);
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        // The limit is checked before any row is kept: a tiny one fails at once.
+        let costs = Costs::new(0.0, 0.0);
+        assert!(matches!(
+            optimal_group_starts(&t[..10], &x[..10], &costs, 5),
+            Err(PlanError::TooLarge { layers: 10, group_counts: 0, limit: 5 })
+        ));
+        // With overheads the same model plans within the bound.
+        let plan = plan_groups(&t, &x, 0.01, 0.01).expect("fits");
+        assert!(plan.group_starts.len() > 1);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::cuda::{Device, Event, Stream};
 use crate::error::{Error, Result};
 use crate::kernels::{attention, conv, gemm, norm};
 use crate::model::graph::{Act, Graph, Op, WeightShapes};
-use crate::store::{Dtype, Model, Store, GRAPH_ATTRIBUTE};
+use crate::store::{Dtype, Model, ModelLease, Store, GRAPH_ATTRIBUTE};
 use crate::switch::Switch;
 
 /// Alignment of every activation in the buffer.
@@ -60,6 +60,9 @@ pub struct Program {
     weights: HashMap<String, usize>,
     /// Bytes of activation buffer the program needs (error flag included).
     act_bytes: u64,
+    /// A program bound to a stored model keeps it stored (its bytes are
+    /// neither freed nor reused) while the program lives.
+    lease: Option<ModelLease>,
 }
 
 /// Offsets for tensors with lifetimes `[first, last]` (op indices), first
@@ -192,18 +195,20 @@ impl Program {
             let d = decls[n];
             slots.insert(n.to_string(), Slot { offset: off, bytes: *bytes, shape: d.shape.clone(), dtype: d.dtype()? });
         }
-        Ok(Program { model, graph, op_layer, op_charge, op_host_table, slots, weights, act_bytes })
+        Ok(Program { model, graph, op_layer, op_charge, op_host_table, slots, weights, act_bytes, lease: None })
     }
 
     /// The program of a stored model whose graph was stored with it (the
     /// [`GRAPH_ATTRIBUTE`] attribute, e.g. from a safetensors file's metadata).
     pub fn from_store(store: &Store, model: &str) -> Result<Program> {
-        let m = store.model(model)?;
-        let json = m.attribute(GRAPH_ATTRIBUTE).ok_or_else(|| {
+        let lease = store.lease(model)?;
+        let json = lease.attribute(GRAPH_ATTRIBUTE).ok_or_else(|| {
             Error::NotFound(format!("model {model:?} has no graph (attribute {GRAPH_ATTRIBUTE:?}) to run"))
         })?;
         let graph = Graph::from_json(json)?;
-        Program::new(m.clone(), graph)
+        let mut program = Program::new(lease.model().clone(), graph)?;
+        program.lease = Some(lease);
+        Ok(program)
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -254,6 +259,8 @@ enum Buffer {
     Region { arena: Arc<Arena>, offset: u64, bytes: u64 },
     /// From the arena workspace attached to this process.
     Workspace { ptr: CUdeviceptr, bytes: u64 },
+    /// A region the daemon gave this worker: used, never grown or freed.
+    Given { offset: u64, bytes: u64 },
 }
 
 /// Runs programs on one device's compute stream.
@@ -305,6 +312,16 @@ impl Worker {
         })
     }
 
+    /// A worker whose activations live in `[offset, offset + bytes)` of
+    /// `arena`, a region that someone else (the daemon) reserved for it.
+    /// `prepare` fails for a program whose activations do not fit.
+    pub fn with_region(arena: &Arc<Arena>, offset: u64, bytes: u64) -> Result<Worker> {
+        arena.check_region(offset, bytes)?;
+        let mut w = Worker::new(arena)?;
+        w.buffer = Buffer::Given { offset, bytes };
+        Ok(w)
+    }
+
     pub fn device(&self) -> &'static Device {
         self.device
     }
@@ -317,7 +334,7 @@ impl Worker {
     fn buffer_bytes(&self) -> u64 {
         match &self.buffer {
             Buffer::None => 0,
-            Buffer::Region { bytes, .. } | Buffer::Workspace { bytes, .. } => *bytes,
+            Buffer::Region { bytes, .. } | Buffer::Workspace { bytes, .. } | Buffer::Given { bytes, .. } => *bytes,
         }
     }
 
@@ -326,6 +343,7 @@ impl Worker {
             Buffer::None => 0,
             Buffer::Region { arena, offset, .. } => arena.base() + offset,
             Buffer::Workspace { ptr, .. } => *ptr,
+            Buffer::Given { offset, .. } => self.arena.base() + offset,
         }
     }
 
@@ -335,6 +353,7 @@ impl Worker {
             Buffer::None => Ok(()),
             Buffer::Region { arena, offset, .. } => arena.release(offset),
             Buffer::Workspace { ptr, .. } => arena::workspace::free(ptr),
+            Buffer::Given { .. } => Ok(()),
         }
     }
 
@@ -345,6 +364,12 @@ impl Worker {
         let need = program.act_bytes;
         if need <= self.buffer_bytes() {
             return Ok(());
+        }
+        if let Buffer::Given { bytes, .. } = self.buffer {
+            return Err(Error::ArenaFull(format!(
+                "model {:?} needs {need} bytes of activations; this worker's region has {bytes}",
+                program.model.name
+            )));
         }
         self.free_buffer()?;
         self.device.bind()?;

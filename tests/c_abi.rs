@@ -82,7 +82,7 @@ fn model_file(dir: &Path) -> PathBuf {
     for (i, (_, s)) in shapes.iter().enumerate() {
         let n: u64 = s.iter().product();
         let mut v = vec![0u8; (n * 4) as usize];
-        pipeswitch::bench::fill_random(&mut v, 77 + i as u64);
+        pipeswitch::measure::fill_random(&mut v, 77 + i as u64);
         data.push(v);
     }
     let tensors: Vec<WriteTensor<'_>> = shapes
@@ -142,6 +142,19 @@ fn c_example_is_clean_under_address_sanitizer() {
     assert!(ok, "{text}");
     check_cpu_part(&text);
     assert!(!text.contains("AddressSanitizer"), "{text}");
+}
+
+/// `handle_threads.c`: store handles shared between POSIX threads (use
+/// while another thread frees, double free from two threads, freed handles
+/// kept while new ones are made). No GPU needed.
+#[test]
+fn c_handles_shared_between_threads() {
+    common::shm_dir();
+    let exe = compile("cc", "-std=c11", "handle_threads.c", "handle_threads", &["-pthread"]);
+    let out = Command::new(&exe).arg(format!("cthreads-{}", std::process::id())).output().expect("running handle_threads");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "status {:?}: {text}", out.status);
+    assert!(text.contains("handle threads: OK"), "{text}");
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use pipeswitch::arena::{Arena, ArenaIpcHandle};
-use pipeswitch::bench::{add_synthetic, fill_random, resnet152_shape, Shape};
+use pipeswitch::model::synthetic::{add_synthetic, fill_random, resnet152_shape, Shape};
 use pipeswitch::cuda::{memory, Device, DeviceAlloc, Stream};
 use pipeswitch::error::Error;
 use pipeswitch::store::{Dtype, Store};
@@ -29,7 +29,7 @@ fn temp_store(tag: &str, models: &[(&str, &Shape)]) -> TempStore {
     let _ = Store::destroy(&name);
     let cap: u64 = models
         .iter()
-        .map(|(_, s)| pipeswitch::bench::shape_size(s).unwrap().0 + (4 << 20))
+        .map(|(_, s)| pipeswitch::model::synthetic::shape_size(s).unwrap().0 + (4 << 20))
         .sum();
     let store = Store::create(&name, cap, 8).unwrap();
     for (i, (m, s)) in models.iter().enumerate() {
@@ -97,6 +97,19 @@ fn pipelined_switch_delivers_every_byte_and_address() {
     arena.read(region, &mut back).unwrap();
     assert!(back == store.model_bytes(&m).unwrap());
     assert!(sw.elapsed_ms().unwrap() > 0.0);
+    // A resident model attached by another switch: no copy, one group that
+    // completes, the same addresses; the bytes stay as they were.
+    let mut resident = Switch::new(0).unwrap();
+    resident.start_resident(store, "resnet", &arena, region).unwrap();
+    assert_eq!((resident.n_copies().unwrap(), resident.n_groups().unwrap()), (0, 1));
+    resident.synchronize().unwrap();
+    assert!(resident.group_ready(0).unwrap());
+    assert_eq!(resident.group_of_layer(m.layers.len() - 1).unwrap(), 0);
+    assert_eq!(resident.model_base().unwrap(), arena.base() + region);
+    let (ptr, _) = resident.tensor_ptr(m.tensors.len() - 1).unwrap();
+    assert_eq!(ptr, arena.base() + region + m.tensors[m.tensors.len() - 1].offset);
+    arena.read(region, &mut back).unwrap();
+    assert!(back == store.model_bytes(&m).unwrap());
 }
 
 #[test]
@@ -170,21 +183,79 @@ fn gpu_error_paths_give_errors_not_crashes() {
     assert!(sw.start(store, "small", &big, region, &[1]).is_err());
     assert!(sw.start(store, "small", &big, region, &[0, 0]).is_err());
     assert!(sw.start(store, "small", &big, region, &[0, 99]).is_err());
+    big.fill(region, m.bytes, 0xA5).unwrap();
     sw.start(store, "small", &big, region, &[0, 5]).unwrap();
     assert!(sw.wait_group(2, std::ptr::null_mut()).is_err());
     assert!(sw.group_of_layer(1000).is_err());
     assert!(sw.tensor_ptr(100_000).is_err());
     assert!(matches!(sw.tensor_ptr_by_name("zzz"), Err(Error::NotFound(_))));
+    // A start with bad arguments enqueues nothing and leaves the last switch as it was.
+    assert!(sw.start(store, "small", &big, region, &[0, 99]).is_err());
+    assert!(sw.start(store, "small", &arena, small_region, &[0]).is_err());
+    assert_eq!(sw.n_groups().unwrap(), 2);
+    sw.wait_group(1, std::ptr::null_mut()).unwrap();
     sw.synchronize().unwrap();
+    let mut back = vec![0u8; m.bytes as usize];
+    big.read(region, &mut back).unwrap();
+    assert!(back == store.model_bytes(&m).unwrap(), "the switch's bytes");
     // Export then import in the same process is refused clearly.
     let h = big.export().unwrap();
     assert!(matches!(Arena::import(&h), Err(Error::InvalidState(_))));
     let mut bad = h;
     bad.magic = *b"XXXXXXXX";
     assert!(matches!(Arena::import(&bad), Err(Error::InvalidArgument(_))));
-    // A freed store or arena held by an in-flight switch stays valid until it finishes.
+    // An arena whose last handle goes while a switch into it is in flight
+    // stays alive (the switch holds it) until its copies are done, then goes.
+    big.fill(region, m.bytes, 0xA5).unwrap();
     sw.start(store, "small", &big, region, &[0, 5]).unwrap();
+    let weak = Arc::downgrade(&big);
     drop(big);
+    sw.synchronize().unwrap();
+    let held = weak.upgrade().expect("the switch holds the arena");
+    held.read(region, &mut back).unwrap();
+    assert!(back == store.model_bytes(&m).unwrap(), "bytes written into an arena the caller had dropped");
+    drop(held);
+    // The next switch (into another arena) sees those copies done and lets it go.
+    let other = Arc::new(Arena::create(0, m.bytes + (4 << 20), 2 << 20).unwrap());
+    let r2 = other.alloc(m.bytes).unwrap();
+    sw.start(store, "small", &other, r2, &[0]).unwrap();
+    assert!(weak.upgrade().is_none(), "the arena outlived its switch");
+    sw.synchronize().unwrap();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_switch_from_another_store_does_not_wait_and_holds_the_first() {
+    // Two stores, each opened by its own handle; the first handle is dropped
+    // while its switch's copies may still be queued behind a second switch.
+    let shape = small_shape();
+    let ts1 = temp_store("hold1", &[("small", &shape)]);
+    // The second store's "small" has other bytes (the seed follows the position).
+    let ts2 = temp_store("hold2", &[("pad", &shape), ("small", &shape)]);
+    let s1 = Arc::new(Store::open(&ts1.1).unwrap());
+    let m = s1.model("small").unwrap();
+    let arena = Arc::new(Arena::create(0, 2 * m.bytes + (8 << 20), 2 << 20).unwrap());
+    let (r1, r2) = (arena.alloc(m.bytes).unwrap(), arena.alloc(m.bytes).unwrap());
+    arena.fill(r1, m.bytes, 0).unwrap();
+    arena.fill(r2, m.bytes, 0).unwrap();
+    let mut sw = Switch::new(0).unwrap();
+    for _ in 0..3 {
+        sw.start(&s1, "small", &arena, r1, &[0, 3, 7]).unwrap();
+        sw.start(&ts2.0, "small", &arena, r2, &[0, 5]).unwrap();
+    }
+    let weak = Arc::downgrade(&s1);
+    drop(s1);
+    sw.synchronize().unwrap();
+    for (r, ts) in [(r1, &ts1), (r2, &ts2)] {
+        let mut back = vec![0u8; m.bytes as usize];
+        arena.read(r, &mut back).unwrap();
+        let model = ts.0.model("small").unwrap();
+        assert!(back == ts.0.model_bytes(&model).unwrap(), "region {r}");
+    }
+    let m2 = ts2.0.model("small").unwrap();
+    assert!(ts1.0.model_bytes(&m).unwrap() != ts2.0.model_bytes(&m2).unwrap(), "the two models must differ");
+    sw.start(&ts2.0, "small", &arena, r2, &[0]).unwrap();
+    assert!(weak.upgrade().is_none(), "the first store's handle outlived its copies");
     sw.synchronize().unwrap();
 }
 
@@ -207,21 +278,42 @@ fn unhex(s: &str) -> Vec<u8> {
 }
 
 fn handle_bytes(h: &ArenaIpcHandle) -> Vec<u8> {
-    unsafe { std::slice::from_raw_parts((h as *const ArenaIpcHandle).cast::<u8>(), 128).to_vec() }
+    h.to_bytes().to_vec()
 }
 
 fn handle_from(bytes: &[u8]) -> ArenaIpcHandle {
-    assert_eq!(bytes.len(), 128);
-    unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ArenaIpcHandle>()) }
+    ArenaIpcHandle::decode(bytes.try_into().expect("128 bytes")).expect("a valid handle")
 }
 
 /// The worker side of the IPC tests, run in a child process (this same test
-/// binary, selected with PS_TEST_CHILD). Does nothing in a normal run.
+/// binary, selected with PS_TEST_CHILD). In a normal run it checks the
+/// harness itself: an exported handle survives the hex text the parent sends.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn ipc_child() {
-    let Ok(role) = std::env::var("PS_TEST_CHILD") else { return };
+    let Ok(role) = std::env::var("PS_TEST_CHILD") else {
+        let arena = Arena::create(0, 4 << 20, 2 << 20).unwrap();
+        let h = arena.export().unwrap();
+        assert_eq!(handle_from(&unhex(&hex(&handle_bytes(&h)))), h);
+        return;
+    };
     let handle = handle_from(&unhex(&std::env::var("PS_TEST_HANDLE").unwrap()));
+    if role == "forged" {
+        // A handle that claims 64 MiB more than the owner allocated (every
+        // field valid on its own): refused against the real mapping.
+        let mut forged = handle;
+        forged.bytes += 64 << 20;
+        forged.workspace_offset += 64 << 20;
+        match Arena::import(&forged) {
+            Err(Error::InvalidArgument(m)) if m.contains("claims") => println!("CHILD-FORGED-REFUSED: {m}"),
+            other => panic!("a forged handle was not refused: {other:?}"),
+        }
+        // The genuine handle still imports, with the owner's sizes.
+        let arena = Arena::import(&handle).unwrap();
+        assert_eq!((arena.bytes(), arena.workspace()), (handle.bytes, (handle.workspace_offset, handle.workspace_bytes)));
+        println!("CHILD-GENUINE-OK");
+        return;
+    }
     let arena = Arc::new(Arena::import(&handle).unwrap());
     match role.as_str() {
         "switch" => {
@@ -280,6 +372,16 @@ fn a_worker_process_switches_into_the_owners_arena() {
     let mut back = vec![0u8; m.bytes as usize];
     arena.read(region, &mut back).unwrap();
     assert!(back == ts.0.model_bytes(&m).unwrap());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_forged_handle_claiming_more_than_the_mapping_is_refused() {
+    let arena = Arena::create(0, 32 << 20, 2 << 20).unwrap();
+    let h = arena.export().unwrap();
+    assert_eq!(ArenaIpcHandle::decode(&h.to_bytes()).unwrap(), h);
+    let (ok, text) = spawn_child("forged", &[("PS_TEST_HANDLE", hex(&handle_bytes(&h)))]);
+    assert!(ok && text.contains("CHILD-FORGED-REFUSED") && text.contains("CHILD-GENUINE-OK"), "{text}");
 }
 
 #[test]

@@ -286,36 +286,3 @@ fn global_avg_pool_matches_reference() {
         assert!(err <= TOL, "global avg pool {n}x{c}x{h}x{w}: rel err {err:.3e}");
     }
 }
-
-/// Not a pass/fail timing test: prints the throughput of every ResNet-152
-/// convolution shape at batch 8 with each tile and with the automatic
-/// choice, and the summed time of all the network's convolutions.
-#[test]
-#[ignore = "needs a CUDA GPU"]
-fn report_resnet152_conv_throughput() {
-    let d = dev();
-    println!("device: {}", d.name().unwrap());
-    print!("{:<44} {:>6}", "layer (batch 8)", "count");
-    for t in ConvTile::ALL {
-        print!(" {:>10}", format!("{t:?}").trim_start_matches('T'));
-    }
-    println!(" {:>10} {:>9}", "auto", "auto ms");
-    let mut total_ms = 0.0;
-    let mut total_gflop = 0.0;
-    for (name, shape, count) in conv::resnet152_convs(8) {
-        let mut row = Vec::new();
-        for t in ConvTile::ALL {
-            row.push(conv::bench_conv_with(d, &shape, Some(t), 20).unwrap());
-        }
-        let auto = conv::bench_conv(d, &shape, 20).unwrap();
-        let ms = shape.flops() / (auto * 1e12) * 1e3;
-        total_ms += ms * count as f64;
-        total_gflop += shape.flops() * count as f64 / 1e9;
-        print!("{name:<44} {count:>6}");
-        for v in row {
-            print!(" {v:>10.2}");
-        }
-        println!(" {auto:>10.2} {ms:>9.3}");
-    }
-    println!("all convolutions: {total_gflop:.1} GFLOP in {total_ms:.2} ms = {:.2} TFLOP/s", total_gflop / total_ms);
-}

@@ -8,10 +8,9 @@
 //! byte of the buffer (columns beside a column slice, padding between batch
 //! entries) still holds exactly what was there before. Half-type inputs are
 //! rounded to the half type first and the reference uses the rounded values.
-//! Benchmarks live elsewhere (`gemm::bench_gemm_kernels`, `pipeswitch bench gemm`);
-//! these tests only check correctness, except `kernel_speeds`, which prints
-//! every kernel's speed at the benchmark shapes when PIPESWITCH_GEMM_SPEEDS
-//! is set.
+//! Benchmarks live elsewhere (`pipeswitch bench gemm --all-tiles`: the chosen
+//! kernel and every block tile at the benchmark shapes); these tests only
+//! check correctness.
 //!
 //! The wgmma (sm_90a) kernels run only on GPUs of compute capability 9.0;
 //! elsewhere their tests check that forcing them is refused and stop there.
@@ -617,50 +616,4 @@ fn wgmma_refused_where_it_does_not_exist() {
     let g = GemmArgs::dense(64, 64, 64, p, p + 32768, false, p + 65536);
     assert!(matches!(gemm::gemm_with_kernel(d, stream.raw(), GemmDtype::F16, &g, k), Err(pipeswitch::error::Error::InvalidArgument(_))));
     check_launch(stream.raw()).expect("nothing was launched");
-}
-
-/// Speed of every kernel at the benchmark shapes (bench/gemm_shapes.json, B
-/// stored [N, K], with bias), TFLOP/s; only with PIPESWITCH_GEMM_SPEEDS set
-/// (its value: samples per kernel, default 20).
-#[test]
-#[ignore = "needs a CUDA GPU"]
-fn kernel_speeds() {
-    let Ok(v) = std::env::var("PIPESWITCH_GEMM_SPEEDS") else {
-        eprintln!("PIPESWITCH_GEMM_SPEEDS not set: skipped");
-        return;
-    };
-    let reps = v.parse().unwrap_or(20);
-    let d = dev();
-    let wg = gemm::wgmma_device(d).expect("capability");
-    for (name, ptx) in [(gemm::MODULE, gemm::PTX), (gemm::MODULE_SM90A, gemm::PTX_SM90A)] {
-        if name == gemm::MODULE_SM90A && !wg {
-            continue;
-        }
-        let t = std::time::Instant::now();
-        pipeswitch::kernels::module(d, name, ptx).expect("module");
-        println!("JIT of module {name} ({} bytes of PTX): {:.0} ms", ptx.len(), t.elapsed().as_secs_f64() * 1e3);
-    }
-    let mut kernels: Vec<Option<GemmKernel>> =
-        vec![None, Some(GemmKernel::Sync(GemmTile::Large)), Some(GemmKernel::Sync(GemmTile::Medium)), Some(GemmKernel::Sync(GemmTile::Small))];
-    if wg {
-        kernels.extend(WgTile::ALL.iter().map(|&t| Some(GemmKernel::Wgmma(t))));
-    }
-    let names: Vec<String> = kernels
-        .iter()
-        .map(|k| match k {
-            None => "chosen".to_string(),
-            Some(GemmKernel::Sync(t)) => format!("{t:?}"),
-            Some(GemmKernel::Wgmma(t)) => format!("wg{}x{}", t.dims().0, t.dims().1),
-        })
-        .collect();
-    println!("dtype  M x N x K      chosen kernel | {}", names.join(" | "));
-    for dt in [GemmDtype::F16, GemmDtype::Bf16] {
-        for (m, n, k) in [(1024, 768, 768), (1024, 2304, 768), (1024, 3072, 768), (1024, 768, 3072), (1024, 3072, 1024), (1024, 1024, 1024), (1024, 4096, 1024), (1024, 1024, 4096)] {
-            let g = GemmArgs::dense(m, n, k, 0x1000, 0x2000, true, 0x3000);
-            let name = gemm::kernel_name_on(d, dt, &g).expect("name");
-            let t = gemm::bench_gemm_kernels(d, dt, m, n, k, &kernels, reps).expect("bench");
-            let cells: Vec<String> = t.iter().map(|x| format!("{x:6.1}")).collect();
-            println!("{dt:?} {m}x{n}x{k} {name} | {}", cells.join(" | "));
-        }
-    }
 }

@@ -8,7 +8,7 @@
 //! memcheck sees any out-of-bounds access.
 
 use pipeswitch::cuda::module::check_launch;
-use pipeswitch::cuda::{CUdeviceptr, Device, DeviceAlloc, Event, Stream};
+use pipeswitch::cuda::{CUdeviceptr, Device, DeviceAlloc, Stream};
 use pipeswitch::error::Error;
 use pipeswitch::kernels::attention::{attention, attention_ref};
 use pipeswitch::kernels::elementwise::{self as ew, Activation};
@@ -531,54 +531,4 @@ fn launchers_reject_bad_arguments() {
     assert!(inv(attention(d, s.raw(), p + 4, p, 0, 1, 8, 2, 64, false)));
     assert!(inv(attention(d, s.raw(), p, p, 0, 0, 8, 2, 64, false)));
     sync(&s);
-}
-
-// ------------------------------------------------------------------- timings
-
-/// Not a check: prints the kernels' times at the demo shapes (batch 8, 128
-/// tokens) for BERT-base and GPT-2-medium.
-#[test]
-#[ignore = "needs a CUDA GPU"]
-fn demo_shape_timings() {
-    let d = device();
-    let s = Stream::new(d).unwrap();
-    let mut rng = Rng(11);
-    let (b, seq) = (8usize, 128usize);
-    let tokens = b * seq;
-    let time = |label: &str, f: &mut dyn FnMut()| {
-        f();
-        sync(&s);
-        let (e0, e1) = (Event::new(d, true).unwrap(), Event::new(d, true).unwrap());
-        let reps = 50;
-        e0.record(s.raw()).unwrap();
-        for _ in 0..reps {
-            f();
-        }
-        e1.record(s.raw()).unwrap();
-        e1.synchronize().unwrap();
-        let ms = Event::elapsed_ms(&e0, &e1).unwrap() / reps as f32;
-        println!("{label}: {:.1} us", ms * 1000.0);
-    };
-    for (name, hidden, heads, causal) in [("bert-base", 768usize, 12usize, false), ("gpt2-medium", 1024, 16, true)] {
-        let qkv = upload(d, &rng.vec(tokens * 3 * hidden, -1.0, 1.0));
-        let out = poisoned(d, tokens * hidden);
-        let x = upload(d, &rng.vec(tokens * 4 * hidden, -1.0, 1.0));
-        let r = upload(d, &rng.vec(tokens * hidden, -1.0, 1.0));
-        let g = upload(d, &rng.vec(4 * hidden, 0.5, 1.5));
-        let scores = upload(d, &rng.vec(b * heads * seq * seq, -4.0, 4.0));
-        let sp = s.raw();
-        time(&format!("{name} attention"), &mut || {
-            attention(d, sp, out.ptr(), qkv.ptr(), 0, b, seq, heads, 64, causal).unwrap()
-        });
-        time(&format!("{name} add_layernorm"), &mut || {
-            norm::add_layernorm(d, sp, out.ptr(), 0, r.ptr(), out.ptr(), g.ptr(), g.ptr(), tokens, hidden, 1e-5).unwrap()
-        });
-        time(&format!("{name} bias+gelu [{tokens}, {}]", 4 * hidden), &mut || {
-            ew::bias_act(d, sp, x.ptr(), x.ptr(), g.ptr(), tokens, 4 * hidden, Activation::Gelu).unwrap()
-        });
-        time(&format!("{name} softmax [{}, {seq}]", b * heads * seq), &mut || {
-            norm::softmax(d, sp, scores.ptr(), scores.ptr(), b * heads * seq, seq, 0.125, if causal { seq } else { 0 })
-                .unwrap()
-        });
-    }
 }

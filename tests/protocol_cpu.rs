@@ -58,6 +58,7 @@ fn every_message() -> Vec<Message> {
             resident: false,
             plan: vec![0, 4, 40, 150],
             inputs: vec![tensor("images", 16)],
+            decided_ns: 123_456_789,
         }),
         Message::TaskDone { task_id: 77, status: 0, message: String::new(), outputs: vec![tensor("logits", 40)], timing },
         Message::TaskDone { task_id: 78, status: 302, message: "CUDA error".into(), outputs: vec![], timing: Timing::default() },
@@ -75,6 +76,7 @@ fn every_message() -> Vec<Message> {
             workers_lost: 1,
         }),
         Message::Shutdown,
+        Message::Deactivate,
     ]
 }
 

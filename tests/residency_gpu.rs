@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use pipeswitch::arena::Arena;
-use pipeswitch::bench::{add_synthetic, shape_size, Shape};
+use pipeswitch::model::synthetic::{add_synthetic, shape_size, Shape};
 use pipeswitch::cuda::{Device, Stream};
 use pipeswitch::error::Error;
 use pipeswitch::residency::ResidencyManager;

@@ -20,6 +20,7 @@ that tests and ``figures.py`` can import it anywhere.
 """
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -251,6 +252,28 @@ def evaluate_target(model_bytes, peak_gbps, ready_ms, lib_ms, pipelined_ms):
             out["pass_pipelined"] = lib_ms < pipelined_ms
         if out["pass_target"] is not None and out["pass_pipelined"] is not None:
             out["pass"] = out["pass_target"] and out["pass_pipelined"]
+    return out
+
+
+def plan_checks(mres, variants, peak, ready):
+    """Issue 15's checks of the optimal plan: within 2% of the best of the other
+    plans (hand-chosen, one group per layer, one group), measured within 3% of
+    predicted (the fitted cost model), total <= 1.05 x max(ready, bytes/peak)."""
+    plans = mres.get("plans") or {}
+    keys = {"optimal": "pipeswitch", "hand": "hand_groups", "per_layer": "per_layer_groups",
+            "one_group": "transfer_then_run"}
+    measured = {k: _med(variants, v) for k, v in keys.items()}
+    predicted = {k: (plans.get(k) or {}).get("predicted_ms") for k in keys}
+    opt, pred = measured["optimal"], predicted["optimal"]
+    others = [v for k, v in measured.items() if k != "optimal" and v is not None]
+    floor = None
+    if ready is not None and mres.get("bytes") and peak:
+        floor = max(ready, transfer_ms(mres["bytes"], peak))
+    out = {"measured_ms": measured, "predicted_ms": predicted,
+           "optimal_within_2pct_of_best_other": (opt <= 1.02 * min(others)) if opt is not None and others else None,
+           "measured_within_3pct_of_predicted": (abs(opt / pred - 1) <= 0.03) if opt and pred else None,
+           "target_1_05_ms": 1.05 * floor if floor else None,
+           "meets_1_05": (opt <= 1.05 * floor) if opt is not None and floor else None}
     return out
 
 
@@ -1472,6 +1495,14 @@ class Experiment:
         log("arena %.1f GB, %d workers attached (%.1f s)" % (self.arena.size() / 1e9, len(kinds),
                                                                time.perf_counter() - tb))
 
+        # Closed-loop planning (issue 15): per model, the cost model is calibrated on the
+        # "optimal" worker as a server runs it (each switch right after another model's
+        # forward), fitted, the optimum planned and measured, refitted while off by > 3%;
+        # the chosen plan replaces the unfitted planner's, and the fitted model predicts
+        # every plan of the grouping ablation.
+        if not args.no_calibrate:
+            self.calibrate()
+
         # Python pipelined loaders (pinned/pageable ablation).
         self.py, self.host = {}, {}
         if not ({"pinned_py", "pageable_py"} <= self.skip):
@@ -1512,6 +1543,48 @@ class Experiment:
         self.result["timing_s"]["setup"] = time.perf_counter() - t0
         log("setup done in %.1f s" % (time.perf_counter() - t0))
 
+    def before_fn(self, m):
+        """A forward of another model (resident on the "ready" worker): what a
+        server ran right before a switch to ``m``; None with one model."""
+        others = [o for o in self.models if o != m]
+        if not others:
+            return None
+        o = others[(self.models.index(m)) % len(others)] if m in self.models else others[0]
+        skel, inputs = self.skels[("ready", o)], self.inputs[o]
+
+        def before():
+            skel(*inputs)
+        return before
+
+    def calibrate(self):
+        pst, args = self.pst, self.args
+        cal = self.result.setdefault("calibration", {})
+        for m in list(self.models):
+            tb = time.perf_counter()
+            try:
+                r = pst.calibrate_module(self.workers["optimal"], m, self.inputs[m], before=self.before_fn(m),
+                                         reps=args.cal_reps, extra_plans=[self.plans[m]["hand"]], max_rounds=4)
+            except Exception as e:  # noqa: BLE001
+                self.error("calibrate %s" % m, e)
+                continue
+            rec = r["record"]
+            desc = self.result["models"][m]["plans"]
+            desc["optimal_unfitted"] = dict(desc["optimal"])
+            self.plans[m]["optimal"] = r["plan"]
+            desc["optimal"] = {"groups": len(r["plan"]), "starts": r["plan"]}
+            for k, p in self.plans[m].items():
+                try:
+                    desc[k]["predicted_ms"] = pst.predict_plan(self.info[m], self.skels[("optimal", m)], rec.model,
+                                                               p, self.peak)
+                except Exception as e:  # noqa: BLE001
+                    self.error("predict %s/%s" % (m, k), e)
+            cal[m] = {"record": dataclasses.asdict(rec), "ready_ms": r["ready_ms"],
+                      "needed_layers": r["needed_layers"], "seconds": time.perf_counter() - tb,
+                      "protocol": "median of %d switches, each right after another model's forward" % args.cal_reps}
+            log("calibrated %s: %d groups, predicted %.2f ms, measured %.2f ms (fit rms %.1f%%, %d refit rounds, %.1f s)"
+                % (m, rec.groups, rec.predicted_ms, rec.measured_ms, 100 * rec.fit_rms_rel_error, rec.rounds,
+                   time.perf_counter() - tb))
+
     # -- the variants ----------------------------------------------------------
     def variant_plan(self, m):
         """``[(variant, callable(run) -> record)]`` for model ``m``, in order."""
@@ -1535,8 +1608,13 @@ class Experiment:
             chk("ready_pipeswitch", y)
             return rec
 
+        before = self.before_fn(m) if self.args.server_order else None
+
         def switch(kind, v):
             def f(run):
+                if before is not None:  # as a server runs it: right after another model's forward
+                    before()
+                    torch.cuda.synchronize()
                 rec, y = timed_switch(torch, self.workers[kind], m, self.skels[(kind, m)], self.inputs[m], *ev)
                 chk(v, y)
                 return rec
@@ -1843,6 +1921,7 @@ class Experiment:
             ref = TARGETS_REF.get(m, {})
             t = evaluate_target(mres.get("bytes"), peak, ready, lib, ref.get("pipelined_ms"))
             mres["target"] = t
+            mres["plan_checks"] = plan_checks(mres, variants, peak, ready)
             mres["where_the_time_goes"] = where_the_time_goes(
                 m, variants, mres.get("bytes"), peak, (mres.get("plans") or {}).get("optimal"))
             if t.get("pass") is False:
@@ -1899,6 +1978,11 @@ def parse_args(argv=None):
     p.add_argument("--workspace-mb", type=int, default=8192,
                    help="arena workspace of the mem_workspace process (default 8192 MiB)")
     p.add_argument("--no-figures", action="store_true", help="do not write the SVG figures next to --out")
+    p.add_argument("--cal-reps", type=int, help="switches per calibration plan of the cost model's fit "
+                   "(default 5, --quick 3)")
+    p.add_argument("--no-calibrate", action="store_true", help="plan with the unfitted two-overhead model")
+    p.add_argument("--no-server-order", dest="server_order", action="store_false",
+                   help="do not run another model's forward before each timed switch")
     p.add_argument("--child", choices=["stop_and_start", "mps_standby", "mps_prev", "mem"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--allocator", choices=["workspace", "caching"], help=argparse.SUPPRESS)
@@ -1912,6 +1996,8 @@ def parse_args(argv=None):
         args.ss_runs = 1 if args.quick else 3
     if args.budget_s is None:
         args.budget_s = 115.0 if args.quick else 330.0
+    if args.cal_reps is None:
+        args.cal_reps = 3 if args.quick else 5
     args.skip = [s.strip() for s in args.skip.split(",") if s.strip()]
     unknown = [s for s in args.skip if s not in VARIANT_KEYS]
     if unknown:

@@ -283,3 +283,53 @@ def test_merge_takes_the_multi_process_variants_from_phase_b():
     assert v["mps"] == {"n": 20} and v["stop_and_start"] == {"n": 2}
     assert out["mps"] == {"status": "active"} and out["errors"] == ["ea", "eb"]
     assert out["phases"]["B"]["argv"] == ["b"]
+
+
+def test_plan_checks_of_issue_15():
+    from experiments import plan_checks, transfer_ms
+
+    def var(ms):
+        return {"stats": {"total_ms": {"median": ms}}}
+
+    mres = {"bytes": int(8e9), "plans": {"optimal": {"predicted_ms": 10.0}, "hand": {"predicted_ms": 10.5},
+                                         "per_layer": {"predicted_ms": 11.0}, "one_group": {"predicted_ms": 20.0}}}
+    variants = {"pipeswitch": var(10.2), "hand_groups": var(10.1), "per_layer_groups": var(11.0),
+                "transfer_then_run": var(19.0)}
+    c = plan_checks(mres, variants, 800.0, 9.8)  # bytes/peak = 10 ms
+    assert transfer_ms(mres["bytes"], 800.0) == 10.0
+    assert c["optimal_within_2pct_of_best_other"] is True  # 10.2 <= 1.02 x 10.1
+    assert c["measured_within_3pct_of_predicted"] is True  # 10.2 vs 10.0
+    assert c["target_1_05_ms"] == 10.5 and c["meets_1_05"] is True
+    variants["pipeswitch"] = var(10.4)
+    c = plan_checks(mres, variants, 800.0, 9.8)
+    assert c["optimal_within_2pct_of_best_other"] is False
+    assert c["measured_within_3pct_of_predicted"] is False  # 4% off
+    assert c["meets_1_05"] is True
+    c = plan_checks({"bytes": 1}, {}, None, None)
+    assert c["optimal_within_2pct_of_best_other"] is None and c["meets_1_05"] is None
+
+
+def test_plans_table_reads_both_workers():
+    import plans_table
+
+    def v(name, ms, pred):
+        return {"variant": name, "ms": {"median": ms}, "predicted_ms": pred}
+
+    demo = {"card": "H100", "models": [{
+        "model": "resnet152", "bytes_over_peak_ms": 4.6, "target_ms": 9.9, "optimal_group_starts": [0, 2, 30],
+        "optimal_within_2pct_of_best_other": True, "within_3pct_of_prediction": False, "meets_target": True,
+        "variants": [v("ready", 9.2, 9.2), v("transfer_then_run", 13.7, 13.5), v("pipelined_optimal", 9.4, 9.3),
+                     v("pipelined_per_layer", 9.5, 9.6)]}]}
+    paper = {"environment": {"card": "H100"}, "models": {"bert_base": {
+        "bytes_over_peak_ms": 7.9, "plans": {"optimal": {"groups": 14}},
+        "variants": {"ready_torch": {"median": 7.6}},
+        "plan_checks": {"measured_ms": {"optimal": 8.2, "hand": 8.24, "per_layer": 8.5, "one_group": 15.0},
+                        "predicted_ms": {"optimal": 8.1, "hand": 8.2, "per_layer": 8.6, "one_group": 15.2},
+                        "optimal_within_2pct_of_best_other": True, "measured_within_3pct_of_predicted": True,
+                        "target_1_05_ms": 8.3, "meets_1_05": True}}}}
+    text = plans_table.table([demo, paper])
+    lines = text.splitlines()
+    assert len(lines) == 4
+    assert "| built-in | resnet152 | 9.20 | 4.60 | 9.40 (9.30), 3 groups | - | 9.50 (9.60) | 13.70 (13.50) |" in lines[2]
+    assert "**no**" in lines[2]
+    assert lines[3].startswith("| PyTorch | bert_base | 7.60 | 7.90 | 8.20 (8.10), 14 groups | 8.24 (8.20) |")

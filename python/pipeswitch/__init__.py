@@ -21,6 +21,8 @@ from ._lib import CONSTANTS, library_path, lib
 from .core import (
     DTYPE_NAMES,
     Arena,
+    CostModel,
+    CostRecord,
     LayerInfo,
     ModelInfo,
     Store,
@@ -33,8 +35,11 @@ from .core import (
     dtype_name,
     last_error_message,
     measure_h2d,
+    plan_closed_loop,
     plan_groups,
+    plan_groups_cost,
     plan_makespan,
+    plan_makespan_cost,
     plan_model,
     pluggable_allocator_args,
     status_str,
@@ -75,7 +80,8 @@ globals().update(CONSTANTS)
 
 __all__ = [
     "Store", "Arena", "Switch", "ModelInfo", "LayerInfo", "TensorInfo", "StoreUsage",
-    "plan_groups", "plan_makespan", "plan_model", "measure_h2d", "driver_available",
+    "plan_groups", "plan_makespan", "plan_model", "plan_groups_cost", "plan_makespan_cost",
+    "plan_closed_loop", "CostModel", "CostRecord", "measure_h2d", "driver_available",
     "device_count", "version", "version_number", "status_str", "last_error_message",
     "workspace_attach", "workspace_detach", "workspace_usage", "pluggable_allocator_args",
     "dtype_code", "dtype_name", "DTYPE_NAMES", "lib", "library_path", "CONSTANTS",

@@ -189,12 +189,40 @@ class ps_store_usage(Structure):
     ]
 
 
+class ps_cost_model(Structure):
+    _fields_ = [
+        ("transfer_overhead_ms", c_double),
+        ("exec_overhead_ms", c_double),
+        ("first_kernel_ms", c_double),
+        ("exec_scale", c_double),
+        ("copy_slowdown", c_double),
+        ("floor_ms", c_double),
+        ("floor_per_group_ms", c_double),
+    ]
+
+
+class ps_cost_record(Structure):
+    _fields_ = [
+        ("model", ps_cost_model),
+        ("bandwidth_gbps", c_double),
+        ("predicted_ms", c_double),
+        ("measured_ms", c_double),
+        ("groups", c_uint32),
+        ("rounds", c_uint32),
+        ("fit_rms_rel_error", c_double),
+        ("unix_s", c_uint64),
+    ]
+
+
 #: Every struct of the header, by name.
 STRUCTS = {
     c.__name__: c
     for c in (ps_arena, ps_store, ps_switch, ps_program, ps_worker, ps_arena_ipc_handle, ps_layer_desc, ps_tensor_desc,
-              ps_model_info, ps_layer_info, ps_tensor_info, ps_store_usage)
+              ps_model_info, ps_layer_info, ps_tensor_info, ps_store_usage, ps_cost_model, ps_cost_record)
 }
+
+#: ``ps_measure_plan_fn``: (user, group starts, number of groups, out ms) -> 0 or an error code.
+ps_measure_plan_fn = ctypes.CFUNCTYPE(c_int32, c_void_p, POINTER(c_size_t), c_size_t, POINTER(c_double))
 
 # Pointer shorthands.
 _P = POINTER
@@ -236,6 +264,14 @@ SIGNATURES = {
     "ps_plan_model": (STATUS, [_store_p, c_char_p, c_double, c_double, c_double, _size_p, c_size_t,
                                   _size_p, _f64_p]),
     "ps_measure_h2d": (STATUS, [c_int32, c_uint64, _f64_p, _f64_p]),
+    "ps_plan_groups_cost": (STATUS, [_f64_p, _f64_p, c_size_t, _P(ps_cost_model), _size_p, c_size_t, _size_p,
+                                        _f64_p]),
+    "ps_plan_makespan_cost": (STATUS, [_f64_p, _f64_p, c_size_t, _P(ps_cost_model), _size_p, c_size_t, _f64_p]),
+    "ps_plan_closed_loop": (STATUS, [_f64_p, _f64_p, c_size_t, _P(ps_cost_model), _size_p, _size_p, c_size_t,
+                                        ps_measure_plan_fn, c_void_p, c_size_t, c_double, _P(ps_cost_record),
+                                        _size_p, c_size_t, _size_p]),
+    "ps_store_set_cost": (STATUS, [_store_p, c_char_p, _P(ps_cost_record)]),
+    "ps_store_get_cost": (STATUS, [_store_p, c_char_p, _P(ps_cost_record), _P(c_uint32)]),
     # store
     "ps_store_create": (STATUS, [c_char_p, c_uint64, c_uint32, _P(_store_p)]),
     "ps_store_open": (STATUS, [c_char_p, _P(_store_p)]),
@@ -257,6 +293,10 @@ SIGNATURES = {
     "ps_store_get_usage": (STATUS, [_store_p, _P(ps_store_usage)]),
     "ps_store_pin": (STATUS, [_store_p, c_int32]),
     "ps_store_read": (STATUS, [_store_p, c_char_p, c_uint64, c_void_p, c_size_t]),
+    "ps_store_check": (STATUS, [_store_p]),
+    "ps_store_model_footprint": (STATUS, [_store_p, c_char_p, _u64_p]),
+    "ps_store_safetensors_footprint": (STATUS, [c_char_p, _P(c_char_p), c_size_t, _u64_p]),
+    "ps_store_capacity_for": (STATUS, [_u64_p, c_size_t, _u64_p]),
     # switch
     "ps_switch_new": (STATUS, [c_int32, _P(_switch_p)]),
     "ps_switch_free": (STATUS, [_switch_p]),
@@ -264,6 +304,7 @@ SIGNATURES = {
     "ps_switch_start": (STATUS, [_switch_p, _store_p, c_char_p, _arena_p, c_uint64, _size_p,
                                     c_size_t]),
     "ps_switch_start_whole": (STATUS, [_switch_p, _store_p, c_char_p, _arena_p, c_uint64]),
+    "ps_switch_start_resident": (STATUS, [_switch_p, _store_p, c_char_p, _arena_p, c_uint64]),
     "ps_switch_wait_group": (STATUS, [_switch_p, c_size_t, c_void_p]),
     "ps_switch_group_of_layer": (STATUS, [_switch_p, c_size_t, _size_p]),
     "ps_switch_n_groups": (STATUS, [_switch_p, _size_p]),

@@ -485,6 +485,19 @@ class Store:
         arr, n = _doubles(exec_ms, "exec_ms")
         _c.lib().ps_store_set_layer_exec_ms(self._handle(), _enc(name, "model name"), arr, n)
 
+    def set_cost(self, name, record: "CostRecord"):
+        """Keeps a :class:`CostRecord` (fitted cost model, predicted and
+        measured) with model ``name``, readable by every process."""
+        r = record._c()
+        _c.lib().ps_store_set_cost(self._handle(), _enc(name, "model name"), byref(r))
+
+    def get_cost(self, name):
+        """The :class:`CostRecord` kept with model ``name``, or None."""
+        r = _c.ps_cost_record()
+        has = ctypes.c_uint32()
+        _c.lib().ps_store_get_cost(self._handle(), _enc(name, "model name"), byref(r), byref(has))
+        return CostRecord._from_c(r) if has.value else None
+
     def usage(self) -> StoreUsage:
         u = _c.ps_store_usage()
         _c.lib().ps_store_get_usage(self._handle(), byref(u))
@@ -693,6 +706,12 @@ class Switch:
         _c.lib().ps_switch_start_whole(self._handle(), store._handle(), _enc(model, "model name"),
                                        arena._handle(), int(offset))
 
+    def start_resident(self, store, model, arena, offset):
+        """Attaches ``model`` whose bytes are already at ``offset`` (resident):
+        no copy, one group that is complete at once."""
+        _c.lib().ps_switch_start_resident(self._handle(), store._handle(), _enc(model, "model name"),
+                                          arena._handle(), int(offset))
+
     def wait_group(self, group, stream=0):
         """Makes ``stream`` wait on the GPU for group ``group`` of the last
         switch; the host does not block. ``stream``: an int CUstream handle of
@@ -871,3 +890,129 @@ def pluggable_allocator_args() -> Tuple[str, str, str]:
     this process loaded, so PyTorch's dlopen gets the same instance (and the
     workspace that :func:`workspace_attach` attached)."""
     return _c.library_path(), "ps_workspace_malloc", "ps_workspace_free"
+
+
+# ---------------------------------------------------------------------------
+# The fitted cost model (issue 15)
+# ---------------------------------------------------------------------------
+
+_COST_FIELDS = ("transfer_overhead_ms", "exec_overhead_ms", "first_kernel_ms", "exec_scale", "copy_slowdown",
+                "floor_ms", "floor_per_group_ms")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """The terms of the extended cost model (``ps_cost_model``): per-group
+    transfer overhead ``a`` and execution overhead ``b``, the first kernel's
+    latency ``L``, the execution scale ``κ``, the slowdown of kernels while
+    copies run ``σ``, and the floor ``R + h·K`` (ms). The defaults with ``a``
+    and ``b`` are the two-overhead model of :func:`plan_groups`."""
+    transfer_overhead_ms: float = 0.0
+    exec_overhead_ms: float = 0.0
+    first_kernel_ms: float = 0.0
+    exec_scale: float = 1.0
+    copy_slowdown: float = 0.0
+    floor_ms: float = 0.0
+    floor_per_group_ms: float = 0.0
+
+    def _c(self):
+        return _c.ps_cost_model(*[float(getattr(self, f)) for f in _COST_FIELDS])
+
+    @classmethod
+    def _from_c(cls, c):
+        return cls(*[float(getattr(c, f)) for f in _COST_FIELDS])
+
+
+@dataclass(frozen=True)
+class CostRecord:
+    """A fitted cost model and the predicted and measured switch + first run
+    (ms) of the plan chosen with it, as kept with a model in the store."""
+    model: CostModel
+    bandwidth_gbps: float
+    predicted_ms: float
+    measured_ms: float
+    groups: int
+    rounds: int
+    fit_rms_rel_error: float
+    unix_s: int = 0
+
+    def _c(self):
+        return _c.ps_cost_record(self.model._c(), float(self.bandwidth_gbps), float(self.predicted_ms),
+                                 float(self.measured_ms), int(self.groups), int(self.rounds),
+                                 float(self.fit_rms_rel_error), int(self.unix_s))
+
+    @classmethod
+    def _from_c(cls, r):
+        return cls(CostModel._from_c(r.model), float(r.bandwidth_gbps), float(r.predicted_ms),
+                   float(r.measured_ms), int(r.groups), int(r.rounds), float(r.fit_rms_rel_error), int(r.unix_s))
+
+
+def _times(transfer_ms, exec_ms):
+    t, n = _doubles(transfer_ms, "transfer_ms")
+    x, m = _doubles(exec_ms, "exec_ms")
+    if n != m:
+        raise ArgumentError(_c.PS_ERR_INVALID_ARGUMENT, "PS_ERR_INVALID_ARGUMENT",
+                            "transfer_ms has %d values but exec_ms has %d" % (n, m))
+    return t, x, n
+
+
+def plan_groups_cost(transfer_ms, exec_ms, model: CostModel) -> Tuple[List[int], float]:
+    """The optimal grouping under the extended cost model ``model``
+    (``ps_plan_groups_cost``; exact). Returns (group starts, makespan ms)."""
+    t, x, n = _times(transfer_ms, exec_ms)
+    starts, ng, mk = _plan_out(n)
+    cm = model._c()
+    _c.lib().ps_plan_groups_cost(t, x, n, byref(cm), starts, len(starts), byref(ng), byref(mk))
+    return list(starts[:ng.value]), mk.value
+
+
+def plan_makespan_cost(transfer_ms, exec_ms, group_starts, model: CostModel) -> float:
+    """The makespan (ms) of ``group_starts`` under the extended cost model."""
+    t, x, n = _times(transfer_ms, exec_ms)
+    s, k = _size_array(group_starts)
+    out = c_double()
+    cm = model._c()
+    _c.lib().ps_plan_makespan_cost(t, x, n, byref(cm), s, k, byref(out))
+    return out.value
+
+
+def plan_closed_loop(transfer_ms, exec_ms, measure, base: CostModel = None, extra_plans=(), max_rounds=4,
+                     tolerance=0.03) -> Tuple[List[int], CostRecord]:
+    """Closed-loop planning (``ps_plan_closed_loop``): ``measure(plan)``
+    returns the measured switch + first run (ms) of a plan (a list of group
+    starts); the calibration plans and ``extra_plans`` are measured, the
+    terms b, L, κ, σ, h of ``base`` fitted, the optimum planned and
+    measured, and while prediction and measurement differ by more than
+    ``tolerance`` the model is refitted and the plan replanned (at most
+    ``max_rounds`` times). Returns (the best measured plan, its
+    :class:`CostRecord`; ``bandwidth_gbps`` 0). An exception raised by
+    ``measure`` stops the loop and is raised again here."""
+    t, x, n = _times(transfer_ms, exec_ms)
+    base = base or CostModel()
+    plans = [[int(s) for s in p] for p in extra_plans]
+    flat, _ = _size_array([s for p in plans for s in p])
+    counts, k = _size_array([len(p) for p in plans])
+    failure = []
+
+    def trampoline(user, starts, ngroups, ms_out):
+        try:
+            ms = float(measure([int(starts[i]) for i in range(ngroups)]))
+            ms_out[0] = ms
+            return 0
+        except BaseException as e:  # noqa: BLE001 - raised again below
+            failure.append(e)
+            return 1
+
+    cb = _c.ps_measure_plan_fn(trampoline)
+    rec = _c.ps_cost_record()
+    out = (c_size_t * max(n, 1))()
+    ng = c_size_t()
+    bm = base._c()
+    try:
+        _c.lib().ps_plan_closed_loop(t, x, n, byref(bm), flat, counts, k, cb, None, int(max_rounds),
+                                     float(tolerance), byref(rec), out, len(out), byref(ng))
+    except PipeSwitchError:
+        if failure:
+            raise failure[0]
+        raise
+    return list(out[:ng.value]), CostRecord._from_c(rec)

@@ -66,10 +66,12 @@ copies still running; they are a few rows per token (e.g. 8 x 128 rows of
 import bisect
 import copy
 import math
+import dataclasses
 import statistics
+import time
 import warnings
 
-from .core import Store, Switch, dtype_code, measure_h2d, plan_groups, plan_model
+from .core import CostModel, Store, Switch, dtype_code, measure_h2d, plan_closed_loop, plan_groups, plan_makespan_cost, plan_model
 from .core import pluggable_allocator_args, workspace_attach, workspace_detach
 from .errors import PipeSwitchError
 
@@ -378,6 +380,102 @@ def measure_layer_ms(module, layer_modules, example_inputs, device=None, warmup=
         for h in handles:
             h.remove()
     return [statistics.median(s) for s in samples]
+
+
+def predict_plan(info, module, model, plan, bandwidth_gbps):
+    """The cost model ``model``'s (a :class:`~pipeswitch.CostModel`)
+    switch + first run time (ms) of ``plan`` (stored-layer group starts) for
+    model ``info`` as registered from ``module``: when the moved token tables
+    (:func:`table_layers`) travel as a group of their own, the planner's
+    makespan of the layers a forward waits for, and no less than the last
+    copy's end; else the makespan over every layer."""
+    bw = float(bandwidth_gbps)
+    t_all = [layer.bytes / (bw * 1e6) for layer in info.layers]
+    tables = table_layers(info, module)
+    needed = tables[0] if tables else len(info.layers)
+    plan = [int(s) for s in plan]
+    if needed < len(info.layers) and needed in plan:
+        waited = [s for s in plan if s < needed]
+        ms = plan_makespan_cost(t_all[:needed], list(info.exec_ms[:needed]), waited, model)
+        return max(ms, sum(t_all) + model.transfer_overhead_ms * len(plan))
+    return plan_makespan_cost(t_all, list(info.exec_ms), plan, model)
+
+
+def calibrate_module(worker, model_name, example_inputs, before=None, reps=5, extra_plans=(), max_rounds=4,
+                     tolerance=0.03, store_result=True):
+    """Closed-loop planning of model ``model_name`` attached to ``worker``
+    (issue 15), measured as a server runs it.
+
+    A measurement of a plan is the median of ``reps`` runs of: ``before()``
+    (e.g. a forward of another model: what ran before the switch on a
+    server; nothing when None), then :meth:`Worker.switch_to` + the forward
+    on ``example_inputs`` + synchronize, host wall time. The per-layer times
+    are the stored ones (:func:`measure_layer_ms`: CUDA events recorded on
+    the compute stream in forward pre-hooks, warm, at the inputs' shapes).
+    The calibration plans, ``extra_plans`` (e.g. hand-chosen groups) and the
+    fitted model's plans are measured (:func:`pipeswitch.plan_closed_loop`);
+    the moved token tables always travel as one last group. The floor ``R``
+    is the larger of the ready model's run (measured the same way) and the
+    copies at the bandwidth.
+
+    The worker keeps the chosen plan (:meth:`Worker.set_plan`), and the
+    :class:`~pipeswitch.CostRecord` is stored with the model when
+    ``store_result``. Returns a dict: ``plan``, ``record``, ``ready_ms``,
+    ``needed_layers``, ``bandwidth_gbps``."""
+    import torch
+
+    entry = worker._models.get(model_name)
+    if entry is None:
+        raise KeyError("model %r is not attached to this worker" % model_name)
+    info, module = entry.info, entry.module
+    if not info.measured:
+        raise ValueError("model %r has no per-layer times: register it with measure=True" % model_name)
+    bw, a = worker._link()
+    tables = table_layers(info, module)
+    needed = tables[0] if tables else len(info.layers)
+    t_all = [layer.bytes / (bw * 1e6) for layer in info.layers]
+    t, x = t_all[:needed], list(info.exec_ms[:needed])
+    inputs = _to_device(example_inputs, worker.device)
+    device = worker.device
+
+    def full(p):
+        return [int(s) for s in p] + ([needed] if needed < len(info.layers) else [])
+
+    def once(switch):
+        if before is not None:
+            before()
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        if switch:
+            worker.switch_to(model_name)
+        with torch.no_grad():
+            _call(module, inputs)
+        torch.cuda.synchronize(device)
+        if switch:
+            worker.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    def measure(p):
+        worker.set_plan(model_name, full(p))
+        once(True)  # warm: the first switch with new hooks
+        return statistics.median(once(True) for _ in range(reps))
+
+    worker.switch_to(model_name)
+    worker.synchronize()
+    ready_ms = statistics.median(once(False) for _ in range(max(reps, 3)))
+    base = CostModel(a, worker.group_exec_overhead_ms, floor_ms=max(ready_ms, sum(t_all) + a))
+    extra = []
+    for p in extra_plans:
+        q = [int(s) for s in p if int(s) < needed]
+        if q and q[0] == 0 and q not in extra:
+            extra.append(q)
+    plan, rec = plan_closed_loop(t, x, measure, base, extra, max_rounds, tolerance)
+    rec = dataclasses.replace(rec, bandwidth_gbps=bw)
+    worker.set_plan(model_name, full(plan))
+    if store_result:
+        worker.store.set_cost(model_name, rec)
+    return {"plan": full(plan), "record": rec, "ready_ms": ready_ms, "needed_layers": needed,
+            "bandwidth_gbps": bw}
 
 
 def register_module(store, name, module, example_inputs, device=None, measure=True, tables_last=True):
@@ -824,6 +922,32 @@ class Worker:
             return None
         entry.host_views[layer] = (host, views)
         return views
+
+    def set_plan(self, model_name, plan):
+        """Replaces the plan (group starts) of attached model ``model_name``;
+        its group waits are rebuilt and the next :meth:`switch_to` uses it.
+        If the model is the current one, its switch is waited for first (it
+        stays usable, complete in its region)."""
+        entry = self._models.get(model_name)
+        if entry is None:
+            raise KeyError("model %r is not attached to this worker" % model_name)
+        if self._current is entry:
+            self.switch.synchronize()
+            self._current = None  # complete and resident: no group to wait for
+        old = entry.plan
+        for h in entry.hooks:
+            h.remove()
+        entry.hooks = []
+        entry.plan = [int(s) for s in plan]
+        try:
+            self._bind(entry)
+        except BaseException:
+            for h in entry.hooks:
+                h.remove()
+            entry.hooks = []
+            entry.plan = old
+            self._bind(entry)
+            raise
 
     def detach(self, model_name):
         """Forgets an attached model: removes its hooks and releases its region

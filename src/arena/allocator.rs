@@ -1,5 +1,9 @@
 //! An offset allocator for one contiguous range: first fit over a sorted
 //! free list, with coalescing on release. Pure logic, tested without a GPU.
+//!
+//! Every free and live range lies inside `[0, size)`, so `start + len` of one
+//! of them never overflows (even for `size == u64::MAX`); sums of a request
+//! and an offset are checked.
 
 use std::collections::BTreeMap;
 
@@ -177,6 +181,40 @@ mod tests {
             }
             let free: u64 = a.free.values().sum();
             assert_eq!(free + a.used_bytes(), 1 << 20, "bytes lost");
+        }
+    }
+
+    #[test]
+    fn ranges_near_u64_max_do_not_overflow() {
+        let mut a = OffsetAllocator::new(u64::MAX);
+        assert_eq!(a.largest_free(), u64::MAX);
+        // A large alignment past the first byte lands at 2^63.
+        let x = a.alloc(1, 1).unwrap();
+        let y = a.alloc(16, 1 << 63).unwrap();
+        assert_eq!((x, y), (0, 1 << 63));
+        assert!(matches!(a.alloc(u64::MAX, 1), Err(Error::ArenaFull(_))));
+        assert!(matches!(a.alloc(2, 1 << 63), Err(Error::ArenaFull(_))), "no second 2^63-aligned offset fits");
+        // What is left: [1, 2^63) and [2^63 + 16, 2^64 - 1), both filled exactly.
+        let w = a.alloc((1 << 63) - 1, 1).unwrap();
+        let z = a.alloc(u64::MAX - (1 << 63) - 16, 1).unwrap();
+        assert_eq!((w, z), (1, (1 << 63) + 16));
+        assert_eq!((a.used_bytes(), a.largest_free()), (u64::MAX, 0));
+        assert!(a.contains(z, u64::MAX - z));
+        assert!(!a.contains(z, u64::MAX - z + 1));
+        assert!(!a.contains(u64::MAX - 1, 2));
+        assert!(!a.contains(u64::MAX, u64::MAX));
+        assert!(matches!(a.alloc(1, 1), Err(Error::ArenaFull(_))));
+        for o in [y, w, x, z] {
+            a.release(o).unwrap();
+        }
+        assert_eq!((a.largest_free(), a.free.len()), (u64::MAX, 1));
+        // The whole range in one piece, then with every alignment.
+        assert_eq!(a.alloc(u64::MAX, 1).unwrap(), 0);
+        a.release(0).unwrap();
+        for shift in 0..64 {
+            let o = a.alloc(u64::MAX >> 1, 1 << shift).unwrap();
+            assert_eq!(o % (1 << shift), 0);
+            a.release(o).unwrap();
         }
     }
 }

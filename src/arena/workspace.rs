@@ -76,14 +76,20 @@ pub fn malloc(bytes: u64, device: i32) -> Result<u64> {
         Error::ArenaFull(m) => Error::ArenaFull(format!("workspace: {m}")),
         e => e,
     })?;
-    Ok(a.arena.base() + a.arena.workspace().0 + off)
+    // Inside the arena (off < workspace bytes), so this cannot overflow for
+    // a real allocation; checked all the same.
+    a.arena
+        .base()
+        .checked_add(a.arena.workspace().0)
+        .and_then(|w| w.checked_add(off))
+        .ok_or_else(|| Error::Internal(format!("workspace offset {off} overflows the address space")))
 }
 
 /// Returns a pointer from [`malloc`].
 pub fn free(ptr: u64) -> Result<()> {
     let mut s = state();
     let a = s.as_mut().ok_or_else(|| Error::InvalidState("no arena is attached to the workspace".into()))?;
-    let base = a.arena.base() + a.arena.workspace().0;
+    let base = a.arena.base().saturating_add(a.arena.workspace().0);
     let off = ptr
         .checked_sub(base)
         .ok_or_else(|| Error::invalid(format!("{ptr:#x} is not a workspace pointer")))?;

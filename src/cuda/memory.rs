@@ -110,6 +110,21 @@ impl IpcMapping {
     pub fn ptr(&self) -> CUdeviceptr {
         self.ptr
     }
+    /// Bytes of the mapped allocation from [`IpcMapping::ptr`] on, as the
+    /// driver knows it (not as the sender claims).
+    pub fn mapped_bytes(&self) -> Result<u64> {
+        self.device.bind()?;
+        let (base, size) = address_range(self.ptr)?;
+        Ok((base + size as u64).saturating_sub(self.ptr))
+    }
+}
+
+/// The allocation that holds device address `ptr`: (its base, its size in
+/// bytes), from `cuMemGetAddressRange` (current context).
+pub fn address_range(ptr: CUdeviceptr) -> Result<(CUdeviceptr, usize)> {
+    let (mut base, mut size): (CUdeviceptr, usize) = (0, 0);
+    cu!(cuMemGetAddressRange_v2(&mut base, &mut size, ptr))?;
+    Ok((base, size))
 }
 
 impl Drop for IpcMapping {

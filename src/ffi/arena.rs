@@ -22,8 +22,9 @@ pub struct ps_arena_ipc_handle {
 
 const _: () = assert!(std::mem::size_of::<ArenaIpcHandle>() == 128);
 
-pub(crate) fn arena_ref<'a>(p: *const ps_arena) -> Result<&'a Arc<Arena>> {
-    Ok(&handles::get(p, "arena")?.inner)
+/// The arena of a live handle, held for one call (a free meanwhile waits for it).
+pub(crate) fn arena_ref(p: *const ps_arena) -> Result<Arc<Arena>> {
+    Ok(handles::get(p, "arena")?.inner.clone())
 }
 
 /// Allocates an arena of `bytes` on `device` (one cuMemAlloc), the last

@@ -1,8 +1,9 @@
 //! The C ABI. Every `extern "C"` function runs its body inside [`boundary`],
 //! which catches panics (`PS_ERR_PANIC`), converts the crate's [`Error`] to a
 //! `ps_status` once, and records the message for `ps_last_error_message()`.
-//! Handles are checked against a registry of live objects, so NULL, freed or
-//! foreign handles (a double free) give a status, never a crash.
+//! Handles are ids (never addresses, never reused) looked up in a registry of
+//! live objects (`handles`), so NULL, freed, forged or wrongly typed handles
+//! (a double free) give a status, never a crash, from any thread.
 
 #![allow(non_camel_case_types)]
 

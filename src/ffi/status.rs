@@ -68,12 +68,13 @@ pub const PS_ERR_PANIC: ps_status = 900;
 /// An internal invariant failed.
 pub const PS_ERR_INTERNAL: ps_status = 901;
 
-pub(crate) fn status_of(e: &Error) -> ps_status {
+/// The status code of an error (what the C ABI returns for it).
+pub fn status_of(e: &Error) -> ps_status {
     match e {
         Error::NullArgument(_) => PS_ERR_NULL_ARGUMENT,
         Error::InvalidArgument(_) | Error::Plan(_) => PS_ERR_INVALID_ARGUMENT,
         Error::BufferTooSmall { .. } => PS_ERR_BUFFER_TOO_SMALL,
-        Error::InvalidHandle(_) => PS_ERR_INVALID_HANDLE,
+        Error::InvalidHandle(_) | Error::HandleType { .. } => PS_ERR_INVALID_HANDLE,
         Error::NotFound(_) => PS_ERR_NOT_FOUND,
         Error::AlreadyExists(_) => PS_ERR_ALREADY_EXISTS,
         Error::StoreFull(_) => PS_ERR_STORE_FULL,
@@ -92,6 +93,7 @@ pub(crate) fn status_of(e: &Error) -> ps_status {
         Error::Protocol(_) => PS_ERR_PROTOCOL,
         Error::Disconnected(_) => PS_ERR_DISCONNECTED,
         Error::Refused(_) => PS_ERR_REFUSED,
+        Error::Remote { status, .. } => *status,
         Error::Internal(_) => PS_ERR_INTERNAL,
     }
 }

@@ -69,12 +69,16 @@ pub struct ps_tensor_info {
     pub layer: usize,
 }
 
-/// How full a store is.
+/// How full a store is. Bytes count footprints (`ps_store_model_footprint`:
+/// weights, metadata, page rounding), not weights alone.
 #[repr(C)]
 pub struct ps_store_usage {
     pub capacity_bytes: u64,
+    /// Footprints of all models, removed ones still in use included.
     pub used_bytes: u64,
+    /// The largest footprint an add can place now.
     pub largest_free_bytes: u64,
+    /// Models that lookups see.
     pub models: u32,
     pub max_models: u32,
 }
@@ -99,13 +103,17 @@ pub const PS_MAX_DIMS: u32 = 8;
 
 const _: () = assert!(MAX_DIMS == PS_MAX_DIMS as usize);
 
-pub(crate) fn store_ref<'a>(p: *const ps_store) -> Result<&'a Arc<Store>> {
-    Ok(&handles::get(p, "store")?.inner)
+/// The store of a live handle, held for one call (a free meanwhile waits for it).
+pub(crate) fn store_ref(p: *const ps_store) -> Result<Arc<Store>> {
+    Ok(handles::get(p, "store")?.inner.clone())
 }
 
-/// Creates the store `name` (a file /dev/shm/pipeswitch-<name>) with room for
-/// `capacity_bytes` of model data and `max_models` models (0: 256). Its space
-/// is reserved now: a full /dev/shm gives `PS_ERR_STORE_FULL` here.
+/// Creates the store `name` (a file /dev/shm/pipeswitch-<name>, mode 0600)
+/// with room for `capacity_bytes` of model data and `max_models` models
+/// (0: 256; at most 65536). Its space is reserved now: a full /dev/shm gives
+/// `PS_ERR_STORE_FULL` here. Each model takes its footprint
+/// (`ps_store_model_footprint`) of the capacity, more than its weights:
+/// size stores with `ps_store_capacity_for`.
 #[no_mangle]
 pub extern "C" fn ps_store_create(
     name: *const c_char,
@@ -123,7 +131,11 @@ pub extern "C" fn ps_store_create(
     })
 }
 
-/// Opens an existing store by name (from any process).
+/// Opens an existing store by name (from any process of the user that
+/// created it: a segment owned by another user, writable by group or
+/// others, or a symbolic link is refused with `PS_ERR_OS`). A handle belongs
+/// to the process that opened it: after fork(), the child must open the
+/// store again; the inherited handle answers `PS_ERR_INVALID_STATE`.
 #[no_mangle]
 pub extern "C" fn ps_store_open(name: *const c_char, store_out: *mut *mut ps_store) -> ps_status {
     boundary("ps_store_open", || {
@@ -223,7 +235,9 @@ pub extern "C" fn ps_store_add_safetensors(
     })
 }
 
-/// Removes a model; its space is reused by later adds.
+/// Removes a model: it disappears from every lookup at once. Its space is
+/// reused by later adds once no process still reads it, switches it or has
+/// a program bound to it (a process that dies lets go of it).
 #[no_mangle]
 pub extern "C" fn ps_store_remove_model(store: *const ps_store, model: *const c_char) -> ps_status {
     boundary("ps_store_remove_model", || store_ref(store)?.remove_model(str_arg(model, "model")?))
@@ -416,6 +430,8 @@ pub extern "C" fn ps_store_pin(store: *const ps_store, device: i32) -> ps_status
 
 /// Copies `bytes` of a stored model's data, from byte `offset` of the model,
 /// into `dst` (host memory). For checks, and for CPU-side use of weights.
+/// The model is leased during the copy: the bytes are the named model's,
+/// even while another thread or process removes it and adds others.
 #[no_mangle]
 pub extern "C" fn ps_store_read(
     store: *const ps_store,
@@ -426,7 +442,7 @@ pub extern "C" fn ps_store_read(
 ) -> ps_status {
     boundary("ps_store_read", || {
         let s = store_ref(store)?;
-        let m = s.model(str_arg(model, "model")?)?;
+        let m = s.lease(str_arg(model, "model")?)?;
         if offset.checked_add(bytes as u64).is_none_or(|end| end > m.bytes) {
             return Err(Error::invalid(format!(
                 "[{offset}, +{bytes}) lies outside model {:?} of {} bytes",
@@ -439,6 +455,66 @@ pub extern "C" fn ps_store_read(
         if dst.is_null() {
             return Err(Error::NullArgument("dst"));
         }
-        s.read_model_bytes(&m, offset, dst.cast::<u8>(), bytes)
+        s.read_leased(&m, offset, dst.cast::<u8>(), bytes)
+    })
+}
+
+/// Checks every entry of the store's model table. `PS_ERR_CORRUPT_STORE`
+/// if any is damaged; the message names the slots. The space of a damaged
+/// entry stays reserved, and adds are refused while any exists (listing and
+/// usage report the same status; intact models can still be read by name).
+#[no_mangle]
+pub extern "C" fn ps_store_check(store: *const ps_store) -> ps_status {
+    boundary("ps_store_check", || store_ref(store)?.check())
+}
+
+/// Bytes the stored model occupies in the store's capacity (its footprint):
+/// its weights (`ps_model_info.bytes`) plus its metadata (names, shapes,
+/// attributes, profile), rounded up to 4096. To size a store that holds it,
+/// pass footprints to `ps_store_capacity_for`.
+#[no_mangle]
+pub extern "C" fn ps_store_model_footprint(store: *const ps_store, model: *const c_char, bytes_out: *mut u64) -> ps_status {
+    boundary("ps_store_model_footprint", || {
+        let f = store_ref(store)?.model_footprint(str_arg(model, "model")?)?;
+        out(bytes_out, "bytes_out")?.write(f);
+        Ok(())
+    })
+}
+
+/// The footprint the model in a safetensors file would have in a store
+/// (layers as for `ps_store_add_safetensors`), without adding it.
+#[no_mangle]
+pub extern "C" fn ps_store_safetensors_footprint(
+    path: *const c_char,
+    layer_names: *const *const c_char,
+    n_layer_names: usize,
+    bytes_out: *mut u64,
+) -> ps_status {
+    boundary("ps_store_safetensors_footprint", || {
+        let path = str_arg(path, "path")?;
+        let list = slice_arg(layer_names, n_layer_names, "layer_names")?
+            .iter()
+            .map(|&p| str_arg(p, "layer name").map(str::to_string))
+            .collect::<Result<Vec<_>>>()?;
+        let layers = (!list.is_empty()).then_some(list.as_slice());
+        let f = crate::store::safetensors::footprint_of_file(Path::new(path), layers)?;
+        out(bytes_out, "bytes_out")?.write(f);
+        Ok(())
+    })
+}
+
+/// The `capacity_bytes` for `ps_store_create` with which a new store holds
+/// models of these footprints (`ps_store_model_footprint`,
+/// `ps_store_safetensors_footprint`) all at once. A store's capacity counts
+/// footprints, not weights: a store created with a model's
+/// `ps_model_info.bytes` as its capacity cannot hold it. After removes,
+/// free space may be split: `ps_store_usage.largest_free_bytes` tells what
+/// fits.
+#[no_mangle]
+pub extern "C" fn ps_store_capacity_for(footprints: *const u64, n: usize, capacity_out: *mut u64) -> ps_status {
+    boundary("ps_store_capacity_for", || {
+        let c = crate::store::capacity_for(slice_arg(footprints, n, "footprints")?)?;
+        out(capacity_out, "capacity_out")?.write(c);
+        Ok(())
     })
 }

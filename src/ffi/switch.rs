@@ -1,6 +1,7 @@
 //! `ps_switch_*`: the pipelined switch.
 
 use std::ffi::{c_char, c_void};
+use std::sync::RwLock;
 
 use super::arena::arena_ref;
 use super::store::store_ref;
@@ -9,17 +10,31 @@ use crate::error::Result;
 use crate::switch::{Chunking, Switch};
 
 /// A switch engine for one device: a copy stream and per-group events,
-/// reused by every switch. Use one from one thread at a time.
+/// reused by every switch. Thread-safe: a start waits for the calls that
+/// read the last switch (a worker's run included) and they wait for it.
 pub struct ps_switch {
-    inner: Switch,
+    inner: RwLock<Switch>,
 }
 
-pub(crate) fn switch_ref<'a>(p: *const ps_switch) -> Result<&'a Switch> {
-    sw(p)
+impl handles::Lockable for ps_switch {
+    type Inner = Switch;
+    fn lock(&self) -> &RwLock<Switch> {
+        &self.inner
+    }
 }
 
-fn sw<'a>(p: *const ps_switch) -> Result<&'a Switch> {
-    Ok(&handles::get(p, "switch")?.inner)
+/// The switch of a live handle, shared with other readers for one call.
+pub(crate) fn switch_ref(p: *const ps_switch) -> Result<handles::Read<Switch>> {
+    handles::read(p, "switch")
+}
+
+/// The switch of a live handle, alone for one call (a start, a setting).
+pub(crate) fn switch_mut(p: *const ps_switch) -> Result<handles::Write<Switch>> {
+    handles::write(p, "switch")
+}
+
+fn sw(p: *const ps_switch) -> Result<handles::Read<Switch>> {
+    switch_ref(p)
 }
 
 /// A switch engine for `device`.
@@ -28,12 +43,13 @@ pub extern "C" fn ps_switch_new(device: i32, switch_out: *mut *mut ps_switch) ->
     boundary("ps_switch_new", || {
         let o = out(switch_out, "switch_out")?;
         let s = Switch::new(device)?;
-        o.write(handles::register(ps_switch { inner: s }));
+        o.write(handles::register(ps_switch { inner: RwLock::new(s) }));
         Ok(())
     })
 }
 
-/// Waits for the last switch's copies, then frees the engine. NULL does nothing.
+/// Waits for the last switch's copies, then frees the engine. NULL does
+/// nothing. A call on it in another thread keeps it until that call returns.
 #[no_mangle]
 pub extern "C" fn ps_switch_free(switch: *mut ps_switch) -> ps_status {
     boundary("ps_switch_free", || handles::free(switch, "switch"))
@@ -44,7 +60,7 @@ pub extern "C" fn ps_switch_free(switch: *mut ps_switch) -> ps_status {
 #[no_mangle]
 pub extern "C" fn ps_switch_set_chunking(switch: *mut ps_switch, min_chunk: u64, max_chunk: u64) -> ps_status {
     boundary("ps_switch_set_chunking", || {
-        handles::get_mut(switch, "switch")?.inner.set_chunking(Chunking { min_chunk, max_chunk })
+        switch_mut(switch)?.set_chunking(Chunking { min_chunk, max_chunk })
     })
 }
 
@@ -63,9 +79,9 @@ pub extern "C" fn ps_switch_start(
     n_groups: usize,
 ) -> ps_status {
     boundary("ps_switch_start", || {
-        let s = handles::get_mut(switch, "switch")?;
+        let mut s = switch_mut(switch)?;
         let starts = slice_arg(group_starts, n_groups, "group_starts")?;
-        s.inner.start(store_ref(store)?, str_arg(model, "model")?, arena_ref(arena)?, dst_offset, starts)
+        s.start(&store_ref(store)?, str_arg(model, "model")?, &arena_ref(arena)?, dst_offset, starts)
     })
 }
 
@@ -80,8 +96,26 @@ pub extern "C" fn ps_switch_start_whole(
     dst_offset: u64,
 ) -> ps_status {
     boundary("ps_switch_start_whole", || {
-        let s = handles::get_mut(switch, "switch")?;
-        s.inner.start_whole(store_ref(store)?, str_arg(model, "model")?, arena_ref(arena)?, dst_offset)
+        let mut s = switch_mut(switch)?;
+        s.start_whole(&store_ref(store)?, str_arg(model, "model")?, &arena_ref(arena)?, dst_offset)
+    })
+}
+
+/// Attaches `model`, whose bytes are already at `dst_offset` of `arena` (a
+/// resident model, e.g. as the daemon or a residency manager reports it):
+/// no copy; one group (0) that completes as soon as the copy stream reaches
+/// it. Workers then run the model exactly as after `ps_switch_start`.
+#[no_mangle]
+pub extern "C" fn ps_switch_start_resident(
+    switch: *mut ps_switch,
+    store: *const super::store::ps_store,
+    model: *const c_char,
+    arena: *const super::arena::ps_arena,
+    dst_offset: u64,
+) -> ps_status {
+    boundary("ps_switch_start_resident", || {
+        let mut s = switch_mut(switch)?;
+        s.start_resident(&store_ref(store)?, str_arg(model, "model")?, &arena_ref(arena)?, dst_offset)
     })
 }
 

@@ -2,6 +2,8 @@
 //! stored model's graph from the arena as its groups arrive.
 
 use std::ffi::{c_char, c_void};
+use std::ops::Deref;
+use std::sync::{Arc, RwLock};
 
 use super::arena::arena_ref;
 use super::store::store_ref;
@@ -10,22 +12,45 @@ use crate::error::{Error, Result};
 use crate::worker::{Program, RunOptions, Worker};
 
 /// A stored model's graph bound to the model (weights, activation layout).
+/// Thread-safe (it does not change).
 pub struct ps_program {
     inner: Program,
 }
 
-/// A worker: a compute stream and an activation buffer from the arena. Use
-/// one from one thread at a time.
+impl Deref for ps_program {
+    type Target = Program;
+    fn deref(&self) -> &Program {
+        &self.inner
+    }
+}
+
+/// A worker: a compute stream and an activation buffer from the arena.
+/// Thread-safe: calls on one worker take turns (a run holds its switch, so
+/// the switch's next start waits until the run is enqueued).
 pub struct ps_worker {
-    inner: Worker,
+    inner: RwLock<Worker>,
 }
 
-fn program<'a>(p: *const ps_program) -> Result<&'a Program> {
-    Ok(&handles::get(p, "program")?.inner)
+impl handles::Lockable for ps_worker {
+    type Inner = Worker;
+    fn lock(&self) -> &RwLock<Worker> {
+        &self.inner
+    }
 }
 
-fn worker<'a>(w: *mut ps_worker) -> Result<&'a mut Worker> {
-    Ok(&mut handles::get_mut(w, "worker")?.inner)
+/// The program of a live handle, held for one call.
+pub(crate) fn program(p: *const ps_program) -> Result<Arc<ps_program>> {
+    handles::get(p, "program")
+}
+
+/// The worker of a live handle, alone for one call.
+pub(crate) fn worker(w: *const ps_worker) -> Result<handles::Write<Worker>> {
+    handles::write(w, "worker")
+}
+
+/// The worker of a live handle, shared with other readers for one call.
+pub(crate) fn worker_ref(w: *const ps_worker) -> Result<handles::Read<Worker>> {
+    handles::read(w, "worker")
 }
 
 /// The program of `model`, whose graph was stored with it (a safetensors
@@ -39,7 +64,8 @@ pub extern "C" fn ps_program_from_store(
 ) -> ps_status {
     boundary("ps_program_from_store", || {
         let o = out(program_out, "program_out")?;
-        let p = Program::from_store(store_ref(store)?, str_arg(model, "model")?)?;
+        let store = store_ref(store)?;
+        let p = Program::from_store(&store, str_arg(model, "model")?)?;
         o.write(handles::register(ps_program { inner: p }));
         Ok(())
     })
@@ -120,14 +146,15 @@ pub extern "C" fn ps_program_output_name(program: *const ps_program, index: usiz
 pub extern "C" fn ps_worker_new(arena: *const super::arena::ps_arena, worker_out: *mut *mut ps_worker) -> ps_status {
     boundary("ps_worker_new", || {
         let o = out(worker_out, "worker_out")?;
-        let w = Worker::new(arena_ref(arena)?)?;
-        o.write(handles::register(ps_worker { inner: w }));
+        let w = Worker::new(&arena_ref(arena)?)?;
+        o.write(handles::register(ps_worker { inner: RwLock::new(w) }));
         Ok(())
     })
 }
 
 /// Waits for the worker's last run, returns its activation buffer to the
-/// arena and frees it. NULL does nothing.
+/// arena and frees it. NULL does nothing. A call on it in another thread
+/// keeps it until that call returns.
 #[no_mangle]
 pub extern "C" fn ps_worker_free(worker: *mut ps_worker) -> ps_status {
     boundary("ps_worker_free", || handles::free(worker, "worker"))
@@ -137,7 +164,11 @@ pub extern "C" fn ps_worker_free(worker: *mut ps_worker) -> ps_status {
 /// arena: call it before switching, never during a switch).
 #[no_mangle]
 pub extern "C" fn ps_worker_prepare(worker: *mut ps_worker, program: *const ps_program) -> ps_status {
-    boundary("ps_worker_prepare", || self::worker(worker)?.prepare(self::program(program)?))
+    boundary("ps_worker_prepare", || {
+        let mut w = self::worker(worker)?;
+        let p = self::program(program)?;
+        w.prepare(&p)
+    })
 }
 
 /// Copies `bytes` bytes of input `name` (dtype and shape as in the graph:
@@ -153,7 +184,9 @@ pub extern "C" fn ps_worker_set_input(
 ) -> ps_status {
     boundary("ps_worker_set_input", || {
         let data = super::slice_arg(data.cast::<u8>(), bytes, "data")?;
-        self::worker(worker)?.set_input(self::program(program)?, str_arg(name, "name")?, data)
+        let mut w = self::worker(worker)?;
+        let p = self::program(program)?;
+        w.set_input(&p, str_arg(name, "name")?, data)
     })
 }
 
@@ -168,15 +201,20 @@ pub extern "C" fn ps_worker_run(
     profile: i32,
 ) -> ps_status {
     boundary("ps_worker_run", || {
+        // The switch is checked first (as it always was), locked second: a
+        // call that takes two locks takes the worker's first.
+        super::switch::switch_ref(switch)?;
+        let mut w = self::worker(worker)?;
+        let p = self::program(program)?;
         let sw = super::switch::switch_ref(switch)?;
-        self::worker(worker)?.run(self::program(program)?, sw, RunOptions { profile: profile != 0 })
+        w.run(&p, &sw, RunOptions { profile: profile != 0 })
     })
 }
 
 /// Waits for the worker's last run.
 #[no_mangle]
 pub extern "C" fn ps_worker_synchronize(worker: *mut ps_worker) -> ps_status {
-    boundary("ps_worker_synchronize", || self::worker(worker)?.synchronize())
+    boundary("ps_worker_synchronize", || worker_ref(worker)?.synchronize())
 }
 
 /// Waits for the last run and copies output (or activation) `name` into
@@ -195,7 +233,9 @@ pub extern "C" fn ps_worker_read(
             return Err(Error::NullArgument("out"));
         }
         let buf = super::slice_mut_arg(out_buf.cast::<u8>(), bytes, "out")?;
-        self::worker(worker)?.read(self::program(program)?, str_arg(name, "name")?, buf)
+        let mut w = self::worker(worker)?;
+        let p = self::program(program)?;
+        w.read(&p, str_arg(name, "name")?, buf)
     })
 }
 
@@ -210,7 +250,7 @@ pub extern "C" fn ps_worker_layer_ms(worker: *mut ps_worker, program: *const ps_
             return Err(Error::NullArgument("ms_out"));
         }
         let p = self::program(program)?;
-        let ms = self::worker(worker)?.layer_ms(p)?;
+        let ms = worker_ref(worker)?.layer_ms(&p)?;
         if ms.len() != n_layers {
             return Err(Error::invalid(format!("model {:?} has {} layers, n_layers is {n_layers}", p.model().name, ms.len())));
         }

@@ -11,7 +11,7 @@ use crate::arena::workspace;
 /// Serves workspace allocations from `arena`'s workspace region (process-wide).
 #[no_mangle]
 pub extern "C" fn ps_workspace_attach(arena: *const ps_arena) -> ps_status {
-    boundary("ps_workspace_attach", || workspace::attach(arena_ref(arena)?))
+    boundary("ps_workspace_attach", || workspace::attach(&arena_ref(arena)?))
 }
 
 /// Detaches the workspace (no allocation may be live).

@@ -4,6 +4,7 @@
 pub mod cpu;
 pub mod graph;
 pub mod reference;
+pub mod synthetic;
 pub mod weights;
 
 pub use graph::{Act, Graph, Op, TensorDecl};

@@ -83,6 +83,9 @@ pub struct Task {
     /// First layer of each group of the pipelined copy.
     pub plan: Vec<u32>,
     pub inputs: Vec<Tensor>,
+    /// When the daemon decided (CLOCK_MONOTONIC, ns): the worker measures
+    /// its activation from here to its first kernel.
+    pub decided_ns: u64,
 }
 
 /// Where a request's time went, in ms (0 where not measured).
@@ -147,6 +150,9 @@ pub enum Message {
     StatsReply(Stats),
     /// Ends a worker (daemon to worker) or asks a daemon to stop.
     Shutdown,
+    /// The daemon takes the active worker off its model: it cleans up and
+    /// answers `Standby`.
+    Deactivate,
 }
 
 impl Message {
@@ -164,6 +170,7 @@ impl Message {
             Message::StatsRequest => 9,
             Message::StatsReply(_) => 10,
             Message::Shutdown => 11,
+            Message::Deactivate => 12,
         }
     }
 
@@ -200,13 +207,14 @@ impl Message {
                     w.u32(s);
                 }
                 put_tensors(&mut w, &t.inputs);
+                w.u64(t.decided_ns);
             }
             Message::TaskDone { task_id, status, message, outputs, timing } => {
                 w.u64(*task_id).u32(*status).str(message);
                 put_tensors(&mut w, outputs);
                 put_timing(&mut w, timing);
             }
-            Message::StatsRequest | Message::Shutdown => {}
+            Message::StatsRequest | Message::Shutdown | Message::Deactivate => {}
             Message::StatsReply(s) => {
                 w.u64(s.requests).u64(s.failed).u64(s.hits).u64(s.misses).u64(s.evictions).u64(s.bytes_copied);
                 w.u32(s.workers).u32(s.standbys).u64(s.workers_started).u64(s.workers_lost);
@@ -270,7 +278,8 @@ impl Message {
                     plan.push(r.u32("plan")?);
                 }
                 let inputs = get_tensors(&mut r)?;
-                Message::Activate(Task { task_id, kind, model, model_id, region_offset, resident, plan, inputs })
+                let decided_ns = r.u64("decision time")?;
+                Message::Activate(Task { task_id, kind, model, model_id, region_offset, resident, plan, inputs, decided_ns })
             }
             8 => Message::TaskDone {
                 task_id: r.u64("task id")?,
@@ -293,6 +302,7 @@ impl Message {
                 workers_lost: r.u64("workers lost")?,
             }),
             11 => Message::Shutdown,
+            12 => Message::Deactivate,
             k => return Err(malformed(format!("unknown message kind {k}"))),
         };
         r.finish("message")?;
@@ -435,4 +445,28 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(Header, Message)> {
         return Err(Error::Protocol(format!("the header announces {} bytes, the frame has {}", h.body_len, body.len())));
     }
     Ok((h, Message::decode_body(h.kind, body)?))
+}
+
+/// CLOCK_MONOTONIC in ns: comparable between the daemon and its workers.
+pub fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or_else(|_| nix::sys::time::TimeSpec::new(0, 0));
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// The directory of the daemons' sockets: `$PIPESWITCH_SOCKET_DIR`, else
+/// `$XDG_RUNTIME_DIR/pipeswitch`, else `/tmp/pipeswitch-<uid>`. The daemon
+/// creates it with mode 0700 and refuses one that others can enter.
+pub fn default_socket_dir() -> std::path::PathBuf {
+    if let Some(d) = std::env::var_os("PIPESWITCH_SOCKET_DIR") {
+        return d.into();
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return std::path::Path::new(&d).join("pipeswitch");
+    }
+    std::path::PathBuf::from(format!("/tmp/pipeswitch-{}", nix::unistd::geteuid()))
+}
+
+/// The socket of the daemon that serves GPU `device` in `dir`.
+pub fn socket_path(dir: &std::path::Path, device: i32) -> std::path::PathBuf {
+    dir.join(format!("gpu{device}.sock"))
 }

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::arena::{Arena, REGION_ALIGN};
-use crate::cuda::{memory, Device, Stream};
+use crate::cuda::{Device, Stream};
 use crate::error::{Error, Result};
 use crate::store::{Model, Store};
 use crate::switch::Switch;
@@ -210,26 +210,14 @@ impl ResidencyManager {
         Ok(ModelUse { manager: self.clone(), ticket, model: m, offset: self.offset + offset, load, hit })
     }
 
-    /// Moves resident models inside the region (device to device, overlap
-    /// safe: each piece's destination was read by the previous piece), and
-    /// waits for the moves.
+    /// Moves resident models inside the region and waits for the moves.
     fn move_models(&self, inner: &Inner, moves: &[Move<ModelKey>]) -> Result<()> {
         if moves.is_empty() {
             return Ok(());
         }
         self.device.bind()?;
-        let base = self.arena.base() + self.offset;
         for m in moves {
-            let shift = m.from - m.to;
-            let mut done = 0;
-            while done < m.bytes {
-                let n = shift.min(m.bytes - done);
-                // SAFETY: both ranges lie inside the manager's region of the
-                // arena (the policy places everything inside it), and pieces
-                // of at most `shift` bytes never overlap their destination.
-                unsafe { memory::copy_dtod_async(base + m.to + done, base + m.from + done, n as usize, inner.moves.raw())? };
-                done += n;
-            }
+            self.arena.move_bytes(self.offset + m.from, self.offset + m.to, m.bytes, inner.moves.raw())?;
         }
         inner.moves.synchronize()
     }

@@ -1,4 +1,4 @@
-//! The store segment's byte layout, version 1. Everything is little-endian
+//! The store segment's byte layout, version 2. Everything is little-endian
 //! at fixed offsets and checked when read: a segment that fails a check is
 //! reported as corrupt, never trusted.
 //!
@@ -6,19 +6,29 @@
 //! [0, 4096)                 header: magic, layout version, sizes, checksum
 //! [4096, data_offset)       model table: table_capacity entries of 256 bytes
 //! [data_offset, total)      data: per model one allocation = weights (tensors
-//!                           256-aligned, in execution order) then metadata
+//!                           256-aligned, in execution order) then metadata,
+//!                           rounded up to ALLOC_ALIGN (the model's footprint)
 //! ```
+//!
+//! Version 2 checksums whole table entries (state and writer included), has
+//! a `Removing` state (hidden, space kept while leased), and bounds the table
+//! to [`MAX_MODELS`] entries. A free entry is all zeros.
 
 use super::model::{align_up, Dtype, LayerInfo, Model, ModelSpec, TensorInfo, MAX_DIMS, TENSOR_ALIGN};
 use crate::error::{Error, Result};
 
 pub const MAGIC: [u8; 8] = *b"PSSTORE\0";
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 pub const HEADER_BYTES: u64 = 4096;
 pub const ENTRY_BYTES: u64 = 256;
 pub const MAX_NAME: usize = 160;
 /// Model allocations start at multiples of this inside the data region.
 pub const ALLOC_ALIGN: u64 = 4096;
+/// Most models (table entries) a store may have: bounds what a segment's
+/// header can make an opener read.
+pub const MAX_MODELS: u32 = 1 << 16;
+/// Most bytes of one model's metadata.
+pub const MAX_META_BYTES: u64 = u32::MAX as u64;
 
 const META_MAGIC: [u8; 8] = *b"PSMODEL\0";
 const META_HEADER: usize = 48;
@@ -82,8 +92,8 @@ impl Header {
     /// The layout of a new segment with room for `capacity_bytes` of model
     /// data and `max_models` models.
     pub fn plan(capacity_bytes: u64, max_models: u32) -> Result<Header> {
-        if max_models == 0 {
-            return Err(Error::invalid("a store needs room for at least one model"));
+        if max_models == 0 || max_models > MAX_MODELS {
+            return Err(Error::invalid(format!("a store has room for 1 to {MAX_MODELS} models, not {max_models}")));
         }
         if capacity_bytes < ALLOC_ALIGN {
             return Err(Error::invalid(format!(
@@ -152,6 +162,12 @@ impl Header {
             generation: rd_u64(b, H_GENERATION),
             next_model_id: rd_u64(b, H_NEXT_ID),
         };
+        if h.table_capacity > MAX_MODELS {
+            return Err(Error::corrupt(format!(
+                "header claims a table of {} entries, at most {MAX_MODELS} are allowed",
+                h.table_capacity
+            )));
+        }
         let table_end = u64::from(h.table_capacity)
             .checked_mul(ENTRY_BYTES)
             .and_then(|t| t.checked_add(h.table_offset));
@@ -179,9 +195,12 @@ impl Header {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryState {
     Free = 0,
-    /// Space reserved, data being written by `writer_pid`.
+    /// Space reserved, data being written by the process that holds the
+    /// slot's writer lock (`writer_pid` is informational only).
     Writing = 1,
     Ready = 2,
+    /// Removed: hidden from lookups, space kept until no lease is held.
+    Removing = 3,
 }
 
 /// One model-table entry.
@@ -215,7 +234,7 @@ const E_LAYERS: usize = 64;
 const E_TENSORS: usize = 68;
 const E_NAME_LEN: usize = 72;
 const E_NAME: usize = 80;
-const E_CHECKSUM: usize = E_NAME + MAX_NAME; // over [E_ID, E_CHECKSUM)
+const E_CHECKSUM: usize = E_NAME + MAX_NAME; // over [0, E_CHECKSUM): the whole entry
 
 impl Entry {
     pub fn encode(&self) -> [u8; ENTRY_BYTES as usize] {
@@ -235,23 +254,28 @@ impl Entry {
         let n = name.len().min(MAX_NAME);
         wr_u32(&mut b, E_NAME_LEN, n as u32);
         b[E_NAME..E_NAME + n].copy_from_slice(&name[..n]);
-        let sum = fnv1a(&b[E_ID..E_CHECKSUM]);
+        let sum = fnv1a(&b[..E_CHECKSUM]);
         wr_u64(&mut b, E_CHECKSUM, sum);
         b
     }
 
-    /// Decodes an entry; `Ok(None)` for a free slot. Checks the checksum and
-    /// that the allocation lies inside the data region.
+    /// Decodes an entry; `Ok(None)` for a free slot (all zeros). Checks the
+    /// checksum (over every field) and that the allocation lies inside the
+    /// data region.
     pub fn decode(b: &[u8], h: &Header) -> Result<Option<Entry>> {
-        let state = match rd_u32(b, E_STATE) {
-            0 => return Ok(None),
-            1 => EntryState::Writing,
-            2 => EntryState::Ready,
-            s => return Err(Error::corrupt(format!("table entry has unknown state {s}"))),
-        };
-        if rd_u64(b, E_CHECKSUM) != fnv1a(&b[E_ID..E_CHECKSUM]) {
+        let b = b.get(..ENTRY_BYTES as usize).ok_or_else(|| Error::corrupt("table entry truncated"))?;
+        if b.iter().all(|&x| x == 0) {
+            return Ok(None);
+        }
+        if rd_u64(b, E_CHECKSUM) != fnv1a(&b[..E_CHECKSUM]) || b[E_CHECKSUM + 8..].iter().any(|&x| x != 0) {
             return Err(Error::corrupt("table entry checksum mismatch"));
         }
+        let state = match rd_u32(b, E_STATE) {
+            1 => EntryState::Writing,
+            2 => EntryState::Ready,
+            3 => EntryState::Removing,
+            s => return Err(Error::corrupt(format!("table entry has unknown state {s}"))),
+        };
         let name_len = rd_u32(b, E_NAME_LEN) as usize;
         if name_len == 0 || name_len > MAX_NAME {
             return Err(Error::corrupt("table entry has a bad name length"));
@@ -276,8 +300,10 @@ impl Entry {
         let alloc_end = e.alloc_offset.checked_add(e.alloc_bytes);
         let meta_end = e.meta_offset.checked_add(e.meta_bytes);
         let ok = e.alloc_offset >= h.data_offset
+            && e.alloc_offset % ALLOC_ALIGN == 0
             && alloc_end.is_some_and(|end| end <= h.total_bytes)
             && e.data_bytes <= e.alloc_bytes
+            && e.meta_bytes <= MAX_META_BYTES
             && (state == EntryState::Writing
                 || (e.meta_offset >= e.alloc_offset + e.data_bytes
                     && meta_end.is_some_and(|m| Some(m) <= alloc_end)));
@@ -365,7 +391,8 @@ pub fn layout_model(spec: &ModelSpec<'_>) -> Result<ModelLayout> {
     let strings_off = tensors_off + TENSOR_RECORD * tensor_recs.len();
     let attrs_off = strings_off + strings.len();
     let profile_off = align_up((attrs_off + attributes.len()) as u64, 8) as usize;
-    let total = profile_off + 8 * layer_recs.len();
+    // The profile, then the cost area (zero: no cost model yet).
+    let total = profile_off + 8 * layer_recs.len() + COST_AREA_BYTES;
     if total > u32::MAX as usize {
         return Err(Error::invalid("model metadata too large"));
     }
@@ -450,6 +477,19 @@ pub fn meta_checksum(meta: &[u8]) -> Result<u64> {
         return Err(Error::corrupt("model metadata profile offset out of range"));
     }
     Ok(fnv1a(&meta[..p]))
+}
+
+/// Size of the cost area after the profile (`crate::cost::StoredCost`, not
+/// checksummed, written in place like the profile). Models added before it
+/// existed have none: their metadata ends with the profile.
+pub const COST_AREA_BYTES: usize = 128;
+const _: () = assert!(crate::cost::StoredCost::BYTES <= COST_AREA_BYTES);
+
+/// Offset of the cost area inside a checked metadata blob of a model of
+/// `n_layers` layers, `None` when the blob has none.
+pub fn cost_offset(meta: &[u8], n_layers: usize) -> Option<usize> {
+    let off = profile_offset(meta).checked_add(8 * n_layers)?;
+    (off.checked_add(COST_AREA_BYTES)? <= meta.len()).then_some(off)
 }
 
 /// Offset of the profile (exec_ms per layer) inside a checked metadata blob.
@@ -548,4 +588,59 @@ pub fn decode_model(e: &Entry, meta: &[u8]) -> Result<Model> {
         tensors,
         attributes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(state: EntryState) -> Entry {
+        Entry {
+            state,
+            writer_pid: 42,
+            id: 7,
+            alloc_offset: 8192,
+            alloc_bytes: 8192,
+            data_bytes: 4096,
+            meta_offset: 8192 + 4096,
+            meta_bytes: 100,
+            meta_checksum: 5,
+            n_layers: 1,
+            n_tensors: 1,
+            name: "m".into(),
+        }
+    }
+
+    #[test]
+    fn the_entry_checksum_covers_every_field() {
+        let h = Header::plan(1 << 20, 4).unwrap();
+        for state in [EntryState::Writing, EntryState::Ready, EntryState::Removing] {
+            let e = entry(state);
+            let b = e.encode();
+            assert_eq!(Entry::decode(&b, &h).unwrap(), Some(e));
+            for i in 0..ENTRY_BYTES as usize {
+                let mut bad = b;
+                bad[i] ^= 0x01;
+                assert!(Entry::decode(&bad, &h).is_err(), "state {state:?}: flipping byte {i} went unnoticed");
+            }
+        }
+        // Free is all zeros; a zero state with anything else set is damage.
+        assert_eq!(Entry::decode(&[0u8; ENTRY_BYTES as usize], &h).unwrap(), None);
+        let mut b = entry(EntryState::Ready).encode();
+        b[E_STATE] = 0;
+        assert!(Entry::decode(&b, &h).is_err());
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        assert!(Header::plan(1 << 20, MAX_MODELS).is_ok());
+        assert!(Header::plan(1 << 20, MAX_MODELS + 1).is_err());
+        assert!(Header::plan(1 << 20, 0).is_err());
+        let mut h = Header::plan(1 << 20, 4).unwrap();
+        h.table_capacity = MAX_MODELS + 1;
+        h.data_offset = align_up(HEADER_BYTES + u64::from(h.table_capacity) * ENTRY_BYTES, ALLOC_ALIGN);
+        h.total_bytes = h.data_offset + h.data_bytes;
+        let e = Header::decode(&h.encode(), h.total_bytes).unwrap_err();
+        assert!(e.to_string().contains("entries"), "{e}");
+    }
 }

@@ -161,6 +161,18 @@ impl Store {
     }
 }
 
+/// The footprint ([`super::footprint`]) the model in a safetensors file
+/// would have in a store, without adding it.
+pub fn footprint_of_file(path: &Path, layers: Option<&[String]>) -> Result<u64> {
+    let file = File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::NotFound(format!("no file {}", path.display())),
+        _ => Error::io(format!("opening {}", path.display()), e),
+    })?;
+    // SAFETY: as in add_safetensors: the file is only read.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(format!("mapping {}", path.display()), e))?;
+    super::footprint(&parse(&map, &path.display().to_string(), layers)?)
+}
+
 /// One tensor to write with [`write_file`].
 pub struct WriteTensor<'a> {
     pub name: &'a str,

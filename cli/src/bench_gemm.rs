@@ -34,12 +34,12 @@ use std::path::Path;
 use cudarc::driver::sys::CUdevice_attribute;
 
 use crate::bench::Stats;
-use crate::cuda::{Device, DeviceAlloc, Event, LaunchConfig, Stream};
-use crate::error::{Error, Result};
-use crate::kernels::gemm::{self, from_half_bits, to_half_bits, Activation, GemmArgs, GemmDtype, GemmTile};
+use pipeswitch::cuda::{Device, DeviceAlloc, Event, LaunchConfig, Stream};
+use pipeswitch::error::{Error, Result};
+use pipeswitch::kernels::gemm::{self, from_half_bits, to_half_bits, Activation, GemmArgs, GemmDtype, GemmTile};
 
 /// The shared shape list and method (also read by bench/gemm_torch.py).
-pub const SHAPES_JSON: &str = include_str!("../bench/gemm_shapes.json");
+pub const SHAPES_JSON: &str = include_str!("../../bench/gemm_shapes.json");
 
 /// The target: ours at least this fraction of cuBLAS (TFLOP/s medians).
 pub const TARGET_RATIO: f64 = 0.5;
@@ -616,7 +616,7 @@ SPIN:
 "#;
 
 fn spin(device: &'static Device, stream: &Stream, us: f64) -> Result<()> {
-    let f = crate::kernels::function(device, SPIN_MODULE, SPIN_PTX, "ps_bench_spin")?;
+    let f = pipeswitch::kernels::function(device, SPIN_MODULE, SPIN_PTX, "ps_bench_spin")?;
     let mut ns: u64 = (us * 1e3) as u64;
     let mut params: [*mut c_void; 1] = [(&mut ns as *mut u64).cast()];
     let cfg = LaunchConfig {
@@ -860,12 +860,8 @@ fn measure_one(
 
 /// Times our kernels at every shape and dtype of the shape file on `device`;
 /// with `torch_json` (written by bench/gemm_torch.py on the same card), puts
-/// the cuBLAS medians and the ratios next to ours.
-pub fn run_gemm_bench(device: &'static Device, reps: usize, torch_json: Option<&Path>) -> Result<GemmReport> {
-    run_gemm_bench_logged(device, reps, torch_json, false, &mut |_| {})
-}
-
-/// [`run_gemm_bench`] with a progress line per row; `all_tiles` also times
+/// the cuBLAS medians and the ratios next to ours. Logs a line per row;
+/// `all_tiles` also times
 /// every block tile forced in turn (`gemm_with_tile`), to see whether the
 /// tile choice is the best one at each shape.
 pub fn run_gemm_bench_logged(
@@ -968,7 +964,7 @@ mod tests {
             "the fp32 tolerance must reject TF32-level error"
         );
         // The python side reads the same file.
-        let py = include_str!("../bench/gemm_torch.py");
+        let py = include_str!("../../bench/gemm_torch.py");
         assert!(py.contains("gemm_shapes.json"));
         assert!(parse_shapes("{\"dtypes\": [\"f8\"], \"shapes\": [], \"method\": {}}").is_err());
         let mut bad: serde_json::Value = serde_json::from_str(SHAPES_JSON).unwrap();

@@ -9,7 +9,10 @@ use std::sync::Arc;
 use pipeswitch::error::{Error, Result};
 use pipeswitch::ffi::plan::layer_transfer_ms;
 use pipeswitch::store::Store;
-use pipeswitch::{bench, measure, planner};
+use pipeswitch::planner::Costs;
+use pipeswitch::{measure, planner};
+
+use pipeswitch_cli::{bench, bench_gemm, bench_kernels, demo};
 
 #[derive(Parser)]
 #[command(name = "pipeswitch", version, about = "Millisecond GPU model switching: store, plan, switch, measure")]
@@ -58,6 +61,50 @@ enum Command {
     /// three reference models (ResNet-152, BERT-base, GPT-2 medium), switches
     /// among them and prints ready / transfer-then-run / pipelined latencies;
     /// writes a JSON report and a Chrome trace (open it in Perfetto).
+    /// Run the daemon that owns one GPU: the store, the device arena, the
+    /// residency of models, standby workers and a queue of inference
+    /// requests, on a Unix socket in a private directory. Stop it with
+    /// SIGTERM or SIGINT (Ctrl-C).
+    ///
+    /// Example: `pipeswitch store create models --size 8G`, add models, then
+    /// `pipeswitch serve --store models`; clients connect to
+    /// `$XDG_RUNTIME_DIR/pipeswitch/gpu0.sock` (or /tmp/pipeswitch-<uid>/).
+    Serve {
+        /// The store that holds the models.
+        #[arg(long)]
+        store: String,
+        #[arg(long, default_value_t = 0)]
+        device: i32,
+        /// Bytes of GPU memory for the arena (models and worker regions), e.g. 16G.
+        #[arg(long, default_value = "8G", value_parser = parse_size)]
+        arena_size: u64,
+        /// Bytes of the arena that keep models resident (default: what the
+        /// worker regions leave).
+        #[arg(long, value_parser = parse_size)]
+        residency_size: Option<u64>,
+        /// Activation bytes of each worker.
+        #[arg(long, default_value = "512M", value_parser = parse_size)]
+        worker_region: u64,
+        /// Standby workers kept ready.
+        #[arg(long, default_value_t = 2)]
+        standbys: usize,
+        /// The worker command (default: this program's `worker`).
+        #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+        worker_cmd: Option<Vec<String>>,
+        /// Directory of the socket (default $PIPESWITCH_SOCKET_DIR,
+        /// $XDG_RUNTIME_DIR/pipeswitch or /tmp/pipeswitch-<uid>).
+        #[arg(long)]
+        socket_dir: Option<PathBuf>,
+        /// Requests queued at most.
+        #[arg(long, default_value_t = 1024)]
+        max_queue: usize,
+    },
+    /// A built-in worker process for `pipeswitch serve` (the daemon starts
+    /// these itself; the socket comes in PIPESWITCH_SOCKET).
+    Worker {
+        #[arg(long, env = "PIPESWITCH_SOCKET")]
+        socket: PathBuf,
+    },
     Demo {
         #[arg(long, default_value_t = 0)]
         device: i32,
@@ -76,6 +123,12 @@ enum Command {
         /// Only these models (resnet152, bert-base, gpt2-medium).
         #[arg(long, value_delimiter = ',')]
         models: Vec<String>,
+        /// Switches per calibration plan of the cost model's fit.
+        #[arg(long, default_value_t = 5)]
+        calibration_reps: usize,
+        /// Refit-and-replan rounds of the closed loop, at most.
+        #[arg(long, default_value_t = 4)]
+        max_rounds: usize,
     },
 }
 
@@ -137,6 +190,14 @@ enum BenchCmd {
         #[arg(long)]
         json_out: Option<PathBuf>,
     },
+    /// Our conv kernels at every ResNet-152 shape (each tile and the automatic
+    /// choice) and the transformer kernels at the demo's shapes.
+    Kernels {
+        #[arg(long, default_value_t = 0)]
+        device: i32,
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+    },
 }
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
@@ -189,12 +250,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plan { store, model, bandwidth_gbps, transfer_overhead_ms, exec_overhead_ms, assume_exec_ratio, device, json } => {
             let s = Store::open(&store)?;
             let m = s.model(&model)?;
-            let (bw, a) = match (bandwidth_gbps, transfer_overhead_ms) {
-                (Some(bw), Some(a)) => (bw, a),
-                (bw, a) => {
+            // A fitted cost model stored with the model (pipeswitch demo, the
+            // Python calibrate) gives the terms, the bandwidth and a.
+            let stored = s.cost(&model)?;
+            let (bw, a) = match (bandwidth_gbps, transfer_overhead_ms, &stored) {
+                (Some(bw), Some(a), _) => (bw, a),
+                (bw, a, Some(c)) => (bw.unwrap_or(c.bandwidth_gbps), a.unwrap_or(c.costs.transfer_overhead_ms)),
+                (bw, a, None) => {
                     let p = measure::measure_h2d(device, 256 << 20, 9)?;
                     (bw.unwrap_or(p.peak_gbps), a.unwrap_or(p.overhead_ms))
                 }
+            };
+            let costs = match &stored {
+                Some(c) => Costs { transfer_overhead_ms: a, ..c.costs },
+                None => Costs::new(a, exec_overhead_ms),
             };
             let t = layer_transfer_ms(&m, bw)?;
             let x: Vec<f64> = match assume_exec_ratio {
@@ -206,19 +275,44 @@ fn run(cli: Cli) -> Result<()> {
                     "model {model:?} has no measured execution times; pass --assume-exec-ratio R to plan with R x transfer time"
                 )));
             }
-            let plan = planner::plan_groups(&t, &x, a, exec_overhead_ms)?;
-            let timeline = planner::timeline(&t, &x, a, exec_overhead_ms, &plan.group_starts)?;
+            let plan = planner::plan_groups_with(&t, &x, &costs)?;
+            let timeline = planner::timeline_with(&t, &x, &costs, &plan.group_starts)?;
+            let per_layer = planner::makespan_with(&t, &x, &costs, &planner::per_layer_plan(t.len()))?;
+            let single = planner::makespan_with(&t, &x, &costs, &planner::single_group_plan(t.len()))?;
             if json {
                 let v = serde_json::json!({
                     "model": model, "bandwidth_gbps": bw, "transfer_overhead_ms": a,
-                    "exec_overhead_ms": exec_overhead_ms, "group_starts": plan.group_starts,
+                    "exec_overhead_ms": costs.exec_overhead_ms, "costs": costs, "group_starts": plan.group_starts,
                     "makespan_ms": plan.makespan_ms,
-                    "per_layer_makespan_ms": planner::makespan(&t, &x, a, exec_overhead_ms, &planner::per_layer_plan(t.len()))?,
-                    "single_group_makespan_ms": planner::makespan(&t, &x, a, exec_overhead_ms, &planner::single_group_plan(t.len()))?,
+                    "per_layer_makespan_ms": per_layer,
+                    "single_group_makespan_ms": single,
+                    "stored_cost": stored,
                 });
                 println!("{}", serde_json::to_string_pretty(&v).map_err(|e| Error::Internal(e.to_string()))?);
             } else {
-                println!("model {model}: {} layers, {}, bandwidth {bw:.2} GB/s, a = {a:.4} ms, b = {exec_overhead_ms:.4} ms", m.layers.len(), human(m.bytes));
+                println!("model {model}: {} layers, {}, bandwidth {bw:.2} GB/s, a = {a:.4} ms, b = {:.4} ms", m.layers.len(), human(m.bytes), costs.exec_overhead_ms);
+                match &stored {
+                    Some(c) => {
+                        println!(
+                            "fitted cost model (stored): L = {:.4} ms, κ = {:.4}, σ = {:.4}, floor R = {:.3} ms + h = {:.4} ms per group; fit rms {:.2}%, {} refit rounds",
+                            c.costs.first_kernel_ms,
+                            c.costs.exec_scale,
+                            c.costs.copy_slowdown,
+                            c.costs.floor_ms,
+                            c.costs.floor_per_group_ms,
+                            c.fit_rms_rel_error * 100.0,
+                            c.rounds
+                        );
+                        println!(
+                            "chosen plan when fitted: {} groups, predicted {:.3} ms, measured {:.3} ms ({:+.1}%)",
+                            c.groups,
+                            c.predicted_ms,
+                            c.measured_ms,
+                            (c.measured_ms / c.predicted_ms - 1.0) * 100.0
+                        );
+                    }
+                    None => println!("no fitted cost model stored (pipeswitch demo or pipeswitch.torch.calibrate_module store one): the two-overhead model"),
+                }
                 println!("{:>5} {:>7} {:>7} {:>10} {:>10} {:>10} {:>10}", "group", "first", "end", "bytes", "copy end", "run start", "run end");
                 for (g, tl) in timeline.iter().enumerate() {
                     let (s, e) = m.layer_range(tl.first_layer, tl.end_layer).unwrap_or((0, 0));
@@ -227,18 +321,32 @@ fn run(cli: Cli) -> Result<()> {
                         tl.first_layer, tl.end_layer, human(e - s), tl.transfer_end_ms, tl.exec_start_ms, tl.exec_end_ms
                     );
                 }
-                let pl = planner::makespan(&t, &x, a, exec_overhead_ms, &planner::per_layer_plan(t.len()))?;
-                let sg = planner::makespan(&t, &x, a, exec_overhead_ms, &planner::single_group_plan(t.len()))?;
-                println!("makespan: optimal {:.3} ms, one group per layer {pl:.3} ms, one group {sg:.3} ms", plan.makespan_ms);
+                println!("makespan: optimal {:.3} ms, one group per layer {per_layer:.3} ms, one group {single:.3} ms", plan.makespan_ms);
             }
             Ok(())
         }
-        Command::Demo { device, reps, out_dir, workdir, keep_files, models } => {
-            let mut opts = pipeswitch::demo::DemoOptions { device, reps: reps.max(1), out_dir, keep_files, models, ..Default::default() };
+        Command::Serve { store, device, arena_size, residency_size, worker_region, standbys, worker_cmd, socket_dir, max_queue } => {
+            serve_cmd(store, device, arena_size, residency_size, worker_region, standbys, worker_cmd, socket_dir, max_queue)
+        }
+        Command::Worker { socket } => {
+            init_logging();
+            pipeswitch_cli::worker::run(&socket)
+        }
+        Command::Demo { device, reps, out_dir, workdir, keep_files, models, calibration_reps, max_rounds } => {
+            let mut opts = demo::DemoOptions {
+                device,
+                reps: reps.max(1),
+                out_dir,
+                keep_files,
+                models,
+                calibration_reps: calibration_reps.max(1),
+                max_rounds,
+                ..Default::default()
+            };
             if let Some(w) = workdir {
                 opts.workdir = w;
             }
-            pipeswitch::demo::run(&opts, &mut |line| println!("{line}")).map(|_| ())
+            demo::run(&opts, &mut |line| println!("{line}")).map(|_| ())
         }
         Command::Measure { device } => {
             let p = measure::measure_h2d(device, 1 << 30, 9)?;
@@ -262,8 +370,10 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", path.display());
             Ok(())
         }
+        Command::Bench(BenchCmd::Kernels { device, reps }) => {
+            bench_kernels::run_kernels(device, reps, &mut |line| println!("{line}"))
+        }
         Command::Bench(BenchCmd::Gemm { device, reps, torch, all_tiles, json_out }) => {
-            use pipeswitch::bench_gemm;
             let dev = pipeswitch::cuda::Device::get(device)?;
             let report = bench_gemm::run_gemm_bench_logged(dev, reps, torch.as_deref(), all_tiles, &mut |line| eprintln!("{line}"))?;
             print!("{}", bench_gemm::format_table(&report));
@@ -277,6 +387,63 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PIPESWITCH_LOG").unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serve_cmd(
+    store: String,
+    device: i32,
+    arena_size: u64,
+    residency_size: Option<u64>,
+    worker_region: u64,
+    standbys: usize,
+    worker_cmd: Option<Vec<String>>,
+    socket_dir: Option<PathBuf>,
+    max_queue: usize,
+) -> Result<()> {
+    use pipeswitch_cli::serve::{CudaGpu, Daemon, ServeConfig};
+    if !pipeswitch::cuda::driver_available() {
+        return Err(Error::NoDriver);
+    }
+    init_logging();
+    // SIGTERM and SIGINT are taken by this thread alone (blocked before any
+    // other thread starts, so they inherit the mask).
+    let mut signals = nix::sys::signal::SigSet::empty();
+    signals.add(nix::sys::signal::Signal::SIGTERM);
+    signals.add(nix::sys::signal::Signal::SIGINT);
+    signals.thread_block().map_err(|e| Error::os("blocking SIGTERM/SIGINT", e))?;
+    let regions = (standbys as u64 + 1).saturating_mul(worker_region);
+    let residency = residency_size.unwrap_or_else(|| arena_size.saturating_sub(regions).saturating_sub(4 << 20));
+    let gpu = CudaGpu::new(device, arena_size)?;
+    let worker_cmd = match worker_cmd {
+        Some(c) => c.into_iter().map(Into::into).collect(),
+        None => {
+            let exe = std::env::current_exe().map_err(|e| Error::io("locating this program", e))?;
+            vec![exe.into_os_string(), "worker".into()]
+        }
+    };
+    let config = ServeConfig {
+        device,
+        store,
+        socket_dir: socket_dir.unwrap_or_else(pipeswitch::protocol::default_socket_dir),
+        residency_bytes: residency,
+        worker_region_bytes: worker_region,
+        standbys,
+        worker_cmd,
+        max_queue,
+        hello_timeout: std::time::Duration::from_secs(5),
+        worker_start_timeout: std::time::Duration::from_secs(120),
+    };
+    let daemon = Daemon::start(config, Box::new(gpu))?;
+    println!("pipeswitch: serving GPU {device} on {} (stop with Ctrl-C or SIGTERM)", daemon.socket().display());
+    let sig = signals.wait().map_err(|e| Error::os("waiting for a signal", e))?;
+    tracing::info!("{sig:?}: stopping");
+    daemon.stop()
 }
 
 fn store_cmd(cmd: StoreCmd) -> Result<()> {

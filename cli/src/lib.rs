@@ -1,0 +1,10 @@
+//! The `pipeswitch` command's parts: the GPU daemon (`serve`) and its
+//! built-in worker process (`worker`), the demo and the benchmarks. The
+//! binary (`main.rs`) is their command line; tests drive them directly.
+
+pub mod bench;
+pub mod bench_gemm;
+pub mod bench_kernels;
+pub mod demo;
+pub mod serve;
+pub mod worker;

@@ -1,0 +1,935 @@
+//! `pipeswitch serve`: the daemon that owns one GPU.
+//!
+//! It owns the store, the device arena and the residency decisions, keeps a
+//! number of standby workers ready (processes with their CUDA context,
+//! kernels and pinned store set up), queues inference requests from clients
+//! and runs one task on the GPU at a time:
+//!
+//! - a request for the model the active worker serves goes to that worker
+//!   (no switch, no copy);
+//! - otherwise the active worker is taken off its model (it cleans up and
+//!   returns to standby off the critical path), the residency policy places
+//!   the model (a hit: no copy; a miss: evictions, maybe moves done here on
+//!   the GPU), and a standby is activated with the region, the plan and the
+//!   inputs: it starts the pipelined switch and its first run at once.
+//!
+//! Connections: a Unix socket in a private directory (0700, socket 0600);
+//! peers of another user are refused (`SO_PEERCRED`); a second daemon for the
+//! same GPU is refused (a lock file beside the socket). Messages: see
+//! [`pipeswitch::protocol`]. One reader thread per connection turns frames
+//! into events for one controller thread, which owns all state.
+//!
+//! Faults: a worker that dies (its socket closes) fails its request with a
+//! clear error, its model is no longer resident if it was being copied, its
+//! region is reclaimed and a replacement standby is started. A client that
+//! leaves has its queued requests dropped and its running one's result
+//! discarded.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pipeswitch::arena::allocator::OffsetAllocator;
+use pipeswitch::arena::REGION_ALIGN;
+use pipeswitch::error::{Error, Result};
+use pipeswitch::ffi::status::{status_of, PS_ERR_REFUSED};
+use pipeswitch::protocol::io::{recv, send};
+use pipeswitch::protocol::{monotonic_ns, socket_path, Message, Role, Stats, Task, TaskKind, Tensor, Timing};
+use pipeswitch::residency::{Acquire, ResidencyPolicy, Ticket};
+use pipeswitch::store::{Model, Store};
+
+/// What the daemon needs from the GPU: the arena's export handle and space,
+/// device-to-device moves inside it, and the H2D figures that plans use. The
+/// real one is [`CudaGpu`]; the control-plane tests use a fake.
+pub trait Gpu: Send + 'static {
+    fn device(&self) -> i32;
+    /// The arena's 128-byte IPC handle, for workers.
+    fn arena_handle(&self) -> Vec<u8>;
+    /// Bytes of the arena's model space (regions are offsets below this).
+    fn model_space(&self) -> u64;
+    /// Moves `bytes` inside the arena from `from` to `to` (`to < from`, the
+    /// ranges may overlap) and waits for the move.
+    fn move_bytes(&mut self, from: u64, to: u64, bytes: u64) -> Result<()>;
+    /// H2D bandwidth in GB/s and per-copy overhead in ms, for plans.
+    fn h2d(&self) -> (f64, f64);
+}
+
+/// The daemon's settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub device: i32,
+    pub store: String,
+    pub socket_dir: PathBuf,
+    /// Bytes of the arena that keep models resident.
+    pub residency_bytes: u64,
+    /// Bytes of the arena each worker gets for its activations.
+    pub worker_region_bytes: u64,
+    /// Standby workers kept ready.
+    pub standbys: usize,
+    /// The worker command (program and arguments). The daemon passes the
+    /// socket in `PIPESWITCH_SOCKET`.
+    pub worker_cmd: Vec<OsString>,
+    /// Requests queued at most; more are refused.
+    pub max_queue: usize,
+    /// How long a connection may take to say hello.
+    pub hello_timeout: Duration,
+    /// How long a worker may take to start and report standby.
+    pub worker_start_timeout: Duration,
+}
+
+/// A running daemon (see [`Daemon::start`]).
+pub struct Daemon {
+    events: Sender<Event>,
+    controller: Option<JoinHandle<Result<()>>>,
+    socket: PathBuf,
+    lock_path: PathBuf,
+    /// Tells the accepting thread to leave.
+    closing: Arc<AtomicBool>,
+    _lock: File,
+}
+
+type ConnId = u64;
+
+enum Event {
+    Joined { conn: ConnId, role: Role, pid: u32, stream: UnixStream },
+    Msg { conn: ConnId, msg: Message, file: Option<OwnedFd> },
+    Left { conn: ConnId, why: String },
+    Stop,
+}
+
+/// Creates (or checks) the private socket directory: owned by us, mode 0700,
+/// not a symbolic link.
+pub fn private_dir(dir: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io(format!("chmod 0700 {}", dir.display()), e))
+        }
+        Err(e) => Err(Error::io(format!("checking {}", dir.display()), e)),
+        Ok(m) => {
+            if !m.file_type().is_dir() {
+                return Err(Error::Refused(format!("{} is not a directory (a symbolic link?)", dir.display())));
+            }
+            if m.uid() != nix::unistd::geteuid().as_raw() {
+                return Err(Error::Refused(format!("{} belongs to user {}, not to this user", dir.display(), m.uid())));
+            }
+            if m.mode() & 0o077 != 0 {
+                return Err(Error::Refused(format!(
+                    "{} has mode {:o}: other users could reach the socket; make it 0700",
+                    dir.display(),
+                    m.mode() & 0o777
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn take_lock(path: &Path, device: i32) -> Result<File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode_0600()
+        .open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    // SAFETY: a valid fd.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let pid = std::fs::read_to_string(path).unwrap_or_default();
+        return Err(Error::Refused(format!(
+            "another pipeswitch daemon (pid {}) serves GPU {device}: {} is locked",
+            pid.trim(),
+            path.display()
+        )));
+    }
+    f.set_len(0).map_err(|e| Error::io("truncating the lock file", e))?;
+    std::io::Write::write_all(&mut &f, format!("{}\n", std::process::id()).as_bytes())
+        .map_err(|e| Error::io("writing the lock file", e))?;
+    Ok(f)
+}
+
+trait Mode0600 {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+impl Mode0600 for std::fs::OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
+    }
+}
+
+impl Daemon {
+    /// Starts serving: the socket accepts connections from now on. Fails
+    /// (with the reason) if another daemon serves the GPU, the directory is
+    /// not private, the store cannot be opened or the space does not add up.
+    pub fn start(config: ServeConfig, gpu: Box<dyn Gpu>) -> Result<Daemon> {
+        private_dir(&config.socket_dir)?;
+        let socket = socket_path(&config.socket_dir, config.device);
+        let lock_path = config.socket_dir.join(format!("gpu{}.lock", config.device));
+        let lock = take_lock(&lock_path, config.device)?;
+        let store = Arc::new(Store::open(&config.store)?);
+        let need = config
+            .residency_bytes
+            .checked_add((config.standbys as u64 + 1).saturating_mul(config.worker_region_bytes))
+            .ok_or_else(|| Error::invalid("arena sizes overflow"))?;
+        if need > gpu.model_space() {
+            return Err(Error::invalid(format!(
+                "residency ({}) plus {} worker regions of {} need {need} bytes; the arena has {}",
+                config.residency_bytes,
+                config.standbys + 1,
+                config.worker_region_bytes,
+                gpu.model_space()
+            )));
+        }
+        // We hold the lock: a socket file left there is a dead daemon's.
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket).map_err(|e| Error::io(format!("binding {}", socket.display()), e))?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io(format!("chmod 0600 {}", socket.display()), e))?;
+        let (tx, rx) = channel();
+        let closing = Arc::new(AtomicBool::new(false));
+        spawn_acceptor(listener, tx.clone(), config.hello_timeout, closing.clone());
+        let mut ctl = Controller::new(config, gpu, store, socket.clone())?;
+        let controller = std::thread::Builder::new()
+            .name("pipeswitch-controller".into())
+            .spawn(move || ctl.run(rx))
+            .map_err(|e| Error::io("starting the controller thread", e))?;
+        tracing::info!("serving on {}", socket.display());
+        Ok(Daemon { events: tx, controller: Some(controller), socket, lock_path, closing, _lock: lock })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Stops: refuses new work, ends the workers, removes the socket.
+    pub fn stop(mut self) -> Result<()> {
+        let _ = self.events.send(Event::Stop);
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        let r = match self.controller.take() {
+            Some(h) => h.join().unwrap_or_else(|_| Err(Error::Internal("the controller thread panicked".into()))),
+            None => Ok(()),
+        };
+        // Wake the accepting thread so that it sees `closing`.
+        self.closing.store(true, Ordering::Release);
+        let _ = UnixStream::connect(&self.socket);
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(&self.lock_path);
+        r
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.controller.is_some() {
+            let _ = self.events.send(Event::Stop);
+            let _ = self.finish();
+        }
+    }
+}
+
+fn spawn_acceptor(listener: UnixListener, tx: Sender<Event>, hello_timeout: Duration, closing: Arc<AtomicBool>) {
+    let me = nix::unistd::geteuid().as_raw();
+    let _ = std::thread::Builder::new().name("pipeswitch-accept".into()).spawn(move || {
+        let mut next: ConnId = 1;
+        for stream in listener.incoming() {
+            if closing.load(Ordering::Acquire) {
+                return;
+            }
+            let Ok(stream) = stream else { continue };
+            let conn = next;
+            next += 1;
+            let tx = tx.clone();
+            let _ = std::thread::Builder::new().name(format!("pipeswitch-conn-{conn}")).spawn(move || {
+                serve_connection(conn, stream, tx, hello_timeout, me);
+            });
+        }
+    });
+}
+
+/// One connection: credentials, hello, then frames until it closes.
+fn serve_connection(conn: ConnId, stream: UnixStream, tx: Sender<Event>, hello_timeout: Duration, me: u32) {
+    let refuse = |stream: &UnixStream, status: u32, message: String| {
+        tracing::warn!("connection {conn} refused: {message}");
+        let _ = send(stream, &Message::Error { request_id: 0, status, message }, None);
+        // Let the peer read the refusal: closing with its bytes unread
+        // would reset the connection instead.
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut sink = [0u8; 4096];
+        while matches!(std::io::Read::read(&mut &*stream, &mut sink), Ok(n) if n > 0) {}
+    };
+    match nix::sys::socket::getsockopt(&stream.as_fd(), nix::sys::socket::sockopt::PeerCredentials) {
+        Ok(c) if c.uid() == me => {}
+        Ok(c) => return refuse(&stream, PS_ERR_REFUSED, format!("user {} may not use the daemon of user {me}", c.uid())),
+        Err(e) => return refuse(&stream, PS_ERR_REFUSED, format!("no peer credentials: {e}")),
+    }
+    let _ = stream.set_read_timeout(Some(hello_timeout));
+    let (role, pid) = match recv(&stream) {
+        Ok(Some((Message::Hello { role, pid, .. }, None))) => (role, pid),
+        Ok(Some((m, _))) => return refuse(&stream, PS_ERR_REFUSED, format!("the first message must be hello, not kind {}", m.kind())),
+        Ok(None) => return,
+        Err(e) => return refuse(&stream, status_of(&e), format!("no hello: {e}")),
+    };
+    let _ = stream.set_read_timeout(None);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+    let Ok(writer) = stream.try_clone() else { return };
+    if tx.send(Event::Joined { conn, role, pid, stream: writer }).is_err() {
+        return;
+    }
+    loop {
+        match recv(&stream) {
+            Ok(Some((msg, file))) => {
+                if tx.send(Event::Msg { conn, msg, file }).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {
+                let _ = tx.send(Event::Left { conn, why: "closed the connection".into() });
+                return;
+            }
+            Err(e) => {
+                // A malformed frame ends the connection: its stream position is lost.
+                let _ = send(&stream, &Message::Error { request_id: 0, status: status_of(&e), message: e.to_string() }, None);
+                let _ = tx.send(Event::Left { conn, why: e.to_string() });
+                return;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WState {
+    /// Spawned, not yet connected and ready.
+    Starting,
+    Standby,
+    /// Serving a model (holding it resident).
+    Active,
+    /// Deactivated, cleaning up: answers standby when done.
+    Leaving,
+}
+
+struct WorkerRec {
+    id: u32,
+    pid: u32,
+    child: Option<Child>,
+    conn: Option<ConnId>,
+    state: WState,
+    region: (u64, u64),
+    started: Instant,
+    /// The model this worker is active on, with the residency ticket that
+    /// keeps it placed.
+    model: Option<(ModelId, Ticket)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ModelId {
+    name: String,
+    id: u64,
+}
+
+struct Request {
+    client: ConnId,
+    request_id: u64,
+    model: String,
+    inputs: Vec<Tensor>,
+    file: Option<OwnedFd>,
+    arrived: Instant,
+}
+
+struct Running {
+    task_id: u64,
+    /// The task's own use of its model when its worker was already active
+    /// on it (otherwise the worker's use covers the task).
+    ticket: Option<Ticket>,
+    worker: u32,
+    client: Option<ConnId>,
+    request_id: u64,
+    model: ModelId,
+    /// The copy into the region was started by this task.
+    loading: bool,
+    arrived: Instant,
+    queued_ms: f64,
+}
+
+struct Controller {
+    cfg: ServeConfig,
+    gpu: Box<dyn Gpu>,
+    store: Arc<Store>,
+    socket: PathBuf,
+    conns: HashMap<ConnId, (Role, UnixStream)>,
+    workers: Vec<WorkerRec>,
+    next_worker: u32,
+    space: OffsetAllocator,
+    residency_offset: u64,
+    policy: ResidencyPolicy<ModelId>,
+    plans: HashMap<u64, Vec<u32>>,
+    queue: VecDeque<Request>,
+    running: Option<Running>,
+    next_task: u64,
+    stats: Stats,
+    stopping: bool,
+    /// Workers that died before they were ready, in a row: spawning backs
+    /// off (0.1 s doubling up to 10 s) so a broken worker command does not
+    /// spin.
+    failed_starts: u32,
+    next_spawn: Instant,
+}
+
+impl Controller {
+    fn new(cfg: ServeConfig, gpu: Box<dyn Gpu>, store: Arc<Store>, socket: PathBuf) -> Result<Controller> {
+        let mut space = OffsetAllocator::new(gpu.model_space());
+        let residency_offset = space.alloc(cfg.residency_bytes, REGION_ALIGN)?;
+        let policy = ResidencyPolicy::new(cfg.residency_bytes, REGION_ALIGN)?;
+        Ok(Controller {
+            cfg,
+            gpu,
+            store,
+            socket,
+            conns: HashMap::new(),
+            workers: Vec::new(),
+            next_worker: 1,
+            space,
+            residency_offset,
+            policy,
+            plans: HashMap::new(),
+            queue: VecDeque::new(),
+            running: None,
+            next_task: 1,
+            stats: Stats::default(),
+            stopping: false,
+            failed_starts: 0,
+            next_spawn: Instant::now(),
+        })
+    }
+
+    fn run(&mut self, rx: Receiver<Event>) -> Result<()> {
+        self.keep_standbys();
+        loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(Event::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(ev) => self.on_event(ev),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            self.housekeeping();
+            self.dispatch();
+        }
+        self.shutdown(&rx);
+        Ok(())
+    }
+
+    fn send_to(&mut self, conn: ConnId, msg: &Message, file: Option<&OwnedFd>) -> bool {
+        let Some((_, s)) = self.conns.get(&conn) else { return false };
+        match send(s, msg, file.map(|f| f.as_fd())) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("connection {conn}: {e}");
+                false
+            }
+        }
+    }
+
+    fn reply_error(&mut self, conn: ConnId, request_id: u64, e: &Error) {
+        self.stats.failed += 1;
+        let _ = self.send_to(conn, &Message::Error { request_id, status: status_of(e), message: e.to_string() }, None);
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Joined { conn, role, pid, stream } => self.joined(conn, role, pid, stream),
+            Event::Msg { conn, msg, file } => self.message(conn, msg, file),
+            Event::Left { conn, why } => self.left(conn, &why),
+            Event::Stop => {}
+        }
+    }
+
+    fn joined(&mut self, conn: ConnId, role: Role, pid: u32, stream: UnixStream) {
+        let welcome = |worker_id, region: (u64, u64), handle: Vec<u8>, cfg: &ServeConfig| Message::Welcome {
+            daemon_pid: std::process::id(),
+            device: cfg.device,
+            store: cfg.store.clone(),
+            worker_id,
+            arena_handle: handle,
+            activation_offset: region.0,
+            activation_bytes: region.1,
+        };
+        self.conns.insert(conn, (role, stream));
+        match role {
+            Role::Client => {
+                let w = welcome(0, (0, 0), Vec::new(), &self.cfg);
+                self.send_to(conn, &w, None);
+            }
+            Role::Worker => {
+                let idx = match self.workers.iter().position(|w| w.pid == pid && w.conn.is_none() && w.state == WState::Starting) {
+                    Some(i) => i,
+                    None => match self.new_worker(pid, None) {
+                        Ok(i) => i,
+                        Err(e) => {
+                            self.reply_error(conn, 0, &e);
+                            self.conns.remove(&conn);
+                            return;
+                        }
+                    },
+                };
+                self.workers[idx].conn = Some(conn);
+                let w = welcome(self.workers[idx].id, self.workers[idx].region, self.gpu.arena_handle(), &self.cfg);
+                if !self.send_to(conn, &w, None) {
+                    self.worker_lost(idx, "could not be welcomed");
+                }
+            }
+        }
+    }
+
+    /// Records a worker with its activation region.
+    fn new_worker(&mut self, pid: u32, child: Option<Child>) -> Result<usize> {
+        let offset = self.space.alloc(self.cfg.worker_region_bytes, REGION_ALIGN)?;
+        let id = self.next_worker;
+        self.next_worker += 1;
+        self.workers.push(WorkerRec {
+            id,
+            pid,
+            child,
+            conn: None,
+            state: WState::Starting,
+            region: (offset, self.cfg.worker_region_bytes),
+            started: Instant::now(),
+            model: None,
+        });
+        self.stats.workers_started += 1;
+        Ok(self.workers.len() - 1)
+    }
+
+    fn spawn_worker(&mut self) -> Result<()> {
+        let (prog, args) = self.cfg.worker_cmd.split_first().ok_or_else(|| Error::invalid("no worker command"))?;
+        let child = Command::new(prog)
+            .args(args)
+            .env("PIPESWITCH_SOCKET", &self.socket)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| Error::io(format!("starting worker {}", prog.to_string_lossy()), e))?;
+        let pid = child.id();
+        tracing::info!("started worker process {pid}");
+        self.new_worker(pid, Some(child))?;
+        Ok(())
+    }
+
+    fn keep_standbys(&mut self) {
+        if self.stopping || Instant::now() < self.next_spawn {
+            return;
+        }
+        let ready = self.workers.iter().filter(|w| matches!(w.state, WState::Starting | WState::Standby | WState::Leaving)).count();
+        for _ in ready..self.cfg.standbys {
+            if let Err(e) = self.spawn_worker() {
+                tracing::error!("could not start a standby worker: {e}");
+                break;
+            }
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        // Children that exited without their connection closing first
+        // (e.g. before they connected), and workers that never came up.
+        let mut lost = Vec::new();
+        for (i, w) in self.workers.iter_mut().enumerate() {
+            if let Some(c) = w.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    w.child = None;
+                    if w.conn.is_none() {
+                        lost.push((i, format!("exited before it connected ({status})")));
+                    }
+                }
+            }
+            if matches!(w.state, WState::Starting | WState::Leaving) && w.started.elapsed() > self.cfg.worker_start_timeout {
+                lost.push((i, "did not report standby in time".into()));
+            }
+        }
+        for (i, why) in lost.into_iter().rev() {
+            self.worker_lost(i, &why);
+        }
+        self.keep_standbys();
+    }
+
+    fn worker_index(&self, conn: ConnId) -> Option<usize> {
+        self.workers.iter().position(|w| w.conn == Some(conn))
+    }
+
+    fn message(&mut self, conn: ConnId, msg: Message, file: Option<OwnedFd>) {
+        let role = self.conns.get(&conn).map(|c| c.0);
+        match (role, msg) {
+            (Some(Role::Client), Message::Infer { request_id, model, inputs }) => {
+                self.stats.requests += 1;
+                if self.stopping {
+                    return self.reply_error(conn, request_id, &Error::Refused("the daemon is stopping".into()));
+                }
+                if self.queue.len() >= self.cfg.max_queue {
+                    return self.reply_error(conn, request_id, &Error::Refused(format!("the queue is full ({} requests)", self.cfg.max_queue)));
+                }
+                self.queue.push_back(Request { client: conn, request_id, model, inputs, file, arrived: Instant::now() });
+            }
+            (Some(_), Message::StatsRequest) => {
+                let mut s = self.stats;
+                let c = self.policy.counters();
+                (s.hits, s.misses, s.evictions) = (c.hits, c.misses, c.evictions);
+                s.workers = self.workers.len() as u32;
+                s.standbys = self.workers.iter().filter(|w| w.state == WState::Standby).count() as u32;
+                self.send_to(conn, &Message::StatsReply(s), None);
+            }
+            (Some(Role::Worker), Message::Standby { worker_id }) => {
+                if let Some(i) = self.worker_index(conn) {
+                    if self.workers[i].id != worker_id {
+                        tracing::warn!("worker {} reported standby as {worker_id}", self.workers[i].id);
+                    }
+                    if self.running.as_ref().is_some_and(|r| r.worker == self.workers[i].id) {
+                        return self.worker_lost(i, "reported standby in the middle of a task");
+                    }
+                    self.release_model(i);
+                    self.workers[i].state = WState::Standby;
+                    self.failed_starts = 0;
+                }
+            }
+            (Some(Role::Worker), Message::TaskDone { task_id, status, message, outputs, timing }) => {
+                self.task_done(conn, task_id, status, message, outputs, timing, file);
+            }
+            (Some(role), m) => {
+                let e = Error::Protocol(format!("a {role:?} may not send message kind {}", m.kind()));
+                tracing::warn!("connection {conn}: {e}");
+                self.reply_error(conn, 0, &e);
+            }
+            (None, _) => {}
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn task_done(&mut self, conn: ConnId, task_id: u64, status: u32, message: String, outputs: Vec<Tensor>, timing: Timing, file: Option<OwnedFd>) {
+        let Some(i) = self.worker_index(conn) else { return };
+        let Some(run) = self.running.take_if(|r| r.task_id == task_id && r.worker == self.workers[i].id) else {
+            tracing::warn!("worker {} finished task {task_id}, which it was not running", self.workers[i].id);
+            return;
+        };
+        self.end_use(run.ticket);
+        if status == 0 {
+            if run.loading {
+                if let Err(e) = self.policy.loaded(&run.model) {
+                    tracing::error!("residency: {e}");
+                }
+            }
+            if let Some(client) = run.client {
+                let t = Timing { queued_ms: run.queued_ms, total_ms: run.arrived.elapsed().as_secs_f64() * 1e3, ..timing };
+                if !self.send_to(client, &Message::InferResult { request_id: run.request_id, outputs, timing: t }, file.as_ref()) {
+                    tracing::warn!("client {client} left before its result");
+                }
+            }
+        } else {
+            // What a failed task wrote into the region cannot be trusted.
+            if run.loading {
+                let _ = self.policy.failed(&run.model);
+                self.release_model(i);
+            }
+            if let Some(client) = run.client {
+                self.stats.failed += 1;
+                let _ = self.send_to(client, &Message::Error { request_id: run.request_id, status, message }, None);
+            }
+        }
+    }
+
+    fn left(&mut self, conn: ConnId, why: &str) {
+        let Some((role, _)) = self.conns.remove(&conn) else { return };
+        match role {
+            Role::Client => {
+                self.queue.retain(|r| r.client != conn);
+                if let Some(r) = self.running.as_mut().filter(|r| r.client == Some(conn)) {
+                    r.client = None;
+                }
+                tracing::debug!("client {conn} {why}");
+            }
+            Role::Worker => {
+                if let Some(i) = self.worker_index(conn) {
+                    self.workers[i].conn = None;
+                    self.worker_lost(i, why);
+                }
+            }
+        }
+    }
+
+    /// Gives up a worker: fails its task, reclaims its region and what it
+    /// was copying, ends its process; a replacement comes with housekeeping.
+    fn worker_lost(&mut self, i: usize, why: &str) {
+        let mut w = self.workers.remove(i);
+        tracing::warn!("worker {} (pid {}) lost: {why}", w.id, w.pid);
+        self.stats.workers_lost += 1;
+        if w.state == WState::Starting {
+            // Died before it was ready: back off before the next start.
+            self.failed_starts += 1;
+            let backoff = Duration::from_millis(100u64 << self.failed_starts.min(7)).min(Duration::from_secs(10));
+            self.next_spawn = Instant::now() + backoff;
+        }
+        if let Some(run) = self.running.take_if(|r| r.worker == w.id) {
+            self.end_use(run.ticket);
+            if run.loading {
+                // The region was being written: no longer resident.
+                let _ = self.policy.failed(&run.model);
+            }
+            if let Some(client) = run.client {
+                let e = Error::Disconnected(format!("the worker running this request died ({why})"));
+                self.reply_error(client, run.request_id, &e);
+            }
+        }
+        if let Some((_, ticket)) = w.model.take() {
+            let _ = self.policy.release(ticket);
+        }
+        if let Some(conn) = w.conn.take() {
+            self.conns.remove(&conn);
+        }
+        if let Some(mut c) = w.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Err(e) = self.space.release(w.region.0) {
+            tracing::error!("releasing worker region: {e}");
+        }
+    }
+
+    fn end_use(&mut self, ticket: Option<Ticket>) {
+        if let Some(t) = ticket {
+            if let Err(e) = self.policy.release(t) {
+                tracing::error!("residency: {e}");
+            }
+        }
+    }
+
+    fn release_model(&mut self, i: usize) {
+        if let Some((_, ticket)) = self.workers[i].model.take() {
+            if let Err(e) = self.policy.release(ticket) {
+                tracing::error!("residency: {e}");
+            }
+        }
+    }
+
+    fn plan_of(&mut self, m: &Model) -> Vec<u32> {
+        if let Some(p) = self.plans.get(&m.id) {
+            return p.clone();
+        }
+        let (gbps, a) = self.gpu.h2d();
+        let plan = pipeswitch::ffi::plan::plan_stored_model(m, gbps, a, 0.005)
+            .map(|p| p.group_starts)
+            .unwrap_or_else(|_| pipeswitch::planner::per_layer_plan(m.layers.len()));
+        let plan: Vec<u32> = plan.into_iter().map(|s| s as u32).collect();
+        self.plans.insert(m.id, plan.clone());
+        plan
+    }
+
+    /// Starts the next request if the GPU is free.
+    fn dispatch(&mut self) {
+        while self.running.is_none() && !self.stopping {
+            let Some(req) = self.queue.pop_front() else { return };
+            let m = match self.store.model(&req.model) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.reply_error(req.client, req.request_id, &e);
+                    continue;
+                }
+            };
+            let key = ModelId { name: m.name.clone(), id: m.id };
+            match self.start(req, &m, key) {
+                Ok(true) => {}
+                // Waiting for a standby.
+                Ok(false) => return,
+                Err(e) => tracing::warn!("request failed to start: {e}"),
+            }
+        }
+    }
+
+    /// Starts `req` on a worker; Ok(false): no worker is free yet (the
+    /// request is back at the head of the queue).
+    fn start(&mut self, req: Request, m: &Arc<Model>, key: ModelId) -> Result<bool> {
+        let queued_ms = req.arrived.elapsed().as_secs_f64() * 1e3;
+        // The active worker already serves this model: no switch.
+        let active = self.workers.iter().position(|w| w.state == WState::Active && w.model.as_ref().is_some_and(|(k, _)| *k == key));
+        let (i, offset, resident, ticket) = match active {
+            Some(i) => {
+                // A use of its own: counts as a hit and refreshes recency.
+                let (ticket, decision) = self.policy.acquire(&key, m.bytes)?;
+                let Acquire::Hit { offset, loading: false } = decision else {
+                    let _ = self.policy.release(ticket);
+                    return Err(Error::Internal(format!("model {:?} is held by its worker but not resident", key.name)));
+                };
+                (i, offset, true, Some(ticket))
+            }
+            None => {
+                // The worker active on another model steps down (it answers
+                // standby once it has cleaned up).
+                let others: Vec<usize> = (0..self.workers.len()).filter(|&j| self.workers[j].state == WState::Active).collect();
+                for j in others {
+                    self.release_model(j);
+                    self.workers[j].state = WState::Leaving;
+                    self.workers[j].started = Instant::now();
+                    if let Some(c) = self.workers[j].conn {
+                        self.send_to(c, &Message::Deactivate, None);
+                    }
+                }
+                let Some(i) = self.workers.iter().position(|w| w.state == WState::Standby) else {
+                    // No standby yet: wait for one.
+                    self.queue.push_front(req);
+                    return Ok(false);
+                };
+                let (ticket, decision) = match self.policy.acquire(&key, m.bytes) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.reply_error(req.client, req.request_id, &e);
+                        return Err(e);
+                    }
+                };
+                let (offset, resident) = match decision {
+                    Acquire::Hit { offset, loading } => (offset, !loading),
+                    Acquire::Miss { offset, moves, .. } => {
+                        for mv in &moves {
+                            let base = self.residency_offset;
+                            if let Err(e) = self.gpu.move_bytes(base + mv.from, base + mv.to, mv.bytes) {
+                                // A failed move leaves that model untrustworthy.
+                                let _ = self.policy.failed(&mv.model);
+                                let _ = self.policy.failed(&key);
+                                let _ = self.policy.release(ticket);
+                                self.reply_error(req.client, req.request_id, &e);
+                                return Err(e);
+                            }
+                        }
+                        self.stats.bytes_copied += m.bytes;
+                        (offset, false)
+                    }
+                };
+                // The worker holds the model while it stays active on it.
+                self.workers[i].model = Some((key.clone(), ticket));
+                self.workers[i].state = WState::Active;
+                (i, offset, resident, None)
+            }
+        };
+        let task_id = self.next_task;
+        self.next_task += 1;
+        let task = Task {
+            task_id,
+            kind: TaskKind::Inference,
+            model: m.name.clone(),
+            model_id: m.id,
+            region_offset: self.residency_offset + offset,
+            resident,
+            plan: if resident { vec![0] } else { self.plan_of(m) },
+            inputs: req.inputs,
+            decided_ns: monotonic_ns(),
+        };
+        let conn = self.workers[i].conn.expect("standby and active workers are connected");
+        self.running = Some(Running {
+            task_id,
+            ticket,
+            worker: self.workers[i].id,
+            client: Some(req.client),
+            request_id: req.request_id,
+            model: key,
+            loading: !resident,
+            arrived: req.arrived,
+            queued_ms,
+        });
+        if !self.send_to(conn, &Message::Activate(task), req.file.as_ref()) {
+            self.worker_lost(i, "could not be activated");
+        }
+        Ok(true)
+    }
+
+    fn shutdown(&mut self, rx: &Receiver<Event>) {
+        self.stopping = true;
+        for r in std::mem::take(&mut self.queue) {
+            self.reply_error(r.client, r.request_id, &Error::Refused("the daemon is stopping".into()));
+        }
+        if let Some(run) = self.running.take() {
+            self.end_use(run.ticket);
+            if let Some(c) = run.client {
+                self.reply_error(c, run.request_id, &Error::Disconnected("the daemon stopped".into()));
+            }
+        }
+        let conns: Vec<ConnId> = self.workers.iter().filter_map(|w| w.conn).collect();
+        for c in conns {
+            self.send_to(c, &Message::Shutdown, None);
+        }
+        // Give workers a moment to leave on their own, then end them.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && self.workers.iter().any(|w| w.child.is_some()) {
+            while let Ok(ev) = rx.try_recv() {
+                if let Event::Left { conn, .. } = ev {
+                    self.conns.remove(&conn);
+                }
+            }
+            for w in &mut self.workers {
+                if let Some(c) = w.child.as_mut() {
+                    if let Ok(Some(_)) = c.try_wait() {
+                        w.child = None;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for w in &mut self.workers {
+            if let Some(mut c) = w.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// The daemon's GPU: an arena on `device` exported to the workers.
+pub struct CudaGpu {
+    arena: Arc<pipeswitch::arena::Arena>,
+    handle: Vec<u8>,
+    stream: pipeswitch::cuda::Stream,
+    h2d: (f64, f64),
+}
+
+impl CudaGpu {
+    /// Allocates an arena of `bytes` on `device` (no workspace: the daemon
+    /// carves the worker regions itself) and measures H2D for plans.
+    pub fn new(device: i32, bytes: u64) -> Result<CudaGpu> {
+        let arena = Arc::new(pipeswitch::arena::Arena::create(device, bytes, 0)?);
+        let handle = arena.export()?.to_bytes().to_vec();
+        let stream = pipeswitch::cuda::Stream::new(arena.device())?;
+        let p = pipeswitch::measure::measure_h2d(device, 256 << 20, 5)?;
+        Ok(CudaGpu { arena, handle, stream, h2d: (p.peak_gbps, p.overhead_ms) })
+    }
+}
+
+impl Gpu for CudaGpu {
+    fn device(&self) -> i32 {
+        self.arena.device().ordinal()
+    }
+    fn arena_handle(&self) -> Vec<u8> {
+        self.handle.clone()
+    }
+    fn model_space(&self) -> u64 {
+        self.arena.workspace().0
+    }
+    fn move_bytes(&mut self, from: u64, to: u64, bytes: u64) -> Result<()> {
+        self.arena.device().bind()?;
+        self.arena.move_bytes(from, to, bytes, self.stream.raw())?;
+        self.stream.synchronize()
+    }
+    fn h2d(&self) -> (f64, f64) {
+        self.h2d
+    }
+}

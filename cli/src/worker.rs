@@ -1,0 +1,141 @@
+//! `pipeswitch worker`: the built-in worker process of `pipeswitch serve`.
+//!
+//! It connects to the daemon, opens and pins the store, imports the arena,
+//! loads every kernel and creates its streams, then waits as a standby. When
+//! activated it runs the task's model: a resident model at once, otherwise
+//! the pipelined switch into the region the daemon chose, each group's
+//! kernels waiting on the GPU for that group's copy. It answers with the
+//! outputs and goes on serving the same model until the daemon deactivates
+//! it, then answers standby again.
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pipeswitch::arena::{Arena, ArenaIpcHandle};
+use pipeswitch::error::{Error, Result};
+use pipeswitch::ffi::status::status_of;
+use pipeswitch::protocol::io::{pack_tensors, recv, send, unpack_tensors, TensorRef};
+use pipeswitch::protocol::{monotonic_ns, Message, Role, Task, Timing};
+use pipeswitch::store::Store;
+use pipeswitch::switch::Switch;
+use pipeswitch::worker::{Program, RunOptions, Worker};
+
+struct Ready {
+    store: Arc<Store>,
+    arena: Arc<Arena>,
+    worker: Worker,
+    switch: Switch,
+    programs: HashMap<u64, Program>,
+    worker_id: u32,
+}
+
+/// Runs a worker until the daemon shuts it down or goes away.
+pub fn run(socket: &Path) -> Result<()> {
+    let stream = UnixStream::connect(socket).map_err(|e| Error::io(format!("connecting to {}", socket.display()), e))?;
+    send(&stream, &Message::Hello { role: Role::Worker, pid: std::process::id(), worker_kind: "builtin".into() }, None)?;
+    let (worker_id, store_name, handle, region) = match recv(&stream)? {
+        Some((Message::Welcome { worker_id, store, arena_handle, activation_offset, activation_bytes, .. }, _)) => {
+            (worker_id, store, arena_handle, (activation_offset, activation_bytes))
+        }
+        Some((Message::Error { message, status, .. }, _)) => return Err(pipeswitch::client::error_of(status, message)),
+        Some((m, _)) => return Err(Error::Protocol(format!("expected welcome, got kind {}", m.kind()))),
+        None => return Err(Error::Disconnected("the daemon closed the connection".into())),
+    };
+    let t0 = Instant::now();
+    let handle: &[u8; 128] = handle
+        .as_slice()
+        .try_into()
+        .map_err(|_| Error::Protocol(format!("an arena handle of {} bytes (128 expected)", handle.len())))?;
+    let handle = ArenaIpcHandle::decode(handle)?;
+    let arena = Arc::new(Arena::import(&handle)?);
+    let store = Arc::new(Store::open(&store_name)?);
+    store.pin(arena.device())?;
+    let worker = Worker::with_region(&arena, region.0, region.1)?;
+    let switch = Switch::new(arena.device().ordinal())?;
+    let mut me = Ready { store, arena, worker, switch, programs: HashMap::new(), worker_id };
+    tracing::info!("worker {worker_id}: ready in {:.0} ms", t0.elapsed().as_secs_f64() * 1e3);
+    send(&stream, &Message::Standby { worker_id }, None)?;
+    loop {
+        match recv(&stream)? {
+            Some((Message::Activate(task), file)) => {
+                let task_id = task.task_id;
+                let started = Instant::now();
+                match me.run(task, file.as_ref()) {
+                    Ok((outputs, file, activation_ms)) => {
+                        let timing = Timing { activation_ms, worker_ms: started.elapsed().as_secs_f64() * 1e3, ..Timing::default() };
+                        let done = Message::TaskDone { task_id, status: 0, message: String::new(), outputs, timing };
+                        send(&stream, &done, file.as_ref().map(|f| f.as_fd()))?;
+                    }
+                    Err(e) => {
+                        tracing::warn!("worker {}: task {task_id} failed: {e}", me.worker_id);
+                        let done = Message::TaskDone {
+                            task_id,
+                            status: status_of(&e),
+                            message: e.to_string(),
+                            outputs: Vec::new(),
+                            timing: Timing::default(),
+                        };
+                        send(&stream, &done, None)?;
+                    }
+                }
+            }
+            Some((Message::Deactivate, _)) => {
+                me.worker.synchronize()?;
+                send(&stream, &Message::Standby { worker_id: me.worker_id }, None)?;
+            }
+            Some((Message::Shutdown, _)) | None => return Ok(()),
+            Some((m, _)) => return Err(Error::Protocol(format!("a worker does not expect message kind {}", m.kind()))),
+        }
+    }
+}
+
+impl Ready {
+    /// Runs one task; returns its outputs, the file that carries the large
+    /// ones, and the activation time (decision to first kernel, ms).
+    fn run(
+        &mut self,
+        task: Task,
+        file: Option<&std::os::fd::OwnedFd>,
+    ) -> Result<(Vec<pipeswitch::protocol::Tensor>, Option<std::os::fd::OwnedFd>, f64)> {
+        let model = self.store.model(&task.model)?;
+        if model.id != task.model_id {
+            return Err(Error::InvalidState(format!(
+                "model {:?} changed in the store (id {} now, {} asked for)",
+                task.model, model.id, task.model_id
+            )));
+        }
+        if !self.programs.contains_key(&model.id) {
+            let p = Program::from_store(&self.store, &task.model)?;
+            self.programs.insert(model.id, p);
+        }
+        let program = &self.programs[&model.id];
+        self.worker.prepare(program)?;
+        for (t, bytes) in unpack_tensors(task.inputs, file)? {
+            self.worker.set_input(program, &t.name, &bytes)?;
+        }
+        if task.resident {
+            self.switch.start_resident(&self.store, &task.model, &self.arena, task.region_offset)?;
+        } else {
+            let plan: Vec<usize> = task.plan.iter().map(|&s| s as usize).collect();
+            self.switch.start(&self.store, &task.model, &self.arena, task.region_offset, &plan)?;
+        }
+        let activation_ms = monotonic_ns().saturating_sub(task.decided_ns) as f64 / 1e6;
+        self.worker.run(program, &self.switch, RunOptions::default())?;
+        let mut outs = Vec::new();
+        for name in &program.graph().outputs {
+            let slot = program.slot(name)?;
+            let mut buf = vec![0u8; slot.bytes as usize];
+            let (dtype, shape) = (slot.dtype as u32, slot.shape.iter().map(|&d| d as u64).collect::<Vec<u64>>());
+            self.worker.read(program, name, &mut buf)?;
+            outs.push((name.clone(), dtype, shape, buf));
+        }
+        let refs: Vec<TensorRef<'_>> =
+            outs.iter().map(|(n, d, s, b)| TensorRef { name: n, dtype: *d, shape: s, data: b }).collect();
+        let (tensors, file) = pack_tensors(&refs)?;
+        Ok((tensors, file, activation_ms))
+    }
+}
