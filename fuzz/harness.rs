@@ -183,7 +183,7 @@ fn wr64(b: &mut [u8], o: usize, v: u64) {
 /// Recomputes what a writer would have: the header's total and data sizes
 /// from the file's length, the header checksum, each Ready entry's metadata
 /// checksum and every entry's checksum. Offsets are those of layout.rs
-/// (version 1).
+/// (versions 1 and 2).
 pub fn fix_checksums(b: &mut [u8]) {
     const ENTRY: usize = layout::ENTRY_BYTES as usize;
     if b.len() < layout::HEADER_BYTES as usize {
@@ -203,6 +203,9 @@ pub fn fix_checksums(b: &mut [u8]) {
             break;
         };
         let o = o as usize;
+        if b[o..o + ENTRY].iter().all(|&x| x == 0) {
+            continue; // a free slot
+        }
         if rd32(b, o) == 2 {
             let (mo, mb) = (rd64(b, o + 40), rd64(b, o + 48));
             if mb >= 48 && mo.checked_add(mb).is_some_and(|e| e <= len) {
@@ -214,7 +217,13 @@ pub fn fix_checksums(b: &mut [u8]) {
                 }
             }
         }
-        let sum = layout::fnv1a(&b[o + 8..o + ENTRY - 16]);
+        // Layout 1 checksums [8, 240) of an entry; layout 2 the whole
+        // entry before the checksum, and wants the 8 bytes after it zero.
+        let from = if layout::LAYOUT_VERSION >= 2 { 0 } else { 8 };
+        if layout::LAYOUT_VERSION >= 2 {
+            b[o + ENTRY - 8..o + ENTRY].fill(0);
+        }
+        let sum = layout::fnv1a(&b[o + from..o + ENTRY - 16]);
         wr64(b, o + ENTRY - 16, sum);
     }
 }
@@ -267,6 +276,9 @@ fn query_segment(store: &Store, flags: u8) {
         Err(e) => clean(&e),
     }
     let _ = store.generation();
+    if let Err(e) = store.check() {
+        clean(&e);
+    }
     for s in &list {
         let m = match store.model(&s.name) {
             Ok(m) => m,
@@ -277,9 +289,39 @@ fn query_segment(store: &Store, flags: u8) {
         };
         assert_eq!(m.name, s.name);
         check_model(&m);
-        match store.model_bytes(&m) {
-            Ok(b) => assert_eq!(b.len() as u64, m.bytes),
+        let bytes = match store.model_bytes(&m) {
+            Ok(b) => {
+                assert_eq!(b.len() as u64, m.bytes);
+                Some(b)
+            }
+            Err(e) => {
+                clean(&e);
+                None
+            }
+        };
+        match store.lease(&s.name) {
+            Ok(lease) => {
+                let n = (m.bytes as usize).min(4096);
+                let mut buf = vec![0u8; n];
+                match store.read(&lease, 0, &mut buf) {
+                    Ok(()) => {
+                        if let Some(b) = &bytes {
+                            assert_eq!(&b[..n], &buf[..], "a leased read differs from model_bytes");
+                        }
+                    }
+                    Err(e) => clean(&e),
+                }
+                let e = store.read(&lease, m.bytes, &mut [0u8; 1]).expect_err("a read past the model's end");
+                clean(&e);
+            }
             Err(e) => clean(&e),
+        }
+        match store.model_footprint(&s.name) {
+            Ok(fp) => assert!(fp >= m.bytes, "footprint {fp} below the model's {} bytes", m.bytes),
+            Err(e) => clean(&e),
+        }
+        if let Err(e) = store.cost(&s.name) {
+            clean(&e);
         }
         match store.contains(&m) {
             Ok(c) => assert!(c, "model {:?} read back but is not contained", m.name),
@@ -781,6 +823,10 @@ fn seed_segments() -> Vec<(String, Vec<u8>)> {
     store.remove_model("gone").expect("removing a seed model");
     store.set_layer_exec_ms("beta", &[0.25]).expect("seed profile");
     let bytes = std::fs::read(store.path()).expect("reading the seed segment");
+    // The fixer writes what the store writes: on a valid segment it changes nothing.
+    let mut fixed = bytes.clone();
+    fix_checksums(&mut fixed);
+    assert!(fixed == bytes, "fix_checksums disagrees with the store's layout");
     drop(store);
     Store::destroy(&name).expect("removing the seed store");
     [0u8, SEG_FIX_CHECKSUMS | SEG_SET_PROFILE | SEG_ADD_REMOVE, SEG_ADD_REMOVE]
@@ -835,7 +881,7 @@ fn seed_messages() -> Vec<(String, Vec<u8>)> {
         Message::Infer { request_id: 8, model: "bert".into(), inputs: tensors.clone() },
         Message::InferResult { request_id: 8, outputs: tensors.clone(), timing },
         Message::Standby { worker_id: 3 },
-        Message::Activate(Task { task_id: 5, kind: TaskKind::Inference, model: "bert".into(), model_id: 2, region_offset: 0, resident: false, plan: vec![0, 3, 9], inputs: tensors.clone() }),
+        Message::Activate(Task { task_id: 5, kind: TaskKind::Inference, model: "bert".into(), model_id: 2, region_offset: 0, decided_ns: 123_456_789, resident: false, plan: vec![0, 3, 9], inputs: tensors.clone() }),
         Message::TaskDone { task_id: 5, status: 0, message: String::new(), outputs: tensors, timing },
         Message::StatsRequest,
         Message::StatsReply(Stats { requests: 10, failed: 1, hits: 6, misses: 4, evictions: 2, bytes_copied: 1 << 30, workers: 2, standbys: 1, workers_started: 2, workers_lost: 0 }),
