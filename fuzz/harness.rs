@@ -22,7 +22,7 @@ use pipeswitch::ffi::{PS_ERR_BUFFER_TOO_SMALL, PS_ERR_INVALID_ARGUMENT, PS_OK};
 use pipeswitch::model::cpu::{self, HostWeights};
 use pipeswitch::model::graph::{Graph, WeightShapes};
 use pipeswitch::model::reference::ModelDef;
-use pipeswitch::planner::{self, PlanError};
+use pipeswitch::planner::{self, Costs, PlanError};
 use pipeswitch::store::safetensors as st;
 use pipeswitch::store::{layout, Dtype, LayerInfo, LayerSpec, Model, ModelSpec, Store, TensorInfo, TensorSpec, GRAPH_ATTRIBUTE, TENSOR_ALIGN};
 use pipeswitch::worker::Program;
@@ -564,6 +564,18 @@ pub fn planner_inputs(data: &[u8]) {
     let mut r = Reader(data);
     let Some(flags) = r.byte() else { return };
     let (Some(a), Some(b)) = (r.value(), r.value()) else { return };
+    // Flag 2: the extended cost model, its other five terms next.
+    let extended = flags & 2 != 0;
+    let costs = if extended {
+        let mut v = [0.0; 5];
+        for x in &mut v {
+            let Some(y) = r.value() else { return };
+            *x = y;
+        }
+        Costs { transfer_overhead_ms: a, exec_overhead_ms: b, first_kernel_ms: v[0], exec_scale: v[1], copy_slowdown: v[2], floor_ms: v[3], floor_per_group_ms: v[4] }
+    } else {
+        Costs::new(a, b)
+    };
     let (mut t, mut x) = (Vec::new(), Vec::new());
     while t.len() < PLANNER_MAX_LAYERS {
         let (Some(ti), Some(xi)) = (r.value(), r.value()) else { break };
@@ -575,20 +587,22 @@ pub fn planner_inputs(data: &[u8]) {
     }
     let n = t.len();
     let ok = |v: &f64| v.is_finite() && *v >= 0.0;
-    let result = planner::plan_groups(&t, &x, a, b);
+    let result = if extended { planner::plan_groups_with(&t, &x, &costs) } else { planner::plan_groups(&t, &x, a, b) };
     let expect_err = if t.len() != x.len() {
         Some("length")
     } else if n == 0 {
         Some("empty")
     } else if !t.iter().chain(&x).all(ok) {
         Some("value")
-    } else if !(ok(&a) && ok(&b)) {
+    } else if !(ok(&a) && ok(&b)) || costs.validate().is_err() {
         Some("overhead")
     } else {
         None
     };
     let plan = match (expect_err, result) {
         (None, Ok(p)) => p,
+        // The back-pointer bound (n·K <= MAX_BACKPOINTERS) cannot bind below
+        // PLANNER_MAX_LAYERS layers: 4096 · 4097 < 2^26.
         (None, Err(e)) => panic!("valid input refused: {e}"),
         (Some(why), Ok(p)) => panic!("invalid input ({why}) planned: {p:?}"),
         (Some(why), Err(e)) => {
@@ -603,16 +617,25 @@ pub fn planner_inputs(data: &[u8]) {
             // shorter one, and must plan or be refused like that input.
             let m = t.len().min(x.len());
             let prefix_ok = m > 0 && t[..m].iter().chain(&x[..m]).all(ok) && ok(&a) && ok(&b);
+            if extended {
+                return; // the C call takes the two overheads only
+            }
             assert_eq!(ffi_plan(&t, &x, a, b, m.max(1)).0, if prefix_ok { PS_OK } else { PS_ERR_INVALID_ARGUMENT });
             return;
         }
     };
     check_plan_shape(&plan.group_starts, n);
-    let ms = |s: &[usize]| planner::makespan(&t, &x, a, b, s).expect("makespan of a valid plan");
+    let ms = |s: &[usize]| planner::makespan_with(&t, &x, &costs, s).expect("makespan of a valid plan");
     assert!(same(plan.makespan_ms, ms(&plan.group_starts)), "reported {} but the plan simulates to {}", plan.makespan_ms, ms(&plan.group_starts));
-    let tl = planner::timeline(&t, &x, a, b, &plan.group_starts).expect("timeline");
+    if !extended {
+        assert!(same(plan.makespan_ms, planner::makespan(&t, &x, a, b, &plan.group_starts).expect("makespan")));
+    }
+    let tl = planner::timeline_with(&t, &x, &costs, &plan.group_starts).expect("timeline");
     assert_eq!(tl.len(), plan.group_starts.len());
-    assert!(same(tl.last().expect("a group").exec_end_ms, plan.makespan_ms));
+    // The makespan is the last group's end, or the floor R + h·K if later.
+    let end = tl.last().expect("a group").exec_end_ms;
+    let floor = costs.floor_ms + costs.floor_per_group_ms * tl.len() as f64;
+    assert!(same(end.max(floor), plan.makespan_ms) || same(end, plan.makespan_ms), "timeline ends at {end} (floor {floor}), makespan {}", plan.makespan_ms);
     for other in [planner::single_group_plan(n), planner::per_layer_plan(n)] {
         assert!(at_most(plan.makespan_ms, ms(&other)), "plan {} worse than {other:?} at {}", plan.makespan_ms, ms(&other));
     }
@@ -631,7 +654,10 @@ pub fn planner_inputs(data: &[u8]) {
     // Invalid plans are refused.
     let mut bad = plan.group_starts.clone();
     bad.push(n);
-    assert!(matches!(planner::makespan(&t, &x, a, b, &bad), Err(PlanError::BadValue { what: "group_starts", .. })));
+    assert!(matches!(planner::makespan_with(&t, &x, &costs, &bad), Err(PlanError::BadValue { what: "group_starts", .. })));
+    if extended {
+        return; // the C entry points take the two overheads only
+    }
     // The C entry points.
     let (status, starts, span) = ffi_plan(&t, &x, a, b, n);
     assert_eq!(status, PS_OK);
@@ -864,6 +890,12 @@ fn seed_planner() -> Vec<(String, Vec<u8>)> {
     }
     v.push(("seed-raw".to_string(), raw));
     v.push(("seed-zero-overheads".to_string(), vec![0, 0, 0, small(2), small(1), small(1), small(2), small(3), small(3)]));
+    // Extended model: a, b, L, κ, σ, R, h, then six layers.
+    let mut ext = vec![2u8, small(1), small(0), small(2), small(1), 0x09, small(5), small(0)];
+    for i in 0..6u8 {
+        ext.extend([small(i % 3 + 1), small(2 - i % 2)]);
+    }
+    v.push(("seed-extended".to_string(), ext));
     v
 }
 

@@ -8,13 +8,15 @@
 # normal builds are left alone. See docs/fuzzing.md for results.
 #
 # Usage: scripts/sanitizers.sh [address|thread]...   (default: both)
-# Extra arguments for the test binaries go in SAN_TEST_ARGS.
+# Extra arguments for the test binaries go in SAN_TEST_ARGS; SAN_TESTS names
+# other test files (e.g. SAN_TESTS="store_cpu store_hardening protocol_cpu").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 target=$(rustc +nightly -vV | sed -n 's/^host: //p')
 tests=()
-for f in tests/ffi*.rs; do
+# SAN_TESTS="store_cpu protocol_cpu" picks other test files instead.
+for f in ${SAN_TESTS:-tests/ffi*.rs}; do
   tests+=(--test "$(basename "$f" .rs)")
 done
 sanitizers=("$@")
