@@ -38,7 +38,9 @@ fn replay(target: &str, f: fn(&[u8])) {
     }
     let corpus = files("corpus", target);
     assert!(!corpus.is_empty(), "fuzz/corpus/{target} is empty");
-    for p in corpus.iter().chain(&files("regressions", target)) {
+    let regressions = files("regressions", target);
+    eprintln!("{target}: {} seeds, {} corpus files, {} regressions", seeds.len(), corpus.len(), regressions.len());
+    for p in corpus.iter().chain(&regressions) {
         let bytes = std::fs::read(p).expect("reading a corpus file");
         if !passes(&bytes, f) {
             failed.push(p.display().to_string());
