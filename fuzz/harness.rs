@@ -199,7 +199,7 @@ pub fn fix_checksums(b: &mut [u8]) {
     wr64(b, 56, sum);
     let (table_off, cap) = (rd64(b, 24), u64::from(rd32(b, 32)));
     for slot in 0..cap {
-        let Some(o) = table_off.checked_add(slot * layout::ENTRY_BYTES).filter(|o| o + layout::ENTRY_BYTES <= len) else {
+        let Some(o) = table_off.checked_add(slot * layout::ENTRY_BYTES).filter(|o| o.checked_add(layout::ENTRY_BYTES).is_some_and(|e| e <= len)) else {
             break;
         };
         let o = o as usize;
