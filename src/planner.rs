@@ -132,7 +132,8 @@ impl Costs {
         }
     }
 
-    /// Checks every term: finite and non-negative (`exec_scale` positive).
+    /// Checks every term: finite and non-negative (`exec_scale` positive,
+    /// and `exec_scale · (1 + copy_slowdown)` finite).
     pub fn validate(&self) -> Result<(), PlanError> {
         for (what, value) in [
             ("group_transfer_overhead_ms", self.transfer_overhead_ms),
@@ -146,6 +147,12 @@ impl Costs {
             if !is_valid(value) || (what == "exec_scale" && value == 0.0) {
                 return Err(PlanError::BadOverhead { what, value });
             }
+        }
+        // The slowed-down scale must stay finite: an infinite one times a
+        // group's zero execution time is NaN, which `max` then drops,
+        // making a plan look far faster than it is.
+        if !(self.exec_scale * (1.0 + self.copy_slowdown)).is_finite() {
+            return Err(PlanError::BadOverhead { what: "copy_slowdown", value: self.copy_slowdown });
         }
         Ok(())
     }

@@ -82,6 +82,10 @@ pub enum Op {
     GlobalAvgPool { x: String, out: String },
 }
 
+/// Most bytes of one declared input or activation (1 TiB): larger shapes,
+/// and shapes whose size overflows, are refused by [`Graph::validate`].
+pub const MAX_TENSOR_BYTES: u64 = 1 << 40;
+
 /// A declared activation or input.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TensorDecl {
@@ -96,14 +100,22 @@ impl TensorDecl {
     pub fn i32(shape: &[usize]) -> TensorDecl {
         TensorDecl { dtype: "I32".into(), shape: shape.to_vec() }
     }
+    /// Elements; saturates at `usize::MAX` where the shape overflows (which
+    /// [`Graph::validate`] refuses).
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        self.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).unwrap_or(usize::MAX)
     }
     pub fn dtype(&self) -> Result<Dtype> {
         Dtype::from_name(&self.dtype).ok_or_else(|| Error::invalid(format!("unknown dtype {}", self.dtype)))
     }
+    /// Bytes, or an error for an unknown dtype or a size beyond [`MAX_TENSOR_BYTES`].
     pub fn bytes(&self) -> Result<usize> {
-        Ok(self.numel() * self.dtype()?.size() as usize)
+        let size = self.dtype()?.size() as usize;
+        self.shape
+            .iter()
+            .try_fold(size, |n, &d| n.checked_mul(d))
+            .filter(|&b| b as u64 <= MAX_TENSOR_BYTES)
+            .ok_or_else(|| Error::invalid(format!("a {} tensor of shape {:?} exceeds {MAX_TENSOR_BYTES} bytes", self.dtype, self.shape)))
     }
 }
 
@@ -166,16 +178,43 @@ impl Op {
     }
 }
 
+/// `d + 2 * pad`, None on overflow.
+fn padded(d: usize, pad: usize) -> Option<usize> {
+    pad.checked_mul(2).and_then(|p| p.checked_add(d))
+}
+
 /// Shapes of stored tensors, by name (from the store's model description).
 pub type WeightShapes = HashMap<String, Vec<usize>>;
 
 impl Graph {
+    /// The graph as JSON; an error for a value JSON cannot hold (a
+    /// non-finite `eps` would be written as `null`, which no reader takes).
     pub fn to_json(&self) -> Result<String> {
+        self.check_numbers()?;
         serde_json::to_string(self).map_err(|e| Error::Internal(e.to_string()))
     }
 
     pub fn from_json(s: &str) -> Result<Graph> {
-        serde_json::from_str(s).map_err(|e| Error::invalid(format!("model graph: {e}")))
+        let g: Graph = serde_json::from_str(s).map_err(|e| Error::invalid(format!("model graph: {e}")))?;
+        g.check_numbers()?;
+        Ok(g)
+    }
+
+    /// Every `eps` is finite and non-negative (JSON numbers beyond f32's
+    /// range parse as infinity).
+    fn check_numbers(&self) -> Result<()> {
+        for op in &self.ops {
+            if let Op::LayerNorm { eps, .. } = op {
+                if !(eps.is_finite() && *eps >= 0.0) {
+                    return Err(Error::invalid(format!(
+                        "graph {}: layer_norm op -> {}: eps {eps} is not a finite non-negative number",
+                        self.name,
+                        op.output()
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn decls(&self) -> HashMap<&str, &TensorDecl> {
@@ -185,9 +224,13 @@ impl Graph {
     /// Checks every operand exists with a consistent shape, every op's
     /// output is an activation, and activations are written before read.
     pub fn validate(&self, weights: &WeightShapes) -> Result<()> {
+        self.check_numbers()?;
         let decls = self.decls();
         if decls.len() != self.inputs.len() + self.activations.len() {
             return Err(Error::invalid(format!("graph {}: a tensor is declared twice", self.name)));
+        }
+        for (name, d) in self.inputs.iter().chain(&self.activations) {
+            d.bytes().map_err(|e| Error::invalid(format!("graph {}: tensor {name}: {e}", self.name)))?;
         }
         let mut written: HashSet<&str> = self.inputs.iter().map(|(n, _)| n.as_str()).collect();
         let bad = |op: &Op, msg: String| Error::invalid(format!("graph {}: {} op -> {}: {msg}", self.name, op.kind(), op.output()));
@@ -252,7 +295,7 @@ impl Graph {
                         return Err(bad(op, "linear operands must be 2-D".into()));
                     }
                     let (k, n) = if *trans_b { (wt[1], wt[0]) } else { (wt[0], wt[1]) };
-                    if x.shape[1] != k || out.shape[0] != x.shape[0] || out_col + n > out.shape[1] {
+                    if x.shape[1] != k || out.shape[0] != x.shape[0] || out_col.checked_add(n).is_none_or(|end| end > out.shape[1]) {
                         return Err(bad(op, format!("x {:?} · w {wt:?} does not fit out {:?} at column {out_col}", x.shape, out.shape)));
                     }
                     if let Some(b) = bias {
@@ -268,8 +311,10 @@ impl Graph {
                 }
                 Op::Attention { qkv, heads, seq, .. } => {
                     let q = act(op, qkv)?;
-                    if q.shape.len() != 2 || *heads == 0 || *seq == 0 || q.shape[0] % seq != 0 || q.shape[1] % (3 * heads) != 0 || out.shape != [q.shape[0], q.shape[1] / 3] {
-                        return Err(bad(op, "qkv must be [T, 3H] with H divisible by heads".into()));
+                    // Heads of at least one column each (so heads <= H).
+                    let packed = heads.checked_mul(3).filter(|&p| p > 0 && p <= q.shape.get(1).copied().unwrap_or(0));
+                    if q.shape.len() != 2 || *seq == 0 || q.shape[0] % seq != 0 || packed.is_none_or(|p| q.shape[1] % p != 0) || out.shape != [q.shape[0], q.shape[1] / 3] {
+                        return Err(bad(op, "qkv must be [T, 3H] with H a positive multiple of heads".into()));
                     }
                 }
                 Op::Conv2d { x, weight, bias, stride, pad, residual, .. } => {
@@ -278,8 +323,8 @@ impl Graph {
                     if x.shape.len() != 4 || wt.len() != 4 || wt[1] != x.shape[1] || *stride == 0 {
                         return Err(bad(op, "conv operands must be NCHW / KCRS with matching C".into()));
                     }
-                    let p = (x.shape[2] + 2 * pad).checked_sub(wt[2]).map(|v| v / stride + 1);
-                    let q = (x.shape[3] + 2 * pad).checked_sub(wt[3]).map(|v| v / stride + 1);
+                    let p = padded(x.shape[2], *pad).and_then(|d| d.checked_sub(wt[2])).map(|v| v / stride + 1);
+                    let q = padded(x.shape[3], *pad).and_then(|d| d.checked_sub(wt[3])).map(|v| v / stride + 1);
                     if p.is_none() || q.is_none() || out.shape != [x.shape[0], wt[0], p.unwrap_or(0), q.unwrap_or(0)] {
                         return Err(bad(op, format!("output {:?} does not match", out.shape)));
                     }
@@ -296,7 +341,7 @@ impl Graph {
                 }
                 Op::MaxPool { x, kernel, stride, pad, .. } => {
                     let x = act(op, x)?;
-                    let dim = |d: usize| (d + 2 * pad).checked_sub(*kernel).map(|v| v / stride + 1);
+                    let dim = |d: usize| padded(d, *pad).and_then(|d| d.checked_sub(*kernel)).map(|v| v / stride + 1);
                     if x.shape.len() != 4 || *stride == 0 || out.shape.len() != 4 || Some(out.shape[2]) != dim(x.shape[2]) || Some(out.shape[3]) != dim(x.shape[3]) || out.shape[..2] != x.shape[..2] {
                         return Err(bad(op, "pool shapes disagree".into()));
                     }

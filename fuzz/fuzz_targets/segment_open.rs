@@ -1,0 +1,9 @@
+#![no_main]
+//! libFuzzer target; the body is `harness::segment_open` (replayed on stable by
+//! tests/fuzz_corpus.rs).
+
+#[path = "../harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::segment_open(data));
