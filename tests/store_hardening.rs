@@ -151,27 +151,44 @@ fn reads_never_return_another_models_bytes() {
     let readers: Vec<_> = (0..2)
         .map(|r| {
             let (stop, ok_reads, s, want) = (stop.clone(), ok_reads.clone(), s.clone(), a_bytes.clone());
+            let other = stored_bytes(&b_data);
             std::thread::spawn(move || {
                 let model = CString::new("a").unwrap();
                 let mut buf = vec![0u8; want.len()];
                 let mut wrong = 0u64;
+                // What the wrong reads held, for the failure message.
+                let mut seen = Vec::new();
+                let mut judge = |got: &[u8], wrong: &mut u64| {
+                    if got != want {
+                        *wrong += 1;
+                        let first = got.iter().zip(&want).position(|(x, y)| x != y).unwrap_or(0);
+                        let kind = if got == other {
+                            "b's bytes"
+                        } else if got.iter().all(|&x| x == 0) {
+                            "zeros"
+                        } else {
+                            "mixed"
+                        };
+                        seen.push(format!("reader {r}: {kind}, first difference at {first}"));
+                    }
+                };
                 while !stop.load(Ordering::Acquire) {
                     if r == 0 {
                         // The C ABI.
                         let st = ps_store_read(handle as *const ps_store, model.as_ptr(), 0, buf.as_mut_ptr().cast(), buf.len());
                         if st == PS_OK {
                             ok_reads.fetch_add(1, Ordering::Relaxed);
-                            wrong += u64::from(buf != want);
+                            judge(&buf, &mut wrong);
                         }
                     } else if let Ok(m) = s.model("a") {
                         // The Rust API.
                         if let Ok(got) = s.model_bytes(&m) {
                             ok_reads.fetch_add(1, Ordering::Relaxed);
-                            wrong += u64::from(got.to_vec() != want);
+                            judge(&got, &mut wrong);
                         }
                     }
                 }
-                wrong
+                (wrong, seen)
             })
         })
         .collect();
@@ -195,9 +212,14 @@ fn reads_never_return_another_models_bytes() {
         }
     }
     stop.store(true, Ordering::Release);
-    let wrong: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    let (mut wrong, mut seen) = (0u64, Vec::new());
+    for r in readers {
+        let (w, s) = r.join().unwrap();
+        wrong += w;
+        seen.extend(s);
+    }
     assert_eq!(ps_store_free(handle as *mut ps_store), PS_OK);
-    assert_eq!(wrong, 0, "{wrong} of {} successful reads of \"a\" returned other bytes", ok_reads.load(Ordering::Relaxed));
+    assert_eq!(wrong, 0, "{wrong} of {} successful reads of \"a\" returned other bytes: {seen:?}", ok_reads.load(Ordering::Relaxed));
     assert!(ok_reads.load(Ordering::Relaxed) > 0);
     drop(s);
     Store::destroy(name).unwrap();
