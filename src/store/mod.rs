@@ -193,7 +193,17 @@ impl Drop for LeaseInner {
     }
 }
 
-type Guards<'a> = (MutexGuard<'a, ()>, FlockGuard<'a>);
+/// The segment lock held under this process's mutex. The flock is released
+/// before the mutex (fields drop in order): the other threads of this
+/// handle share its open file description, so a thread that took the mutex
+/// while the flock was still held would *convert* that flock instead of
+/// waiting for it, and the first thread's `LOCK_UN` would then release the
+/// second thread's lock in the middle of its critical section (a reader in
+/// another handle could then lease a model that was being freed).
+struct Guards<'a> {
+    _flock: FlockGuard<'a>,
+    _local: MutexGuard<'a, ()>,
+}
 
 impl Shared {
     /// Refuses a handle inherited across fork: the segment lock would not
@@ -213,9 +223,9 @@ impl Shared {
     /// This process's mutex, then the segment lock.
     fn locked(&self, exclusive: bool) -> Result<Guards<'_>> {
         self.check_process()?;
-        let l = lock(&self.local);
-        let g = self.seg.lock(exclusive)?;
-        Ok((l, g))
+        let local = lock(&self.local);
+        let flock = self.seg.lock(exclusive)?;
+        Ok(Guards { _flock: flock, _local: local })
     }
 
     fn generation_cell(&self) -> &AtomicU64 {
