@@ -26,7 +26,7 @@ use pipeswitch::Error;
 // ---------------------------------------------------------------------------
 
 mod common;
-use common::{seg_path, shm_dir};
+use common::{bytes, open, seg_path, shm_dir};
 
 /// Creates a store, first making sure the environment points at our directory.
 fn create(name: &str, capacity: u64, max_models: u32) -> Store {
@@ -38,23 +38,7 @@ fn create(name: &str, capacity: u64, max_models: u32) -> Store {
     s
 }
 
-fn open(name: &str) -> Store {
-    shm_dir();
-    Store::open(name).unwrap_or_else(|e| panic!("open {name}: {e}"))
-}
 
-/// Deterministic, non-repeating bytes.
-fn bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
-}
 
 #[derive(Debug, Clone)]
 struct T {

@@ -16,29 +16,14 @@ use pipeswitch::store::{Dtype, LayerSpec, ModelSpec, Store, TensorSpec};
 use pipeswitch::Error;
 
 mod common;
-use common::{seg_path, shm_dir};
+use common::{bytes, open, seg_path, shm_dir};
 
 fn create(name: &str, capacity: u64, max_models: u32) -> Store {
     shm_dir();
     Store::create(name, capacity, max_models).unwrap_or_else(|e| panic!("create {name}: {e}"))
 }
 
-fn open(name: &str) -> Store {
-    shm_dir();
-    Store::open(name).unwrap_or_else(|e| panic!("open {name}: {e}"))
-}
 
-fn bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
-}
 
 /// One layer per tensor, one U8 tensor per entry of `sizes`.
 fn spec<'a>(data: &'a [Vec<u8>]) -> ModelSpec<'a> {

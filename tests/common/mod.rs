@@ -34,3 +34,22 @@ extern "C" fn remove_shm_dir() {
 pub fn seg_path(name: &str) -> PathBuf {
     shm_dir().join(format!("pipeswitch-{name}"))
 }
+
+/// Opens the store `name` of this binary's directory (panics on failure).
+pub fn open(name: &str) -> pipeswitch::store::Store {
+    shm_dir();
+    pipeswitch::store::Store::open(name).unwrap_or_else(|e| panic!("open {name}: {e}"))
+}
+
+/// Deterministic, non-repeating bytes.
+pub fn bytes(seed: u64, n: usize) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 24) as u8
+        })
+        .collect()
+}
