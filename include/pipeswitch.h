@@ -1113,6 +1113,13 @@ ps_status ps_switch_start_resident(struct ps_switch *switch_,
  * Makes `stream` (a CUstream of the device's primary context, e.g. PyTorch's
  * current stream; NULL is the legacy default stream) wait on the GPU for
  * group `group`. The host does not block.
+ *
+ * On a stream that is being captured into a CUDA graph, the wait is captured
+ * as an external event-wait node on this switch's event of group `group`:
+ * each launch of the graph then waits for that group of the switch most
+ * recently started on this handle before the launch (the events are reused
+ * by every switch of the handle), so a forward captured once serves every
+ * later switch of the same model with the same plan and region.
  */
 ps_status ps_switch_wait_group(const struct ps_switch *switch_, size_t group, void *stream);
 

@@ -1399,7 +1399,8 @@ class Experiment:
         for m in list(self.models):
             tb = time.perf_counter()
             try:
-                info = pst.register_module(self.store, m, self.gpu[m], self.inputs[m], device="cuda:0")
+                info = pst.register_module(self.store, m, self.gpu[m], self.inputs[m], device="cuda:0",
+                                           hold_gpu=self.args.graphs)
                 self.info[m] = info
                 y = self.gpu[m](*self.inputs[m])
             except Exception as e:  # noqa: BLE001
@@ -1502,6 +1503,17 @@ class Experiment:
         # every plan of the grouping ablation.
         if not args.no_calibrate:
             self.calibrate()
+        # CUDA graphs (--graphs): every Worker variant replays its captured forward.
+        self.caps = {}
+        if args.graphs:
+            tc = time.perf_counter()
+            for m in list(self.models):
+                try:
+                    for k in ("ready", "optimal", "one_group", "per_layer", "hand"):
+                        self.caps[(k, m)] = self.workers[k].capture(m, self.inputs[m])
+                except Exception as e:  # noqa: BLE001
+                    self.drop_model(m, "capture", e)
+            log("captured the CUDA graphs in %.1f s" % (time.perf_counter() - tc))
 
         # Python pipelined loaders (pinned/pageable ablation).
         self.py, self.host = {}, {}
@@ -1540,6 +1552,7 @@ class Experiment:
                 self.error("%s setup" % key, e)
                 self.drop_child(key)
         self.result["environment"]["skeletons"] = self.skel_kind
+        self.result["environment"]["cuda_graphs"] = bool(self.args.graphs)
         self.result["timing_s"]["setup"] = time.perf_counter() - t0
         log("setup done in %.1f s" % (time.perf_counter() - t0))
 
@@ -1563,7 +1576,8 @@ class Experiment:
             tb = time.perf_counter()
             try:
                 r = pst.calibrate_module(self.workers["optimal"], m, self.inputs[m], before=self.before_fn(m),
-                                         reps=args.cal_reps, extra_plans=[self.plans[m]["hand"]], max_rounds=4)
+                                         reps=args.cal_reps, extra_plans=[self.plans[m]["hand"]], max_rounds=4,
+                                         graphs=args.graphs)
             except Exception as e:  # noqa: BLE001
                 self.error("calibrate %s" % m, e)
                 continue
@@ -1603,8 +1617,12 @@ class Experiment:
             chk("ready_torch", y)
             return rec
 
+        def fwd(kind):
+            """The forward of worker ``kind``'s model: its captured graph (--graphs) or the module."""
+            return self.caps.get((kind, m)) or self.skels[(kind, m)]
+
         def ready_ps(run):
-            rec, y = timed_forward(torch, self.skels[("ready", m)], self.inputs[m], *ev)
+            rec, y = timed_forward(torch, fwd("ready"), self.inputs[m], *ev)
             chk("ready_pipeswitch", y)
             return rec
 
@@ -1615,7 +1633,7 @@ class Experiment:
                 if before is not None:  # as a server runs it: right after another model's forward
                     before()
                     torch.cuda.synchronize()
-                rec, y = timed_switch(torch, self.workers[kind], m, self.skels[(kind, m)], self.inputs[m], *ev)
+                rec, y = timed_switch(torch, self.workers[kind], m, fwd(kind), self.inputs[m], *ev)
                 chk(v, y)
                 return rec
             return f
@@ -1981,6 +1999,9 @@ def parse_args(argv=None):
     p.add_argument("--cal-reps", type=int, help="switches per calibration plan of the cost model's fit "
                    "(default 5, --quick 3)")
     p.add_argument("--no-calibrate", action="store_true", help="plan with the unfitted two-overhead model")
+    p.add_argument("--graphs", action="store_true",
+                   help="the libpipeswitch Worker variants replay CUDA graphs of the forward (Worker.capture; "
+                        "per-layer times of the GPU alone), instead of eager PyTorch")
     p.add_argument("--no-server-order", dest="server_order", action="store_false",
                    help="do not run another model's forward before each timed switch")
     p.add_argument("--child", choices=["stop_and_start", "mps_standby", "mps_prev", "mem"], help=argparse.SUPPRESS)

@@ -75,7 +75,8 @@ from .core import CostModel, Store, Switch, dtype_code, measure_h2d, plan_closed
 from .core import pluggable_allocator_args, workspace_attach, workspace_detach
 from .errors import PipeSwitchError
 
-__all__ = ["register_module", "execution_order", "measure_layer_ms", "table_layers", "plan_module", "Worker"]
+__all__ = ["register_module", "execution_order", "measure_layer_ms", "table_layers", "plan_module", "Worker",
+           "CapturedForward"]
 
 #: Name of the layer of the root module (when the root owns tensors itself).
 ROOT_LAYER = "(root)"
@@ -125,6 +126,51 @@ def _call(module, inputs):
     if isinstance(inputs, dict):
         return module(**inputs)
     return module(inputs)
+
+
+def _clone_tensors(x):
+    """``x`` with every tensor replaced by a copy (tuples, lists, dicts kept)."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, tuple):
+        return tuple(_clone_tensors(v) for v in x)
+    if isinstance(x, list):
+        return [_clone_tensors(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _clone_tensors(v) for k, v in x.items()}
+    return x
+
+
+def _copy_into(static, x, where="input"):
+    """Copies tensors of ``x`` into the same places of ``static`` (same
+    structure, shapes and dtypes, else ValueError)."""
+    import torch
+
+    if isinstance(static, torch.Tensor):
+        if not isinstance(x, torch.Tensor) or x.shape != static.shape or x.dtype != static.dtype:
+            raise ValueError("%s: the graph was captured for a %s tensor of shape %s, got %s"
+                             % (where, static.dtype, tuple(static.shape),
+                                "%s %s" % (x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor)
+                                else type(x).__name__))
+        if x.data_ptr() != static.data_ptr():
+            static.copy_(x, non_blocking=True)
+        return
+    if isinstance(static, (tuple, list)):
+        if not isinstance(x, (tuple, list)) or len(x) != len(static):
+            raise ValueError("%s: the graph was captured for %d arguments" % (where, len(static)))
+        for i, (s, v) in enumerate(zip(static, x)):
+            _copy_into(s, v, "%s %d" % (where, i))
+        return
+    if isinstance(static, dict):
+        if not isinstance(x, dict) or set(x) != set(static):
+            raise ValueError("%s: the graph was captured for the arguments %s" % (where, sorted(static)))
+        for k in static:
+            _copy_into(static[k], x[k], "%s %r" % (where, k))
+        return
+    if x != static:
+        raise ValueError("%s: the graph was captured with %r, got %r" % (where, static, x))
 
 
 def _to_device(x, device):
@@ -324,7 +370,20 @@ def plan_module(store, name, module, bandwidth_gbps, a=0.0, b=0.0):
     return starts + [needed], makespan
 
 
-def measure_layer_ms(module, layer_modules, example_inputs, device=None, warmup=2, runs=5):
+def _sleep_cycles_per_ms(torch, device):
+    """GPU clock cycles per ms of ``torch.cuda._sleep`` on ``device``."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    n = 2_000_000
+    with torch.cuda.device(device):
+        torch.cuda._sleep(n)  # warm
+        a.record()
+        torch.cuda._sleep(n)
+        b.record()
+        b.synchronize()
+    return n / max(a.elapsed_time(b), 1e-3)
+
+
+def measure_layer_ms(module, layer_modules, example_inputs, device=None, warmup=2, runs=5, hold_gpu=False):
     """Per-layer execution times in ms on CUDA ``device`` (median of ``runs``
     forward passes after ``warmup``), timed with CUDA events recorded in
     forward pre-hooks: a layer's time runs from its first entry in a pass to
@@ -335,7 +394,12 @@ def measure_layer_ms(module, layer_modules, example_inputs, device=None, warmup=
     ``layer_modules``: qualified module names ("" for the root), one per
     layer. The module runs on ``device`` (a deep copy is moved there if it is
     elsewhere; the caller's module is never changed), in eval mode under
-    ``no_grad``."""
+    ``no_grad``.
+
+    ``hold_gpu``: each pass is queued behind a GPU sleep long enough for
+    the host to issue the whole forward first, so the events time the GPU's
+    work alone, back to back (what a replayed CUDA graph runs), not the
+    host's pace of issuing an eager forward."""
     import torch
 
     device = _cuda_device(device)
@@ -359,12 +423,20 @@ def measure_layer_ms(module, layer_modules, example_inputs, device=None, warmup=
             marks.append((i, ev))
 
     handles = [modules[name].register_forward_pre_hook(hook) for name in set(layer_modules)]
+    hold = 0
     try:
         with torch.no_grad(), _EvalMode(m), torch.cuda.device(device):
             for run in range(warmup + runs):
                 marks.clear()
                 entered.clear()
+                if hold:
+                    torch.cuda._sleep(hold)
+                t0 = time.perf_counter()
                 _call(m, inputs)
+                issue_ms = (time.perf_counter() - t0) * 1e3
+                if hold_gpu and run == 0:
+                    # Hold each later pass for twice this pass's issue time.
+                    hold = int(_sleep_cycles_per_ms(torch, device) * max(2 * issue_ms, 1.0))
                 end = torch.cuda.Event(enable_timing=True)
                 end.record(torch.cuda.current_stream(device))
                 torch.cuda.synchronize(device)
@@ -402,7 +474,7 @@ def predict_plan(info, module, model, plan, bandwidth_gbps):
 
 
 def calibrate_module(worker, model_name, example_inputs, before=None, reps=5, extra_plans=(), max_rounds=4,
-                     tolerance=0.03, store_result=True):
+                     tolerance=0.03, store_result=True, graphs=False):
     """Closed-loop planning of model ``model_name`` attached to ``worker``
     (issue 15), measured as a server runs it.
 
@@ -420,8 +492,12 @@ def calibrate_module(worker, model_name, example_inputs, before=None, reps=5, ex
 
     The worker keeps the chosen plan (:meth:`Worker.set_plan`), and the
     :class:`~pipeswitch.CostRecord` is stored with the model when
-    ``store_result``. Returns a dict: ``plan``, ``record``, ``ready_ms``,
-    ``needed_layers``, ``bandwidth_gbps``."""
+    ``store_result``. ``graphs``: the forward runs as a captured CUDA graph
+    (:meth:`Worker.capture`, captured again for each plan measured), as a
+    server that replays graphs runs it. Returns a dict: ``plan``,
+    ``record``, ``ready_ms``, ``needed_layers``, ``bandwidth_gbps`` and,
+    with ``graphs``, ``captured`` (the :class:`CapturedForward` of the
+    chosen plan)."""
     import torch
 
     entry = worker._models.get(model_name)
@@ -441,6 +517,8 @@ def calibrate_module(worker, model_name, example_inputs, before=None, reps=5, ex
     def full(p):
         return [int(s) for s in p] + ([needed] if needed < len(info.layers) else [])
 
+    cap = {}
+
     def once(switch):
         if before is not None:
             before()
@@ -448,8 +526,13 @@ def calibrate_module(worker, model_name, example_inputs, before=None, reps=5, ex
         t0 = time.perf_counter()
         if switch:
             worker.switch_to(model_name)
+        elif graphs:
+            worker.switch_to(model_name, resident=True)
         with torch.no_grad():
-            _call(module, inputs)
+            if graphs:
+                cap["f"]()
+            else:
+                _call(module, inputs)
         torch.cuda.synchronize(device)
         if switch:
             worker.synchronize()
@@ -457,9 +540,13 @@ def calibrate_module(worker, model_name, example_inputs, before=None, reps=5, ex
 
     def measure(p):
         worker.set_plan(model_name, full(p))
+        if graphs:
+            cap["f"] = worker.capture(model_name, inputs)
         once(True)  # warm: the first switch with new hooks
         return statistics.median(once(True) for _ in range(reps))
 
+    if graphs:
+        cap["f"] = worker.capture(model_name, inputs)
     worker.switch_to(model_name)
     worker.synchronize()
     ready_ms = statistics.median(once(False) for _ in range(max(reps, 3)))
@@ -474,11 +561,15 @@ def calibrate_module(worker, model_name, example_inputs, before=None, reps=5, ex
     worker.set_plan(model_name, full(plan))
     if store_result:
         worker.store.set_cost(model_name, rec)
-    return {"plan": full(plan), "record": rec, "ready_ms": ready_ms, "needed_layers": needed,
-            "bandwidth_gbps": bw}
+    result = {"plan": full(plan), "record": rec, "ready_ms": ready_ms, "needed_layers": needed,
+              "bandwidth_gbps": bw}
+    if graphs:
+        result["captured"] = worker.capture(model_name, inputs)
+    return result
 
 
-def register_module(store, name, module, example_inputs, device=None, measure=True, tables_last=True):
+def register_module(store, name, module, example_inputs, device=None, measure=True, tables_last=True,
+                    hold_gpu=False):
     """Adds ``module`` to ``store`` as model ``name`` and returns its
     :class:`~pipeswitch.ModelInfo`.
 
@@ -493,6 +584,8 @@ def register_module(store, name, module, example_inputs, device=None, measure=Tr
     (default: the current CUDA device) to measure per-layer execution times
     (:func:`measure_layer_ms`), which are stored with the model for
     :func:`pipeswitch.plan_model`. The caller's module is left as it was.
+    ``hold_gpu``: time the GPU's work alone (see :func:`measure_layer_ms`),
+    for a model that runs as a captured CUDA graph (:meth:`Worker.capture`).
 
     ``tables_last``: store the token tables (``nn.Embedding`` layers of at
     least :data:`TABLE_MIN_BYTES`, not tied to another module; see the module
@@ -523,7 +616,8 @@ def register_module(store, name, module, example_inputs, device=None, measure=Tr
     store.add_model(name, spec)
     del keep
     if measure and torch.cuda.is_available():
-        times = measure_layer_ms(module, [mname for _, mname, _ in layers], example_inputs, device)
+        times = measure_layer_ms(module, [mname for _, mname, _ in layers], example_inputs, device,
+                                 hold_gpu=hold_gpu)
         store.set_layer_exec_ms(name, times)
     return store.model_info(name)
 
@@ -586,6 +680,7 @@ class _Attached:
         self.waited = {}  # stream handle -> highest group it was made to wait for since the switch
         self.host_views = {}  # table layer -> (host_model_ptr, [tensor viewing the pinned store])
         self.host_error = None  # why host views could not be made (then tables wait for their group)
+        self.version = 0  # bumped by every (re)bind: captured graphs of an older one are stale
 
     def overlaps(self, other):
         return self.offset < other.offset + other.info.bytes and other.offset < self.offset + self.info.bytes
@@ -638,6 +733,7 @@ class Worker:
         self._current = None  # the model whose switch hooks wait for (None: nothing in flight)
         self._last = None  # the model of the last switch_to
         self._copy_stream = None
+        self._capturing = None  # the model whose forward is being captured (capture())
 
     # -- the workspace allocator ------------------------------------------
     @classmethod
@@ -833,6 +929,7 @@ class Worker:
             (m._parameters if is_param else m._buffers)[attr] = new
         entry.tables = tables
 
+        entry.version += 1
         for g, owner in owners:
             entry.hooks.append(owner.register_forward_pre_hook(self._group_hook(entry, g)))
         for i, mod, own, g in table_hooks:
@@ -875,8 +972,8 @@ class Worker:
                                        % (entry.name, device, entry.name))
                 return  # complete in its region
             stream = torch.cuda.current_stream(device).cuda_stream
-            if entry.waited.get(stream, -1) >= group or switch.group_ready(group):
-                return  # in the arena, in this stream's order
+            if entry.waited.get(stream, -1) >= group or (self._capturing is not entry and switch.group_ready(group)):
+                return  # in the arena, in this stream's order (a capture never asks: it reads the host)
             views = self._host_views(entry, layer, own)
             if views is None:
                 switch.wait_group(group, stream)
@@ -1067,8 +1164,114 @@ class Worker:
         """Blocks until the current model has arrived completely."""
         self.switch.synchronize()
 
+    # -- CUDA graphs -----------------------------------------------------
+    def capture(self, model_name, example_inputs, warmup=3):
+        """Captures the forward of attached model ``model_name`` on inputs of
+        the shapes and dtypes of ``example_inputs`` as CUDA graphs, and
+        returns a :class:`CapturedForward` that replays them.
+
+        Eager PyTorch issues a forward of many small kernels (ResNet-152 at
+        batch 8) more slowly than the GPU runs it, so the host, not the
+        copies, sets the switch time. A replayed graph costs one launch. Two
+        graphs are captured (each in its own memory pool):
+
+        - *switched*: the forward as it runs right after :meth:`switch_to`:
+          each group's pre-hook wait is captured as an external event-wait
+          node (``ps_switch_wait_group`` on a capturing stream), which every
+          replay resolves against the groups of the switch started before
+          it; moved token tables are read from the pinned store;
+        - *resident*: the forward on the complete region, with no waits.
+
+        The model is switched in (and waited for) first, so the warm-up
+        forwards run on its real weights. The graphs hold this binding's
+        region and plan: after :meth:`set_plan` / :meth:`rebind` capture
+        again (replaying a stale one raises)."""
+        import torch
+
+        entry = self._models.get(model_name)
+        if entry is None:
+            raise KeyError("model %r is not attached to this worker" % model_name)
+        if not isinstance(example_inputs, (tuple, dict)):
+            example_inputs = (example_inputs,)
+        static = _to_device(example_inputs, self.device)
+        static = _clone_tensors(static)
+        self.switch_to(model_name)
+        self.synchronize()
+        stream = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(stream)
+        with torch.no_grad(), torch.cuda.device(self.device), torch.cuda.stream(side):
+            for _ in range(max(1, int(warmup))):
+                _call(entry.module, static)
+        stream.wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        graphs = {}
+        for kind in ("switched", "resident"):
+            if kind == "switched":
+                self.switch_to(model_name)  # in flight while capturing: the hooks wait on its groups
+            else:
+                self.synchronize()
+                self.switch_to(model_name, resident=True)
+            g = torch.cuda.CUDAGraph()
+            self._capturing = entry
+            try:
+                with torch.no_grad(), torch.cuda.device(self.device), \
+                        torch.cuda.graph(g, capture_error_mode="thread_local"):
+                    out = _call(entry.module, static)
+            finally:
+                self._capturing = None
+            graphs[kind] = (g, out)
+        torch.cuda.synchronize(self.device)
+        return CapturedForward(self, entry, static, graphs)
+
     def close(self):
         """Detaches every model and frees the switch engine."""
         for name in list(self._models):
             self.detach(name)
         self.switch.close()
+
+
+class CapturedForward:
+    """The CUDA graphs of one model's forward (:meth:`Worker.capture`).
+
+    Call it right after :meth:`Worker.switch_to` of its model, with inputs
+    of the captured shapes and dtypes (copied into the graphs' static
+    inputs on the current stream; positional arguments, or one tuple/dict
+    as the capture got): it replays the *switched* graph while the model's
+    switch is in flight (the replay waits on the GPU for each group), else
+    the *resident* one, on the current stream, and returns the outputs:
+    the graphs' static tensors, overwritten by the next call (copy what
+    must outlive it). Raises if the model is not loaded or if its plan or
+    region changed since the capture."""
+
+    def __init__(self, worker, entry, static_inputs, graphs):
+        self.worker = worker
+        self.entry = entry
+        self.inputs = static_inputs
+        self.graphs = graphs
+        self.version = entry.version
+        self.last_kind = None
+
+    def __call__(self, *inputs):
+        w, entry = self.worker, self.entry
+        if w._models.get(entry.name) is not entry or entry.version != self.version:
+            raise RuntimeError("model %r was rebound (plan or region) since its forward was captured: "
+                               "capture it again" % entry.name)
+        if inputs:
+            if isinstance(self.inputs, dict):
+                if len(inputs) != 1:
+                    raise ValueError("the graph was captured with keyword arguments: pass one dict")
+                _copy_into(self.inputs, inputs[0])
+            else:
+                _copy_into(self.inputs, inputs)
+        if w._current is entry and not w.switch.group_ready(len(entry.plan) - 1):
+            kind = "switched"
+        elif entry.resident:
+            kind = "resident"
+        else:
+            raise RuntimeError("model %r is not loaded on %s: call worker.switch_to(%r) first"
+                               % (entry.name, w.device, entry.name))
+        g, out = self.graphs[kind]
+        g.replay()
+        self.last_kind = kind
+        return out

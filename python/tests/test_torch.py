@@ -570,3 +570,110 @@ def test_switch_to_a_given_region_plan_and_residency(store):
         assert skel[0].weight.data_ptr() == arena.base() + r1 + info.tensor("0.weight").offset
     worker.close()
     arena.close()
+
+
+@gpu
+def test_captured_graphs_wait_for_each_later_switch(store):
+    """Worker.capture: the switched graph's group waits are external
+    event-wait nodes, so a replay right after a later switch (copies held
+    back on the GPU, the region overwritten by another model in between)
+    still computes on the model's own bytes; the resident graph runs with
+    no switch; a stale graph (plan changed) is refused."""
+    torch.manual_seed(11)
+    width = 1024
+    ma, mb = mlp(width), mlp(width)
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        ra, rb = ma(x), mb(x)
+    register_module(store, "A", ma, (x,), measure=False)
+    register_module(store, "B", mb, (x,), measure=False)
+    nbytes = store.model_info("A").bytes
+    arena = ps.Arena.create(0, nbytes + (8 << 20), 4 << 20)
+    region = arena.alloc(nbytes)
+    worker = Worker(0, arena=arena, store=store)
+    n = len(store.model_info("A").layers)
+    sa = worker.attach(on_meta(lambda: mlp(width)), "A", region, plan=list(range(n)))
+    sb = worker.attach(on_meta(lambda: mlp(width)), "B", region, plan=[0])
+    xc = x.cuda()
+    with torch.no_grad():
+        cap = worker.capture("A", (xc,))
+        for _ in range(3):
+            worker.switch_to("B")  # B's bytes in the shared region
+            torch.testing.assert_close(sb(xc).cpu(), rb, rtol=1e-4, atol=1e-4)
+            switch_held_back(worker, "A")  # A's copies start ~25 ms from now
+            assert not worker.switch.group_ready(n - 1)
+            y = cap(xc)
+            assert cap.last_kind == "switched"
+            torch.testing.assert_close(y.cpu(), ra, rtol=1e-4, atol=1e-4)
+        worker.synchronize()
+        y = cap(x.cuda() * 1.0)  # other input tensor, same shape: copied into the graph's input
+        assert cap.last_kind == "resident"
+        torch.testing.assert_close(y.cpu(), ra, rtol=1e-4, atol=1e-4)
+        worker.switch_to("A", resident=True)
+        torch.testing.assert_close(cap(xc).cpu(), ra, rtol=1e-4, atol=1e-4)
+        assert cap.last_kind == "resident"
+        with pytest.raises(ValueError, match="shape"):
+            cap(torch.randn(8, 32, device="cuda"))
+        worker.switch_to("B")
+        with pytest.raises(RuntimeError, match="not loaded"):
+            cap(xc)
+        worker.set_plan("A", [0])
+        worker.switch_to("A")
+        with pytest.raises(RuntimeError, match="capture it again"):
+            cap(xc)
+        cap = worker.capture("A", (xc,))
+        switch_held_back(worker, "A")
+        torch.testing.assert_close(cap(xc).cpu(), ra, rtol=1e-4, atol=1e-4)
+    worker.close()
+    arena.close()
+
+
+@gpu
+def test_captured_graph_reads_token_tables_from_the_host_while_in_flight(store):
+    torch.manual_seed(12)
+    ref_model = big_lm()
+    ids = tiny_ids(vocab=32768)
+    with torch.no_grad():
+        ref = ref_model(ids)
+    info = register_module(store, "lm", ref_model, (ids,), measure=False)
+    n = len(info.layers)
+    arena = ps.Arena.create(0, info.bytes + (8 << 20), 4 << 20)
+    worker = Worker(0, arena=arena, store=store)
+    skel = worker.attach(on_meta(big_lm), "lm", plan=list(range(n)))
+    x = ids.cuda()
+    with torch.no_grad():
+        cap = worker.capture("lm", (x,))
+        switch_held_back(worker, "lm")
+        y = cap(x).clone()
+        assert cap.last_kind == "switched"
+        worker.synchronize()
+        y_ready = cap(x).clone()
+        assert cap.last_kind == "resident"
+    assert skel.tok.weight.data_ptr() == arena.base() + worker._models["lm"].offset + info.tensor("tok.weight").offset
+    torch.testing.assert_close(y.cpu(), ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(y, y_ready)
+    worker.close()
+    arena.close()
+
+
+@gpu
+def test_layer_times_with_the_gpu_held_are_the_gpus(store):
+    """hold_gpu: the per-layer events time the GPU's work alone: a host
+    delay inside the forward (a sleep in a pre-hook) shows up in the eager
+    times but not in the held ones."""
+    from pipeswitch.torch import measure_layer_ms
+    import time as _time
+
+    torch.manual_seed(13)
+    m = mlp(256).cuda()
+    x = torch.randn(16, 32, device="cuda")
+    h = m[2].register_forward_pre_hook(lambda mod, args: _time.sleep(0.02))
+    names = ["0", "2", "4", "6"]
+    try:
+        eager = measure_layer_ms(m, names, (x,), runs=3)
+        held = measure_layer_ms(m, names, (x,), runs=3, hold_gpu=True)
+    finally:
+        h.remove()
+    # The 20 ms host sleep before layer "2" lands in layer "0"'s stretch.
+    assert eager[0] > 15.0, eager
+    assert sum(held) < 5.0, held

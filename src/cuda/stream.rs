@@ -1,6 +1,6 @@
 //! Streams: RAII over `cuStreamCreate` / `cuStreamDestroy`.
 
-use cudarc::driver::sys::{CUstream, CUstream_flags};
+use cudarc::driver::sys::{CUevent_wait_flags, CUstream, CUstreamCaptureStatus, CUstream_flags};
 
 use super::{Device, Event};
 use crate::cu;
@@ -50,8 +50,19 @@ impl Stream {
 /// legacy default stream) wait for `event`, on the GPU: no host blocking.
 // CUstream is an opaque driver handle: passed to the driver, never dereferenced here.
 #[allow(clippy::not_unsafe_ptr_arg_deref)]
+///
+/// On a stream that is being captured into a CUDA graph the wait becomes an
+/// external event-wait node (`CU_EVENT_WAIT_EXTERNAL`): each launch of the
+/// graph waits for the event's latest record before that launch, so a graph
+/// captured once serves every later switch that re-records the event.
 pub fn wait_event_raw(stream: CUstream, event: &Event) -> Result<()> {
-    cu!(cuStreamWaitEvent(stream, event.raw(), 0))?;
+    let mut status = CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    cu!(cuStreamIsCapturing(stream, &mut status))?;
+    let flags = match status {
+        CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE => CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+        _ => CUevent_wait_flags::CU_EVENT_WAIT_EXTERNAL,
+    };
+    cu!(cuStreamWaitEvent(stream, event.raw(), flags as u32))?;
     Ok(())
 }
 
