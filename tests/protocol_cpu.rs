@@ -7,7 +7,7 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 
 use pipeswitch::error::Error;
-use pipeswitch::protocol::io::{pack_tensors, recv, send, unpack_tensors, TensorRef};
+use pipeswitch::protocol::io::{pack_tensors, recv, send, unpack_tensors, TensorRef, TensorViews};
 use pipeswitch::protocol::{
     decode_frame, encode_frame, Header, Message, Role, Stats, Task, TaskKind, Tensor, TensorData, Timing, HEADER_BYTES,
     INLINE_LIMIT, MAX_BODY, VERSION,
@@ -257,4 +257,49 @@ fn golden_frames_for_python() {
         let on_disk = std::fs::read(dir.join(name)).unwrap();
         assert!(on_disk == *bytes, "{name} differs from what Rust encodes now: rerun with PIPESWITCH_BLESS=1 and update the Python side");
     }
+}
+
+/// Tensor files are sealed once packed, and TensorViews reads the same bytes
+/// as unpack_tensors: from a mapping of a sealed file, from copies of an
+/// unsealed one (which could shrink under a mapping), and refuses ranges
+/// outside either.
+#[test]
+fn tensor_views_map_sealed_files_and_copy_unsealed_ones() {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let big2: Vec<u8> = (0..100_000u32).map(|i| (i * 13 % 241) as u8).collect();
+    let refs = [
+        TensorRef { name: "small", dtype: 3, shape: &[4], data: &[1, 2, 3, 4] },
+        TensorRef { name: "big", dtype: 3, shape: &[200_000], data: &big },
+        TensorRef { name: "big2", dtype: 3, shape: &[100_000], data: &big2 },
+    ];
+    let (tensors, file) = pack_tensors(&refs).unwrap();
+    let file = file.expect("large tensors go to a file");
+    // Sealed: it can neither shrink nor be written.
+    let f = std::fs::File::from(file.try_clone().unwrap());
+    assert!(f.set_len(10).is_err(), "a packed tensor file could be truncated");
+    assert!(std::os::unix::fs::FileExt::write_at(&f, b"x", 0).is_err(), "a packed tensor file could be written");
+    let want: Vec<Vec<u8>> = unpack_tensors(tensors.clone(), Some(&file)).unwrap().into_iter().map(|(_, b)| b).collect();
+    assert_eq!(want, vec![vec![1, 2, 3, 4], big.clone(), big2.clone()]);
+    let views = TensorViews::new(tensors.clone(), Some(&file)).unwrap();
+    let got: Vec<(String, Vec<u8>)> = views.iter().map(|(t, b)| (t.name.clone(), b.to_vec())).collect();
+    assert_eq!(got.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>(), want);
+    assert_eq!(got.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["small", "big", "big2"]);
+
+    // The same bytes in a file without seals: copied, same result.
+    let fd = nix::sys::memfd::memfd_create(c"unsealed", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC).unwrap();
+    let mut uf = std::fs::File::from(fd);
+    let mut all = Vec::new();
+    std::io::copy(&mut std::fs::File::from(file.try_clone().unwrap()), &mut all).unwrap();
+    uf.write_all(&all).unwrap();
+    let unsealed = OwnedFd::from(uf);
+    assert!(nix::fcntl::fcntl(unsealed.as_raw_fd(), nix::fcntl::FcntlArg::F_GET_SEALS).unwrap() & libc::F_SEAL_SHRINK == 0);
+    let views = TensorViews::new(tensors.clone(), Some(&unsealed)).unwrap();
+    assert_eq!(views.iter().map(|(_, b)| b.to_vec()).collect::<Vec<_>>(), want);
+
+    // A range past the end, and a shared tensor without a file: refused.
+    let mut bad = tensors.clone();
+    bad[2].data = TensorData::Shared { offset: 250_000, bytes: 100_000 };
+    assert!(matches!(TensorViews::new(bad, Some(&file)), Err(Error::Protocol(_))));
+    assert!(matches!(TensorViews::new(tensors, None), Err(Error::Protocol(_))));
 }

@@ -18,7 +18,7 @@ use std::time::Instant;
 use pipeswitch::arena::{Arena, ArenaIpcHandle};
 use pipeswitch::error::{Error, Result};
 use pipeswitch::ffi::status::status_of;
-use pipeswitch::protocol::io::{pack_tensors, recv, send, unpack_tensors, TensorRef};
+use pipeswitch::protocol::io::{pack_tensors, recv, send, TensorRef, TensorViews};
 use pipeswitch::protocol::{monotonic_ns, Message, Role, Task, Timing};
 use pipeswitch::store::Store;
 use pipeswitch::switch::Switch;
@@ -114,14 +114,19 @@ impl Ready {
         }
         let program = &self.programs[&model.id];
         self.worker.prepare(program)?;
-        for (t, bytes) in unpack_tensors(task.inputs, file)? {
-            self.worker.set_input(program, &t.name, &bytes)?;
+        let inputs = TensorViews::new(task.inputs, file)?;
+        if let Some((t, _)) = inputs.iter().find(|(t, _)| !program.graph().inputs.iter().any(|(n, _)| *n == t.name)) {
+            return Err(Error::NotFound(format!("model {:?} has no input {:?}", task.model, t.name)));
         }
+        // The copies first: they run while the inputs are staged.
         if task.resident {
             self.switch.start_resident(&self.store, &task.model, &self.arena, task.region_offset)?;
         } else {
             let plan: Vec<usize> = task.plan.iter().map(|&s| s as usize).collect();
             self.switch.start(&self.store, &task.model, &self.arena, task.region_offset, &plan)?;
+        }
+        for (t, bytes) in inputs.iter() {
+            self.worker.set_input(program, &t.name, bytes)?;
         }
         let activation_ms = monotonic_ns().saturating_sub(task.decided_ns) as f64 / 1e6;
         self.worker.run(program, &self.switch, RunOptions::default())?;

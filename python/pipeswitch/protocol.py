@@ -19,6 +19,7 @@ and :func:`decode_frame` turn them into bytes and back; :func:`send` and
 memfd and read them back (ranges checked against the file's size).
 """
 
+import fcntl
 import os
 import socket
 import struct
@@ -670,9 +671,10 @@ def recv(sock):
 
 def pack_tensors(tensors):
     """Packs ``[(name, dtype_code, shape, data)]`` (data: bytes-like) for a
-    message: small ones inline, the rest into one new memfd. Returns
-    ``(tensors, fd or None)``; the fd belongs to the caller (close it after
-    sending)."""
+    message: small ones inline, the rest into one new memfd, sealed once
+    written (no shrinking, growing or writing: a receiver may map it).
+    Returns ``(tensors, fd or None)``; the fd belongs to the caller (close
+    it after sending)."""
     items = []
     for name, dtype, shape, data in tensors:
         try:
@@ -688,7 +690,7 @@ def pack_tensors(tensors):
     try:
         if shared:
             try:
-                fd = os.memfd_create("pipeswitch-tensors", os.MFD_CLOEXEC)
+                fd = os.memfd_create("pipeswitch-tensors", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
                 os.ftruncate(fd, shared)
             except OSError as e:
                 raise _os_error("a memfd for %d bytes of tensors" % shared, e) from None
@@ -705,6 +707,12 @@ def pack_tensors(tensors):
                 offset += len(mv)
             else:
                 out.append(Tensor(name, dtype, shape, Inline(bytes(mv))))
+        if fd is not None:
+            try:
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                            fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+            except OSError as e:
+                raise _os_error("sealing the tensor memfd", e) from None
     except BaseException:
         if fd is not None:
             os.close(fd)

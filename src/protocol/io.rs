@@ -117,11 +117,14 @@ pub struct TensorRef<'a> {
 }
 
 /// Packs tensors for a message: small ones inline, the rest into one new
-/// shared-memory file (returned, to pass with the frame).
+/// shared-memory file (returned, to pass with the frame), sealed against
+/// shrinking, growing and writing once written, so that a receiver may map
+/// it ([`TensorViews`]) without the risk of a SIGBUS.
 pub fn pack_tensors(tensors: &[TensorRef<'_>]) -> Result<(Vec<Tensor>, Option<OwnedFd>)> {
     let shared: u64 = tensors.iter().filter(|t| t.data.len() > INLINE_LIMIT).map(|t| t.data.len() as u64).sum();
     let mut file = if shared > 0 {
-        let fd = nix::sys::memfd::memfd_create(c"pipeswitch-tensors", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+        use nix::sys::memfd::MemFdCreateFlag;
+        let fd = nix::sys::memfd::memfd_create(c"pipeswitch-tensors", MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING)
             .map_err(|e| Error::os("memfd_create for request tensors", e))?;
         Some(std::fs::File::from(fd))
     } else {
@@ -141,6 +144,11 @@ pub fn pack_tensors(tensors: &[TensorRef<'_>]) -> Result<(Vec<Tensor>, Option<Ow
             TensorData::Inline(t.data.to_vec())
         };
         out.push(Tensor { name: t.name.to_string(), dtype: t.dtype, shape: t.shape.to_vec(), data });
+    }
+    if let Some(f) = &file {
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+        let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SEAL;
+        fcntl(f.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals)).map_err(|e| Error::os("sealing a tensor file", e))?;
     }
     Ok((out, file.map(OwnedFd::from)))
 }
@@ -181,4 +189,94 @@ pub fn unpack_tensors(tensors: Vec<Tensor>, file: Option<&OwnedFd>) -> Result<Ve
             Ok((t, bytes))
         })
         .collect()
+}
+
+/// The tensors of a frame with their bytes borrowed, not copied: inline
+/// ones from the frame, the others from one read-only mapping of the file
+/// that came with it (populated at once, so reading it takes no page
+/// faults). What a worker stages to the GPU straight from the client's
+/// file.
+pub struct TensorViews {
+    tensors: Vec<Tensor>,
+    backing: Backing,
+}
+
+enum Backing {
+    /// No shared tensor.
+    None,
+    /// The file, sealed against shrinking: mapped.
+    Map(memmap2::Mmap),
+    /// A file that could still shrink under a mapping: each shared tensor
+    /// copied out, in order.
+    Copies(Vec<Vec<u8>>),
+}
+
+impl TensorViews {
+    /// Checks that every shared tensor lies inside `file` (as
+    /// [`unpack_tensors`] does) and maps the file.
+    pub fn new(tensors: Vec<Tensor>, file: Option<&OwnedFd>) -> Result<TensorViews> {
+        let size = match file {
+            Some(f) => {
+                let st = nix::sys::stat::fstat(f.as_fd().as_raw_fd()).map_err(|e| Error::os("fstat of a tensor file", e))?;
+                Some(st.st_size as u64)
+            }
+            None => None,
+        };
+        for t in &tensors {
+            if let TensorData::Shared { offset, bytes } = &t.data {
+                let Some(size) = size else {
+                    return Err(Error::Protocol(format!("tensor {:?} is in a file that did not come", t.name)));
+                };
+                if offset.checked_add(*bytes).is_none_or(|e| e > size) {
+                    return Err(Error::Protocol(format!("tensor {:?} claims [{offset}, +{bytes}) of a {size}-byte file", t.name)));
+                }
+            }
+        }
+        let backing = match (file, size) {
+            (Some(f), Some(size)) if size > 0 => {
+                use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+                let sealed = fcntl(f.as_raw_fd(), FcntlArg::F_GET_SEALS)
+                    .map(|s| SealFlag::from_bits_truncate(s).contains(SealFlag::F_SEAL_SHRINK))
+                    .unwrap_or(false);
+                let file = std::fs::File::from(f.try_clone().map_err(|e| Error::io("duplicating a tensor file", e))?);
+                if sealed {
+                    // SAFETY: read-only mapping of a file that cannot shrink
+                    // (sealed), so no access through it can fault.
+                    Backing::Map(unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(|e| Error::io("mapping a tensor file", e))?)
+                } else {
+                    let mut copies = Vec::new();
+                    for t in &tensors {
+                        if let TensorData::Shared { offset, bytes } = &t.data {
+                            let mut buf = vec![0u8; *bytes as usize];
+                            std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, *offset)
+                                .map_err(|e| Error::io(format!("reading tensor {:?}", t.name), e))?;
+                            copies.push(buf);
+                        }
+                    }
+                    Backing::Copies(copies)
+                }
+            }
+            _ => Backing::None,
+        };
+        Ok(TensorViews { tensors, backing })
+    }
+
+    /// Each tensor with its bytes.
+    pub fn iter(&self) -> impl Iterator<Item = (&Tensor, &[u8])> {
+        let mut shared = 0;
+        self.tensors.iter().map(move |t| {
+            let bytes: &[u8] = match (&t.data, &self.backing) {
+                (TensorData::Inline(b), _) => b,
+                // In bounds: checked by new() against the file mapped.
+                (TensorData::Shared { offset, bytes }, Backing::Map(m)) => &m[*offset as usize..(*offset + *bytes) as usize],
+                (TensorData::Shared { .. }, Backing::Copies(c)) => {
+                    shared += 1;
+                    &c[shared - 1]
+                }
+                // A zero-byte file holds only empty tensors (checked by new()).
+                (TensorData::Shared { .. }, Backing::None) => &[],
+            };
+            (t, bytes)
+        })
+    }
 }
