@@ -5,7 +5,9 @@ same switch in one process (``pipeswitch.torch.Worker``) and against the
 ready (resident) model, for ResNet-152, Inception-v3 and BERT-base with
 random weights, batch 8 (224x224 / 299x299 images, 128 tokens), fp32.
 
-Every switched request is for another model than the last, and the daemon's
+With ``--graphs`` (the default) both sides replay CUDA graphs of the
+forwards (``Worker.capture``; the workers run with ``--graphs``), else eager
+PyTorch. Every switched request is for another model than the last, and the daemon's
 residency area holds one model, so each of them copies the whole model
 (pipelined). The worker ablation (active-standby, one worker set up per
 task, a new process per task) runs the same alternating requests.
@@ -72,7 +74,8 @@ def stats(values):
 class Daemon:
     """``pipeswitch serve`` with PyTorch workers, as a child process."""
 
-    def __init__(self, store, models, factories_dir, residency, region, standbys=2, mode=None, log_path=None):
+    def __init__(self, store, models, factories_dir, residency, region, standbys=2, mode=None, log_path=None,
+                 graphs=False):
         self.dir = tempfile.mkdtemp(prefix="ps-serve-torch-")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([factories_dir, os.path.join(ROOT, "python"),
                                                            os.environ.get("PYTHONPATH", "")]))
@@ -82,7 +85,7 @@ class Daemon:
                "--socket-dir", self.dir]
         if mode:
             cmd.append(mode)
-        cmd += ["--worker-cmd", sys.executable, "-m", "pipeswitch.worker", "--models"]
+        cmd += ["--worker-cmd", sys.executable, "-m", "pipeswitch.worker"] + (["--graphs"] if graphs else []) + ["--models"]
         cmd += ["%s=serve_models:%s" % (m, m) for m in models]
         self.log = open(log_path or os.devnull, "ab")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=self.log)
@@ -123,6 +126,9 @@ def main(argv=None):
     p.add_argument("--ablation-reps", type=int, default=2, help="rounds per ablation mode (default 2)")
     p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     p.add_argument("--log", help="the daemons' log file")
+    p.add_argument("--eager", dest="graphs", action="store_false", help="eager forwards (default: CUDA graphs)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="unrecorded rounds through the daemon (each worker process meets each model; default 3)")
     args = p.parse_args(argv)
 
     E._setup_paths()
@@ -149,10 +155,11 @@ def main(argv=None):
               "date_unix_s": int(time.time()), "models": {}, "ablation": [],
               "conditions": "PyTorch %s, random weights, fp32, batch %d (%dx%d / %dx%d images, %d tokens); "
                             "requests alternate among the models; the daemon's residency area holds one "
-                            "model, two PyTorch standbys; %d recorded rounds"
+                            "model, two PyTorch standbys; %d recorded rounds after %d warm-up rounds; forwards %s"
                             % (torch.__version__, E.CONFIG["batch"], E.CONFIG["image"], E.CONFIG["image"],
                                E.CONFIG["inception_image"], E.CONFIG["inception_image"], E.CONFIG["seq_len"],
-                               args.reps)}
+                               args.reps, args.warmup,
+                               "replayed from CUDA graphs (Worker.capture)" if args.graphs else "eager")}
     try:
         with torch.no_grad():
             for m in args.models:
@@ -172,6 +179,8 @@ def main(argv=None):
             for m in args.models:
                 skel[m] = E.build_skeleton(m, cpu[m])[0]
                 worker.attach(skel[m], m)
+                if args.graphs:
+                    skel[m] = worker.capture(m, inputs[m])
             inproc = {m: {"switch": [], "ready": []} for m in args.models}
             for r in range(args.reps + 1):
                 for m in args.models:
@@ -202,11 +211,15 @@ def main(argv=None):
             region = 2 << 30
 
             # Through the daemon: an area for one model, so every request switches.
-            d = Daemon(name, args.models, factories_dir, largest + (1 << 20), region, 2, log_path=args.log)
+            d = Daemon(name, args.models, factories_dir, largest + (1 << 20), region, 2, log_path=args.log,
+                       graphs=args.graphs)
             try:
                 c = d.client(2)
                 lat = {m: {"switch": [], "ready": [], "activation": [], "worker": []} for m in args.models}
-                for r in range(args.reps + 1):
+                for r in range(args.warmup + args.reps):
+                    if r == args.warmup:  # the replacement standbys up before the recorded rounds
+                        c.close()
+                        c = d.client(2)
                     for m in args.models:
                         t = time.perf_counter()
                         out = c.infer(m, host_in[m])
@@ -214,7 +227,9 @@ def main(argv=None):
                         t = time.perf_counter()
                         c.infer(m, host_in[m])
                         rd = (time.perf_counter() - t) * 1e3
-                        if r == 0:
+                        if r < args.warmup:
+                            if r > 0:
+                                continue
                             first = next(iter(out.values()))
                             got = torch.from_numpy(first.copy()).float() if hasattr(first, "copy") else None
                             if got is not None and got.shape == ref[m].shape:
@@ -244,15 +259,17 @@ def main(argv=None):
             for label, standbys, mode in (("active-standby", 2, None), ("single worker", 0, "--single-worker"),
                                           ("process per task", 0, "--process-per-task")):
                 d = Daemon(name, args.models, factories_dir, largest + (1 << 20), region, standbys, mode,
-                           log_path=args.log)
+                           log_path=args.log, graphs=args.graphs)
                 try:
                     c = d.client(standbys if mode is None else (1 if mode == "--single-worker" else 0))
                     v = []
-                    for r in range(args.ablation_reps + 1):
+                    # A new process per task takes seconds a request: one recorded round, no warm-up.
+                    warm, rounds = (0, 1) if mode == "--process-per-task" else (args.warmup, args.ablation_reps)
+                    for r in range(warm + rounds):
                         for m in args.models:
                             t = time.perf_counter()
                             c.infer(m, host_in[m])
-                            if r > 0:
+                            if r >= warm:
                                 v.append((time.perf_counter() - t) * 1e3)
                     st = c.stats()
                     c.close()

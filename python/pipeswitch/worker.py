@@ -228,7 +228,7 @@ class TorchBackend:
     """The PyTorch side of a worker: store, arena, a
     :class:`pipeswitch.torch.Worker` and the ``--models`` modules."""
 
-    def __init__(self, welcome, models, device=None, warm_bytes=64 << 20):
+    def __init__(self, welcome, models, device=None, warm_bytes=64 << 20, graphs=False):
         import torch
 
         from . import core
@@ -236,6 +236,10 @@ class TorchBackend:
 
         self._torch = torch
         self._torch_dtype = _torch_dtype
+        # --graphs: forwards replayed from CUDA graphs (Worker.capture), one
+        # per model and input signature, captured on the first request.
+        self.graphs = graphs
+        self.captured = {}
         dev = welcome.device if device is None else device
         self.device = torch.device("cuda", dev)
         torch.cuda.set_device(self.device)
@@ -327,12 +331,35 @@ class TorchBackend:
             else:
                 x = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dt).reshape(shape)
             args.append(x.to(self.device, non_blocking=False))
+        cap = self._captured(task.model, args) if self.graphs else None
         with torch.inference_mode():
             activation_ms = (P.monotonic_ns() - task.decided_ns) / 1e6
-            result = module(*args)
+            result = cap(*args) if cap is not None else module(*args)
             outs = outputs_of(result)
             cpu = [(n, t.detach().contiguous().to("cpu")) for n, t in outs]
         return [(n, _dtype_code(t.dtype), list(t.shape), _tensor_bytes(t)) for n, t in cpu], activation_ms
+
+    def _captured(self, model, args):
+        """The captured forward of ``model`` for inputs like ``args``:
+        captured on first use (and again after a rebind); None, with a
+        warning once, for a forward that cannot be captured (it then runs
+        eagerly)."""
+        entry = self.worker._models[model]
+        key = (model, tuple((tuple(a.shape), a.dtype) for a in args))
+        cap = self.captured.get(key)
+        if cap is False:
+            return None
+        if cap is None or cap.version != entry.version:
+            try:
+                cap = self.worker.capture(model, tuple(args))
+            except Exception as e:  # noqa: BLE001 - not capturable: eager from now on
+                log.warning("model %r: its forward could not be captured as a CUDA graph (%s); it runs eagerly",
+                            model, e)
+                self.captured[key] = False
+                self._torch.cuda.synchronize(self.device)
+                return None
+            self.captured[key] = cap
+        return cap
 
     def deactivate(self):
         """Waits for the task's kernels and copies. An error here (a sticky
@@ -377,6 +404,9 @@ def main(argv=None):
     ap.add_argument("--device", type=int, default=None, help="CUDA device (default: the daemon's)")
     ap.add_argument("--warm-bytes", type=int, default=64 << 20,
                     help="bytes the caching allocator reserves at start (default 64 MiB)")
+    ap.add_argument("--graphs", action="store_true",
+                    help="replay each model's forward from CUDA graphs, captured on its first request per input "
+                         "shape (for forwards without data-dependent control flow)")
     args = ap.parse_args(argv)
     level = os.environ.get("PIPESWITCH_LOG", "info").upper()
     logging.basicConfig(level=level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO", format="pipeswitch.worker[%(process)d] %(levelname)s %(message)s")
@@ -393,7 +423,7 @@ def main(argv=None):
         log.error("connecting to %s: %s", args.socket, e)
         return 1
     try:
-        serve(sock, lambda w: TorchBackend(w, models, args.device, args.warm_bytes))
+        serve(sock, lambda w: TorchBackend(w, models, args.device, args.warm_bytes, args.graphs))
     except PipeSwitchError as e:
         if isinstance(e, Disconnected):
             return 0  # the daemon went away
