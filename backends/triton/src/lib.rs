@@ -13,6 +13,10 @@
 //! resolves the `TRITONSERVER_*`/`TRITONBACKEND_*` functions the backend
 //! calls when it loads it (nothing links against libtritonserver.so).
 
+// The TRITONBACKEND_* entry points take the server's raw handles, as C
+// functions do; they are not `unsafe fn` because the server calls them.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+
 pub mod config;
 mod execute;
 pub mod state;
@@ -71,9 +75,9 @@ pub extern "C" fn TRITONBACKEND_Initialize(backend: *mut sys::TRITONBACKEND_Back
             )));
         }
         let mut msg = std::ptr::null_mut();
-        // SAFETY: `backend` is the server's; the message is ours to delete.
+        // SAFETY: `backend` is the server's, and so is the message.
         check(unsafe { sys::TRITONBACKEND_BackendConfig(backend, &mut msg) }, "TRITONBACKEND_BackendConfig")?;
-        let json = unsafe { triton::message_json(msg) }?;
+        let json = unsafe { triton::message_json(msg, false) }?;
         let c = BackendConfig::from_json(&json).map_err(|e| TritonError::invalid(format!("pipeswitch: {e}")))?;
         triton::info(&format!(
             "pipeswitch backend: libpipeswitch {}, Triton backend API {major}.{minor} (built for {want_major}.{want_minor}); arena {} bytes, residency {} bytes",
@@ -98,8 +102,9 @@ fn model_initialize(model: *mut sys::TRITONBACKEND_Model) -> TResult<()> {
     check(unsafe { sys::TRITONBACKEND_ModelName(model, &mut name) }, "TRITONBACKEND_ModelName")?;
     let name = unsafe { triton::string(name) };
     let mut msg = std::ptr::null_mut();
+    // The model's configuration message is ours to delete.
     check(unsafe { sys::TRITONBACKEND_ModelConfig(model, 1, &mut msg) }, "TRITONBACKEND_ModelConfig")?;
-    let json = unsafe { triton::message_json(msg) }?;
+    let json = unsafe { triton::message_json(msg, true) }?;
     let fail = |e: String| TritonError::invalid(format!("pipeswitch: model {name:?}: {e}"));
     let config = ModelConfig::from_json(&json).map_err(fail)?;
     let store = state::store(&config.store)

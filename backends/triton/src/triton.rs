@@ -82,11 +82,12 @@ pub unsafe fn string(p: *const c_char) -> String {
     }
 }
 
-/// The JSON text of a Triton message; deletes the message.
+/// The JSON text of a Triton message; deletes the message if `owned`
+/// (a model's configuration is the caller's; the backend's is the server's).
 ///
 /// # Safety
-/// `msg` is a message the caller owns.
-pub unsafe fn message_json(msg: *mut sys::TRITONSERVER_Message) -> TResult<String> {
+/// `msg` is a live message, the caller's if `owned`.
+pub unsafe fn message_json(msg: *mut sys::TRITONSERVER_Message, owned: bool) -> TResult<String> {
     let mut base: *const c_char = std::ptr::null();
     let mut size = 0usize;
     let r = check(sys::TRITONSERVER_MessageSerializeToJson(msg, &mut base, &mut size), "reading a configuration");
@@ -94,11 +95,15 @@ pub unsafe fn message_json(msg: *mut sys::TRITONSERVER_Message) -> TResult<Strin
         Ok(()) if !base.is_null() => String::from_utf8_lossy(std::slice::from_raw_parts(base.cast::<u8>(), size)).into_owned(),
         Ok(()) => String::new(),
         Err(e) => {
-            sys::TRITONSERVER_MessageDelete(msg);
+            if owned {
+                sys::TRITONSERVER_MessageDelete(msg);
+            }
             return Err(e);
         }
     };
-    check(sys::TRITONSERVER_MessageDelete(msg), "deleting a message")?;
+    if owned {
+        check(sys::TRITONSERVER_MessageDelete(msg), "deleting a message")?;
+    }
     Ok(text)
 }
 
