@@ -243,10 +243,16 @@ fn read_inputs(m: &ModelState, request: *mut sys::TRITONBACKEND_Request) -> TRes
     Ok(out)
 }
 
-/// Runs the model on the inputs; returns every graph output as bytes.
-fn compute(m: &ModelState, inst: &mut InstanceState, inputs: &[(String, Dtype, Vec<u8>)]) -> TResult<HashMap<String, Vec<u8>>> {
+/// The outputs of a run: still in the worker's activation buffer (read
+/// straight into Triton's buffers, then the model use ends), or on the host.
+enum Outputs {
+    Gpu(pipeswitch::residency::ModelUse),
+    Host(HashMap<String, Vec<u8>>),
+}
+
+/// Runs the model on the inputs (enqueued; the outputs are read later).
+fn compute(m: &ModelState, inst: &mut InstanceState, inputs: &[(String, Dtype, Vec<u8>)]) -> TResult<Outputs> {
     let program = &m.program;
-    let mut outs = HashMap::new();
     match (&mut inst.gpu, &m.host_weights) {
         (Some((gpu, worker, plan)), _) => {
             worker.device().bind()?;
@@ -256,14 +262,7 @@ fn compute(m: &ModelState, inst: &mut InstanceState, inputs: &[(String, Dtype, V
             }
             let switch = model_use.switch().ok_or_else(|| TritonError::internal("pipeswitch: the model use has no switch"))?;
             worker.run(program, switch, RunOptions::default())?;
-            for name in &program.graph().outputs {
-                let slot = program.slot(name)?;
-                let mut buf = vec![0u8; slot.bytes as usize];
-                worker.read(program, name, &mut buf)?;
-                outs.insert(name.clone(), buf);
-            }
-            // The outputs are read (the run is over): the use may end.
-            drop(model_use);
+            Ok(Outputs::Gpu(model_use))
         }
         (None, Some(weights)) => {
             let mut host = HashMap::new();
@@ -275,13 +274,14 @@ fn compute(m: &ModelState, inst: &mut InstanceState, inputs: &[(String, Dtype, V
                 };
                 host.insert(name.clone(), t);
             }
+            let mut outs = HashMap::new();
             for (name, v) in run_graph_cpu(program.graph(), weights, &host)? {
                 outs.insert(name, v.iter().flat_map(|x| x.to_le_bytes()).collect());
             }
+            Ok(Outputs::Host(outs))
         }
-        (None, None) => return Err(TritonError::internal("pipeswitch: the instance has neither a GPU nor the CPU reference")),
+        (None, None) => Err(TritonError::internal("pipeswitch: the instance has neither a GPU nor the CPU reference")),
     }
-    Ok(outs)
 }
 
 fn run_request(
@@ -292,9 +292,6 @@ fn run_request(
     times: &mut Times,
 ) -> TResult<()> {
     let inputs = read_inputs(m, request)?;
-    times.compute_start = monotonic_ns();
-    let outs = compute(m, inst, &inputs)?;
-    times.compute_end = monotonic_ns();
     let mut count = 0u32;
     check(unsafe { sys::TRITONBACKEND_RequestOutputCount(request, &mut count) }, "TRITONBACKEND_RequestOutputCount")?;
     let mut names = Vec::new();
@@ -306,16 +303,28 @@ fn run_request(
     if names.is_empty() {
         names = m.program.graph().outputs.clone();
     }
-    for name in names {
-        let Some(data) = outs.get(&name) else {
+    for name in &names {
+        if !m.program.graph().outputs.contains(name) {
             return Err(TritonError::invalid(format!(
                 "model {:?} has no output {name:?}; its outputs: {}",
                 m.name,
                 m.program.graph().outputs.join(", ")
             )));
-        };
+        }
+    }
+    times.compute_start = monotonic_ns();
+    let mut outs = compute(m, inst, &inputs)?;
+    if let Outputs::Gpu(u) = &outs {
+        // Whether the request had to switch its model in (no: it was resident
+        // or already arriving), for clients that measure switches.
+        let key = c"pipeswitch_switched";
+        let set = unsafe { sys::TRITONBACKEND_ResponseSetBoolParameter(response, key.as_ptr(), !u.was_hit()) };
+        check(set, "TRITONBACKEND_ResponseSetBoolParameter")?;
+    }
+    for name in names {
         let slot = m.program.slot(&name)?;
         let shape: Vec<i64> = slot.shape.iter().map(|&d| d as i64).collect();
+        let bytes = slot.bytes as usize;
         let cname = CString::new(name.as_str()).map_err(|_| TritonError::internal("output name with NUL"))?;
         let mut output = std::ptr::null_mut();
         check(
@@ -327,23 +336,47 @@ fn run_request(
         // Host memory preferred; Triton may hand GPU memory instead.
         let (mut buf, mut kind, mut kind_id) = (std::ptr::null_mut(), sys::TRITONSERVER_MEMORY_CPU, 0i64);
         check(
-            unsafe { sys::TRITONBACKEND_OutputBuffer(output, &mut buf, data.len() as u64, &mut kind, &mut kind_id) },
+            unsafe { sys::TRITONBACKEND_OutputBuffer(output, &mut buf, bytes as u64, &mut kind, &mut kind_id) },
             "TRITONBACKEND_OutputBuffer",
         )?;
-        if data.is_empty() {
+        if bytes == 0 {
             continue;
         }
         if buf.is_null() {
             return Err(TritonError::internal(format!("pipeswitch: no buffer for output {name:?}")));
         }
-        // SAFETY: the server's buffer of data.len() bytes of that kind.
-        unsafe {
-            if kind == sys::TRITONSERVER_MEMORY_GPU {
-                memory::copy_htod(buf as u64, data.as_ptr(), data.len())?;
-            } else {
-                std::ptr::copy_nonoverlapping(data.as_ptr(), buf.cast::<u8>(), data.len());
+        let host: Option<Vec<u8>> = match (&mut outs, kind == sys::TRITONSERVER_MEMORY_GPU) {
+            (Outputs::Gpu(_), false) => {
+                let (_, worker, _) = inst.gpu.as_mut().ok_or_else(|| TritonError::internal("pipeswitch: no worker"))?;
+                // SAFETY: the server's host buffer of `bytes` bytes, ours until the response is sent.
+                let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), bytes) };
+                worker.read(&m.program, &name, out)?;
+                None
+            }
+            (Outputs::Gpu(_), true) => {
+                let (_, worker, _) = inst.gpu.as_mut().ok_or_else(|| TritonError::internal("pipeswitch: no worker"))?;
+                let mut v = vec![0u8; bytes];
+                worker.read(&m.program, &name, &mut v)?;
+                Some(v)
+            }
+            (Outputs::Host(h), _) => Some(h.remove(&name).ok_or_else(|| TritonError::internal(format!("no output {name:?}")))?),
+        };
+        if let Some(data) = host {
+            if data.len() != bytes {
+                return Err(TritonError::internal(format!("output {name:?}: {} bytes, {bytes} declared", data.len())));
+            }
+            // SAFETY: the server's buffer of `bytes` bytes of that kind.
+            unsafe {
+                if kind == sys::TRITONSERVER_MEMORY_GPU {
+                    memory::copy_htod(buf as u64, data.as_ptr(), bytes)?;
+                } else {
+                    std::ptr::copy_nonoverlapping(data.as_ptr(), buf.cast::<u8>(), bytes);
+                }
             }
         }
     }
+    // The outputs are read (the run is over): the model use may end.
+    drop(outs);
+    times.compute_end = monotonic_ns();
     Ok(())
 }
