@@ -14,7 +14,8 @@
 #                              OUT=/tmp/x scripts/gpu-triton.sh --cpu
 #
 # PIPESWITCH_TRITON_BUNDLE overrides .gpu/triton; PS_TRITON_ROUNDS,
-# PS_TRITON_UNLOAD_ROUNDS, PS_TRITON_SOAK and PS_TRITON_SOAK_SECONDS the counts.
+# PS_TRITON_UNLOAD_ROUNDS, PS_TRITON_SOAK, PS_TRITON_SOAK_SECONDS and
+# PS_TRITON_CONCURRENT the counts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:?set OUT to the results directory}"

@@ -303,6 +303,43 @@ def latency_run(server, tensors, names, rounds, checks):
     return rows
 
 
+def concurrent_run(server, tensors, names, per_model, checks):
+    import threading
+    lat, errors = [], []
+    lock = threading.Lock()
+
+    def client(n):
+        # Its own connection (http.client connections are not shared).
+        c = Server.__new__(Server)
+        c.port, c.sent, c._conn = server.port, {}, None
+        for _ in range(per_model):
+            try:
+                ms, _ = infer(c, tensors, n)
+                with lock:
+                    lat.append(ms)
+            except Exception as e:
+                with lock:
+                    errors.append(f"{n}: {e}")
+        if c._conn is not None:
+            c._conn.close()
+        with lock:
+            for k, v in c.sent.items():
+                server.sent[k] = server.sent.get(k, 0) + v
+
+    t0 = time.time()
+    threads = [threading.Thread(target=client, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.time() - t0
+    for n in names:
+        tensors.clear_outputs(n)
+        infer(server, tensors, n)
+        checks.append((n, *tensors.compare(n)))
+    return {"per_model": per_model, "seconds": wall, "latency": summary(lat), "errors": errors[:20]}
+
+
 def summarize(rows, names):
     res = {"all": summary([r["ms"] for r in rows])}
     for n in names:
@@ -325,8 +362,9 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--rounds", type=int, default=int(os.environ.get("PS_TRITON_ROUNDS", "40")))
     ap.add_argument("--unload-rounds", type=int, default=int(os.environ.get("PS_TRITON_UNLOAD_ROUNDS", "10")))
-    ap.add_argument("--soak", type=int, default=int(os.environ.get("PS_TRITON_SOAK", "3000")))
-    ap.add_argument("--soak-seconds", type=float, default=float(os.environ.get("PS_TRITON_SOAK_SECONDS", "180")))
+    ap.add_argument("--soak", type=int, default=int(os.environ.get("PS_TRITON_SOAK", "2000")))
+    ap.add_argument("--soak-seconds", type=float, default=float(os.environ.get("PS_TRITON_SOAK_SECONDS", "200")))
+    ap.add_argument("--concurrent", type=int, default=int(os.environ.get("PS_TRITON_CONCURRENT", "30")))
     ap.add_argument("--cpu", action="store_true", help="tiny models on the cpu-reference executor (no GPU)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -403,6 +441,10 @@ def main():
                     "flat": (max(vals) - min(vals) <= 2) if vals else None,
                 }
                 log(f"soak: {i} requests, GPU memory spread {result['soak']['gpu_memory_spread_mib']} MiB")
+                # Concurrent clients, one per model: instances of different
+                # models compete for the room of about one model.
+                result["concurrent"] = concurrent_run(s, tensors, names, a.concurrent, checks)
+                log(f"concurrent: {result['concurrent']['latency']['n']} requests, errors {len(result['concurrent']['errors'])}")
             st = stats_counts(s, names)
             result.setdefault("stats", {})[cname] = st
             # Triton's statistics (reported by the backend) count every request.
@@ -450,7 +492,7 @@ def main():
         result["gpu_memory_mib_before"] = mem_before
         result["outputs"] = [{"model": n, "bit_equal": eq, "max_abs_diff": d} for n, eq, d in checks]
         result["outputs_all_equal"] = all(eq for _, eq, _ in checks)
-        result["ok"] = result["outputs_all_equal"] and all(result["stats_match"].values()) and (a.cpu or bool(result.get("soak", {}).get("flat")))
+        result["ok"] = result["outputs_all_equal"] and all(result["stats_match"].values()) and not result["concurrent"]["errors"] and (a.cpu or bool(result.get("soak", {}).get("flat")))
     except Exception as e:  # the JSON says what failed
         result["error"] = f"{type(e).__name__}: {e}"
         result["ok"] = False

@@ -243,6 +243,30 @@ fn read_inputs(m: &ModelState, request: *mut sys::TRITONBACKEND_Request) -> TRes
     Ok(out)
 }
 
+/// Most time a request waits for room that models in use by other
+/// instances hold.
+const ROOM_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Starts a use of the model. Where the models other instances are running
+/// hold the room it needs, waits for them to finish (they release it as soon
+/// as their outputs are read); a model larger than the whole residency area
+/// fails at once.
+fn acquire(gpu: &crate::state::Gpu, m: &ModelState, plan: &[usize]) -> TResult<pipeswitch::residency::ModelUse> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match gpu.residency.acquire(&m.store, &m.config.model, Some(plan)) {
+            Err(pipeswitch::Error::ArenaFull(msg)) => {
+                let capacity = gpu.residency.stats()?.capacity_bytes;
+                if m.program.model().bytes > capacity || t0.elapsed() > ROOM_WAIT {
+                    return Err(TritonError::unavailable(format!("pipeswitch: model {:?}: {msg}", m.name)));
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
 /// The outputs of a run: still in the worker's activation buffer (read
 /// straight into Triton's buffers, then the model use ends), or on the host.
 enum Outputs {
@@ -256,7 +280,7 @@ fn compute(m: &ModelState, inst: &mut InstanceState, inputs: &[(String, Dtype, V
     match (&mut inst.gpu, &m.host_weights) {
         (Some((gpu, worker, plan)), _) => {
             worker.device().bind()?;
-            let model_use = gpu.residency.acquire(&m.store, &m.config.model, Some(plan))?;
+            let model_use = acquire(gpu, m, plan)?;
             for (name, _, data) in inputs {
                 worker.set_input(program, name, data)?;
             }
