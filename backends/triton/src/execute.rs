@@ -315,6 +315,10 @@ fn run_request(
     response: *mut sys::TRITONBACKEND_Response,
     times: &mut Times,
 ) -> TResult<()> {
+    if let Some((gpu, _, _)) = &inst.gpu {
+        // Triton may call Execute from another thread than Initialize.
+        gpu.arena.device().bind()?;
+    }
     let inputs = read_inputs(m, request)?;
     let mut count = 0u32;
     check(unsafe { sys::TRITONBACKEND_RequestOutputCount(request, &mut count) }, "TRITONBACKEND_RequestOutputCount")?;
