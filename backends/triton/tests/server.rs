@@ -336,6 +336,22 @@ fn the_backend_in_a_real_tritonserver() {
         *successes.entry("resnet_cpu").or_default() += 1;
     }
 
+    // A request that fails inside the backend (a token id past the
+    // vocabulary): its error response says why, its failure is counted, and
+    // the model goes on serving.
+    let (mut bad_ids, _) = request_of(bert);
+    let ids = bad_ids["inputs"].as_array_mut().unwrap().iter_mut().find(|t| t["name"] == "input_ids").unwrap();
+    ids["data"][0] = json!(1_000_000);
+    let (status, v) = server.post("/v2/models/bert_cpu/infer", &bad_ids);
+    let err = v.get("error").and_then(Value::as_str).unwrap_or_default();
+    assert_eq!(status, 400, "{v}");
+    assert!(err.contains("pipeswitch") && err.contains("token id outside"), "{err}");
+    let (body, _) = request_of(bert);
+    assert_eq!(server.post("/v2/models/bert_cpu/infer", &body).0, 200);
+    *successes.entry("bert_cpu").or_default() += 1;
+    let (_, v) = server.get("/v2/models/bert_cpu/stats");
+    assert_eq!(v["model_stats"][0]["inference_stats"]["fail"]["count"].as_u64(), Some(1), "{v}");
+
     // Statistics: every successful request counted, with its times.
     for (m, n) in &successes {
         let (status, v) = server.get(&format!("/v2/models/{m}/stats"));
