@@ -225,6 +225,38 @@ impl ModelConfig {
     }
 }
 
+/// Auto-completion: for a configuration that lists no inputs and no
+/// outputs, the same configuration with the stored graph's (full shapes,
+/// `max_batch_size` 0). None when there is nothing to complete.
+pub fn complete(json: &str, graph: &Graph) -> Result<Option<String>, String> {
+    let mut v: Value = serde_json::from_str(json).map_err(|e| format!("model configuration is not JSON: {e}"))?;
+    let listed = |k: &str| v.get(k).and_then(Value::as_array).is_some_and(|a| !a.is_empty());
+    if listed("input") || listed("output") {
+        return Ok(None);
+    }
+    let decl = |name: &str| -> Result<serde_json::Value, String> {
+        let d = graph
+            .inputs
+            .iter()
+            .chain(&graph.activations)
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d)
+            .ok_or_else(|| format!("the graph declares no tensor {name:?}"))?;
+        let dtype = d.dtype().map_err(|e| e.to_string())?;
+        let t = config_type_of(dtype).ok_or_else(|| format!("{name:?} is {}, which Triton has no type for", dtype.name()))?;
+        Ok(serde_json::json!({"name": name, "data_type": t, "dims": d.shape}))
+    };
+    let inputs = graph.inputs.iter().map(|(n, _)| decl(n)).collect::<Result<Vec<_>, _>>()?;
+    let outputs = graph.outputs.iter().map(|n| decl(n)).collect::<Result<Vec<_>, _>>()?;
+    let obj = v.as_object_mut().ok_or("the model configuration is not a JSON object")?;
+    obj.insert("input".into(), Value::Array(inputs));
+    obj.insert("output".into(), Value::Array(outputs));
+    if obj.get("max_batch_size").and_then(Value::as_i64).unwrap_or(0) == 0 {
+        obj.insert("max_batch_size".into(), Value::from(0));
+    }
+    Ok(Some(v.to_string()))
+}
+
 fn describe(list: &[(String, Dtype, Vec<usize>)]) -> String {
     list.iter()
         .map(|(n, d, s)| format!("{n} ({} {s:?})", config_type_of(*d).unwrap_or(d.name())))
@@ -307,6 +339,20 @@ mod tests {
 
         let e = ModelConfig::from_json(&config(&i, &o, 8)).unwrap().check_against(&g).unwrap_err();
         assert!(e.contains("max_batch_size is 8"), "{e}");
+    }
+
+    #[test]
+    fn completion_fills_an_empty_config_from_the_graph() {
+        let g = tiny_resnet();
+        let bare = config("", "", 0);
+        let done = complete(&bare, &g).unwrap().expect("an empty config is completed");
+        let c = ModelConfig::from_json(&done).unwrap();
+        c.check_against(&g).unwrap();
+        assert_eq!(c.inputs[0].name, g.inputs[0].0);
+        assert_eq!(c.store, "s", "the parameters stay");
+        // A config that lists anything is left to the check.
+        let (i, _) = io_json(&g);
+        assert_eq!(complete(&config(&i, "", 0), &g).unwrap(), None);
     }
 
     #[test]

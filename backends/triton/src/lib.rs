@@ -106,7 +106,7 @@ fn model_initialize(model: *mut sys::TRITONBACKEND_Model) -> TResult<()> {
     check(unsafe { sys::TRITONBACKEND_ModelConfig(model, 1, &mut msg) }, "TRITONBACKEND_ModelConfig")?;
     let json = unsafe { triton::message_json(msg, true) }?;
     let fail = |e: String| TritonError::invalid(format!("pipeswitch: model {name:?}: {e}"));
-    let config = ModelConfig::from_json(&json).map_err(fail)?;
+    let mut config = ModelConfig::from_json(&json).map_err(fail)?;
     let store = state::store(&config.store)
         .map_err(|e| fail(format!("store {:?} cannot be opened: {}", config.store, e)))?;
     let stored = store.model(&config.model).map_err(|_| {
@@ -117,6 +117,29 @@ fn model_initialize(model: *mut sys::TRITONBACKEND_Model) -> TResult<()> {
         fail(format!("stored model {:?} carries no graph (attribute {GRAPH_ATTRIBUTE:?}): the built-in worker cannot run it", config.model))
     })?;
     let graph = Graph::from_json(&graph_json).map_err(|e| fail(format!("the graph of stored model {:?}: {e}", config.model)))?;
+    // Auto-completion (unless the server runs with
+    // --disable-auto-complete-config): a configuration without inputs and
+    // outputs gets the stored graph's.
+    let mut auto = false;
+    check(unsafe { sys::TRITONBACKEND_ModelAutoCompleteConfig(model, &mut auto) }, "TRITONBACKEND_ModelAutoCompleteConfig")?;
+    if auto {
+        if let Some(done) = config::complete(&json, &graph).map_err(fail)? {
+            let mut msg = std::ptr::null_mut();
+            check(
+                unsafe { sys::TRITONSERVER_MessageNewFromSerializedJson(&mut msg, done.as_ptr().cast(), done.len()) },
+                "TRITONSERVER_MessageNewFromSerializedJson",
+            )?;
+            // The message stays ours.
+            let set = check(unsafe { sys::TRITONBACKEND_ModelSetConfig(model, 1, msg) }, "TRITONBACKEND_ModelSetConfig");
+            unsafe { sys::TRITONSERVER_MessageDelete(msg) };
+            set?;
+            let mut msg = std::ptr::null_mut();
+            check(unsafe { sys::TRITONBACKEND_ModelConfig(model, 1, &mut msg) }, "TRITONBACKEND_ModelConfig")?;
+            let json = unsafe { triton::message_json(msg, true) }?;
+            config = ModelConfig::from_json(&json).map_err(fail)?;
+            triton::info(&format!("pipeswitch: model {name:?}: inputs and outputs completed from the stored graph"));
+        }
+    }
     config.check_against(&graph).map_err(fail)?;
     let program = Program::from_store(&store, &config.model).map_err(|e| fail(message_of(&e)))?;
     let host_weights = match config.executor {

@@ -243,6 +243,9 @@ fn the_backend_in_a_real_tritonserver() {
     let same = |c: String| c;
     add_model(&repo, "resnet_cpu", &config_of("resnet_cpu", s, resnet, "cpu-reference", &same));
     add_model(&repo, "bert_cpu", &config_of("bert_cpu", s, bert, "cpu-reference", &same));
+    // No inputs or outputs listed: completed from the stored graph.
+    let strip_io = |c: String| c.lines().filter(|l| !l.starts_with("input") && !l.starts_with("output")).collect::<Vec<_>>().join("\n");
+    add_model(&repo, "bert_auto", &config_of("bert_auto", s, bert, "cpu-reference", &strip_io));
     add_model(&repo, "resnet_gpu", &config_of("resnet_gpu", s, resnet, "", &same));
     add_model(&repo, "no_store", &config_of("no_store", "ps-triton-no-such-store", resnet, "cpu-reference", &same));
     add_model(&repo, "no_model", &config_of("no_model", s, resnet, "cpu-reference", &|c| c.replace("\"tiny-resnet\"", "\"tiny-vgg\"")));
@@ -286,7 +289,12 @@ fn the_backend_in_a_real_tritonserver() {
         assert!(server.ready(m));
     }
     let mut successes: HashMap<&str, u64> = HashMap::new();
-    for (m, def) in [("resnet_cpu", resnet), ("bert_cpu", bert), ("resnet_cpu", resnet)] {
+    let (status, msg) = server.load("bert_auto");
+    assert_eq!(status, 200, "bert_auto: {msg}\n{}", server.log_text());
+    let (_, v) = server.get("/v2/models/bert_auto/config");
+    let names: Vec<&str> = v["input"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["input_ids", "token_type_ids"], "{v}");
+    for (m, def) in [("resnet_cpu", resnet), ("bert_cpu", bert), ("resnet_cpu", resnet), ("bert_auto", bert)] {
         let (body, expected) = request_of(def);
         let (status, v) = server.post(&format!("/v2/models/{m}/infer"), &body);
         assert_eq!(status, 200, "{m}: {v}");
