@@ -257,7 +257,8 @@ fn acquire(gpu: &crate::state::Gpu, m: &ModelState, plan: &[usize]) -> TResult<p
         match gpu.residency.acquire(&m.store, &m.config.model, Some(plan)) {
             Err(pipeswitch::Error::ArenaFull(msg)) => {
                 let capacity = gpu.residency.stats()?.capacity_bytes;
-                if m.program.model().bytes > capacity || t0.elapsed() > ROOM_WAIT {
+                let need = m.program.model().bytes.div_ceil(pipeswitch::arena::REGION_ALIGN) * pipeswitch::arena::REGION_ALIGN;
+                if need > capacity || t0.elapsed() > ROOM_WAIT {
                     return Err(TritonError::unavailable(format!("pipeswitch: model {:?}: {msg}", m.name)));
                 }
                 std::thread::sleep(std::time::Duration::from_micros(200));
