@@ -215,8 +215,8 @@ fn instance_initialize(instance: *mut sys::TRITONBACKEND_ModelInstance) -> TResu
                 check(unsafe { sys::TRITONBACKEND_ModelInstanceDeviceId(instance, &mut ordinal) }, "TRITONBACKEND_ModelInstanceDeviceId")?;
             }
             let fail = |e: pipeswitch::Error| {
-                let t = TritonError::from(e);
-                TritonError { message: format!("instance {name:?} on GPU {ordinal}: {}", t.message), ..t }
+                let message = format!("pipeswitch: instance {name:?} on GPU {ordinal}: {}", message_of(&e));
+                TritonError { message, ..TritonError::from(e) }
             };
             let gpu = state::gpu(ordinal).map_err(fail)?;
             m.store.pin(gpu.arena.device()).map_err(fail)?;

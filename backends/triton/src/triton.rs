@@ -43,15 +43,16 @@ impl From<pipeswitch::Error> for TritonError {
             E::NoDriver => sys::TRITONSERVER_ERROR_UNAVAILABLE,
             _ => sys::TRITONSERVER_ERROR_INTERNAL,
         };
-        TritonError { code, message: message_of(&e) }
+        TritonError { code, message: format!("pipeswitch: {}", message_of(&e)) }
     }
 }
 
-/// The message of a library error; the no-GPU case in one line.
+/// The message of a library error (without the "pipeswitch: " prefix the
+/// backend's errors carry); the no-GPU case in one line.
 pub fn message_of(e: &pipeswitch::Error) -> String {
     match e {
-        pipeswitch::Error::NoDriver => "pipeswitch: no CUDA driver found: this model needs an NVIDIA GPU".to_string(),
-        e => format!("pipeswitch: {e}"),
+        pipeswitch::Error::NoDriver => "no CUDA driver found: this model needs an NVIDIA GPU".to_string(),
+        e => e.to_string(),
     }
 }
 

@@ -265,6 +265,7 @@ fn the_backend_in_a_real_tritonserver() {
     let expect_fail = |model: &str, needles: &[&str]| {
         let (status, msg) = server.load(model);
         assert_eq!(status, 400, "{model}: load answered {status}: {msg}\n{}", server.log_text());
+        eprintln!("{model}: {msg}");
         for n in needles {
             assert!(msg.contains(n), "{model}: the load error lacks {n:?}: {msg}");
         }
