@@ -313,6 +313,29 @@ fn the_backend_in_a_real_tritonserver() {
         *successes.entry(m).or_default() += 1;
     }
 
+    // Concurrent clients on two models (two instances executing at once).
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = [("resnet_cpu", resnet), ("bert_cpu", bert)]
+            .into_iter()
+            .map(|(m, def)| {
+                let server = &server;
+                sc.spawn(move || {
+                    let (body, expected) = request_of(def);
+                    for _ in 0..4 {
+                        let (status, v) = server.post(&format!("/v2/models/{m}/infer"), &body);
+                        assert_eq!(status, 200, "{m}: {v}");
+                        let o = &v["outputs"][0];
+                        assert_eq!(floats(&o["data"]).len(), expected[o["name"].as_str().unwrap()].len());
+                    }
+                    m
+                })
+            })
+            .collect();
+        for h in hs {
+            *successes.entry(h.join().unwrap()).or_default() += 4;
+        }
+    });
+
     // Bad requests: 400 with a message naming what is wrong; the model keeps serving.
     let (good, _) = request_of(resnet);
     let name0 = in0.0.as_str();
