@@ -3,6 +3,17 @@
 # the CLI, libpipeswitch.so, and the test binaries under .gpu/deps/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# --triton: only what scripts/gpu-triton.sh needs, into .gpu/triton (the
+# Triton backend, its fixture and a minimal tritonserver; about 35 MB).
+if [ "${1:-}" = "--triton" ]; then
+  rm -rf .gpu/triton && mkdir -p .gpu/triton
+  cargo build --release -p pipeswitch-triton --lib --examples
+  cp target/release/libtriton_pipeswitch.so target/release/examples/triton_fixture .gpu/triton/
+  strip .gpu/triton/libtriton_pipeswitch.so .gpu/triton/triton_fixture
+  scripts/fetch-tritonserver.sh --minimal .gpu/triton >/dev/null
+  ls -la .gpu/triton
+  exit 0
+fi
 rm -rf .gpu && mkdir -p .gpu/deps
 cargo build --release --bins --lib
 cargo test --release --no-run --message-format=json 2>/dev/null \

@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 cargo build --lib
 cargo test --all-targets
 cargo test --doc
+# The Triton backend (backends/triton) in a real tritonserver 2.51, fetched
+# once from PyPI (nvidia-pytriton 0.7.0) into ~/.cache/pipeswitch.
+PIPESWITCH_TRITONSERVER="$(scripts/fetch-tritonserver.sh)" cargo test -p pipeswitch-triton
 if [ -d python/tests ]; then
   cargo build --release --lib
   PIPESWITCH_LIB="$PWD/target/release/libpipeswitch.so" python3 -m pytest python/tests -q
