@@ -446,6 +446,12 @@ class Store:
         _c.lib().ps_store_model_info(self._handle(), _enc(name, "model name"), byref(info))
         return info
 
+    def model_id(self, name) -> int:
+        """The id of model ``name`` (new for every add, also under a reused
+        name): a cheap check that a model is still the one a
+        :meth:`model_info` describes."""
+        return int(self._model_header(name).id)
+
     def model_info(self, name) -> ModelInfo:
         """Everything about model ``name``: see :class:`ModelInfo`."""
         h = self._handle()

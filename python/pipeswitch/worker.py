@@ -303,12 +303,13 @@ class TorchBackend:
         if module is None:
             raise TaskError(_NOT_FOUND, "this worker has no module for model %r (its --models: %s)"
                             % (task.model, ", ".join(self.modules) or "none"))
-        info = self.store.model_info(task.model)
-        if info.id != task.model_id:
+        # The id alone (one call): model_info of a large model takes milliseconds.
+        model_id = self.store.model_id(task.model)
+        if model_id != task.model_id:
             raise TaskError(_INVALID_STATE, "model %r changed in the store (id %d now, %d asked for)"
-                            % (task.model, info.id, task.model_id))
+                            % (task.model, model_id, task.model_id))
         entry = self.worker._models.get(task.model)
-        if entry is not None and entry.info.id != info.id:
+        if entry is not None and entry.info.id != model_id:
             self.worker.detach(task.model)  # re-added under the same name: attach afresh
             entry = None
         if entry is None:

@@ -251,8 +251,15 @@ def test_store_usage_and_remove(store):
     u1 = store.usage()
     assert u1.models == 2 and u1.used_bytes > 0 and u1.largest_free_bytes < u0.largest_free_bytes
     assert sorted(store.models()) == ["a", "b"]
+    first_id = store.model_id("a")
+    assert first_id == store.model_info("a").id and first_id != store.model_id("b")
     store.remove_model("a")
     assert store.models() == ["b"]
+    with pytest.raises(ps.NotFound):
+        store.model_id("a")
+    store.add_model("a", [("l", [("w", "U8", (10,), bytes(10))])])
+    assert store.model_id("a") not in (first_id, store.model_id("b"))  # a new add: a new id
+    store.remove_model("a")
     assert store.usage().models == 1 and store.usage().used_bytes < u1.used_bytes
     store.remove_model("b")
     assert store.models() == [] and store.usage().used_bytes == 0

@@ -325,6 +325,9 @@ class _FakeStore:
             raise pipeswitch.NotFound(200, "PS_ERR_NOT_FOUND", "no model %r" % name)
         return types.SimpleNamespace(name=name, id=self.ids[name], bytes=1024)
 
+    def model_id(self, name):
+        return self.model_info(name).id
+
 
 class _FakeTorchWorker:
     def __init__(self):
@@ -361,6 +364,7 @@ def fake_backend(monkeypatch, ids, modules):
     b.worker.store = b.store
     b.modules = modules
     b.arena = types.SimpleNamespace(size=lambda: 1 << 30)
+    b.graphs, b.captured = False, {}
     return b, torch
 
 
