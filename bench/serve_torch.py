@@ -165,7 +165,7 @@ def main(argv=None):
             for m in args.models:
                 gpu = cpu[m].to("cuda:0")
                 inputs[m] = E.make_inputs(m, "cuda:0")
-                info[m] = pst.register_module(store, m, gpu, inputs[m], device="cuda:0")
+                info[m] = pst.register_module(store, m, gpu, inputs[m], device="cuda:0", hold_gpu=args.graphs)
                 ref[m] = E.first_tensor(gpu(*inputs[m])).float().cpu()
                 del gpu
                 torch.cuda.empty_cache()
@@ -180,7 +180,13 @@ def main(argv=None):
                 skel[m] = E.build_skeleton(m, cpu[m])[0]
                 worker.attach(skel[m], m)
                 if args.graphs:
-                    skel[m] = worker.capture(m, inputs[m])
+                    # The closed loop with graphs (issue 15): the fitted cost is stored with the
+                    # model, so the daemon plans with it too.
+                    cal = pst.calibrate_module(worker, m, inputs[m], reps=5, graphs=True)
+                    rec = cal["record"]
+                    E.log("%s calibrated: %d groups, predicted %.2f ms, measured %.2f ms"
+                          % (m, rec.groups, rec.predicted_ms, rec.measured_ms))
+                    skel[m] = cal["captured"]
             inproc = {m: {"switch": [], "ready": []} for m in args.models}
             for r in range(args.reps + 1):
                 for m in args.models:
