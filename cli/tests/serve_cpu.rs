@@ -831,3 +831,54 @@ fn a_training_job_that_raises_fails_with_its_message_and_frees_its_worker() {
     assert_eq!(c.stats().unwrap().workers_lost, 0);
     infer(&mut c, "b", 3).unwrap();
 }
+
+/// The Python worker's training loop (`pipeswitch.worker.serve`) under the
+/// real daemon: the plain-Python job of python/tests/test_train.py (floats,
+/// its steps wait 2 ms for a preemption), an echo for inference.
+const PY_TRAIN_WORKER: &str = r#"
+import os, socket, sys
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
+import pipeswitch.worker as W
+from test_train import PlainBackend
+class Both(PlainBackend):
+    def run(self, task, inputs):
+        return [(t.name, t.dtype, t.shape, b) for t, b in inputs], 0.0
+s = socket.socket(socket.AF_UNIX)
+s.connect(os.environ["PIPESWITCH_SOCKET"])
+W.serve(s, Both, kind="plain")
+"#;
+
+#[test]
+fn python_workers_train_pause_for_inference_and_resume() {
+    let w = world("pytrain");
+    let mut cfg = config(&w, 3 * MIB);
+    cfg.standbys = 2;
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/../python");
+    cfg.worker_cmd = vec!["python3".into(), "-c".into(), PY_TRAIN_WORKER.into(), python.into()];
+    let d = Daemon::start(cfg, Box::new(FakeGpu { moves: Moves::default() })).unwrap();
+    let mut c = Client::connect(d.socket(), Some(Duration::from_secs(30))).unwrap();
+    let job = c.train_submit(&TrainJob { entry: "plain:job".into(), idle_ms: 200, ..train_job("") }).unwrap().job_id;
+    let t0 = std::time::Instant::now();
+    let wait = |c: &mut Client, what: &str, ok: &dyn Fn(&pipeswitch::client::TrainStatus) -> bool| loop {
+        let st = c.train_query(job, false).unwrap();
+        if ok(&st) {
+            return st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{what}: {st:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    wait(&mut c, "training never ran", &|st| st.iteration >= 20);
+    infer(&mut c, "a", 1).unwrap();
+    let paused = c.train_query(job, false).unwrap();
+    assert_eq!((paused.state, paused.preemptions), (JobState::Paused, 1), "{paused:?}");
+    // The Python worker answered the preemption: it holds iteration N, and
+    // resumes from it once the queue has been idle.
+    let st = wait(&mut c, "training never resumed", &|st| st.state == JobState::Running && st.iteration > paused.iteration);
+    assert!(st.iteration > paused.iteration && st.preemptions == 1, "{st:?}");
+    c.train_query(job, true).unwrap();
+    wait(&mut c, "never cancelled", &|st| st.state == JobState::Cancelled);
+    let stats = c.stats().unwrap();
+    assert_eq!((stats.workers_lost, stats.failed), (0, 0), "{stats:?}");
+    d.stop().unwrap();
+}
