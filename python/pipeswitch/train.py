@@ -34,9 +34,17 @@ copies it back the same way. A checkpoint (every ``checkpoint_every``
 iterations) writes it to the job's shared-memory file, to a temporary file
 renamed over the last one, so that a worker killed at any point leaves the
 previous checkpoint whole; a new worker resumes from it.
+
+Command line (a client of the daemon)::
+
+    python -m pipeswitch.train submit r152 pipeswitch.train:resnet152_job --idle-ms 200
+    python -m pipeswitch.train status 1 --watch 30     # a line per change: running, paused ...
+    python -m pipeswitch.train cancel 1
 """
 
+import argparse
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -406,3 +414,71 @@ def tiny_job(device, name="tiny", batch=8):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     ce = nn.CrossEntropyLoss()
     return TrainSpec(model, opt, _synthetic(torch, device, (3, 8, 8), 10, batch, 7), ce, batch)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def _line(st):
+    s = "job %d %s: iteration %d, checkpoint %d, preemptions %d" % (
+        st.job_id, st.state_name, st.iteration, st.checkpoint, st.preemptions)
+    if st.message:
+        s += ": " + st.message
+    return s
+
+
+def main(argv=None):
+    from .client import Client
+    from .errors import PipeSwitchError
+
+    ap = argparse.ArgumentParser(prog="python -m pipeswitch.train",
+                                 description="Submit, watch and cancel training jobs of `pipeswitch serve`.")
+    ap.add_argument("--socket", default=None, help="the daemon's socket (default: the one of --device)")
+    ap.add_argument("--device", type=int, default=0)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("submit", help="submit a job: NAME module:function")
+    s.add_argument("name")
+    s.add_argument("entry")
+    s.add_argument("--preempt", choices=["abandon", "boundary"], default="abandon")
+    s.add_argument("--save", choices=["host", "resident"], default="host")
+    s.add_argument("--policy", choices=["inference-first", "time-share"], default="inference-first")
+    s.add_argument("--share", type=float, default=0.5, help="training's share of each period (time-share)")
+    s.add_argument("--period-ms", type=int, default=5000)
+    s.add_argument("--idle-ms", type=int, default=100, help="idle inference time before training resumes")
+    s.add_argument("--iterations", type=int, default=0, help="0: until cancelled")
+    s.add_argument("--checkpoint-every", type=int, default=0)
+    st = sub.add_parser("status", help="a job's state")
+    st.add_argument("job", type=int)
+    st.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
+                    help="print a line at every change of state for this long")
+    c = sub.add_parser("cancel", help="end a job")
+    c.add_argument("job", type=int)
+    a = ap.parse_args(argv)
+    try:
+        with Client(socket=a.socket, device=a.device, timeout=30) as cl:
+            if a.cmd == "submit":
+                r = cl.train(a.name, a.entry, a.preempt, a.save, a.policy, a.share, a.period_ms, a.idle_ms,
+                             a.iterations, a.checkpoint_every)
+                print(_line(r))
+            elif a.cmd == "cancel":
+                print(_line(cl.train_status(a.job, cancel=True)))
+            else:
+                r = cl.train_status(a.job)
+                print(_line(r), flush=True)
+                end = time.monotonic() + a.watch
+                last = (r.state, r.preemptions)
+                while time.monotonic() < end and r.state_name not in ("finished", "failed", "cancelled"):
+                    time.sleep(0.05)
+                    r = cl.train_status(a.job)
+                    if (r.state, r.preemptions) != last:
+                        last = (r.state, r.preemptions)
+                        print("%s %s" % (time.strftime("%H:%M:%S"), _line(r)), flush=True)
+    except PipeSwitchError as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

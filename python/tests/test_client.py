@@ -247,3 +247,22 @@ def test_training_jobs_are_submitted_queried_and_cancelled():
     finally:
         d.close()
     assert not d.errors
+
+
+def test_the_train_command_line(capsys):
+    states = iter([4, 4, 2, 2, 5])
+
+    def handler(conn, msg, fd):
+        P.send(conn, P.TrainStatus(msg.request_id, 3, next(states), 10, 0, 1))
+
+    d = FakeDaemon(handler)
+    try:
+        from pipeswitch.train import main
+        assert main(["--socket", d.path, "status", "3", "--watch", "5"]) == 0
+    finally:
+        d.close()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "job 3 paused: iteration 10, checkpoint 0, preemptions 1"
+    assert [line.split(" ", 1)[1] for line in out[1:]] == [
+        "job 3 running: iteration 10, checkpoint 0, preemptions 1",
+        "job 3 finished: iteration 10, checkpoint 0, preemptions 1"]
