@@ -54,7 +54,7 @@ def train(model, seconds, warm=3):
         run.step(it + 1, never)
         it += 1
         n += 1
-    el = time.monotonic() - start
+    el = max(time.monotonic() - start, 1e-9)
     return {"mode": "train", "model": model, "iterations": n, "seconds": el, "samples_per_s": n * spec.samples / el,
             "batch": spec.samples, "startup_s": t_first - T0, "build_s": t_built - T0}
 

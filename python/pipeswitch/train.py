@@ -256,6 +256,7 @@ class TorchTrainRun:
                 hosts.append(h)
         self.side.synchronize()
         self._held = []
+        t = None
         for (holder, key, t), h in zip(items, hosts):
             if key is None:
                 holder.data = torch.empty(0, dtype=t.dtype, device=self.device)
@@ -263,7 +264,7 @@ class TorchTrainRun:
             else:
                 holder[key] = h
                 self._held.append((holder, key, h))
-        del items, hosts
+        del items, hosts, t
         torch.cuda.empty_cache()
         self.on_gpu = False
 
@@ -272,9 +273,11 @@ class TorchTrainRun:
         if self.on_gpu:
             return
         torch = self.torch
+        # Allocated on the stream that uses them; copied on the side stream.
+        gpu = [torch.empty(h.shape, dtype=h.dtype, device=self.device) for _, _, h in self._held]
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.side):
-            for holder, key, h in self._held:
-                g = torch.empty(h.shape, dtype=h.dtype, device=self.device)
+            for (holder, key, h), g in zip(self._held, gpu):
                 self._chunked(g, h)
                 if key is None:
                     holder.data = g

@@ -234,6 +234,10 @@ class _Training:
                 self.runner.close()
             except Exception as e:  # noqa: BLE001 - logged; the state goes anyway
                 log.warning("worker %d: dropping a training job: %s", self.worker_id, e)
+            self.runner = None
+            released = getattr(self.backend, "train_released", None)
+            if released is not None:
+                released()
         self.runner, self.job_id, self.held, self.checkpoint = None, None, None, 0
 
     def _stopped(self, task, reason, iteration, status=0, message="", stop_ms=0.0, save_ms=0.0):
@@ -535,6 +539,14 @@ class TorchBackend:
 
         spec = load_factory(task.job.entry)(self.device, task.job.name)
         return TorchTrainRun(spec, self.device, task.job.preempt == P.PREEMPT_ABANDON)
+
+    def train_released(self):
+        """A training job's memory goes back to the GPU (other workers need it)."""
+        import gc
+
+        gc.collect()
+        self._torch.cuda.synchronize(self.device)
+        self._torch.cuda.empty_cache()
 
     def deactivate(self):
         """Waits for the task's kernels and copies. An error here (a sticky
