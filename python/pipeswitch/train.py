@@ -18,13 +18,12 @@ The worker (``python -m pipeswitch.worker``) runs the steps
 (:meth:`TorchTrainRun.step`): data, forward, loss, backward, and, unless a
 preemption came meanwhile, the optimiser's step. With ``PREEMPT_ABANDON``,
 the forward checks for a preemption at every block (pre-hooks on the
-model's blocks) with the host kept at most two blocks ahead of the GPU, and
-the step checks again after the loss and while the backward's kernels
-finish, before the optimiser's step; a preempted step is abandoned
-(gradients dropped, the buffers, e.g. batch-norm statistics, and the RNG
-put back) and redone on resume. A preemption during the backward waits for
-its kernels (the backward is one autograd call). With ``PREEMPT_BOUNDARY``
-the step completes.
+model's blocks), the backward at every block too (hooks on the gradients of
+the blocks' inputs), with the host kept at most two blocks ahead of the
+GPU; the step checks again while the backward's last kernels finish,
+before the optimiser's step. A preempted step is abandoned (gradients
+dropped, the buffers, e.g. batch-norm statistics, and the RNG put back) and
+redone on resume. With ``PREEMPT_BOUNDARY`` the step completes.
 
 The state of a job is its parameters, buffers, optimiser state, RNG
 (CPU and CUDA) and iteration. When preempted it either stays in GPU memory
@@ -119,9 +118,23 @@ class TorchTrainRun:
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
         if self.abandon:
             for b in _blocks(self.model):
-                self._hooks.append(b.register_forward_pre_hook(self._check))
+                self._hooks.append(b.register_forward_pre_hook(self._pre))
 
     # -- steps ------------------------------------------------------------
+
+    def _pre(self, module, args):
+        self._check()
+        if self.torch.is_grad_enabled():
+            # The backward passes this block when its input's gradient is done.
+            for a in args:
+                if isinstance(a, self.torch.Tensor) and a.requires_grad:
+                    try:
+                        a.register_hook(self._backward_check)
+                    except RuntimeError:
+                        pass  # a tensor that takes no hooks: the next block's check serves
+
+    def _backward_check(self, grad):
+        self._check()
 
     def _check(self, *_):
         if self.stop is not None and self.stop.is_set():

@@ -314,13 +314,28 @@ def _compare(torch, cuda, tmp_path):
 
     run = TorchTrainRun(tiny_job(dev), dev, abandon=True)
     stop = threading.Event()
-    blocks = [m for m in run.model.children()]
     trip = {"at": None}
 
-    def arm(*_):  # a preemption that lands in the middle of the forward
-        if trip["at"] is not None:
+    def arm_forward(*_):  # a preemption that lands in the middle of the forward
+        if trip["at"] in (3, 7):
             stop.set()
-    hook = blocks[1].register_forward_pre_hook(arm)
+
+    def arm_backward(module, args, out):  # ... or of the backward
+        if trip["at"] == 10:
+            out.register_hook(lambda g: stop.set())
+
+    reached = []  # iterations whose backward reached the first block
+
+    def mark(module, args, out):
+        at = trip["at"]
+        out.register_hook(lambda g: reached.append(at))
+
+    def arm(run):
+        blocks = list(run.model.children())
+        return [blocks[1].register_forward_pre_hook(arm_forward), blocks[2].register_forward_hook(arm_backward),
+                blocks[0].register_forward_hook(mark)]
+
+    hooks = arm(run)
     i = 0
     abandoned = 0
     while i < n:
@@ -336,13 +351,14 @@ def _compare(torch, cuda, tmp_path):
             if i == 6:
                 # Through the checkpoint file into a fresh run.
                 run.checkpoint(str(tmp_path / "ck"), i)
-                hook.remove()
+                for h in hooks:
+                    h.remove()
                 run.close()
                 run = TorchTrainRun(tiny_job(dev), dev, abandon=True)
                 run.load_checkpoint(str(tmp_path / "ck"), i)
-                blocks = [m for m in run.model.children()]
-                hook = blocks[1].register_forward_pre_hook(arm)
+                hooks = arm(run)
     assert abandoned == 3
+    assert not set(reached) & {3, 7, 10}, "an abandoned step's backward went on: %s" % reached
     got = _state(torch, run)
     assert got.keys() == want.keys()
     for k in want:
