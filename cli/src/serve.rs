@@ -512,7 +512,9 @@ impl Controller {
     fn run(&mut self, rx: Receiver<Event>) -> Result<()> {
         self.keep_standbys();
         loop {
-            match rx.recv_timeout(Duration::from_millis(50)) {
+            // A training job's policy runs on a finer clock.
+            let tick = if self.job.as_ref().is_some_and(|j| !j.terminal()) { 5 } else { 50 };
+            match rx.recv_timeout(Duration::from_millis(tick)) {
                 Ok(Event::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok(ev) => self.on_event(ev),
                 Err(RecvTimeoutError::Timeout) => {}
