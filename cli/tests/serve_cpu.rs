@@ -882,3 +882,32 @@ fn python_workers_train_pause_for_inference_and_resume() {
     assert_eq!((stats.workers_lost, stats.failed), (0, 0), "{stats:?}");
     d.stop().unwrap();
 }
+
+#[test]
+fn time_share_alternates_training_and_inference_under_steady_load() {
+    let w = world("trainshare");
+    let t = train_setup(&w, 2);
+    let mut c = client(&t.s);
+    let job = TrainJob { policy: SharePolicy::TimeShare, share: 0.5, period_ms: 300, ..train_job("fake:ok") };
+    let id = c.train_submit(&job).unwrap().job_id;
+    wait_for(&t.s, "training never ran", |c| c.train_query(id, false).unwrap().iteration >= 5);
+    // Requests back to back for 1.5 s: inference never lets the queue go
+    // idle, yet training gets its turns, and no request waits much longer
+    // than training's turn (150 ms).
+    let start = std::time::Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut n = 0;
+    while start.elapsed() < Duration::from_millis(1500) {
+        let t0 = std::time::Instant::now();
+        infer(&mut c, "a", n as u8).unwrap();
+        worst = worst.max(t0.elapsed());
+        n += 1;
+    }
+    let st = c.train_query(id, false).unwrap();
+    let resumes = t.log.lines().iter().filter(|l| l.starts_with("train")).count() - 1;
+    assert!(st.preemptions >= 3 && resumes >= 3, "training had too few turns: {st:?}, {resumes} resumes");
+    assert!(n >= 10, "inference had too few turns: {n} requests");
+    assert!(worst < Duration::from_millis(150 + 250), "a request waited {worst:?}");
+    assert!(worst > Duration::from_millis(100), "requests never waited for training's turn: {worst:?}");
+    c.train_query(id, true).unwrap();
+}
