@@ -29,7 +29,10 @@ The state of a job is its parameters, buffers, optimiser state, RNG
 (CPU and CUDA) and iteration. When preempted it either stays in GPU memory
 (``SAVE_RESIDENT``) or is written back to pinned host memory in chunked
 copies on a side stream and freed on the GPU (``SAVE_HOST``); resuming
-copies it back the same way. A checkpoint (every ``checkpoint_every``
+copies it back the same way, pipelined with the first step: buffers first,
+then the parameters module by module in the model's order (each module's
+forward waits, on the GPU, for its own parameters only), the optimiser's
+state last (waited for before the optimiser's step). A checkpoint (every ``checkpoint_every``
 iterations) writes it to the job's shared-memory file, to a temporary file
 renamed over the last one, so that a worker killed at any point leaves the
 previous checkpoint whole; a new worker resumes from it.
@@ -115,12 +118,41 @@ class TorchTrainRun:
         self._held = []
         self._ring = []
         self._hooks = []
+        # Events of a pipelined restore: module -> its parameters copied;
+        # the buffers; the optimiser's state.
+        self._ready = {}
+        self._buf_ready = None
+        self._opt_ready = None
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
+        if self.cuda:
+            for mod in self.model.modules():
+                if any(True for _ in mod.parameters(recurse=False)):
+                    self._hooks.append(mod.register_forward_pre_hook(self._wait_module))
         if self.abandon:
             for b in _blocks(self.model):
                 self._hooks.append(b.register_forward_pre_hook(self._pre))
 
     # -- steps ------------------------------------------------------------
+
+    def _wait_module(self, module, args):
+        ev = self._ready.pop(module, None)
+        if ev is not None:
+            self.torch.cuda.current_stream(self.device).wait_event(ev)
+
+    def _wait_params(self):
+        """The current stream waits for every parameter being restored."""
+        if self._ready:
+            cur = self.torch.cuda.current_stream(self.device)
+            for ev in self._ready.values():
+                cur.wait_event(ev)
+            self._ready.clear()
+
+    def _wait_all(self):
+        """The current stream waits for the whole restore."""
+        if self.cuda and (self._ready or self._buf_ready is not None or self._opt_ready is not None):
+            self.torch.cuda.current_stream(self.device).wait_stream(self.side)
+        self._ready.clear()
+        self._buf_ready = self._opt_ready = None
 
     def _pre(self, module, args):
         self._check()
@@ -166,6 +198,9 @@ class TorchTrainRun:
         """Runs iteration ``iteration``; False if abandoned (nothing of it
         kept), True when done (its kernels finished)."""
         torch = self.torch
+        if self._buf_ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._buf_ready)
+            self._buf_ready = None
         self.stop = stop if self.abandon else None
         rng = self._rng() if self.abandon else None
         bufs = [b.detach().clone() for b in self.model.buffers()] if self.abandon else None
@@ -174,6 +209,8 @@ class TorchTrainRun:
             x, y = self.spec.data(iteration)
             self._check()
             out = self.model(x)
+            if self.cuda:
+                self._wait_params()  # any not used by their own module's forward
             loss = self.spec.loss(out, y)
             self._check()
             self.optimizer.zero_grad(set_to_none=True)
@@ -195,6 +232,9 @@ class TorchTrainRun:
             raise
         finally:
             self.stop = None
+        if self._opt_ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._opt_ready)
+            self._opt_ready = None
         self.optimizer.step()
         if self.cuda:
             torch.cuda.current_stream(self.device).synchronize()
@@ -202,6 +242,8 @@ class TorchTrainRun:
 
     def _undo(self, rng, bufs):
         torch = self.torch
+        if self.cuda:
+            self._wait_all()
         with torch.no_grad():
             self.optimizer.zero_grad(set_to_none=True)
             for b, saved in zip(self.model.buffers(), bufs):
@@ -213,21 +255,25 @@ class TorchTrainRun:
     # -- state --------------------------------------------------------------
 
     def _tensors(self):
-        """``[(holder, key, tensor)]``: every tensor of the state, with where
-        it lives (a parameter/buffer object, or an optimiser state dict)."""
-        out = []
-        for p in self.model.parameters():
-            out.append((p, None, p.data))
-        for b in self.model.buffers():
-            out.append((b, None, b.data))
+        """``[(holder, key, tensor, group)]``: every tensor of the state, with
+        where it lives (a parameter/buffer object, or an optimiser state
+        dict) and its group of the pipelined restore ("buffers", the module
+        that owns the parameter, "optimizer"), in the order of the copies."""
+        out = [(b, None, b.data, "buffers") for b in self.model.buffers()]
+        seen = set()
+        for mod in self.model.modules():
+            for p in mod.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((p, None, p.data, mod))
         for st in self.optimizer.state.values():
             for k, v in st.items():
                 if isinstance(v, self.torch.Tensor) and v.device.type == self.device.type:
-                    out.append((st, k, v))
+                    out.append((st, k, v, "optimizer"))
         return out
 
     def state_bytes(self):
-        return sum(t.numel() * t.element_size() for _, _, t in self._tensors())
+        return sum(t.numel() * t.element_size() for _, _, t, _ in self._tensors())
 
     def _host_copy(self, i, t):
         torch = self.torch
@@ -257,47 +303,58 @@ class TorchTrainRun:
         if mode != P.SAVE_HOST or not self.cuda or not self.on_gpu:
             return
         torch = self.torch
+        self._wait_all()
         # Gradients are recomputed by every step: dropped, not saved.
         self.optimizer.zero_grad(set_to_none=True)
         items = self._tensors()
         self.side.wait_stream(torch.cuda.current_stream(self.device))
         hosts = []
         with torch.cuda.stream(self.side):
-            for i, (holder, key, t) in enumerate(items):
+            for i, (holder, key, t, group) in enumerate(items):
                 h = self._host_copy(i, t)
                 self._chunked(h, t)
                 hosts.append(h)
         self.side.synchronize()
         self._held = []
         t = None
-        for (holder, key, t), h in zip(items, hosts):
+        for (holder, key, t, group), h in zip(items, hosts):
             if key is None:
                 holder.data = torch.empty(0, dtype=t.dtype, device=self.device)
-                self._held.append((holder, None, h))
             else:
                 holder[key] = h
-                self._held.append((holder, key, h))
+            self._held.append((holder, key, h, group))
         del items, hosts, t
         torch.cuda.empty_cache()
         self.on_gpu = False
 
     def restore_held(self):
-        """Copies a written-back state to the GPU (nothing if resident)."""
+        """Starts copying a written-back state to the GPU (nothing if
+        resident): the copies run on the side stream while the next step
+        runs, each group's event telling the step when it may use it."""
         if self.on_gpu:
             return
         torch = self.torch
-        # Allocated on the stream that uses them; copied on the side stream.
-        gpu = [torch.empty(h.shape, dtype=h.dtype, device=self.device) for _, _, h in self._held]
+        # Allocated on the stream that uses them; copied on the side stream
+        # (the pinned host copies stay in self.host until the next save).
+        gpu = [torch.empty(h.shape, dtype=h.dtype, device=self.device) for _, _, h, _ in self._held]
         self.side.wait_stream(torch.cuda.current_stream(self.device))
+        held = self._held
         with torch.cuda.stream(self.side):
-            for (holder, key, h), g in zip(self._held, gpu):
+            for i, ((holder, key, h, group), g) in enumerate(zip(held, gpu)):
                 self._chunked(g, h)
                 if key is None:
                     holder.data = g
                 else:
                     holder[key] = g
-        torch.cuda.current_stream(self.device).wait_stream(self.side)
-        self.side.synchronize()
+                if i + 1 == len(held) or held[i + 1][3] is not group:
+                    ev = torch.cuda.Event()
+                    ev.record(self.side)
+                    if group == "buffers":
+                        self._buf_ready = ev
+                    elif group == "optimizer":
+                        self._opt_ready = ev
+                    else:
+                        self._ready[group] = ev
         self._held = []
         self.on_gpu = True
 
@@ -306,6 +363,8 @@ class TorchTrainRun:
         renamed over it)."""
         torch = self.torch
         self.restore_held()
+        if self.cuda:
+            self._wait_all()
         state = {
             "iteration": int(iteration),
             "model": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
@@ -326,6 +385,8 @@ class TorchTrainRun:
             raise LookupError("the checkpoint at %s is of iteration %s, not %d"
                               % (path, state.get("iteration"), iteration))
         self.restore_held()
+        if self.cuda:
+            self._wait_all()
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._set_rng(state["rng"])
@@ -334,6 +395,9 @@ class TorchTrainRun:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if self.cuda:
+            self._wait_all()
+            self.side.synchronize()
         self.host.clear()
         self._held = []
 
