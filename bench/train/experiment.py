@@ -156,7 +156,7 @@ class Daemon:
         self.path = os.path.join(self.dir, "gpu0.sock")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.path.join(ROOT, "python"),
                                                            os.environ.get("PYTHONPATH", "")]),
-                   PIPESWITCH_LOG="info")
+                   PIPESWITCH_LOG="info", NO_COLOR="1")
         specs = ["%s=%s" % (m, f) for m, f in models.items()]
         self.log_path = log_path
         self.logf = open(log_path, "a")
