@@ -193,9 +193,10 @@ class _Inbox:
                 if not self._stopping:
                     self.q.put(e)
                 return
+            self.q.put(got)
+            # Set after the frame is queued: a step that sees it finds the frame.
             if got is not None and isinstance(got[0], P.Preempt):
                 self.preempt.set()
-            self.q.put(got)
             if got is None:
                 return
 
