@@ -358,22 +358,38 @@ class TorchTrainRun:
         self._held = []
         self.on_gpu = True
 
-    def checkpoint(self, path, iteration):
+    def checkpoint(self, path, iteration, stop=None):
         """Writes the state of ``iteration`` to ``path`` (a temporary file
-        renamed over it)."""
+        renamed over it). A preemption (``stop`` set) cuts it short: raises
+        :class:`Abandoned`, the last checkpoint left as it was."""
         torch = self.torch
+
+        def check():
+            if stop is not None and stop.is_set():
+                raise Abandoned()
+
         self.restore_held()
         if self.cuda:
             self._wait_all()
-        state = {
-            "iteration": int(iteration),
-            "model": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
-            "optimizer": _to_cpu(torch, self.optimizer.state_dict()),
-            "rng": self._rng(),
-        }
+        model = {}
+        for k, v in self.model.state_dict().items():
+            check()
+            model[k] = v.detach().to("cpu", copy=True)
+        check()
+        state = {"iteration": int(iteration), "model": model,
+                 "optimizer": _to_cpu(torch, self.optimizer.state_dict()), "rng": self._rng()}
+        check()
         tmp = "%s.tmp%d" % (path, os.getpid())
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(state, tmp)
+            check()
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     def load_checkpoint(self, path, iteration):
         torch = self.torch

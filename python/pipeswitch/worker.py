@@ -59,6 +59,7 @@ import time
 
 from . import protocol as P
 from ._lib import DTYPE_SIZES
+from .train import Abandoned
 from .errors import Disconnected, PipeSwitchError
 
 __all__ = ["serve", "TorchBackend", "TaskError", "status_of", "main"]
@@ -115,7 +116,9 @@ def serve(sock, make_backend, kind="torch"):
     bytes-like)]``), ``deactivate()`` and ``close()``; for training,
     ``train_job(train_task)`` returns a run with ``step(iteration, stop_event)
     -> bool``, ``save(mode)``, ``restore_held()``, ``checkpoint(path,
-    iteration)``, ``load_checkpoint(path, iteration)``, ``state_bytes()`` and
+    iteration, stop_event)`` (raises :class:`pipeswitch.train.Abandoned`
+    when a preemption cuts it short, the last checkpoint left whole),
+    ``load_checkpoint(path, iteration)``, ``state_bytes()`` and
     ``close()`` (:class:`pipeswitch.train.TorchTrainRun`)."""
     P.send(sock, P.Hello(P.ROLE_WORKER, os.getpid(), kind))
     got = P.recv(sock)
@@ -317,7 +320,11 @@ class _Training:
             P.send(self.sock, P.TrainProgress(task.task_id, P.PROGRESS_ITERATION, it, self.checkpoint, 0))
             if job.checkpoint_every and it % job.checkpoint_every == 0:
                 try:
-                    self.runner.checkpoint(task.checkpoint_path, it)
+                    self.runner.checkpoint(task.checkpoint_path, it, self.inbox.preempt)
+                except Abandoned:
+                    # A preemption came while the state was written to the
+                    # file: the last checkpoint stands, the preemption is next.
+                    continue
                 except Exception as e:
                     self._fail(task, it, e)
                     return True

@@ -25,6 +25,7 @@ import pytest
 
 from pipeswitch import protocol as P
 from pipeswitch import worker as W
+from pipeswitch.train import Abandoned
 
 HANDLE = bytes(range(128))
 
@@ -42,6 +43,7 @@ class PlainRun:
         self.abandon = job.preempt == P.PREEMPT_ABANDON
         self.where = "gpu"
         self.steps_abandoned = 0
+        self.checkpoints_cut = 0
         self.closed = False
 
     @staticmethod
@@ -74,10 +76,14 @@ class PlainRun:
     def state(self):
         return {"w": self.w, "m": self.m, "rng": self.rng.getstate()}
 
-    def checkpoint(self, path, it):
+    def checkpoint(self, path, it, stop):
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"iteration": it, "w": self.w, "m": self.m, "rng": self.rng.getstate()}, f)
+        if stop.wait(0.01):  # a preemption while the state is written
+            os.unlink(tmp)
+            self.checkpoints_cut += 1
+            raise Abandoned()
         os.replace(tmp, path)
 
     def load_checkpoint(self, path, it):
@@ -368,3 +374,34 @@ def _compare(torch, cuda, tmp_path):
 def stop_count(abandoned, i):
     # Each of iterations 3, 7 and 10 is abandoned once, then redone.
     return abandoned < [3, 7, 10].index(i + 1) + 1
+
+
+def test_a_preemption_while_the_state_is_written_cuts_the_checkpoint_short(tmp_path):
+    """Every iteration writes a checkpoint (10 ms each); preemptions land in
+    those writes: each is answered without waiting for the write, and the
+    file keeps the last whole checkpoint, which the reply names."""
+    path = str(tmp_path / "ckpt")
+    j = job(checkpoint_every=1, iterations=0)
+    daemon, t, made, result = start()
+    with daemon:
+        it, task_id = 0, 1
+        for _ in range(6):
+            m = start_task(daemon, task_id, j, it, path)
+            assert m.event == P.PROGRESS_RESUMED
+            # An iteration's report comes just before its checkpoint is written.
+            until(daemon, lambda m: isinstance(m, P.TrainProgress) and m.event == P.PROGRESS_ITERATION
+                  and m.iteration >= it + 2)
+            P.send(daemon, P.Preempt(task_id, P.PREEMPT_ABANDON, P.SAVE_HOST, P.monotonic_ns()))
+            stop, _ = until(daemon, lambda m: isinstance(m, P.TrainStopped))
+            assert stop.reason == P.STOP_PREEMPTED
+            with open(path) as f:
+                on_file = json.load(f)["iteration"]
+            assert on_file == stop.checkpoint and stop.checkpoint in (stop.iteration, stop.iteration - 1), stop
+            it, task_id = stop.iteration, task_id + 1
+        P.send(daemon, P.Shutdown())
+        t.join(10)
+    assert result == {"ok": True}
+    run = made[0].runs[0]
+    assert run.checkpoints_cut + run.steps_abandoned >= 3, "the preemptions never landed in a step or a write"
+    assert run.checkpoints_cut >= 1, "no preemption landed in a checkpoint's write"
+    assert not os.path.exists(path + ".tmp")
