@@ -38,8 +38,10 @@ has run its iterations, or a step raises (``TrainStopped`` with the status
 and message; the worker lives on). A later ``TrainStart`` resumes from the
 state it holds, or from the job's checkpoint file if the iteration asked
 for is that one (a new worker after a crash); ``Deactivate`` drops the job.
-A reader thread takes the daemon's frames while a step runs, so that a
-preemption is seen within the step.
+While a training task runs, a watcher thread peeks at the socket (without
+reading it) so that a preemption is seen within the step; the frames are
+read between steps. Inference tasks are read as before, with no thread
+between the socket and the task.
 
 The protocol loop (:func:`serve`) is separate from the framework
 (:class:`TorchBackend`), so the loop can be tested with a fake backend.
@@ -51,8 +53,9 @@ import importlib
 import logging
 import math
 import os
-import queue
+import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -136,14 +139,12 @@ def serve(sock, make_backend, kind="torch"):
     worker_id = msg.worker_id
     t0 = time.monotonic()
     backend = make_backend(msg)
-    inbox = _Inbox(sock)
-    training = _Training(sock, backend, inbox, worker_id)
+    training = _Training(sock, backend, worker_id)
     try:
         log.info("worker %d: ready in %.0f ms", worker_id, (time.monotonic() - t0) * 1e3)
         P.send(sock, P.Standby(worker_id))
-        inbox.start()
         while True:
-            got = inbox.get()
+            got = P.recv(sock)
             if got is None:
                 return
             msg, fd = got
@@ -168,64 +169,64 @@ def serve(sock, make_backend, kind="torch"):
                 if fd is not None:
                     os.close(fd)
     finally:
-        inbox.stop()
         training.drop()
         backend.close()
 
 
-class _Inbox:
-    """Reads the daemon's frames on a thread: the training loop polls them
-    between steps, and ``preempt`` is set the moment a ``Preempt`` arrives."""
+class _Watcher:
+    """Peeks at the daemon's socket while a training task runs: ``preempt``
+    is set the moment a ``Preempt`` frame is there (the frame itself is read
+    by the training loop between steps)."""
 
     def __init__(self, sock):
         self.sock = sock
-        self.q = queue.Queue()
         self.preempt = threading.Event()
-        self.thread = None
-        self._stopping = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pipeswitch-worker-watch", daemon=True)
+        self._thread.start()
 
-    def start(self):
-        self.thread = threading.Thread(target=self._read, name="pipeswitch-worker-inbox", daemon=True)
-        self.thread.start()
-
-    def _read(self):
-        while True:
+    def _run(self):
+        kind = struct.Struct("<4sHH")
+        while not self._done.is_set():
             try:
-                got = P.recv(self.sock)
-            except BaseException as e:  # handed to the main thread
-                if not self._stopping:
-                    self.q.put(e)
-                return
-            self.q.put(got)
-            # Set after the frame is queued: a step that sees it finds the frame.
-            if got is not None and isinstance(got[0], P.Preempt):
+                ready, _, _ = select.select([self.sock], [], [], 0.005)
+                if not ready:
+                    continue
+                head = self.sock.recv(8, socket.MSG_PEEK)
+            except (OSError, ValueError):
+                return  # closed: the training loop sees it
+            if len(head) < 8:
+                if not head:
+                    return
+                time.sleep(0.0002)  # the rest of the header is on its way
+                continue
+            magic, _, k = kind.unpack(head)
+            if magic == P.MAGIC and k == P.Preempt.KIND:
                 self.preempt.set()
-            if got is None:
                 return
+            # Another frame waits for the loop (deactivate, shutdown).
+            self._done.wait(0.001)
 
-    def get(self, timeout=None):
-        """The next frame ``(msg, fd)``, None when the daemon closed the
-        connection; raises what the reader raised. With a timeout, raises
-        ``queue.Empty`` when none came."""
-        got = self.q.get(timeout=timeout) if timeout is None or timeout > 0 else self.q.get_nowait()
-        if isinstance(got, BaseException):
-            raise got
-        if got is None:
-            self.q.put(None)  # stays closed
-        return got
+    def pending(self):
+        """Whether a frame is there to read."""
+        try:
+            ready, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True  # recv reports it
+        return bool(ready)
 
     def stop(self):
-        self._stopping = True
+        self._done.set()
+        self._thread.join()
 
 
 class _Training:
     """The worker's side of a training job: runs steps until preempted,
     finished or failed, and holds the job's state between its tasks."""
 
-    def __init__(self, sock, backend, inbox, worker_id):
+    def __init__(self, sock, backend, worker_id):
         self.sock = sock
         self.backend = backend
-        self.inbox = inbox
         self.worker_id = worker_id
         self.job_id = None
         self.runner = None
@@ -258,9 +259,15 @@ class _Training:
     def run(self, task):
         """Runs the task until it stops; False if the daemon went away or
         shut the worker down meanwhile."""
+        watch = _Watcher(self.sock)
+        try:
+            return self._run(task, watch)
+        finally:
+            watch.stop()
+
+    def _run(self, task, watch):
         job = task.job
         it = task.resume_iteration
-        self.inbox.preempt.clear()
         try:
             if self.runner is not None and self.job_id != task.job_id:
                 self.drop()
@@ -285,13 +292,10 @@ class _Training:
             self._fail(task, it, e)
             return True
         while True:
-            try:
-                got = self.inbox.get(timeout=0)
-            except queue.Empty:
-                got = False
-            if got is None:
-                return False
-            if got is not False:
+            if watch.pending():
+                got = P.recv(self.sock)
+                if got is None:
+                    return False
                 msg, fd = got
                 if fd is not None:
                     os.close(fd)
@@ -310,7 +314,7 @@ class _Training:
                 self._stopped(task, P.STOP_FINISHED, it)
                 return True
             try:
-                done = self.runner.step(it + 1, self.inbox.preempt)
+                done = self.runner.step(it + 1, watch.preempt)
             except Exception as e:
                 self._fail(task, it, e)
                 return True
@@ -320,7 +324,7 @@ class _Training:
             P.send(self.sock, P.TrainProgress(task.task_id, P.PROGRESS_ITERATION, it, self.checkpoint, 0))
             if job.checkpoint_every and it % job.checkpoint_every == 0:
                 try:
-                    self.runner.checkpoint(task.checkpoint_path, it, self.inbox.preempt)
+                    self.runner.checkpoint(task.checkpoint_path, it, watch.preempt)
                 except Abandoned:
                     # A preemption came while the state was written to the
                     # file: the last checkpoint stands, the preemption is next.
@@ -341,7 +345,6 @@ class _Training:
             return True
         save_ms = (P.monotonic_ns() - stopped) / 1e6
         self.held = it
-        self.inbox.preempt.clear()
         self._stopped(task, P.STOP_PREEMPTED, it, stop_ms=stop_ms, save_ms=save_ms)
         return True
 
