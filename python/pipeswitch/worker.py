@@ -185,12 +185,16 @@ class _Watcher:
         self._thread = threading.Thread(target=self._run, name="pipeswitch-worker-watch", daemon=True)
         self._thread.start()
 
+    def _readable(self, timeout_ms):
+        p = select.poll()
+        p.register(self.sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+        return bool(p.poll(timeout_ms))
+
     def _run(self):
         kind = struct.Struct("<4sHH")
         while not self._done.is_set():
             try:
-                ready, _, _ = select.select([self.sock], [], [], 0.005)
-                if not ready:
+                if not self._readable(5):
                     continue
                 head = self.sock.recv(8, socket.MSG_PEEK)
             except (OSError, ValueError):
@@ -210,10 +214,9 @@ class _Watcher:
     def pending(self):
         """Whether a frame is there to read."""
         try:
-            ready, _, _ = select.select([self.sock], [], [], 0)
+            return self._readable(0)
         except (OSError, ValueError):
             return True  # recv reports it
-        return bool(ready)
 
     def stop(self):
         self._done.set()
