@@ -17,22 +17,12 @@ def inception_v3():
     return torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False).eval()
 
 
-class _Bert(torch.nn.Module):
-    """BERT-base's encoder on token ids: returns the last hidden state."""
-
-    def __init__(self):
-        super().__init__()
-        import transformers
-
-        self.bert = transformers.BertModel(transformers.BertConfig(), add_pooling_layer=False)
-
-    def forward(self, ids):
-        return self.bert(input_ids=ids).last_hidden_state
-
-
 def bert_base():
+    """BERT-base (random weights) on token ids, as bench/paper builds it."""
+    from transformers import BertConfig, BertModel
+
     torch.manual_seed(0)
-    return _Bert().eval()
+    return BertModel(BertConfig()).eval()
 
 
 def example(name):
