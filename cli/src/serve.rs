@@ -833,6 +833,13 @@ impl Controller {
             self.next_spawn = Instant::now() + backoff;
         }
         if w.state == WState::Training {
+            if let Some(j) = self.job.as_ref().filter(|j| j.worker == Some(w.id)) {
+                // A checkpoint it was writing (the Python worker writes
+                // `<file>.tmp<pid>` and renames it).
+                let mut tmp = j.checkpoint_path.clone().into_os_string();
+                tmp.push(format!(".tmp{}", w.pid));
+                let _ = std::fs::remove_file(tmp);
+            }
             self.job_lost(w.id, &format!("its worker died ({why})"));
         }
         if let Some(run) = self.running.take_if(|r| r.worker == w.id) {
