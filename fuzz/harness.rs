@@ -908,7 +908,22 @@ fn seed_planner() -> Vec<(String, Vec<u8>)> {
 }
 
 fn seed_messages() -> Vec<(String, Vec<u8>)> {
-    use pipeswitch::protocol::{encode_frame, Message, Role, Stats, Task, TaskKind, Tensor, TensorData, Timing};
+    use pipeswitch::protocol::{
+        encode_frame, JobState, Message, PreemptMode, Progress, Role, SaveMode, SharePolicy, Stats, StopReason, Task, TaskKind, Tensor,
+        TensorData, Timing, TrainJob, TrainTask,
+    };
+    let job = TrainJob {
+        name: "r152".into(),
+        entry: "pipeswitch.train:resnet152_job".into(),
+        preempt: PreemptMode::Boundary,
+        save: SaveMode::Resident,
+        policy: SharePolicy::TimeShare,
+        share: 0.5,
+        period_ms: 1000,
+        idle_ms: 100,
+        iterations: 0,
+        checkpoint_every: 10,
+    };
     let tensors = vec![
         Tensor { name: "input_ids".into(), dtype: 9, shape: vec![1, 4], data: TensorData::Inline(vec![1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 4, 0, 0, 0]) },
         Tensor { name: "image".into(), dtype: 11, shape: vec![1, 3, 8, 8], data: TensorData::Shared { offset: 256, bytes: 768 } },
@@ -926,6 +941,13 @@ fn seed_messages() -> Vec<(String, Vec<u8>)> {
         Message::StatsRequest,
         Message::StatsReply(Stats { requests: 10, failed: 1, hits: 6, misses: 4, evictions: 2, bytes_copied: 1 << 30, workers: 2, standbys: 1, workers_started: 2, workers_lost: 0 }),
         Message::Shutdown,
+        Message::TrainSubmit { request_id: 9, job: job.clone() },
+        Message::TrainStatus { request_id: 9, job_id: 1, state: JobState::Paused, iteration: 12, checkpoint: 10, preemptions: 2, status: 0, message: String::new() },
+        Message::TrainQuery { request_id: 10, job_id: 1, cancel: true },
+        Message::TrainStart(TrainTask { task_id: 6, job_id: 1, job, checkpoint_path: "/dev/shm/x".into(), resume_iteration: 10, decided_ns: 5 }),
+        Message::Preempt { task_id: 6, mode: PreemptMode::Abandon, save: SaveMode::Host, decided_ns: 7 },
+        Message::TrainProgress { task_id: 6, event: Progress::Iteration, iteration: 11, checkpoint: 10, state_bytes: 1 << 20 },
+        Message::TrainStopped { task_id: 6, reason: StopReason::Preempted, iteration: 11, checkpoint: 10, status: 0, message: String::new(), stop_ms: 0.5, save_ms: 3.0 },
     ];
     messages
         .iter()

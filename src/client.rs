@@ -18,6 +18,21 @@ pub struct InferOutput {
     pub timing: Timing,
 }
 
+/// A training job's status (see [`Client::train_query`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrainStatus {
+    pub job_id: u64,
+    pub state: crate::protocol::JobState,
+    /// Iterations completed.
+    pub iteration: u64,
+    /// The iteration of the last checkpoint (0: none).
+    pub checkpoint: u64,
+    pub preemptions: u64,
+    /// A failed job's status and message.
+    pub status: u32,
+    pub message: String,
+}
+
 /// A connection to a daemon. One request at a time.
 #[derive(Debug)]
 pub struct Client {
@@ -84,6 +99,40 @@ impl Client {
                 }
                 // An answer to an earlier request that timed out here.
                 Some((Message::InferResult { .. } | Message::Error { .. }, _)) => continue,
+                Some((m, _)) => return Err(Error::Protocol(format!("unexpected message {m:?}"))),
+                None => return Err(Error::Disconnected("the daemon closed the connection".into())),
+            }
+        }
+    }
+
+    /// Submits a training job; the answer is its first status (its id).
+    pub fn train_submit(&mut self, job: &crate::protocol::TrainJob) -> Result<TrainStatus> {
+        let request_id = self.next_id;
+        self.next_id += 1;
+        send(&self.stream, &Message::TrainSubmit { request_id, job: job.clone() }, None)?;
+        self.train_answer(request_id)
+    }
+
+    /// A training job's status; `cancel` ends the job first.
+    pub fn train_query(&mut self, job_id: u64, cancel: bool) -> Result<TrainStatus> {
+        let request_id = self.next_id;
+        self.next_id += 1;
+        send(&self.stream, &Message::TrainQuery { request_id, job_id, cancel }, None)?;
+        self.train_answer(request_id)
+    }
+
+    fn train_answer(&mut self, request_id: u64) -> Result<TrainStatus> {
+        loop {
+            match self.recv()? {
+                Some((Message::TrainStatus { request_id: id, job_id, state, iteration, checkpoint, preemptions, status, message }, _))
+                    if id == request_id =>
+                {
+                    return Ok(TrainStatus { job_id, state, iteration, checkpoint, preemptions, status, message });
+                }
+                Some((Message::Error { request_id: id, status, message }, _)) if id == request_id || id == 0 => {
+                    return Err(error_of(status, message));
+                }
+                Some((Message::InferResult { .. } | Message::Error { .. } | Message::TrainStatus { .. }, _)) => continue,
                 Some((m, _)) => return Err(Error::Protocol(format!("unexpected message {m:?}"))),
                 None => return Err(Error::Disconnected("the daemon closed the connection".into())),
             }

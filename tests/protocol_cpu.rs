@@ -9,8 +9,8 @@ use std::os::unix::net::UnixStream;
 use pipeswitch::error::Error;
 use pipeswitch::protocol::io::{pack_tensors, recv, send, unpack_tensors, TensorRef, TensorViews};
 use pipeswitch::protocol::{
-    decode_frame, encode_frame, Header, Message, Role, Stats, Task, TaskKind, Tensor, TensorData, Timing, HEADER_BYTES,
-    INLINE_LIMIT, MAX_BODY, VERSION,
+    decode_frame, encode_frame, Header, JobState, Message, PreemptMode, Progress, Role, SaveMode, SharePolicy, Stats, StopReason,
+    Task, TaskKind, Tensor, TensorData, Timing, TrainJob, TrainTask, HEADER_BYTES, INLINE_LIMIT, MAX_BODY, VERSION,
 };
 
 fn tensor(name: &str, n: usize) -> Tensor {
@@ -77,7 +77,82 @@ fn every_message() -> Vec<Message> {
         }),
         Message::Shutdown,
         Message::Deactivate,
+        Message::TrainSubmit { request_id: 3, job: job() },
+        Message::TrainStatus {
+            request_id: 3,
+            job_id: 1,
+            state: JobState::Paused,
+            iteration: 120,
+            checkpoint: 100,
+            preemptions: 4,
+            status: 0,
+            message: String::new(),
+        },
+        Message::TrainStatus {
+            request_id: 4,
+            job_id: 1,
+            state: JobState::Failed,
+            iteration: 7,
+            checkpoint: 0,
+            preemptions: 0,
+            status: 901,
+            message: "ValueError: bad batch".into(),
+        },
+        Message::TrainQuery { request_id: 5, job_id: 1, cancel: true },
+        Message::TrainStart(TrainTask {
+            task_id: 80,
+            job_id: 1,
+            job: TrainJob { policy: SharePolicy::InferenceFirst, preempt: PreemptMode::Boundary, save: SaveMode::Resident, ..job() },
+            checkpoint_path: "/dev/shm/pipeswitch-train-1".into(),
+            resume_iteration: 100,
+            decided_ns: 987_654_321,
+        }),
+        Message::Preempt { task_id: 80, mode: PreemptMode::Abandon, save: SaveMode::Host, decided_ns: 55 },
+        Message::TrainProgress { task_id: 80, event: Progress::Checkpoint, iteration: 110, checkpoint: 110, state_bytes: 480 << 20 },
+        Message::TrainStopped {
+            task_id: 80,
+            reason: StopReason::Preempted,
+            iteration: 111,
+            checkpoint: 110,
+            status: 0,
+            message: String::new(),
+            stop_ms: 1.5,
+            save_ms: 12.25,
+        },
     ]
+}
+
+fn job() -> TrainJob {
+    TrainJob {
+        name: "resnet152-train".into(),
+        entry: "pipeswitch.train:resnet152_job".into(),
+        preempt: PreemptMode::Abandon,
+        save: SaveMode::Host,
+        policy: SharePolicy::TimeShare,
+        share: 0.75,
+        period_ms: 5000,
+        idle_ms: 200,
+        iterations: 1000,
+        checkpoint_every: 50,
+    }
+}
+
+#[test]
+fn training_jobs_are_checked() {
+    assert!(job().validate().is_ok());
+    for (bad, what) in [
+        (TrainJob { entry: "nomodule".into(), ..job() }, "module:function"),
+        (TrainJob { entry: ":f".into(), ..job() }, "module:function"),
+        (TrainJob { name: String::new(), ..job() }, "no name"),
+        (TrainJob { share: 1.0, ..job() }, "not in (0, 1)"),
+        (TrainJob { share: f64::NAN, ..job() }, "not in (0, 1)"),
+        (TrainJob { period_ms: 0, ..job() }, "period"),
+    ] {
+        let e = bad.validate().unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)) && e.to_string().contains(what), "{e}");
+    }
+    // Inference first ignores the share.
+    assert!(TrainJob { policy: SharePolicy::InferenceFirst, share: 0.0, ..job() }.validate().is_ok());
 }
 
 #[test]

@@ -8,4 +8,5 @@ pub mod bench_kernels;
 pub mod bench_serve;
 pub mod demo;
 pub mod serve;
+pub mod train_policy;
 pub mod worker;

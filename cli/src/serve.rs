@@ -19,6 +19,19 @@
 //! [`pipeswitch::protocol`]. One reader thread per connection turns frames
 //! into events for one controller thread, which owns all state.
 //!
+//! Training (one job at a time): a client submits a job (`TrainSubmit`,
+//! a Python entry point with its options); when the GPU is idle the job
+//! starts on a standby worker, which then belongs to the job (state
+//! `Training`) until it ends, running or parked with the job's state. The
+//! job's policy ([`crate::train_policy`]) decides when inference stops it
+//! (`Preempt`: the worker abandons its step or finishes it, saves the state
+//! resident or to pinned host memory and answers `TrainStopped`; queued
+//! requests wait for that answer) and when it resumes (`TrainStart` again,
+//! to the worker that holds the state). A training worker that dies is
+//! replaced and the job resumes from its last checkpoint (a shared-memory
+//! file that outlives the worker), or fails with a clear error if it has
+//! none; so does one that does not stop in time.
+//!
 //! Faults: a worker that dies (its socket closes) fails its request with a
 //! clear error, its model is no longer resident if it was being copied, its
 //! region is reclaimed and a replacement standby is started. A client that
@@ -44,9 +57,13 @@ use pipeswitch::arena::REGION_ALIGN;
 use pipeswitch::error::{Error, Result};
 use pipeswitch::ffi::status::{status_of, PS_ERR_REFUSED};
 use pipeswitch::protocol::io::{recv, send};
-use pipeswitch::protocol::{monotonic_ns, socket_path, Message, Role, Stats, Task, TaskKind, Tensor, Timing};
+use pipeswitch::protocol::{
+    monotonic_ns, socket_path, JobState, Message, Progress, Role, Stats, StopReason, Task, TaskKind, Tensor, Timing, TrainJob, TrainTask,
+};
 use pipeswitch::residency::{Acquire, ResidencyPolicy, Ticket};
 use pipeswitch::store::{Model, Store};
+
+use crate::train_policy::{Scheduler, Training};
 
 /// What the daemon needs from the GPU: the arena's export handle and space,
 /// device-to-device moves inside it, and the H2D figures that plans use. The
@@ -335,6 +352,53 @@ enum WState {
     Active,
     /// Deactivated, cleaning up: answers standby when done.
     Leaving,
+    /// Belongs to the training job: running it or holding its state.
+    Training,
+}
+
+/// Restarts of a training job from its checkpoint after its worker died.
+const MAX_TRAIN_RESTARTS: u32 = 3;
+
+/// The training job.
+struct JobRec {
+    id: u64,
+    job: TrainJob,
+    state: JobState,
+    /// The worker running the job or holding its state.
+    worker: Option<u32>,
+    task_id: u64,
+    /// Iterations completed.
+    iteration: u64,
+    /// The iteration of the last checkpoint in the file (0: none).
+    checkpoint: u64,
+    preemptions: u64,
+    restarts: u32,
+    status: u32,
+    message: String,
+    sched: Scheduler,
+    checkpoint_path: PathBuf,
+    /// When the preemption was sent.
+    stop_sent: Option<Instant>,
+    cancel: bool,
+}
+
+impl JobRec {
+    fn terminal(&self) -> bool {
+        matches!(self.state, JobState::Finished | JobState::Failed | JobState::Cancelled)
+    }
+
+    fn status_msg(&self, request_id: u64) -> Message {
+        Message::TrainStatus {
+            request_id,
+            job_id: self.id,
+            state: self.state,
+            iteration: self.iteration,
+            checkpoint: self.checkpoint,
+            preemptions: self.preemptions,
+            status: self.status,
+            message: self.message.clone(),
+        }
+    }
 }
 
 struct WorkerRec {
@@ -404,6 +468,13 @@ struct Controller {
     next_spawn: Instant,
     /// Processes of retired workers, reaped once they exit.
     exiting: Vec<Child>,
+    /// The training job (the last one, once it ended).
+    job: Option<JobRec>,
+    next_job: u64,
+    /// The training policy's clock starts here.
+    epoch: Instant,
+    /// This daemon's number in its process (checkpoint file names).
+    nonce: Option<u64>,
 }
 
 impl Controller {
@@ -431,13 +502,19 @@ impl Controller {
             failed_starts: 0,
             next_spawn: Instant::now(),
             exiting: Vec::new(),
+            job: None,
+            next_job: 1,
+            epoch: Instant::now(),
+            nonce: None,
         })
     }
 
     fn run(&mut self, rx: Receiver<Event>) -> Result<()> {
         self.keep_standbys();
         loop {
-            match rx.recv_timeout(Duration::from_millis(50)) {
+            // A training job's policy runs on a finer clock.
+            let tick = if self.job.as_ref().is_some_and(|j| !j.terminal()) { 5 } else { 50 };
+            match rx.recv_timeout(Duration::from_millis(tick)) {
                 Ok(Event::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok(ev) => self.on_event(ev),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -577,6 +654,16 @@ impl Controller {
                 lost.push((i, "did not report standby in time".into()));
             }
         }
+        if let Some(j) = self.job.as_ref().filter(|j| j.state == JobState::Preempting) {
+            if j.stop_sent.is_some_and(|t| t.elapsed() > self.cfg.worker_start_timeout) {
+                if let Some(i) = self.workers.iter().position(|w| Some(w.id) == j.worker) {
+                    if !lost.iter().any(|(k, _)| *k == i) {
+                        lost.push((i, format!("training did not stop within {:?} of its preemption", self.cfg.worker_start_timeout)));
+                        lost.sort_by_key(|(k, _)| *k);
+                    }
+                }
+            }
+        }
         for (i, why) in lost.into_iter().rev() {
             self.worker_lost(i, &why);
         }
@@ -617,6 +704,11 @@ impl Controller {
                     if self.running.as_ref().is_some_and(|r| r.worker == self.workers[i].id) {
                         return self.worker_lost(i, "reported standby in the middle of a task");
                     }
+                    if self.workers[i].state == WState::Training {
+                        // It dropped the job's state: as if it had died.
+                        let wid = self.workers[i].id;
+                        self.job_lost(wid, "its worker dropped the job's state");
+                    }
                     self.release_model(i);
                     self.workers[i].state = WState::Standby;
                     self.failed_starts = 0;
@@ -624,6 +716,21 @@ impl Controller {
             }
             (Some(Role::Worker), Message::TaskDone { task_id, status, message, outputs, timing }) => {
                 self.task_done(conn, task_id, status, message, outputs, timing, file);
+            }
+            (Some(Role::Client), Message::TrainSubmit { request_id, job }) => self.train_submit(conn, request_id, job),
+            (Some(Role::Client), Message::TrainQuery { request_id, job_id, cancel }) => self.train_query(conn, request_id, job_id, cancel),
+            (Some(Role::Worker), Message::TrainProgress { task_id, event, iteration, checkpoint, .. }) => {
+                let Some(i) = self.worker_index(conn) else { return };
+                let wid = self.workers[i].id;
+                if let Some(j) = self.job.as_mut().filter(|j| j.task_id == task_id && j.worker == Some(wid)) {
+                    j.iteration = iteration;
+                    if event == Progress::Checkpoint || checkpoint > j.checkpoint {
+                        j.checkpoint = checkpoint;
+                    }
+                }
+            }
+            (Some(Role::Worker), Message::TrainStopped { task_id, reason, iteration, checkpoint, status, message, stop_ms, save_ms }) => {
+                self.train_stopped(conn, task_id, reason, iteration, checkpoint, status, message, stop_ms, save_ms);
             }
             (Some(role), m) => {
                 let e = Error::Protocol(format!("a {role:?} may not send message kind {}", m.kind()));
@@ -725,6 +832,16 @@ impl Controller {
             let backoff = Duration::from_millis(100u64 << self.failed_starts.min(7)).min(Duration::from_secs(10));
             self.next_spawn = Instant::now() + backoff;
         }
+        if w.state == WState::Training {
+            if let Some(j) = self.job.as_ref().filter(|j| j.worker == Some(w.id)) {
+                // A checkpoint it was writing (the Python worker writes
+                // `<file>.tmp<pid>` and renames it).
+                let mut tmp = j.checkpoint_path.clone().into_os_string();
+                tmp.push(format!(".tmp{}", w.pid));
+                let _ = std::fs::remove_file(tmp);
+            }
+            self.job_lost(w.id, &format!("its worker died ({why})"));
+        }
         if let Some(run) = self.running.take_if(|r| r.worker == w.id) {
             self.end_use(run.ticket);
             if run.loading {
@@ -791,6 +908,9 @@ impl Controller {
 
     /// Starts the next request if the GPU is free.
     fn dispatch(&mut self) {
+        if !self.schedule_training() {
+            return;
+        }
         while self.running.is_none() && !self.stopping {
             let Some(req) = self.queue.pop_front() else { return };
             let m = match self.store.model(&req.model) {
@@ -905,6 +1025,235 @@ impl Controller {
         Ok(true)
     }
 
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn train_submit(&mut self, conn: ConnId, request_id: u64, job: TrainJob) {
+        if let Err(e) = job.validate() {
+            return self.reply_error(conn, request_id, &e);
+        }
+        if self.cfg.single_worker || self.cfg.process_per_task {
+            return self.reply_error(conn, request_id, &Error::Refused("training needs a daemon with standby workers (not an ablation mode)".into()));
+        }
+        if self.stopping {
+            return self.reply_error(conn, request_id, &Error::Refused("the daemon is stopping".into()));
+        }
+        if let Some(j) = self.job.as_ref().filter(|j| !j.terminal()) {
+            let e = Error::Refused(format!("training job {} ({:?}) has not ended: one job at a time", j.id, j.job.name));
+            return self.reply_error(conn, request_id, &e);
+        }
+        let id = self.next_job;
+        // Daemons of one process (tests) each name their own files.
+        static DAEMONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nonce = *self.nonce.get_or_insert_with(|| DAEMONS.fetch_add(1, Ordering::Relaxed));
+        let name = format!("train-{}-{nonce}-gpu{}-{id}", std::process::id(), self.cfg.device);
+        let path = match pipeswitch::store::shm::path_of(&name) {
+            Ok(p) => p,
+            Err(e) => return self.reply_error(conn, request_id, &e),
+        };
+        if let Some(old) = self.job.take() {
+            let _ = std::fs::remove_file(&old.checkpoint_path);
+        }
+        self.next_job += 1;
+        let sched = Scheduler::new(&job, self.now_ms());
+        tracing::info!("training job {id} ({:?}, {}) accepted", job.name, job.entry);
+        let rec = JobRec {
+            id,
+            job,
+            state: JobState::Waiting,
+            worker: None,
+            task_id: 0,
+            iteration: 0,
+            checkpoint: 0,
+            preemptions: 0,
+            restarts: 0,
+            status: 0,
+            message: String::new(),
+            sched,
+            checkpoint_path: path,
+            stop_sent: None,
+            cancel: false,
+        };
+        let reply = rec.status_msg(request_id);
+        self.job = Some(rec);
+        self.send_to(conn, &reply, None);
+    }
+
+    fn train_query(&mut self, conn: ConnId, request_id: u64, job_id: u64, cancel: bool) {
+        let Some(j) = self.job.as_mut().filter(|j| j.id == job_id) else {
+            return self.reply_error(conn, request_id, &Error::NotFound(format!("no training job {job_id}")));
+        };
+        if cancel && !j.terminal() {
+            j.cancel = true;
+            match j.state {
+                JobState::Waiting => j.state = JobState::Cancelled,
+                JobState::Paused => self.end_job(JobState::Cancelled, 0, String::new()),
+                // Running: stopped by the next scheduling round; preempting:
+                // ended when it has stopped.
+                _ => {}
+            }
+        }
+        let reply = self.job.as_ref().expect("checked").status_msg(request_id);
+        self.send_to(conn, &reply, None);
+    }
+
+    /// Ends the job: its worker drops the state (and answers standby).
+    fn end_job(&mut self, state: JobState, status: u32, message: String) {
+        let Some(j) = self.job.as_mut() else { return };
+        tracing::info!("training job {} {:?} after {} iterations{}", j.id, state, j.iteration, if message.is_empty() { String::new() } else { format!(": {message}") });
+        j.state = state;
+        j.status = status;
+        j.message = message;
+        let _ = std::fs::remove_file(&j.checkpoint_path);
+        if let Some(wid) = j.worker.take() {
+            if let Some(i) = self.workers.iter().position(|w| w.id == wid) {
+                self.workers[i].state = WState::Leaving;
+                self.workers[i].started = Instant::now();
+                if let Some(c) = self.workers[i].conn {
+                    self.send_to(c, &Message::Deactivate, None);
+                }
+            }
+        }
+    }
+
+    /// The job's worker (`wid`) is gone or lost its state: the job resumes
+    /// from its checkpoint on another worker, or fails.
+    fn job_lost(&mut self, wid: u32, why: &str) {
+        let Some(j) = self.job.as_mut().filter(|j| j.worker == Some(wid) && !j.terminal()) else { return };
+        j.worker = None;
+        if j.cancel {
+            j.state = JobState::Cancelled;
+            let _ = std::fs::remove_file(&j.checkpoint_path);
+            return;
+        }
+        if j.checkpoint > 0 && j.restarts < MAX_TRAIN_RESTARTS {
+            j.restarts += 1;
+            tracing::warn!("training job {}: {why}; resuming from its checkpoint of iteration {} (iteration {} was reached)", j.id, j.checkpoint, j.iteration);
+            j.iteration = j.checkpoint;
+            j.state = JobState::Waiting;
+            j.stop_sent = None;
+            let now = self.epoch.elapsed().as_millis() as u64;
+            j.sched.stopped(now);
+        } else {
+            let why = if j.checkpoint == 0 {
+                format!("training job {} failed: {why}, and no checkpoint survives (set checkpoint_every to resume from one)", j.id)
+            } else {
+                format!("training job {} failed: {why}, after {} restarts", j.id, j.restarts)
+            };
+            j.state = JobState::Failed;
+            j.status = status_of(&Error::Disconnected(String::new()));
+            j.message = why;
+            let _ = std::fs::remove_file(&j.checkpoint_path);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn train_stopped(&mut self, conn: ConnId, task_id: u64, reason: StopReason, iteration: u64, checkpoint: u64, status: u32, message: String, stop_ms: f64, save_ms: f64) {
+        let Some(i) = self.worker_index(conn) else { return };
+        let wid = self.workers[i].id;
+        let now = self.now_ms();
+        let Some(j) = self.job.as_mut().filter(|j| j.task_id == task_id && j.worker == Some(wid)) else {
+            tracing::warn!("worker {wid} stopped training task {task_id}, which it was not running");
+            return;
+        };
+        j.iteration = iteration;
+        j.checkpoint = j.checkpoint.max(checkpoint);
+        j.stop_sent = None;
+        j.sched.stopped(now);
+        match reason {
+            StopReason::Preempted => {
+                tracing::info!("training job {} stopped at iteration {iteration}: stop {stop_ms:.2} ms, save {save_ms:.2} ms", j.id);
+                j.state = JobState::Paused;
+                if j.cancel {
+                    self.end_job(JobState::Cancelled, 0, String::new());
+                }
+            }
+            StopReason::Finished => self.end_job(JobState::Finished, 0, String::new()),
+            StopReason::Failed => {
+                let status = if status == 0 { status_of(&Error::Internal(String::new())) } else { status };
+                self.end_job(JobState::Failed, status, message);
+            }
+        }
+    }
+
+    /// Applies the training policy: preempts or resumes the job; false if
+    /// queued inference must wait.
+    fn schedule_training(&mut self) -> bool {
+        let now = self.now_ms();
+        let queued = !self.queue.is_empty();
+        let inferring = self.running.is_some();
+        let stopping = self.stopping;
+        let Some(j) = self.job.as_mut() else { return true };
+        let training = match j.state {
+            JobState::Running => Training::Running,
+            JobState::Preempting => Training::Stopping,
+            JobState::Paused | JobState::Waiting => Training::Paused,
+            _ => return true,
+        };
+        let mut d = j.sched.decide(now, training, queued, inferring);
+        if j.cancel && training == Training::Running {
+            d.preempt = true;
+        }
+        if d.preempt {
+            let Some(i) = self.workers.iter().position(|w| Some(w.id) == j.worker) else { return false };
+            j.state = JobState::Preempting;
+            j.stop_sent = Some(Instant::now());
+            j.preemptions += 1;
+            let msg = Message::Preempt { task_id: j.task_id, mode: j.job.preempt, save: j.job.save, decided_ns: monotonic_ns() };
+            if let Some(c) = self.workers[i].conn {
+                if !self.send_to(c, &msg, None) {
+                    self.worker_lost(i, "could not be preempted");
+                }
+            }
+            return false;
+        }
+        if d.resume && !inferring && !stopping && !j.cancel {
+            // The worker holding the state, else a standby (from the checkpoint).
+            let holder = j.worker.and_then(|wid| self.workers.iter().position(|w| w.id == wid));
+            let (i, resume) = match holder {
+                Some(i) => (i, j.iteration),
+                None => match self.workers.iter().position(|w| w.state == WState::Standby) {
+                    Some(i) => (i, j.checkpoint.min(j.iteration)),
+                    None => {
+                        // An idle worker active on a model steps down for the job.
+                        if let Some(k) = self.workers.iter().position(|w| w.state == WState::Active) {
+                            self.release_model(k);
+                            self.workers[k].state = WState::Leaving;
+                            self.workers[k].started = Instant::now();
+                            if let Some(c) = self.workers[k].conn {
+                                self.send_to(c, &Message::Deactivate, None);
+                            }
+                        }
+                        return d.dispatch;
+                    }
+                },
+            };
+            let task_id = self.next_task;
+            self.next_task += 1;
+            j.task_id = task_id;
+            j.worker = Some(self.workers[i].id);
+            j.state = JobState::Running;
+            j.sched.started(now);
+            self.workers[i].state = WState::Training;
+            let task = TrainTask {
+                task_id,
+                job_id: j.id,
+                job: j.job.clone(),
+                checkpoint_path: j.checkpoint_path.to_string_lossy().into_owned(),
+                resume_iteration: resume,
+                decided_ns: monotonic_ns(),
+            };
+            if let Some(c) = self.workers[i].conn {
+                if !self.send_to(c, &Message::TrainStart(task), None) {
+                    self.worker_lost(i, "could not start training");
+                }
+            }
+            return false;
+        }
+        d.dispatch
+    }
+
     fn shutdown(&mut self, rx: &Receiver<Event>) {
         self.stopping = true;
         for r in std::mem::take(&mut self.queue) {
@@ -946,6 +1295,9 @@ impl Controller {
         for mut c in self.exiting.drain(..) {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if let Some(j) = self.job.take() {
+            let _ = std::fs::remove_file(&j.checkpoint_path);
         }
         tracing::info!("stopped");
     }

@@ -16,7 +16,9 @@ use pipeswitch::client::Client;
 use pipeswitch::error::{Error, Result};
 use pipeswitch::model::synthetic::{add_synthetic, Shape};
 use pipeswitch::protocol::io::{pack_tensors, recv, send, unpack_tensors, TensorRef};
-use pipeswitch::protocol::{encode_frame, Message, Role, Timing};
+use pipeswitch::protocol::{
+    encode_frame, JobState, Message, PreemptMode, Progress, Role, SaveMode, SharePolicy, StopReason, Timing, TrainJob, TrainTask,
+};
 use pipeswitch::store::{Dtype, Store};
 use pipeswitch_cli::serve::{Daemon, Gpu, ServeConfig};
 
@@ -102,11 +104,107 @@ type Activation = (u32, String, bool, u64);
 #[derive(Clone, Default)]
 struct Seen(Arc<Mutex<Vec<Activation>>>);
 
+/// What fake workers did, in order, for the training tests: "infer <model>"
+/// when an inference starts, "train <worker> <resume>" when a training task
+/// starts, "preempt <iteration>" and "stopped <iteration>" around a stop.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn push(&self, s: String) {
+        self.0.lock().unwrap().push(s);
+    }
+    fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// A fake training job on a fake worker: an iteration every 2 ms; the state
+/// is the iteration count, its checkpoint a file holding it (written to a
+/// temporary file and renamed, as the real worker does).
+struct FakeTraining {
+    task_id: u64,
+    job: TrainJob,
+    path: String,
+    iteration: u64,
+    checkpoint: u64,
+    running: bool,
+}
+
+fn read_checkpoint(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// One step of a fake training: Some(false) to end the worker (die_on).
+fn fake_step(s: &UnixStream, t: &mut FakeTraining, die_on: &Mutex<Option<String>>) -> bool {
+    t.iteration += 1;
+    let mut die = die_on.lock().unwrap();
+    if die.as_deref() == Some(&format!("train@{}", t.iteration)) {
+        *die = None; // once
+        return false; // killed in the middle of this iteration
+    }
+    drop(die);
+    if t.job.entry == "fake:raise" && t.iteration == 3 {
+        t.running = false;
+        let stop = Message::TrainStopped {
+            task_id: t.task_id,
+            reason: StopReason::Failed,
+            iteration: 2,
+            checkpoint: t.checkpoint,
+            status: 901,
+            message: "ValueError: boom in the step".into(),
+            stop_ms: 0.0,
+            save_ms: 0.0,
+        };
+        send(s, &stop, None).unwrap();
+        return true;
+    }
+    let progress = |t: &FakeTraining, event| Message::TrainProgress { task_id: t.task_id, event, iteration: t.iteration, checkpoint: t.checkpoint, state_bytes: 8 };
+    send(s, &progress(t, Progress::Iteration), None).unwrap();
+    if t.job.checkpoint_every > 0 && t.iteration % u64::from(t.job.checkpoint_every) == 0 {
+        let tmp = format!("{}.tmp", t.path);
+        std::fs::write(&tmp, t.iteration.to_string()).unwrap();
+        std::fs::rename(&tmp, &t.path).unwrap();
+        t.checkpoint = t.iteration;
+        send(s, &progress(t, Progress::Checkpoint), None).unwrap();
+    }
+    if t.job.iterations > 0 && t.iteration == t.job.iterations {
+        t.running = false;
+        let stop = Message::TrainStopped {
+            task_id: t.task_id,
+            reason: StopReason::Finished,
+            iteration: t.iteration,
+            checkpoint: t.checkpoint,
+            status: 0,
+            message: String::new(),
+            stop_ms: 0.0,
+            save_ms: 0.0,
+        };
+        send(s, &stop, None).unwrap();
+    }
+    true
+}
+
+/// Whether `s` has a frame to read within `ms`.
+fn readable(s: &UnixStream, ms: i32) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, ms) > 0 }
+}
+
 /// A fake worker: answers every task with its inputs as outputs; closes its
-/// socket in the middle of a task for the model named in `die_on`.
+/// socket in the middle of a task for the model named in `die_on`. It runs
+/// fake training tasks too (see [`FakeTraining`]); `die_on` "train@N" kills
+/// it in iteration N, "preempt" while it writes its state back.
 fn fake_worker(socket: &Path, seen: Seen, die_on: Arc<Mutex<Option<String>>>, slow: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    fake_worker_logged(socket, seen, die_on, slow, Log::default())
+}
+
+fn fake_worker_logged(socket: &Path, seen: Seen, die_on: Arc<Mutex<Option<String>>>, slow: Arc<AtomicBool>, log: Log) -> std::thread::JoinHandle<()> {
     let s = UnixStream::connect(socket).unwrap();
     std::thread::spawn(move || {
+        let mut training: Option<FakeTraining> = None;
         send(&s, &Message::Hello { role: Role::Worker, pid: std::process::id(), worker_kind: "fake".into() }, None).unwrap();
         let id = match recv(&s).unwrap() {
             Some((Message::Welcome { worker_id, arena_handle, activation_bytes, .. }, _)) => {
@@ -118,8 +216,64 @@ fn fake_worker(socket: &Path, seen: Seen, die_on: Arc<Mutex<Option<String>>>, sl
         };
         send(&s, &Message::Standby { worker_id: id }, None).unwrap();
         loop {
+            if let Some(t) = training.as_mut().filter(|t| t.running) {
+                if !readable(&s, 2) {
+                    if !fake_step(&s, t, &die_on) {
+                        return;
+                    }
+                    continue;
+                }
+            }
             match recv(&s) {
+                Ok(Some((Message::TrainStart(TrainTask { task_id, job, checkpoint_path, resume_iteration, .. }), _))) => {
+                    log.push(format!("train {id} {resume_iteration}"));
+                    // Resume from the state held here, else from the file.
+                    let held = training.as_ref().map(|t| t.iteration);
+                    let checkpoint = training.as_ref().map_or(0, |t| t.checkpoint);
+                    let from_file = read_checkpoint(&checkpoint_path);
+                    let ok = resume_iteration == 0 || held == Some(resume_iteration) || from_file == Some(resume_iteration);
+                    if !ok {
+                        let stop = Message::TrainStopped {
+                            task_id,
+                            reason: StopReason::Failed,
+                            iteration: 0,
+                            checkpoint: 0,
+                            status: 204,
+                            message: format!("no saved state of iteration {resume_iteration}"),
+                            stop_ms: 0.0,
+                            save_ms: 0.0,
+                        };
+                        send(&s, &stop, None).unwrap();
+                        continue;
+                    }
+                    let checkpoint = if held.is_some() { checkpoint } else { from_file.unwrap_or(0) };
+                    training = Some(FakeTraining { task_id, job, path: checkpoint_path, iteration: resume_iteration, checkpoint, running: true });
+                    let progress = Message::TrainProgress { task_id, event: Progress::Resumed, iteration: resume_iteration, checkpoint, state_bytes: 8 };
+                    send(&s, &progress, None).unwrap();
+                }
+                Ok(Some((Message::Preempt { task_id, .. }, _))) => {
+                    let t = training.as_mut().expect("a preemption comes to the training worker");
+                    assert_eq!(t.task_id, task_id);
+                    log.push(format!("preempt {}", t.iteration));
+                    if die_on.lock().unwrap().as_deref() == Some("preempt") {
+                        return; // killed while writing its state back
+                    }
+                    t.running = false;
+                    log.push(format!("stopped {}", t.iteration));
+                    let stop = Message::TrainStopped {
+                        task_id,
+                        reason: StopReason::Preempted,
+                        iteration: t.iteration,
+                        checkpoint: t.checkpoint,
+                        status: 0,
+                        message: String::new(),
+                        stop_ms: 0.1,
+                        save_ms: 0.2,
+                    };
+                    send(&s, &stop, None).unwrap();
+                }
                 Ok(Some((Message::Activate(t), file))) => {
+                    log.push(format!("infer {}", t.model));
                     seen.0.lock().unwrap().push((id, t.model.clone(), t.resident, t.region_offset));
                     if die_on.lock().unwrap().as_deref() == Some(t.model.as_str()) {
                         return; // the socket closes as if the process were killed
@@ -135,7 +289,10 @@ fn fake_worker(socket: &Path, seen: Seen, die_on: Arc<Mutex<Option<String>>>, sl
                     use std::os::fd::AsFd;
                     send(&s, &done, file.as_ref().map(|f| f.as_fd())).unwrap();
                 }
-                Ok(Some((Message::Deactivate, _))) => send(&s, &Message::Standby { worker_id: id }, None).unwrap(),
+                Ok(Some((Message::Deactivate, _))) => {
+                    training = None;
+                    send(&s, &Message::Standby { worker_id: id }, None).unwrap();
+                }
                 Ok(Some((Message::Shutdown, _))) | Ok(None) | Err(_) => return,
                 Ok(Some((m, _))) => panic!("fake worker got {m:?}"),
             }
@@ -501,4 +658,256 @@ fn a_new_process_serves_each_task_in_the_process_per_task_ablation() {
     assert_eq!((st.requests, st.failed), (4, 0));
     assert_eq!((st.workers_started, st.workers_lost), (4, 0), "{st:?}");
     assert_eq!((st.hits, st.misses), (1, 3), "residency is the daemon's: it outlives the processes");
+}
+
+// ---------------------------------------------------------------------------
+// Training
+// ---------------------------------------------------------------------------
+
+fn train_job(entry: &str) -> TrainJob {
+    TrainJob {
+        name: "fake".into(),
+        entry: entry.into(),
+        preempt: PreemptMode::Abandon,
+        save: SaveMode::Host,
+        policy: SharePolicy::InferenceFirst,
+        share: 0.5,
+        period_ms: 1000,
+        idle_ms: 150,
+        iterations: 0,
+        checkpoint_every: 0,
+    }
+}
+
+struct TrainSetup {
+    s: Setup,
+    log: Log,
+}
+
+fn train_setup(w: &World, workers: usize) -> TrainSetup {
+    let s = setup(w, 3 * MIB, 0);
+    let log = Log::default();
+    for _ in 0..workers {
+        fake_worker_logged(&s.socket, s.seen.clone(), s.die_on.clone(), s.slow.clone(), log.clone());
+    }
+    wait_for(&s, "fake workers never became standbys", |c| c.stats().unwrap().standbys == workers as u32);
+    TrainSetup { s, log }
+}
+
+/// Polls until `ok` holds (at most 10 s).
+fn wait_for(s: &Setup, what: &str, mut ok: impl FnMut(&mut Client) -> bool) {
+    let mut c = client(s);
+    let t0 = std::time::Instant::now();
+    while !ok(&mut c) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{what}: {:?}", c.stats());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn status(s: &Setup, job: u64) -> pipeswitch::client::TrainStatus {
+    client(s).train_query(job, false).unwrap()
+}
+
+#[test]
+fn inference_preempts_training_at_once_and_training_resumes_after_the_idle_time() {
+    let w = world("train");
+    let t = train_setup(&w, 2);
+    let mut c = client(&t.s);
+    let st = c.train_submit(&train_job("fake:ok")).unwrap();
+    assert_eq!((st.state, st.iteration), (JobState::Waiting, 0));
+    let job = st.job_id;
+    wait_for(&t.s, "training never ran 20 iterations", |c| c.train_query(job, false).unwrap().iteration >= 20);
+    assert_eq!(c.stats().unwrap().standbys, 1, "the job holds one worker");
+    infer(&mut c, "a", 1).unwrap();
+    // The request ran after training had stopped, and training is paused.
+    let after = status(&t.s, job);
+    assert_eq!((after.state, after.preemptions), (JobState::Paused, 1), "{after:?}");
+    let lines = t.log.lines();
+    let at = |p: &str| lines.iter().position(|l| l.starts_with(p)).unwrap_or_else(|| panic!("no {p:?} in {lines:?}"));
+    assert!(at("preempt") < at("stopped") && at("stopped") < at("infer a"), "{lines:?}");
+    let stopped: u64 = lines[at("stopped")].split(' ').nth(1).unwrap().parse().unwrap();
+    assert_eq!(after.iteration, stopped, "the daemon knows the iteration the state was saved at");
+    // Requests closer together than the idle time keep training paused.
+    for i in 0..4 {
+        std::thread::sleep(Duration::from_millis(30));
+        infer(&mut c, "a", i).unwrap();
+        assert_eq!(status(&t.s, job).state, JobState::Paused);
+    }
+    // Idle for 150 ms: training resumes on the worker holding its state,
+    // from the iteration it stopped at.
+    wait_for(&t.s, "training never resumed", |c| c.train_query(job, false).unwrap().iteration > stopped + 5);
+    let lines = t.log.lines();
+    let starts: Vec<&String> = lines.iter().filter(|l| l.starts_with("train")).collect();
+    assert_eq!(starts.len(), 2, "{lines:?}");
+    let (w1, w2) = (starts[0].split(' ').nth(1), starts[1].split(' ').nth(1));
+    assert_eq!(w1, w2, "the same worker resumes: {lines:?}");
+    assert_eq!(starts[1].split(' ').nth(2).unwrap(), stopped.to_string(), "{lines:?}");
+    // Cancel: the job ends, its worker goes back to standby.
+    assert_eq!(c.train_query(job, true).unwrap().job_id, job);
+    wait_for(&t.s, "the cancelled job's worker never came back", |c| {
+        c.train_query(job, false).unwrap().state == JobState::Cancelled && c.stats().unwrap().standbys == 1
+    });
+    // One job at a time; bad jobs are refused clearly.
+    let e = c.train_submit(&TrainJob { entry: "nocolon".into(), ..train_job("x") }).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    let j2 = c.train_submit(&train_job("fake:ok")).unwrap().job_id;
+    let e = c.train_submit(&train_job("fake:ok")).unwrap_err();
+    assert!(matches!(e, Error::Refused(_)) && e.to_string().contains("one job at a time"), "{e}");
+    assert!(matches!(c.train_query(999, false), Err(Error::NotFound(_))));
+    c.train_query(j2, true).unwrap();
+    t.s.daemon.unwrap().stop().unwrap();
+}
+
+#[test]
+fn a_training_worker_killed_mid_iteration_resumes_from_its_checkpoint() {
+    let w = world("trainkill");
+    let t = train_setup(&w, 2);
+    let mut c = client(&t.s);
+    *t.s.die_on.lock().unwrap() = Some("train@13".into());
+    let job = c.train_submit(&TrainJob { checkpoint_every: 5, iterations: 40, ..train_job("fake:ok") }).unwrap().job_id;
+    wait_for(&t.s, "the job never finished", |c| c.train_query(job, false).unwrap().state == JobState::Finished);
+    let st = status(&t.s, job);
+    assert_eq!((st.iteration, st.status), (40, 0), "{st:?}");
+    let lines = t.log.lines();
+    let starts: Vec<&String> = lines.iter().filter(|l| l.starts_with("train")).collect();
+    assert_eq!(starts.len(), 2, "{lines:?}");
+    assert_eq!(starts[1].split(' ').nth(2).unwrap(), "10", "resumed from the checkpoint of iteration 10: {lines:?}");
+    let stats = c.stats().unwrap();
+    assert_eq!(stats.workers_lost, 1);
+    // The finished job's checkpoint file is gone.
+    let dir = std::env::var_os(pipeswitch::store::shm::DIR_ENV).unwrap();
+    let left: Vec<_> = std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(&format!("pipeswitch-train-{}-", std::process::id()))).collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_training_worker_killed_without_a_checkpoint_fails_the_job_clearly() {
+    let w = world("trainnock");
+    let t = train_setup(&w, 2);
+    let mut c = client(&t.s);
+    *t.s.die_on.lock().unwrap() = Some("train@7".into());
+    let job = c.train_submit(&train_job("fake:ok")).unwrap().job_id;
+    wait_for(&t.s, "the job never failed", |c| c.train_query(job, false).unwrap().state == JobState::Failed);
+    let st = status(&t.s, job);
+    assert!(st.message.contains("died") && st.message.contains("no checkpoint"), "{st:?}");
+    assert_eq!(st.status, 701, "disconnected");
+    // The daemon goes on serving inference.
+    infer(&mut c, "a", 1).unwrap();
+}
+
+#[test]
+fn a_preemption_while_the_state_is_written_back_resumes_from_the_checkpoint() {
+    let w = world("trainwb");
+    let t = train_setup(&w, 3);
+    let mut c = client(&t.s);
+    let job = c.train_submit(&TrainJob { checkpoint_every: 4, ..train_job("fake:ok") }).unwrap().job_id;
+    wait_for(&t.s, "no checkpoint", |c| c.train_query(job, false).unwrap().checkpoint >= 8);
+    *t.s.die_on.lock().unwrap() = Some("preempt".into());
+    // The worker dies while it saves: the request is served all the same.
+    infer(&mut c, "a", 1).unwrap();
+    *t.s.die_on.lock().unwrap() = None;
+    let st = status(&t.s, job);
+    assert!(matches!(st.state, JobState::Waiting | JobState::Running), "{st:?}");
+    assert_eq!(st.iteration, st.checkpoint, "back to its checkpoint: {st:?}");
+    let resumed_from = st.checkpoint;
+    wait_for(&t.s, "training never resumed", |c| c.train_query(job, false).unwrap().iteration > resumed_from + 3);
+    let lines = t.log.lines();
+    let last_start = lines.iter().rev().find(|l| l.starts_with("train")).unwrap();
+    assert_eq!(last_start.split(' ').nth(2).unwrap(), resumed_from.to_string(), "{lines:?}");
+    assert_eq!(c.stats().unwrap().workers_lost, 1);
+}
+
+#[test]
+fn a_training_job_that_raises_fails_with_its_message_and_frees_its_worker() {
+    let w = world("trainraise");
+    let t = train_setup(&w, 2);
+    let mut c = client(&t.s);
+    let job = c.train_submit(&train_job("fake:raise")).unwrap().job_id;
+    wait_for(&t.s, "the job never failed", |c| c.train_query(job, false).unwrap().state == JobState::Failed);
+    let st = status(&t.s, job);
+    assert_eq!((st.status, st.iteration), (901, 2), "{st:?}");
+    assert!(st.message.contains("ValueError: boom"), "{st:?}");
+    wait_for(&t.s, "the worker never came back", |c| c.stats().unwrap().standbys == 2);
+    assert_eq!(c.stats().unwrap().workers_lost, 0);
+    infer(&mut c, "b", 3).unwrap();
+}
+
+/// The Python worker's training loop (`pipeswitch.worker.serve`) under the
+/// real daemon: the plain-Python job of python/tests/test_train.py (floats,
+/// its steps wait 2 ms for a preemption), an echo for inference.
+const PY_TRAIN_WORKER: &str = r#"
+import os, socket, sys
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
+import pipeswitch.worker as W
+from test_train import PlainBackend
+class Both(PlainBackend):
+    def run(self, task, inputs):
+        return [(t.name, t.dtype, t.shape, b) for t, b in inputs], 0.0
+s = socket.socket(socket.AF_UNIX)
+s.connect(os.environ["PIPESWITCH_SOCKET"])
+W.serve(s, Both, kind="plain")
+"#;
+
+#[test]
+fn python_workers_train_pause_for_inference_and_resume() {
+    let w = world("pytrain");
+    let mut cfg = config(&w, 3 * MIB);
+    cfg.standbys = 2;
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/../python");
+    cfg.worker_cmd = vec!["python3".into(), "-c".into(), PY_TRAIN_WORKER.into(), python.into()];
+    let d = Daemon::start(cfg, Box::new(FakeGpu { moves: Moves::default() })).unwrap();
+    let mut c = Client::connect(d.socket(), Some(Duration::from_secs(30))).unwrap();
+    let job = c.train_submit(&TrainJob { entry: "plain:job".into(), idle_ms: 200, ..train_job("") }).unwrap().job_id;
+    let t0 = std::time::Instant::now();
+    let wait = |c: &mut Client, what: &str, ok: &dyn Fn(&pipeswitch::client::TrainStatus) -> bool| loop {
+        let st = c.train_query(job, false).unwrap();
+        if ok(&st) {
+            return st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{what}: {st:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    wait(&mut c, "training never ran", &|st| st.iteration >= 20);
+    infer(&mut c, "a", 1).unwrap();
+    let paused = c.train_query(job, false).unwrap();
+    assert_eq!((paused.state, paused.preemptions), (JobState::Paused, 1), "{paused:?}");
+    // The Python worker answered the preemption: it holds iteration N, and
+    // resumes from it once the queue has been idle.
+    let st = wait(&mut c, "training never resumed", &|st| st.state == JobState::Running && st.iteration > paused.iteration);
+    assert!(st.iteration > paused.iteration && st.preemptions == 1, "{st:?}");
+    c.train_query(job, true).unwrap();
+    wait(&mut c, "never cancelled", &|st| st.state == JobState::Cancelled);
+    let stats = c.stats().unwrap();
+    assert_eq!((stats.workers_lost, stats.failed), (0, 0), "{stats:?}");
+    d.stop().unwrap();
+}
+
+#[test]
+fn time_share_alternates_training_and_inference_under_steady_load() {
+    let w = world("trainshare");
+    let t = train_setup(&w, 2);
+    let mut c = client(&t.s);
+    let job = TrainJob { policy: SharePolicy::TimeShare, share: 0.5, period_ms: 300, ..train_job("fake:ok") };
+    let id = c.train_submit(&job).unwrap().job_id;
+    wait_for(&t.s, "training never ran", |c| c.train_query(id, false).unwrap().iteration >= 5);
+    // Requests back to back for 1.5 s: inference never lets the queue go
+    // idle, yet training gets its turns, and no request waits much longer
+    // than training's turn (150 ms).
+    let start = std::time::Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut n = 0;
+    while start.elapsed() < Duration::from_millis(1500) {
+        let t0 = std::time::Instant::now();
+        infer(&mut c, "a", n as u8).unwrap();
+        worst = worst.max(t0.elapsed());
+        n += 1;
+    }
+    let st = c.train_query(id, false).unwrap();
+    let resumes = t.log.lines().iter().filter(|l| l.starts_with("train")).count() - 1;
+    assert!(st.preemptions >= 3 && resumes >= 3, "training had too few turns: {st:?}, {resumes} resumes");
+    assert!(n >= 10, "inference had too few turns: {n} requests");
+    assert!(worst < Duration::from_millis(150 + 250), "a request waited {worst:?}");
+    assert!(worst > Duration::from_millis(100), "requests never waited for training's turn: {worst:?}");
+    c.train_query(id, true).unwrap();
 }

@@ -231,6 +231,53 @@ class Client:
                 raise P.error_of(msg.status, msg.message)
             raise P.protocol_error("unexpected message %s" % type(msg).__name__)
 
+    def train(self, name, entry, preempt="abandon", save="host", policy="inference-first", share=0.5,
+              period_ms=5000, idle_ms=100, iterations=0, checkpoint_every=0):
+        """Submits a training job: ``entry`` is its factory, ``module:function``
+        (see :mod:`pipeswitch.train`), run by the daemon's Python workers.
+        ``preempt``: ``"abandon"`` (the step in flight is dropped) or
+        ``"boundary"``; ``save``: ``"host"`` (written back to pinned host
+        memory when preempted) or ``"resident"``; ``policy``:
+        ``"inference-first"`` (training resumes after ``idle_ms`` without
+        requests) or ``"time-share"`` (training gets ``share`` of every
+        ``period_ms`` under load); ``iterations`` 0 runs until cancelled;
+        ``checkpoint_every`` > 0 lets the job survive its worker's death.
+        Returns the job's first :class:`pipeswitch.protocol.TrainStatus`
+        (its ``job_id``)."""
+        def pick(what, v, table):
+            if v not in table:
+                raise ArgumentError(101, "PS_ERR_INVALID_ARGUMENT", "%s must be one of %s, not %r"
+                                    % (what, ", ".join(table), v))
+            return table[v]
+
+        job = P.TrainJob(str(name), str(entry),
+                         pick("preempt", preempt, {"abandon": P.PREEMPT_ABANDON, "boundary": P.PREEMPT_BOUNDARY}),
+                         pick("save", save, {"host": P.SAVE_HOST, "resident": P.SAVE_RESIDENT}),
+                         pick("policy", policy, {"inference-first": P.POLICY_INFERENCE_FIRST,
+                                                 "time-share": P.POLICY_TIME_SHARE}),
+                         float(share), int(period_ms), int(idle_ms), int(iterations), int(checkpoint_every))
+        return self._train_call(lambda rid: P.TrainSubmit(rid, job))
+
+    def train_status(self, job_id, cancel=False):
+        """A training job's :class:`pipeswitch.protocol.TrainStatus`
+        (``state_name``: waiting, running, preempting, paused, finished,
+        failed, cancelled); ``cancel`` ends the job first."""
+        return self._train_call(lambda rid: P.TrainQuery(rid, int(job_id), bool(cancel)))
+
+    def _train_call(self, make):
+        request_id = self._next_id
+        self._next_id += 1
+        P.send(self._conn(), make(request_id))
+        while True:
+            msg = self._no_file(self._recv())
+            if isinstance(msg, P.TrainStatus) and msg.request_id == request_id:
+                return msg
+            if isinstance(msg, P.Error) and msg.request_id in (request_id, 0):
+                raise P.error_of(msg.status, msg.message)
+            if isinstance(msg, (P.InferResult, P.Error, P.TrainStatus)):
+                continue
+            raise P.protocol_error("unexpected message %s" % type(msg).__name__)
+
     def close(self):
         """Closes the connection (again: a no-op)."""
         s, self._sock = getattr(self, "_sock", None), None

@@ -35,6 +35,10 @@ __all__ = [
     "Inline", "Shared", "Tensor", "Timing", "Stats", "Task",
     "Hello", "Welcome", "Error", "Infer", "InferResult", "Standby", "Activate", "TaskDone",
     "StatsRequest", "StatsReply", "Shutdown", "Deactivate",
+    "PREEMPT_ABANDON", "PREEMPT_BOUNDARY", "SAVE_RESIDENT", "SAVE_HOST", "POLICY_INFERENCE_FIRST",
+    "POLICY_TIME_SHARE", "JOB_STATES", "PROGRESS_ITERATION", "PROGRESS_CHECKPOINT", "PROGRESS_RESUMED",
+    "STOP_PREEMPTED", "STOP_FINISHED", "STOP_FAILED", "TrainJob", "TrainTask",
+    "TrainSubmit", "TrainStatus", "TrainQuery", "TrainStart", "Preempt", "TrainProgress", "TrainStopped",
     "Header", "encode_body", "decode_body", "encode_frame", "decode_frame", "send", "recv",
     "pack_tensors", "unpack_tensors", "monotonic_ns", "default_socket_dir", "socket_path",
     "protocol_error", "error_of",
@@ -61,6 +65,23 @@ ROLE_CLIENT = 1
 ROLE_WORKER = 2
 TASK_INFERENCE = 1
 TASK_TRAINING = 2
+
+# Training (frame kinds 13..19: added without changing kinds 1..12).
+PREEMPT_ABANDON = 1   # at once: the step in flight is abandoned
+PREEMPT_BOUNDARY = 2  # at the next iteration boundary
+SAVE_RESIDENT = 1     # the state stays in the worker's GPU memory
+SAVE_HOST = 2         # written back to pinned host memory, freed on the GPU
+POLICY_INFERENCE_FIRST = 1
+POLICY_TIME_SHARE = 2
+#: Job states of :class:`TrainStatus`, by code.
+JOB_STATES = {1: "waiting", 2: "running", 3: "preempting", 4: "paused", 5: "finished", 6: "failed",
+              7: "cancelled"}
+PROGRESS_ITERATION = 1
+PROGRESS_CHECKPOINT = 2
+PROGRESS_RESUMED = 3
+STOP_PREEMPTED = 1
+STOP_FINISHED = 2
+STOP_FAILED = 3
 
 _PS_ERR_PROTOCOL = 700
 _PS_ERR_DISCONNECTED = 701
@@ -159,8 +180,34 @@ class Task:
     decided_ns: int
 
 
+@dataclass
+class TrainJob:
+    """A training job: ``entry`` is its factory, ``module:function``."""
+    name: str
+    entry: str
+    preempt: int = PREEMPT_ABANDON
+    save: int = SAVE_HOST
+    policy: int = POLICY_INFERENCE_FIRST
+    share: float = 0.5
+    period_ms: int = 5000
+    idle_ms: int = 100
+    iterations: int = 0
+    checkpoint_every: int = 0
+
+
+@dataclass
+class TrainTask:
+    """The daemon starts (``resume_iteration`` 0) or resumes a job."""
+    task_id: int
+    job_id: int
+    job: TrainJob
+    checkpoint_path: str
+    resume_iteration: int
+    decided_ns: int
+
+
 # ---------------------------------------------------------------------------
-# Messages (frame kinds 1..12)
+# Messages (frame kinds 1..19)
 # ---------------------------------------------------------------------------
 
 @dataclass
@@ -250,8 +297,79 @@ class Deactivate:
     KIND = 12
 
 
+@dataclass
+class TrainSubmit:
+    KIND = 13
+    request_id: int
+    job: TrainJob
+
+
+@dataclass
+class TrainStatus:
+    KIND = 14
+    request_id: int
+    job_id: int
+    state: int
+    iteration: int = 0
+    checkpoint: int = 0
+    preemptions: int = 0
+    status: int = 0
+    message: str = ""
+
+    @property
+    def state_name(self):
+        return JOB_STATES.get(self.state, "unknown")
+
+
+@dataclass
+class TrainQuery:
+    KIND = 15
+    request_id: int
+    job_id: int
+    cancel: bool = False
+
+
+@dataclass
+class TrainStart:
+    KIND = 16
+    task: TrainTask
+
+
+@dataclass
+class Preempt:
+    KIND = 17
+    task_id: int
+    mode: int
+    save: int
+    decided_ns: int = 0
+
+
+@dataclass
+class TrainProgress:
+    KIND = 18
+    task_id: int
+    event: int
+    iteration: int
+    checkpoint: int = 0
+    state_bytes: int = 0
+
+
+@dataclass
+class TrainStopped:
+    KIND = 19
+    task_id: int
+    reason: int
+    iteration: int
+    checkpoint: int = 0
+    status: int = 0
+    message: str = ""
+    stop_ms: float = 0.0
+    save_ms: float = 0.0
+
+
 _KINDS = {c.KIND: c for c in (Hello, Welcome, Error, Infer, InferResult, Standby, Activate, TaskDone,
-                              StatsRequest, StatsReply, Shutdown, Deactivate)}
+                              StatsRequest, StatsReply, Shutdown, Deactivate, TrainSubmit, TrainStatus,
+                              TrainQuery, TrainStart, Preempt, TrainProgress, TrainStopped)}
 
 
 # ---------------------------------------------------------------------------
@@ -324,6 +442,12 @@ def _put_timing(w, t):
     w.f64(t.queued_ms).f64(t.activation_ms).f64(t.worker_ms).f64(t.total_ms)
 
 
+def _put_job(w, j):
+    w.str(j.name, "job name").str(j.entry, "job entry").u8(j.preempt, "preempt mode").u8(j.save, "save mode")
+    w.u8(j.policy, "share policy").f64(j.share, "share").u32(j.period_ms, "period ms").u32(j.idle_ms, "idle ms")
+    w.u64(j.iterations, "iterations").u32(j.checkpoint_every, "checkpoint every")
+
+
 def encode_body(msg):
     """The body of ``msg`` (no length limit checked: see :func:`encode_frame`)."""
     w = _Writer()
@@ -361,6 +485,27 @@ def encode_body(msg):
         w.u32(s.workers).u32(s.standbys).u64(s.workers_started).u64(s.workers_lost)
     elif isinstance(msg, (StatsRequest, Shutdown, Deactivate)):
         pass
+    elif isinstance(msg, TrainSubmit):
+        w.u64(msg.request_id)
+        _put_job(w, msg.job)
+    elif isinstance(msg, TrainStatus):
+        w.u64(msg.request_id).u64(msg.job_id).u8(msg.state, "job state").u64(msg.iteration).u64(msg.checkpoint)
+        w.u64(msg.preemptions).u32(msg.status).str(msg.message)
+    elif isinstance(msg, TrainQuery):
+        w.u64(msg.request_id).u64(msg.job_id).bool(msg.cancel)
+    elif isinstance(msg, TrainStart):
+        t = msg.task
+        w.u64(t.task_id).u64(t.job_id)
+        _put_job(w, t.job)
+        w.str(t.checkpoint_path, "checkpoint path").u64(t.resume_iteration).u64(t.decided_ns)
+    elif isinstance(msg, Preempt):
+        w.u64(msg.task_id).u8(msg.mode, "preempt mode").u8(msg.save, "save mode").u64(msg.decided_ns)
+    elif isinstance(msg, TrainProgress):
+        w.u64(msg.task_id).u8(msg.event, "progress event").u64(msg.iteration).u64(msg.checkpoint)
+        w.u64(msg.state_bytes)
+    elif isinstance(msg, TrainStopped):
+        w.u64(msg.task_id).u8(msg.reason, "stop reason").u64(msg.iteration).u64(msg.checkpoint)
+        w.u32(msg.status).str(msg.message).f64(msg.stop_ms).f64(msg.save_ms)
     else:
         raise protocol_error("not a protocol message: %r" % (msg,))
     return w.body()
@@ -458,6 +603,19 @@ def _get_timing(r):
     return Timing(r.f64("queued ms"), r.f64("activation ms"), r.f64("worker ms"), r.f64("total ms"))
 
 
+def _get_code(r, what, allowed):
+    v = r.u8(what)
+    if v not in allowed:
+        raise _malformed("unknown %s %d" % (what, v))
+    return v
+
+
+def _get_job(r):
+    return TrainJob(r.str("job name"), r.str("job entry"), _get_code(r, "preempt mode", (1, 2)),
+                    _get_code(r, "save mode", (1, 2)), _get_code(r, "share policy", (1, 2)), r.f64("share"),
+                    r.u32("period ms"), r.u32("idle ms"), r.u64("iterations"), r.u32("checkpoint every"))
+
+
 def decode_body(kind, body):
     """Decodes a body of frame ``kind``; every byte must be used."""
     body = bytes(body)
@@ -508,6 +666,27 @@ def decode_body(kind, body):
         m = Shutdown()
     elif kind == 12:
         m = Deactivate()
+    elif kind == 13:
+        m = TrainSubmit(r.u64("request id"), _get_job(r))
+    elif kind == 14:
+        m = TrainStatus(r.u64("request id"), r.u64("job id"), _get_code(r, "job state", JOB_STATES),
+                        r.u64("iteration"), r.u64("checkpoint"), r.u64("preemptions"), r.u32("status"),
+                        r.str("message"))
+    elif kind == 15:
+        m = TrainQuery(r.u64("request id"), r.u64("job id"), r.bool("cancel"))
+    elif kind == 16:
+        m = TrainStart(TrainTask(r.u64("task id"), r.u64("job id"), _get_job(r), r.str("checkpoint path"),
+                                 r.u64("resume iteration"), r.u64("decision time")))
+    elif kind == 17:
+        m = Preempt(r.u64("task id"), _get_code(r, "preempt mode", (1, 2)), _get_code(r, "save mode", (1, 2)),
+                    r.u64("decision time"))
+    elif kind == 18:
+        m = TrainProgress(r.u64("task id"), _get_code(r, "progress event", (1, 2, 3)), r.u64("iteration"),
+                          r.u64("checkpoint"), r.u64("state bytes"))
+    elif kind == 19:
+        m = TrainStopped(r.u64("task id"), _get_code(r, "stop reason", (1, 2, 3)), r.u64("iteration"),
+                         r.u64("checkpoint"), r.u32("status"), r.str("message"), r.f64("stop ms"),
+                         r.f64("save ms"))
     else:
         raise _malformed("unknown message kind %r" % (kind,))
     r.finish("message")

@@ -28,6 +28,21 @@ A failed task is answered with its status and message, and the worker keeps
 serving. On ``Deactivate`` it synchronizes, drops the task's state and
 answers ``Standby``; on ``Shutdown`` or when the daemon goes away it exits 0.
 
+Training (``TrainStart``): the job's factory (``module:function``, see
+:mod:`pipeswitch.train`) is built on first start; the worker then runs its
+steps, reporting each completed iteration and each checkpoint
+(``TrainProgress``), until a ``Preempt`` comes (the step in flight is
+abandoned or completed as the job says, the state saved resident or to
+pinned host memory: ``TrainStopped`` with the stop and save times), the job
+has run its iterations, or a step raises (``TrainStopped`` with the status
+and message; the worker lives on). A later ``TrainStart`` resumes from the
+state it holds, or from the job's checkpoint file if the iteration asked
+for is that one (a new worker after a crash); ``Deactivate`` drops the job.
+While a training task runs, a watcher thread peeks at the socket (without
+reading it) so that a preemption is seen within the step; the frames are
+read between steps. Inference tasks are read as before, with no thread
+between the socket and the task.
+
 The protocol loop (:func:`serve`) is separate from the framework
 (:class:`TorchBackend`), so the loop can be tested with a fake backend.
 """
@@ -38,12 +53,16 @@ import importlib
 import logging
 import math
 import os
+import select
 import socket
+import struct
 import sys
+import threading
 import time
 
 from . import protocol as P
 from ._lib import DTYPE_SIZES
+from .train import Abandoned
 from .errors import Disconnected, PipeSwitchError
 
 __all__ = ["serve", "TorchBackend", "TaskError", "status_of", "main"]
@@ -97,7 +116,13 @@ def serve(sock, make_backend, kind="torch"):
     ``make_backend(welcome)`` sets everything up and returns an object with
     ``run(task, inputs) -> (outputs, activation_ms)`` (``inputs``:
     ``[(protocol.Tensor, bytes)]``; ``outputs``: ``[(name, dtype_code, shape,
-    bytes-like)]``), ``deactivate()`` and ``close()``."""
+    bytes-like)]``), ``deactivate()`` and ``close()``; for training,
+    ``train_job(train_task)`` returns a run with ``step(iteration, stop_event)
+    -> bool``, ``save(mode)``, ``restore_held()``, ``checkpoint(path,
+    iteration, stop_event)`` (raises :class:`pipeswitch.train.Abandoned`
+    when a preemption cuts it short, the last checkpoint left whole),
+    ``load_checkpoint(path, iteration)``, ``state_bytes()`` and
+    ``close()`` (:class:`pipeswitch.train.TorchTrainRun`)."""
     P.send(sock, P.Hello(P.ROLE_WORKER, os.getpid(), kind))
     got = P.recv(sock)
     if got is None:
@@ -114,6 +139,7 @@ def serve(sock, make_backend, kind="torch"):
     worker_id = msg.worker_id
     t0 = time.monotonic()
     backend = make_backend(msg)
+    training = _Training(sock, backend, worker_id)
     try:
         log.info("worker %d: ready in %.0f ms", worker_id, (time.monotonic() - t0) * 1e3)
         P.send(sock, P.Standby(worker_id))
@@ -125,7 +151,14 @@ def serve(sock, make_backend, kind="torch"):
             try:
                 if isinstance(msg, P.Activate):
                     _task(sock, backend, msg.task, fd, worker_id)
+                elif isinstance(msg, P.TrainStart):
+                    if not training.run(msg.task):
+                        return
+                elif isinstance(msg, P.Preempt):
+                    # It came after the task had ended on its own: nothing runs.
+                    log.info("worker %d: a preemption of task %d, which is not running", worker_id, msg.task_id)
                 elif isinstance(msg, P.Deactivate):
+                    training.drop()
                     backend.deactivate()
                     P.send(sock, P.Standby(worker_id))
                 elif isinstance(msg, P.Shutdown):
@@ -136,7 +169,187 @@ def serve(sock, make_backend, kind="torch"):
                 if fd is not None:
                     os.close(fd)
     finally:
+        training.drop()
         backend.close()
+
+
+class _Watcher:
+    """Peeks at the daemon's socket while a training task runs: ``preempt``
+    is set the moment a ``Preempt`` frame is there (the frame itself is read
+    by the training loop between steps)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.preempt = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pipeswitch-worker-watch", daemon=True)
+        self._thread.start()
+
+    def _readable(self, timeout_ms):
+        p = select.poll()
+        p.register(self.sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+        return bool(p.poll(timeout_ms))
+
+    def _run(self):
+        kind = struct.Struct("<4sHH")
+        while not self._done.is_set():
+            try:
+                if not self._readable(5):
+                    continue
+                head = self.sock.recv(8, socket.MSG_PEEK)
+            except (OSError, ValueError):
+                return  # closed: the training loop sees it
+            if len(head) < 8:
+                if not head:
+                    return
+                time.sleep(0.0002)  # the rest of the header is on its way
+                continue
+            magic, _, k = kind.unpack(head)
+            if magic == P.MAGIC and k == P.Preempt.KIND:
+                self.preempt.set()
+                return
+            # Another frame waits for the loop (deactivate, shutdown).
+            self._done.wait(0.001)
+
+    def pending(self):
+        """Whether a frame is there to read."""
+        try:
+            return self._readable(0)
+        except (OSError, ValueError):
+            return True  # recv reports it
+
+    def stop(self):
+        self._done.set()
+        self._thread.join()
+
+
+class _Training:
+    """The worker's side of a training job: runs steps until preempted,
+    finished or failed, and holds the job's state between its tasks."""
+
+    def __init__(self, sock, backend, worker_id):
+        self.sock = sock
+        self.backend = backend
+        self.worker_id = worker_id
+        self.job_id = None
+        self.runner = None
+        self.held = None  # the iteration whose state the runner holds
+        self.checkpoint = 0
+
+    def drop(self):
+        if self.runner is not None:
+            try:
+                self.runner.close()
+            except Exception as e:  # noqa: BLE001 - logged; the state goes anyway
+                log.warning("worker %d: dropping a training job: %s", self.worker_id, e)
+            self.runner = None
+            released = getattr(self.backend, "train_released", None)
+            if released is not None:
+                released()
+        self.runner, self.job_id, self.held, self.checkpoint = None, None, None, 0
+
+    def _stopped(self, task, reason, iteration, status=0, message="", stop_ms=0.0, save_ms=0.0):
+        if len(message.encode("utf-8")) > P.MAX_STR:
+            message = message.encode("utf-8")[:P.MAX_STR - 3].decode("utf-8", "ignore") + "..."
+        P.send(self.sock, P.TrainStopped(task.task_id, reason, iteration, self.checkpoint, status, message,
+                                         stop_ms, save_ms))
+
+    def _fail(self, task, iteration, e):
+        log.warning("worker %d: training task %d failed: %s", self.worker_id, task.task_id, e)
+        self.drop()
+        self._stopped(task, P.STOP_FAILED, iteration, status_of(e), _message_of(e))
+
+    def run(self, task):
+        """Runs the task until it stops; False if the daemon went away or
+        shut the worker down meanwhile."""
+        watch = _Watcher(self.sock)
+        try:
+            return self._run(task, watch)
+        finally:
+            watch.stop()
+
+    def _run(self, task, watch):
+        job = task.job
+        it = task.resume_iteration
+        try:
+            if self.runner is not None and self.job_id != task.job_id:
+                self.drop()
+            if self.runner is None:
+                self.runner = self.backend.train_job(task)
+                self.job_id = task.job_id
+                self.held = 0
+            if it == self.held:
+                self.runner.restore_held()
+            else:
+                # A new worker after a crash: the checkpoint file.
+                try:
+                    self.runner.load_checkpoint(task.checkpoint_path, it)
+                except LookupError as e:
+                    raise TaskError(_INVALID_STATE, "training job %d: no saved state of iteration %d (%s)"
+                                    % (task.job_id, it, e)) from None
+                self.checkpoint = it
+            self.held = None
+            P.send(self.sock, P.TrainProgress(task.task_id, P.PROGRESS_RESUMED, it, self.checkpoint,
+                                              self.runner.state_bytes()))
+        except Exception as e:
+            self._fail(task, it, e)
+            return True
+        while True:
+            if watch.pending():
+                got = P.recv(self.sock)
+                if got is None:
+                    return False
+                msg, fd = got
+                if fd is not None:
+                    os.close(fd)
+                if isinstance(msg, P.Preempt):
+                    return self._preempt(task, msg, it)
+                if isinstance(msg, P.Shutdown):
+                    return False
+                if isinstance(msg, P.Deactivate):
+                    self.drop()
+                    self.backend.deactivate()
+                    P.send(self.sock, P.Standby(self.worker_id))
+                    return True
+                raise P.protocol_error("a training worker does not expect message %s" % type(msg).__name__)
+            if job.iterations and it >= job.iterations:
+                self.held = it
+                self._stopped(task, P.STOP_FINISHED, it)
+                return True
+            try:
+                done = self.runner.step(it + 1, watch.preempt)
+            except Exception as e:
+                self._fail(task, it, e)
+                return True
+            if not done:
+                continue  # abandoned: the preemption is the next frame
+            it += 1
+            P.send(self.sock, P.TrainProgress(task.task_id, P.PROGRESS_ITERATION, it, self.checkpoint, 0))
+            if job.checkpoint_every and it % job.checkpoint_every == 0:
+                try:
+                    self.runner.checkpoint(task.checkpoint_path, it, watch.preempt)
+                except Abandoned:
+                    # A preemption came while the state was written to the
+                    # file: the last checkpoint stands, the preemption is next.
+                    continue
+                except Exception as e:
+                    self._fail(task, it, e)
+                    return True
+                self.checkpoint = it
+                P.send(self.sock, P.TrainProgress(task.task_id, P.PROGRESS_CHECKPOINT, it, it, 0))
+
+    def _preempt(self, task, msg, it):
+        stopped = P.monotonic_ns()
+        stop_ms = max(0.0, (stopped - msg.decided_ns) / 1e6) if msg.decided_ns else 0.0
+        try:
+            self.runner.save(msg.save)
+        except Exception as e:
+            self._fail(task, it, e)
+            return True
+        save_ms = (P.monotonic_ns() - stopped) / 1e6
+        self.held = it
+        self._stopped(task, P.STOP_PREEMPTED, it, stop_ms=stop_ms, save_ms=save_ms)
+        return True
 
 
 def _task(sock, backend, task, fd, worker_id):
@@ -361,6 +574,21 @@ class TorchBackend:
                 return None
             self.captured[key] = cap
         return cap
+
+    def train_job(self, task):
+        """A training job's run (:class:`pipeswitch.train.TorchTrainRun`)."""
+        from .train import TorchTrainRun
+
+        spec = load_factory(task.job.entry)(self.device, task.job.name)
+        return TorchTrainRun(spec, self.device, task.job.preempt == P.PREEMPT_ABANDON)
+
+    def train_released(self):
+        """A training job's memory goes back to the GPU (other workers need it)."""
+        import gc
+
+        gc.collect()
+        self._torch.cuda.synchronize(self.device)
+        self._torch.cuda.empty_cache()
 
     def deactivate(self):
         """Waits for the task's kernels and copies. An error here (a sticky

@@ -212,3 +212,57 @@ def test_numpy_arrays_in_and_out():
     finally:
         d.close()
     assert not d.errors
+
+
+def test_training_jobs_are_submitted_queried_and_cancelled():
+    jobs = {}
+
+    def handler(conn, msg, fd):
+        if isinstance(msg, P.TrainSubmit):
+            # A stale status of an earlier request first: skipped.
+            P.send(conn, P.TrainStatus(msg.request_id - 1, 9, 2))
+            jobs[7] = msg.job
+            P.send(conn, P.TrainStatus(msg.request_id, 7, 1))
+        elif isinstance(msg, P.TrainQuery) and msg.job_id == 7:
+            P.send(conn, P.TrainStatus(msg.request_id, 7, 7 if msg.cancel else 4, 42, 40, 3))
+        else:
+            P.send(conn, P.Error(msg.request_id, 200, "no training job %d" % msg.job_id))
+
+    d = FakeDaemon(handler)
+    try:
+        with Client(d.path, timeout=5) as c:
+            st = c.train("r152", "pipeswitch.train:resnet152_job", preempt="boundary", save="resident",
+                         policy="time-share", share=0.75, period_ms=1000, checkpoint_every=10)
+            assert (st.job_id, st.state_name) == (7, "waiting")
+            j = jobs[7]
+            assert (j.preempt, j.save, j.policy, j.share, j.period_ms, j.checkpoint_every) == (
+                P.PREEMPT_BOUNDARY, P.SAVE_RESIDENT, P.POLICY_TIME_SHARE, 0.75, 1000, 10)
+            st = c.train_status(7)
+            assert (st.state_name, st.iteration, st.checkpoint, st.preemptions) == ("paused", 42, 40, 3)
+            assert c.train_status(7, cancel=True).state_name == "cancelled"
+            with pytest.raises(pipeswitch.NotFound, match="no training job 8"):
+                c.train_status(8)
+            with pytest.raises(pipeswitch.ArgumentError, match="preempt must be one of"):
+                c.train("x", "m:f", preempt="later")
+    finally:
+        d.close()
+    assert not d.errors
+
+
+def test_the_train_command_line(capsys):
+    states = iter([4, 4, 2, 2, 5])
+
+    def handler(conn, msg, fd):
+        P.send(conn, P.TrainStatus(msg.request_id, 3, next(states), 10, 0, 1))
+
+    d = FakeDaemon(handler)
+    try:
+        from pipeswitch.train import main
+        assert main(["--socket", d.path, "status", "3", "--watch", "5"]) == 0
+    finally:
+        d.close()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "job 3 paused: iteration 10, checkpoint 0, preemptions 1"
+    assert [line.split(" ", 1)[1] for line in out[1:]] == [
+        "job 3 running: iteration 10, checkpoint 0, preemptions 1",
+        "job 3 finished: iteration 10, checkpoint 0, preemptions 1"]

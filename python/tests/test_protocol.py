@@ -4,6 +4,7 @@ messages and re-encode byte for byte; damaged and hostile frames raise
 ProtocolError only; frames and memfd tensors cross a real socket pair.
 No library, no GPU, no numpy needed."""
 
+import dataclasses
 import os
 import socket
 import struct
@@ -41,7 +42,22 @@ def every_message():
         p.StatsReply(p.Stats(10, 1, 6, 4, 2, 1 << 30, 3, 2, 4, 1)),
         p.Shutdown(),
         p.Deactivate(),
+        p.TrainSubmit(3, job()),
+        p.TrainStatus(3, 1, 4, 120, 100, 4, 0, ""),
+        p.TrainStatus(4, 1, 6, 7, 0, 0, 901, "ValueError: bad batch"),
+        p.TrainQuery(5, 1, True),
+        p.TrainStart(p.TrainTask(80, 1, dataclasses.replace(job(), policy=p.POLICY_INFERENCE_FIRST,
+                                                            preempt=p.PREEMPT_BOUNDARY, save=p.SAVE_RESIDENT),
+                                 "/dev/shm/pipeswitch-train-1", 100, 987_654_321)),
+        p.Preempt(80, p.PREEMPT_ABANDON, p.SAVE_HOST, 55),
+        p.TrainProgress(80, p.PROGRESS_CHECKPOINT, 110, 110, 480 << 20),
+        p.TrainStopped(80, p.STOP_PREEMPTED, 111, 110, 0, "", 1.5, 12.25),
     ]
+
+
+def job():
+    return p.TrainJob("resnet152-train", "pipeswitch.train:resnet152_job", p.PREEMPT_ABANDON, p.SAVE_HOST,
+                      p.POLICY_TIME_SHARE, 0.75, 5000, 200, 1000, 50)
 
 
 def golden():

@@ -14,6 +14,11 @@
 //! (`SCM_RIGHTS`, `fds` = 1), the tensors naming their byte ranges in it.
 //! Decoding checks every length against the bytes present and a limit
 //! before it allocates (see [`codec`]); the decoder is fuzzed.
+//!
+//! Kinds 1..=12 are the inference protocol. Training (kinds 13..=19) came
+//! later as new kinds only: the encodings of 1..=12 did not change, so the
+//! version stays 1 and a peer that predates training refuses a training
+//! frame as an unknown kind, with that message.
 
 pub mod codec;
 pub mod io;
@@ -116,6 +121,129 @@ pub struct Stats {
     pub workers_lost: u64,
 }
 
+/// How a training job is stopped when inference needs the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreemptMode {
+    /// At once: the step in flight is abandoned (at most one iteration is
+    /// lost; it is redone on resume with the same data).
+    Abandon = 1,
+    /// At the next iteration boundary: the step in flight completes.
+    Boundary = 2,
+}
+
+/// Where a preempted job's state waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveMode {
+    /// Stays in the training worker's GPU memory.
+    Resident = 1,
+    /// Written back to pinned host memory (chunked copies) and freed on the
+    /// GPU; copied back on resume.
+    Host = 2,
+}
+
+/// How the GPU is shared between a training job and inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharePolicy {
+    /// Inference preempts training at once; training resumes after the
+    /// queue has been idle for the job's idle time (the paper's).
+    InferenceFirst = 1,
+    /// Under inference load, training gets `share` of every `period_ms`.
+    TimeShare = 2,
+}
+
+/// A training job as a client submits it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainJob {
+    pub name: String,
+    /// The job's factory, `module:function` (Python workers).
+    pub entry: String,
+    pub preempt: PreemptMode,
+    pub save: SaveMode,
+    pub policy: SharePolicy,
+    /// Training's share of the GPU's time under `TimeShare`, in (0, 1).
+    pub share: f64,
+    /// The time-share cycle.
+    pub period_ms: u32,
+    /// Inference idle this long before training resumes.
+    pub idle_ms: u32,
+    /// Iterations to run; 0: until cancelled.
+    pub iterations: u64,
+    /// A checkpoint (the state in a shared-memory file that outlives the
+    /// worker) every this many iterations; 0: none.
+    pub checkpoint_every: u32,
+}
+
+impl TrainJob {
+    /// Checks the options a client sent.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::invalid(format!("training job {:?}: {m}", self.name)));
+        if self.name.is_empty() {
+            return bad("no name".into());
+        }
+        let (module, function) = self.entry.split_once(':').unwrap_or(("", ""));
+        if module.is_empty() || function.is_empty() {
+            return bad(format!("entry {:?} is not module:function", self.entry));
+        }
+        if self.policy == SharePolicy::TimeShare {
+            if !(self.share > 0.0 && self.share < 1.0) {
+                return bad(format!("a time share of {} is not in (0, 1)", self.share));
+            }
+            if self.period_ms == 0 {
+                return bad("a time share needs a period".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a training job stands (in `TrainStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    /// Accepted, waiting for a worker or for the GPU.
+    Waiting = 1,
+    Running = 2,
+    /// Asked to stop, not yet stopped.
+    Preempting = 3,
+    /// Stopped for inference; resumes later.
+    Paused = 4,
+    Finished = 5,
+    Failed = 6,
+    Cancelled = 7,
+}
+
+/// A training task: the daemon starts (or resumes) a job on a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainTask {
+    pub task_id: u64,
+    pub job_id: u64,
+    pub job: TrainJob,
+    /// The job's checkpoint file (shared memory).
+    pub checkpoint_path: String,
+    /// 0: a fresh start; else the iteration to continue after (from the
+    /// worker's own saved state, or from the checkpoint file).
+    pub resume_iteration: u64,
+    pub decided_ns: u64,
+}
+
+/// What a training progress report says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// An iteration completed.
+    Iteration = 1,
+    /// A checkpoint of `checkpoint` was saved to the file.
+    Checkpoint = 2,
+    /// The job runs again (its state restored).
+    Resumed = 3,
+}
+
+/// Why a training task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Preempted = 1,
+    Finished = 2,
+    Failed = 3,
+}
+
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
@@ -151,8 +279,47 @@ pub enum Message {
     /// Ends a worker (daemon to worker) or asks a daemon to stop.
     Shutdown,
     /// The daemon takes the active worker off its model: it cleans up and
-    /// answers `Standby`.
+    /// answers `Standby`. A training worker drops its job's state.
     Deactivate,
+    /// A client submits a training job; answered with `TrainStatus`.
+    TrainSubmit { request_id: u64, job: TrainJob },
+    /// A job's state (the answer to `TrainSubmit` and `TrainQuery`).
+    TrainStatus {
+        request_id: u64,
+        job_id: u64,
+        state: JobState,
+        /// Iterations completed.
+        iteration: u64,
+        /// The iteration of the last checkpoint; 0: none.
+        checkpoint: u64,
+        preemptions: u64,
+        /// Failed jobs: the status and message.
+        status: u32,
+        message: String,
+    },
+    /// Asks for a job's state, or cancels it.
+    TrainQuery { request_id: u64, job_id: u64, cancel: bool },
+    /// The daemon starts or resumes a training job on a worker.
+    TrainStart(TrainTask),
+    /// The daemon stops the training task: the worker saves the state as
+    /// `save` says and answers `TrainStopped`.
+    Preempt { task_id: u64, mode: PreemptMode, save: SaveMode, decided_ns: u64 },
+    /// A training worker's progress.
+    TrainProgress { task_id: u64, event: Progress, iteration: u64, checkpoint: u64, state_bytes: u64 },
+    /// A training task ended: preempted (state saved), finished or failed.
+    TrainStopped {
+        task_id: u64,
+        reason: StopReason,
+        /// Iterations completed (the state saved is of this one).
+        iteration: u64,
+        checkpoint: u64,
+        status: u32,
+        message: String,
+        /// Preempt to the step's end (abandoned or completed).
+        stop_ms: f64,
+        /// Writing the state back.
+        save_ms: f64,
+    },
 }
 
 impl Message {
@@ -171,6 +338,13 @@ impl Message {
             Message::StatsReply(_) => 10,
             Message::Shutdown => 11,
             Message::Deactivate => 12,
+            Message::TrainSubmit { .. } => 13,
+            Message::TrainStatus { .. } => 14,
+            Message::TrainQuery { .. } => 15,
+            Message::TrainStart(_) => 16,
+            Message::Preempt { .. } => 17,
+            Message::TrainProgress { .. } => 18,
+            Message::TrainStopped { .. } => 19,
         }
     }
 
@@ -218,6 +392,32 @@ impl Message {
             Message::StatsReply(s) => {
                 w.u64(s.requests).u64(s.failed).u64(s.hits).u64(s.misses).u64(s.evictions).u64(s.bytes_copied);
                 w.u32(s.workers).u32(s.standbys).u64(s.workers_started).u64(s.workers_lost);
+            }
+            Message::TrainSubmit { request_id, job } => {
+                w.u64(*request_id);
+                put_job(&mut w, job);
+            }
+            Message::TrainStatus { request_id, job_id, state, iteration, checkpoint, preemptions, status, message } => {
+                w.u64(*request_id).u64(*job_id).u8(*state as u8).u64(*iteration).u64(*checkpoint).u64(*preemptions);
+                w.u32(*status).str(message);
+            }
+            Message::TrainQuery { request_id, job_id, cancel } => {
+                w.u64(*request_id).u64(*job_id).bool(*cancel);
+            }
+            Message::TrainStart(t) => {
+                w.u64(t.task_id).u64(t.job_id);
+                put_job(&mut w, &t.job);
+                w.str(&t.checkpoint_path).u64(t.resume_iteration).u64(t.decided_ns);
+            }
+            Message::Preempt { task_id, mode, save, decided_ns } => {
+                w.u64(*task_id).u8(*mode as u8).u8(*save as u8).u64(*decided_ns);
+            }
+            Message::TrainProgress { task_id, event, iteration, checkpoint, state_bytes } => {
+                w.u64(*task_id).u8(*event as u8).u64(*iteration).u64(*checkpoint).u64(*state_bytes);
+            }
+            Message::TrainStopped { task_id, reason, iteration, checkpoint, status, message, stop_ms, save_ms } => {
+                w.u64(*task_id).u8(*reason as u8).u64(*iteration).u64(*checkpoint).u32(*status).str(message);
+                w.f64(*stop_ms).f64(*save_ms);
             }
         }
         w.buf
@@ -303,6 +503,68 @@ impl Message {
             }),
             11 => Message::Shutdown,
             12 => Message::Deactivate,
+            13 => Message::TrainSubmit { request_id: r.u64("request id")?, job: get_job(&mut r)? },
+            14 => Message::TrainStatus {
+                request_id: r.u64("request id")?,
+                job_id: r.u64("job id")?,
+                state: match r.u8("job state")? {
+                    1 => JobState::Waiting,
+                    2 => JobState::Running,
+                    3 => JobState::Preempting,
+                    4 => JobState::Paused,
+                    5 => JobState::Finished,
+                    6 => JobState::Failed,
+                    7 => JobState::Cancelled,
+                    v => return Err(malformed(format!("unknown job state {v}"))),
+                },
+                iteration: r.u64("iteration")?,
+                checkpoint: r.u64("checkpoint")?,
+                preemptions: r.u64("preemptions")?,
+                status: r.u32("status")?,
+                message: r.str("message")?,
+            },
+            15 => Message::TrainQuery { request_id: r.u64("request id")?, job_id: r.u64("job id")?, cancel: r.bool("cancel")? },
+            16 => Message::TrainStart(TrainTask {
+                task_id: r.u64("task id")?,
+                job_id: r.u64("job id")?,
+                job: get_job(&mut r)?,
+                checkpoint_path: r.str("checkpoint path")?,
+                resume_iteration: r.u64("resume iteration")?,
+                decided_ns: r.u64("decision time")?,
+            }),
+            17 => Message::Preempt {
+                task_id: r.u64("task id")?,
+                mode: get_preempt(&mut r)?,
+                save: get_save(&mut r)?,
+                decided_ns: r.u64("decision time")?,
+            },
+            18 => Message::TrainProgress {
+                task_id: r.u64("task id")?,
+                event: match r.u8("progress event")? {
+                    1 => Progress::Iteration,
+                    2 => Progress::Checkpoint,
+                    3 => Progress::Resumed,
+                    v => return Err(malformed(format!("unknown progress event {v}"))),
+                },
+                iteration: r.u64("iteration")?,
+                checkpoint: r.u64("checkpoint")?,
+                state_bytes: r.u64("state bytes")?,
+            },
+            19 => Message::TrainStopped {
+                task_id: r.u64("task id")?,
+                reason: match r.u8("stop reason")? {
+                    1 => StopReason::Preempted,
+                    2 => StopReason::Finished,
+                    3 => StopReason::Failed,
+                    v => return Err(malformed(format!("unknown stop reason {v}"))),
+                },
+                iteration: r.u64("iteration")?,
+                checkpoint: r.u64("checkpoint")?,
+                status: r.u32("status")?,
+                message: r.str("message")?,
+                stop_ms: r.f64("stop ms")?,
+                save_ms: r.f64("save ms")?,
+            },
             k => return Err(malformed(format!("unknown message kind {k}"))),
         };
         r.finish("message")?;
@@ -359,6 +621,46 @@ fn get_tensors(r: &mut Reader<'_>) -> Result<Vec<Tensor>> {
     }
     debug_assert!(out.len() <= MAX_LIST);
     Ok(out)
+}
+
+fn put_job(w: &mut Writer, j: &TrainJob) {
+    w.str(&j.name).str(&j.entry).u8(j.preempt as u8).u8(j.save as u8).u8(j.policy as u8).f64(j.share);
+    w.u32(j.period_ms).u32(j.idle_ms).u64(j.iterations).u32(j.checkpoint_every);
+}
+
+fn get_preempt(r: &mut Reader<'_>) -> Result<PreemptMode> {
+    match r.u8("preempt mode")? {
+        1 => Ok(PreemptMode::Abandon),
+        2 => Ok(PreemptMode::Boundary),
+        v => Err(malformed(format!("unknown preempt mode {v}"))),
+    }
+}
+
+fn get_save(r: &mut Reader<'_>) -> Result<SaveMode> {
+    match r.u8("save mode")? {
+        1 => Ok(SaveMode::Resident),
+        2 => Ok(SaveMode::Host),
+        v => Err(malformed(format!("unknown save mode {v}"))),
+    }
+}
+
+fn get_job(r: &mut Reader<'_>) -> Result<TrainJob> {
+    Ok(TrainJob {
+        name: r.str("job name")?,
+        entry: r.str("job entry")?,
+        preempt: get_preempt(r)?,
+        save: get_save(r)?,
+        policy: match r.u8("share policy")? {
+            1 => SharePolicy::InferenceFirst,
+            2 => SharePolicy::TimeShare,
+            v => return Err(malformed(format!("unknown share policy {v}"))),
+        },
+        share: r.f64("share")?,
+        period_ms: r.u32("period ms")?,
+        idle_ms: r.u32("idle ms")?,
+        iterations: r.u64("iterations")?,
+        checkpoint_every: r.u32("checkpoint every")?,
+    })
 }
 
 fn put_timing(w: &mut Writer, t: &Timing) {
