@@ -75,7 +75,8 @@ enum Command {
         #[arg(long, default_value = "8G", value_parser = parse_size)]
         arena_size: u64,
         /// Bytes of the arena that keep models resident (default: what the
-        /// worker regions leave).
+        /// worker regions leave: one per standby, the active worker and a
+        /// training job's worker).
         #[arg(long, value_parser = parse_size)]
         residency_size: Option<u64>,
         /// Activation bytes of each worker.
@@ -473,7 +474,8 @@ fn serve_cmd(
     signals.add(nix::sys::signal::Signal::SIGTERM);
     signals.add(nix::sys::signal::Signal::SIGINT);
     signals.thread_block().map_err(|e| Error::os("blocking SIGTERM/SIGINT", e))?;
-    let regions = (standbys as u64 + 1).saturating_mul(worker_region);
+    // Regions for the standbys, the active worker and a training job's worker.
+    let regions = (standbys as u64 + 2).saturating_mul(worker_region);
     let residency = residency_size.unwrap_or_else(|| arena_size.saturating_sub(regions).saturating_sub(4 << 20));
     let gpu = CudaGpu::new(device, arena_size)?;
     let worker_cmd = match worker_cmd {

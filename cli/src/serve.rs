@@ -588,9 +588,14 @@ impl Controller {
         }
     }
 
-    /// Records a worker with its activation region.
+    /// Records a worker with a new activation region.
     fn new_worker(&mut self, pid: u32, child: Option<Child>) -> Result<usize> {
         let offset = self.space.alloc(self.cfg.worker_region_bytes, REGION_ALIGN)?;
+        Ok(self.add_worker(pid, child, offset))
+    }
+
+    /// Records a worker with its activation region at `offset`.
+    fn add_worker(&mut self, pid: u32, child: Option<Child>, offset: u64) -> usize {
         let id = self.next_worker;
         self.next_worker += 1;
         self.workers.push(WorkerRec {
@@ -604,20 +609,23 @@ impl Controller {
             model: None,
         });
         self.stats.workers_started += 1;
-        Ok(self.workers.len() - 1)
+        self.workers.len() - 1
     }
 
     fn spawn_worker(&mut self) -> Result<()> {
         let (prog, args) = self.cfg.worker_cmd.split_first().ok_or_else(|| Error::invalid("no worker command"))?;
-        let child = Command::new(prog)
-            .args(args)
-            .env("PIPESWITCH_SOCKET", &self.socket)
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| Error::io(format!("starting worker {}", prog.to_string_lossy()), e))?;
+        // Its region first: no process is started that could not get one.
+        let offset = self.space.alloc(self.cfg.worker_region_bytes, REGION_ALIGN)?;
+        let child = match Command::new(prog).args(args).env("PIPESWITCH_SOCKET", &self.socket).stdin(std::process::Stdio::null()).spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = self.space.release(offset);
+                return Err(Error::io(format!("starting worker {}", prog.to_string_lossy()), e));
+            }
+        };
         let pid = child.id();
         tracing::info!("started worker process {pid}");
-        self.new_worker(pid, Some(child))?;
+        self.add_worker(pid, Some(child), offset);
         Ok(())
     }
 
@@ -631,7 +639,11 @@ impl Controller {
         let need_one = self.workers.is_empty() && (self.cfg.single_worker || (self.cfg.process_per_task && !self.queue.is_empty()));
         for _ in ready..self.cfg.standbys.max(usize::from(need_one)) {
             if let Err(e) = self.spawn_worker() {
-                tracing::error!("could not start a standby worker: {e}");
+                // E.g. no room for another region while training and
+                // inference hold theirs: try again in a second, not at
+                // every tick.
+                tracing::warn!("could not start a standby worker (retrying in 1 s): {e}");
+                self.next_spawn = Instant::now() + Duration::from_secs(1);
                 break;
             }
         }

@@ -118,15 +118,17 @@ impl Ready {
         if let Some((t, _)) = inputs.iter().find(|(t, _)| !program.graph().inputs.iter().any(|(n, _)| *n == t.name)) {
             return Err(Error::NotFound(format!("model {:?} has no input {:?}", task.model, t.name)));
         }
-        // The copies first: they run while the inputs are staged.
+        // The inputs first: the model's copies share the host-to-device
+        // copy engine with them, and the first kernel needs both (inputs
+        // staged after the switch waited behind the whole model).
+        for (t, bytes) in inputs.iter() {
+            self.worker.set_input(program, &t.name, bytes)?;
+        }
         if task.resident {
             self.switch.start_resident(&self.store, &task.model, &self.arena, task.region_offset)?;
         } else {
             let plan: Vec<usize> = task.plan.iter().map(|&s| s as usize).collect();
             self.switch.start(&self.store, &task.model, &self.arena, task.region_offset, &plan)?;
-        }
-        for (t, bytes) in inputs.iter() {
-            self.worker.set_input(program, &t.name, bytes)?;
         }
         let activation_ms = monotonic_ns().saturating_sub(task.decided_ns) as f64 / 1e6;
         self.worker.run(program, &self.switch, RunOptions::default())?;

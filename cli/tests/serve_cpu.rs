@@ -911,3 +911,44 @@ fn time_share_alternates_training_and_inference_under_steady_load() {
     assert!(worst > Duration::from_millis(100), "requests never waited for training's turn: {worst:?}");
     c.train_query(id, true).unwrap();
 }
+
+/// When the arena has no room for another worker region (two standbys,
+/// the training job's worker and the active inference worker need four,
+/// the arena holds three), the daemon starts no process it cannot give a
+/// region, and retries with a back-off instead of at every tick (on the
+/// H100 it once started thousands of processes a minute).
+#[test]
+fn no_worker_process_starts_without_room_for_its_region() {
+    let w = world("noroom");
+    let started = w.sockets.parent().unwrap().join(format!("started-{}", std::process::id()));
+    let _ = std::fs::remove_file(&started);
+    let mut cfg = config(&w, 61 * MIB);
+    cfg.standbys = 2;
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/../python");
+    // The Python training worker, recording each start.
+    cfg.worker_cmd = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!("echo x >> '{}'; exec python3 -c \"$0\" \"$1\"", started.display()).into(),
+        PY_TRAIN_WORKER.into(),
+        python.into(),
+    ];
+    let d = Daemon::start(cfg, Box::new(FakeGpu { moves: Moves::default() })).unwrap();
+    let spawned = || std::fs::read_to_string(&started).map(|t| t.lines().count()).unwrap_or(0);
+    let mut c = Client::connect(d.socket(), Some(Duration::from_secs(30))).unwrap();
+    let job = c.train_submit(&TrainJob { entry: "plain:job".into(), idle_ms: 200, ..train_job("") }).unwrap().job_id;
+    let t0 = std::time::Instant::now();
+    while c.train_query(job, false).unwrap().iteration < 5 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "training never ran: {:?} {:?}", c.stats(), c.train_query(job, false));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    infer(&mut c, "a", 1).unwrap();
+    // Training (paused) and the inference worker hold two regions, one
+    // standby the third: the daemon wants a second standby and has no room.
+    std::thread::sleep(Duration::from_millis(1500));
+    let n = spawned();
+    assert_eq!(n, 3, "{n} worker processes started for three regions");
+    c.train_query(job, true).unwrap();
+    d.stop().unwrap();
+    let _ = std::fs::remove_file(&started);
+}
