@@ -622,6 +622,9 @@ impl Worker {
                 let (xp, xs) = a(x)?;
                 conv::global_avg_pool(dev, s, xp, a(out)?.0, xs[0], xs[1], xs[2], xs[3])
             }
+            Op::TokenEmbedding { .. } | Op::RmsNorm { .. } | Op::CachedAttention { .. } | Op::SwiGlu { .. } | Op::Argmax { .. } => {
+                Err(Error::invalid(format!("the worker has no kernel for {} yet", op.kind())))
+            }
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub mod gemm;
+pub mod llama_ref;
 pub mod norm;
 
 use std::collections::HashMap;
