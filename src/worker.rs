@@ -21,7 +21,7 @@ use crate::cuda::memory;
 use crate::cuda::{CUdeviceptr, CUstream};
 use crate::cuda::{Device, Event, Stream};
 use crate::error::{Error, Result};
-use crate::kernels::{attention, conv, gemm, norm};
+use crate::kernels::{attention, conv, gemm, llama, norm};
 use crate::model::graph::{Act, Graph, Op, WeightShapes};
 use crate::store::{Dtype, Model, ModelLease, Store, GRAPH_ATTRIBUTE};
 use crate::switch::Switch;
@@ -63,6 +63,31 @@ pub struct Program {
     /// A program bound to a stored model keeps it stored (its bytes are
     /// neither freed nor reused) while the program lives.
     lease: Option<ModelLease>,
+    /// Whether it runs Llama kernels (whose module is loaded by `prepare`).
+    uses_llama: bool,
+}
+
+/// The dtypes an op's weight operand may have in the worker, or an error.
+fn check_weight_dtype(op: &Op, name: &str, dtype: Dtype) -> Result<()> {
+    let half = matches!(dtype, Dtype::Bf16 | Dtype::F16);
+    let ok = match op {
+        Op::Linear { bias, trans_b, act, .. } if half => {
+            if !*trans_b || bias.is_some() || *act != Act::None {
+                return Err(Error::invalid(format!(
+                    "weight {name} is {}: half-precision linears take weights [N, K] (trans_b), no bias and no activation",
+                    dtype.name()
+                )));
+            }
+            true
+        }
+        Op::TokenEmbedding { .. } | Op::RmsNorm { .. } => half,
+        Op::CachedAttention { .. } => dtype == Dtype::F32,
+        _ => dtype == Dtype::F32,
+    };
+    if !ok {
+        return Err(Error::invalid(format!("weight {name} is {}: the worker's {} kernel does not take it", dtype.name(), op.kind())));
+    }
+    Ok(())
 }
 
 /// Offsets for tensors with lifetimes `[first, last]` (op indices), first
@@ -124,7 +149,19 @@ impl Program {
                 tensor_layer.insert(t.name.as_str(), li);
             }
         }
-        let decls: HashMap<&str, _> = graph.inputs.iter().chain(&graph.activations).map(|(n, d)| (n.as_str(), d)).collect();
+        let decls: HashMap<&str, _> = graph.inputs.iter().chain(&graph.activations).chain(&graph.state).map(|(n, d)| (n.as_str(), d)).collect();
+        for op in &graph.ops {
+            if let Op::CachedAttention { k_cache, .. } = op {
+                let d = decls.get(k_cache.as_str()).map(|d| (d.dtype.as_str(), d.shape.get(3).copied()));
+                if d != Some(("BF16", Some(128))) {
+                    return Err(Error::invalid(format!("graph {}: cached attention -> {}: the worker's kernel takes BF16 caches of heads of 128", graph.name, op.output())));
+                }
+            }
+        }
+        let uses_llama = graph.ops.iter().any(|op| {
+            matches!(op, Op::TokenEmbedding { .. } | Op::RmsNorm { .. } | Op::CachedAttention { .. } | Op::SwiGlu { .. } | Op::Argmax { .. })
+                || matches!(op, Op::Linear { weight, .. } if weights.get(weight).is_some_and(|&i| model.tensors[i].dtype != Dtype::F32))
+        });
         let mut op_layer = Vec::with_capacity(graph.ops.len());
         let mut op_charge = Vec::with_capacity(graph.ops.len());
         let mut op_host_table = Vec::with_capacity(graph.ops.len());
@@ -133,6 +170,7 @@ impl Program {
             let mut layer: Option<usize> = None;
             let table = match op {
                 Op::Embedding { wte, .. } => Some(wte.as_str()),
+                Op::TokenEmbedding { table, .. } => Some(table.as_str()),
                 _ => None,
             };
             op_host_table.push(table.and_then(|t| tensor_layer.get(t).copied()));
@@ -141,12 +179,7 @@ impl Program {
                     continue;
                 }
                 let t = weights.get(o).map(|&i| &model.tensors[i]).ok_or_else(|| Error::invalid(format!("weight {o} is not in the model")))?;
-                if t.dtype != Dtype::F32 {
-                    return Err(Error::invalid(format!(
-                        "weight {o} is {}: the worker's kernels run fp32 models",
-                        t.dtype.name()
-                    )));
-                }
+                check_weight_dtype(op, o, t.dtype)?;
                 if Some(o) == table {
                     continue;
                 }
@@ -160,11 +193,13 @@ impl Program {
             op_charge.push(last_layer);
         }
 
-        // Lifetimes: inputs and outputs live for the whole run; activations
-        // from their first writer to their last reader.
+        // Lifetimes: state, inputs and outputs live for the whole run;
+        // activations from their first writer to their last reader. State
+        // comes first (so it lies at the start of the buffer, in declaration
+        // order, the same in every graph declaring it).
         let n_ops = graph.ops.len();
         let mut life: HashMap<&str, (usize, usize)> = HashMap::new();
-        for (n, _) in &graph.inputs {
+        for (n, _) in graph.state.iter().chain(&graph.inputs) {
             life.insert(n, (0, n_ops));
         }
         for (i, op) in graph.ops.iter().enumerate() {
@@ -183,7 +218,7 @@ impl Program {
         }
         let mut names: Vec<&str> = Vec::new();
         let mut lifetimes = Vec::new();
-        for (n, d) in graph.inputs.iter().chain(&graph.activations) {
+        for (n, d) in graph.state.iter().chain(&graph.inputs).chain(&graph.activations) {
             if let Some(&(a, b)) = life.get(n.as_str()) {
                 names.push(n);
                 lifetimes.push((a, b, d.bytes()? as u64));
@@ -195,7 +230,7 @@ impl Program {
             let d = decls[n];
             slots.insert(n.to_string(), Slot { offset: off, bytes: *bytes, shape: d.shape.clone(), dtype: d.dtype()? });
         }
-        Ok(Program { model, graph, op_layer, op_charge, op_host_table, slots, weights, act_bytes, lease: None })
+        Ok(Program { model, graph, op_layer, op_charge, op_host_table, slots, weights, act_bytes, lease: None, uses_llama })
     }
 
     /// The program of a stored model whose graph was stored with it (the
@@ -361,6 +396,9 @@ impl Worker {
     /// prepared before): grows it if needed, zeroing the new one. Call it
     /// before switching, not during a switch.
     pub fn prepare(&mut self, program: &Program) -> Result<()> {
+        if program.uses_llama {
+            llama::preload(self.device)?;
+        }
         let need = program.act_bytes;
         if need <= self.buffer_bytes() {
             return Ok(());
@@ -443,6 +481,14 @@ impl Worker {
             )));
         }
         Ok(())
+    }
+
+    /// Reads an i32 tensor of the last run (token ids).
+    pub fn read_i32(&mut self, program: &Program, name: &str) -> Result<Vec<i32>> {
+        let slot = program.slot(name)?;
+        let mut bytes = vec![0u8; slot.bytes as usize];
+        self.read(program, name, &mut bytes)?;
+        Ok(bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
     /// Reads an fp32 tensor of the last run.
@@ -558,6 +604,9 @@ impl Worker {
             let sl = p.slot(name)?;
             Ok((abase + sl.offset, &sl.shape))
         };
+        let wdtype = |name: &str| -> Result<Dtype> {
+            p.weights.get(name).map(|&i| p.model.tensors[i].dtype).ok_or_else(|| Error::invalid(format!("weight {name} is not in the model")))
+        };
         let wo = |name: &Option<String>| -> Result<CUdeviceptr> { name.as_deref().map_or(Ok(0), |n| w(n).map(|x| x.0)) };
         let ao = |name: &Option<String>| -> Result<CUdeviceptr> { name.as_deref().map_or(Ok(0), |n| a(n).map(|x| x.0)) };
         match op {
@@ -583,6 +632,13 @@ impl Worker {
                 let cols = *xs.last().unwrap_or(&0);
                 let rows = xs.iter().product::<usize>() / cols.max(1);
                 norm::add_layernorm(dev, s, a(out)?.0, 0, xp, ao(residual)?, w(gamma)?.0, w(beta)?.0, rows, cols, *eps)
+            }
+            Op::Linear { x, weight, residual, out, out_col, .. } if wdtype(weight)? != Dtype::F32 => {
+                let (xp, xs) = a(x)?;
+                let (wp, ws) = w(weight)?;
+                let (op_, os) = a(out)?;
+                let ldo = os[1];
+                llama::gemv(dev, s, wdtype(weight)?, xs[0], ws[0], ws[1], xp, xs[1], wp, op_ + (*out_col * 4) as u64, ldo, ao(residual)?, ldo)
             }
             Op::Linear { x, weight, bias, trans_b, act, residual, out, out_col } => {
                 let (xp, xs) = a(x)?;
@@ -622,8 +678,31 @@ impl Worker {
                 let (xp, xs) = a(x)?;
                 conv::global_avg_pool(dev, s, xp, a(out)?.0, xs[0], xs[1], xs[2], xs[3])
             }
-            Op::TokenEmbedding { .. } | Op::RmsNorm { .. } | Op::CachedAttention { .. } | Op::SwiGlu { .. } | Op::Argmax { .. } => {
-                Err(Error::invalid(format!("the worker has no kernel for {} yet", op.kind())))
+            Op::TokenEmbedding { ids, table, out } => {
+                let (ids_p, ids_shape) = a(ids)?;
+                let (tp, ts) = w(table)?;
+                let tp = tp - wbase + tbase;
+                llama::embed(dev, s, wdtype(table)?, a(out)?.0, ids_p, tp, abase, ids_shape.iter().product(), ts[0], ts[1])
+            }
+            Op::RmsNorm { x, weight, eps, last_of, out } => {
+                let (xp, xs) = a(x)?;
+                llama::rmsnorm(dev, s, wdtype(weight)?, xp, w(weight)?.0, a(out)?.0, xs[0], xs[1], last_of.unwrap_or(1), *eps)
+            }
+            Op::CachedAttention { qkv, rope, pos, k_cache, v_cache, heads, kv_heads, seq, out } => {
+                let (qp, qs) = a(qkv)?;
+                let (kp, ks) = a(k_cache)?;
+                let (rp, rs) = w(rope)?;
+                let sh = llama::AttentionShape { batch: qs[0] / seq, seq: *seq, heads: *heads, kv_heads: *kv_heads, head_dim: ks[3], max_seq: ks[2], max_pos: rs[0] };
+                let ptrs = llama::AttentionPtrs { qkv: qp, rope: rp, pos: a(pos)?.0, k_cache: kp, v_cache: a(v_cache)?.0, out: a(out)?.0, flag: abase };
+                llama::cached_attention(dev, s, &ptrs, &sh)
+            }
+            Op::SwiGlu { x, out } => {
+                let (xp, xs) = a(x)?;
+                llama::swiglu(dev, s, xp, a(out)?.0, xs[0], xs[1] / 2)
+            }
+            Op::Argmax { x, out } => {
+                let (xp, xs) = a(x)?;
+                llama::argmax(dev, s, xp, a(out)?.0, xs[0], xs[1])
             }
         }
     }

@@ -379,7 +379,8 @@ fn a_hugging_face_directory_of_shards_is_ingested() {
 
     // Broken directories: clear errors, and the store is unchanged.
     let before = store.models().unwrap().len();
-    let cases: Vec<(Box<dyn Fn(&std::path::Path)>, &str)> = vec![
+    type Make = Box<dyn Fn(&std::path::Path)>;
+    let cases: Vec<(Make, &str)> = vec![
         (Box::new(|d| { write_hf_dir(d, TINY_CONFIG, Some("model.layers.1.mlp.up_proj.weight"), &[]); }), "model.layers.1.mlp.up_proj.weight is missing"),
         (Box::new(|d| { write_hf_dir(d, TINY_CONFIG, None, &[("model.layers.2.mlp.up_proj.weight", vec![512, 256])]); }), "does not belong"),
         (Box::new(|d| { write_hf_dir(d, TINY_CONFIG, None, &[("vision_tower.weight", vec![4])]); }), "not part of a Llama"),
@@ -398,4 +399,41 @@ fn a_hugging_face_directory_of_shards_is_ingested() {
     store.check().unwrap();
     drop(store);
     Store::destroy("llama-hf").unwrap();
+}
+
+#[test]
+fn programs_share_the_cache_and_refuse_what_the_kernels_cannot_run() {
+    use pipeswitch::model::Op;
+    use pipeswitch::worker::Program;
+    common::shm_dir();
+    let store = Store::create("llama-prog", 64 << 20, 8).unwrap();
+    let cfg = LlamaConfig::tiny(false);
+    let m = llama::add_random(&store, "tiny", &cfg, 1, 2, &mut |_, _| {}).unwrap();
+    let pre = Program::new(m.clone(), llama::graph(&cfg, 2, 8, 32)).unwrap();
+    let dec = Program::new(m.clone(), llama::graph(&cfg, 2, 1, 32)).unwrap();
+    for l in 0..cfg.layers {
+        let (k, v) = llama::cache_names(l);
+        assert_eq!(pre.slot(&k).unwrap(), dec.slot(&k).unwrap());
+        assert_eq!(pre.slot(&v).unwrap(), dec.slot(&v).unwrap());
+    }
+    // The cache is never reused for activations.
+    let cache_end = (0..cfg.layers).map(|l| { let s = pre.slot(&llama::cache_names(l).1).unwrap(); s.offset + s.bytes }).max().unwrap();
+    for (n, _) in &pre.graph().activations {
+        assert!(pre.slot(n).unwrap().offset >= cache_end, "{n} overlaps the cache");
+    }
+    // The token table (stored last) is not waited for: it is read from the host.
+    assert_eq!(pre.needed_layers(), m.layers.len() - 1);
+    // Head dims other than 128, F32 caches and half linears with a bias are refused.
+    let mut g = llama::graph(&cfg, 1, 4, 32);
+    g.state[0].1.dtype = "F32".into();
+    g.state[1].1.dtype = "F32".into();
+    let e = Program::new(m.clone(), g).unwrap_err().to_string();
+    assert!(e.contains("BF16 caches"), "{e}");
+    let mut g = llama::graph(&cfg, 1, 4, 32);
+    if let Some(Op::Linear { trans_b, .. }) = g.ops.iter_mut().find(|o| matches!(o, Op::Linear { .. })) {
+        *trans_b = false;
+    }
+    assert!(Program::new(m.clone(), g).is_err());
+    drop(store);
+    Store::destroy("llama-prog").unwrap();
 }

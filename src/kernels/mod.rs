@@ -9,6 +9,7 @@ pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub mod gemm;
+pub mod llama;
 pub mod llama_ref;
 pub mod norm;
 

@@ -467,7 +467,9 @@ pub fn add_hf_dir(store: &Store, name: &str, dir: &Path, max_positions: usize, p
         spec.layers.push(LayerSpec { name: lname.clone(), tensors });
     }
     // A tied model's checkpoint may still carry lm_head.weight (a copy).
-    let extra: Vec<&String> = found.keys().filter(|n| !(cfg.tie_embeddings && n.as_str() == "lm_head.weight") && !def.layers.iter().any(|(_, ws)| ws.iter().any(|w| &w.name == *n))).collect();
+    let known = |n: &str| (cfg.tie_embeddings && n == "lm_head.weight") || def.layers.iter().any(|(_, ws)| ws.iter().any(|w| w.name == n));
+    let mut extra: Vec<&String> = found.keys().filter(|n| !known(n)).collect();
+    extra.sort();
     if let Some(n) = extra.first() {
         return Err(Error::invalid(format!("tensor {n} does not belong to a Llama of this config.json ({} blocks)", cfg.layers)));
     }

@@ -122,6 +122,10 @@ struct Shared {
     leases: Mutex<HashMap<u32, u64>>,
 }
 
+/// Writes bytes `[offset, offset + bytes.len())` of tensor `tensor`
+/// ([`Store::add_model_filled`]): `fill(tensor, offset, bytes)`.
+pub type FillFn<'a> = dyn Fn(usize, u64, &mut [u8]) -> Result<()> + Sync + 'a;
+
 /// An open store.
 pub struct Store {
     sh: Arc<Shared>,
@@ -659,7 +663,7 @@ impl Store {
         spec: &ModelSpec<'_>,
         piece: usize,
         threads: usize,
-        fill: &(dyn Fn(usize, u64, &mut [u8]) -> Result<()> + Sync),
+        fill: &FillFn<'_>,
         progress: Progress<'_>,
     ) -> Result<Arc<Model>> {
         check_model_name(name)?;
