@@ -12,7 +12,7 @@ use pipeswitch::store::Store;
 use pipeswitch::planner::Costs;
 use pipeswitch::{measure, planner};
 
-use pipeswitch_cli::{bench, bench_gemm, bench_kernels, bench_serve, demo};
+use pipeswitch_cli::{bench, bench_gemm, bench_kernels, bench_llm, bench_serve, demo};
 
 #[derive(Parser)]
 #[command(name = "pipeswitch", version, about = "Millisecond GPU model switching: store, plan, switch, measure")]
@@ -181,6 +181,35 @@ enum BenchCmd {
         /// Where to write the JSON (default: bench/results/transfer-<card>.json).
         #[arg(long)]
         json_out: Option<PathBuf>,
+    },
+    /// An 8B Llama switched in and served: time to first token (pipelined
+    /// switch, ready, plain load, sleep-mode-like wake) against the PCIe
+    /// floor, decoding against the HBM roofline, two and three models.
+    Llm {
+        #[arg(long, default_value_t = 0)]
+        device: i32,
+        /// llama3-8b or tiny.
+        #[arg(long, default_value = "llama3-8b")]
+        config: String,
+        /// A Hugging Face directory (config.json + *.safetensors) instead of random weights.
+        #[arg(long)]
+        hf_dir: Option<PathBuf>,
+        /// Models in the store (1 to 3; 2 and 3 add the multi-model runs).
+        #[arg(long, default_value_t = 1)]
+        models: usize,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        #[arg(long, default_value_t = 128)]
+        prompt: usize,
+        #[arg(long, default_value_t = 32)]
+        decode_steps: usize,
+        /// Keep the store and write a manifest for scripts/llm_torch_ref.py.
+        #[arg(long)]
+        keep_store: bool,
+        #[arg(long)]
+        store_name: Option<String>,
+        #[arg(long, default_value = "bench/results")]
+        out_dir: PathBuf,
     },
     /// Our GEMM kernels vs cuBLAS through PyTorch (bench/gemm.sh runs both).
     Gemm {
@@ -360,6 +389,21 @@ fn run(cli: Cli) -> Result<()> {
             init_logging();
             pipeswitch_cli::worker::run(&socket)
         }
+        Command::Demo { device, reps, out_dir, workdir: _, keep_files: _, models, calibration_reps: _, max_rounds: _ }
+            if models.iter().any(|m| m == "llama3-8b" || m == "tiny-llama") =>
+        {
+            if models.len() != 1 {
+                return Err(pipeswitch::error::Error::invalid("the LLM demo runs alone: --models llama3-8b (or tiny-llama)"));
+            }
+            let opts = bench_llm::LlmOptions {
+                device,
+                config: if models[0] == "tiny-llama" { "tiny".into() } else { "llama3-8b".into() },
+                reps: reps.clamp(1, 10),
+                out_dir,
+                ..Default::default()
+            };
+            bench_llm::run(&opts, &mut |line| println!("{line}")).map(|_| ())
+        }
         Command::Demo { device, reps, out_dir, workdir, keep_files, models, calibration_reps, max_rounds } => {
             let mut opts = demo::DemoOptions {
                 device,
@@ -424,6 +468,13 @@ fn run(cli: Cli) -> Result<()> {
             std::fs::write(&path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
             println!("wrote {}", path.display());
             Ok(())
+        }
+        Command::Bench(BenchCmd::Llm { device, config, hf_dir, models, reps, prompt, decode_steps, keep_store, store_name, out_dir }) => {
+            let mut opts = bench_llm::LlmOptions { device, config, hf_dir, models, reps: reps.max(1), prompt, decode_steps, keep_store, out_dir, ..Default::default() };
+            if let Some(n) = store_name {
+                opts.store_name = n;
+            }
+            bench_llm::run(&opts, &mut |line| eprintln!("{line}")).map(|_| ())
         }
         Command::Bench(BenchCmd::Kernels { device, reps }) => {
             bench_kernels::run_kernels(device, reps, &mut |line| println!("{line}"))

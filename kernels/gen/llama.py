@@ -11,7 +11,8 @@ Hand-written PTX, unrolled by this script (PTX registers cannot be indexed):
       8 rows, for prefill. 128 threads = 4 warps; a warp owns 2 rows of w
       and MT rows of x; lanes stride K with 128-bit loads of w (8 halves),
       two steps of 256 elements in flight; a butterfly reduction at the end.
-      Grid (ceil(N / 8), ceil(M / MT)). K % 8 == 0, 16-byte aligned rows.
+      Grid (ceil(M / MT), ceil(N / 8)): the blocks of one tile of w run
+      back to back (L2 reuse in prefill). K % 8 == 0, 16-byte aligned rows.
   llama_rmsnorm_{bf16,f16}      out[r] = x[r*step + step-1] / rms * w; block per row.
   llama_embed_{bf16,f16}        out[t] = table[ids[t]] (f32); bad id: flag |= 1, zeros.
   llama_rope_store              rotary on Q (written to out) and K; K, V to the
@@ -92,8 +93,10 @@ def gemv(dt, MT):
     emit("    mov.u32 %tid, %tid.x;")
     emit("    shr.u32 %warp, %tid, 5;")
     emit("    and.b32 %lane, %tid, 31;")
-    emit("    mov.u32 %bx, %ctaid.x;")
-    emit("    mov.u32 %by, %ctaid.y;")
+    # Row tiles of x vary fastest (ctaid.x), so that the blocks sharing a
+    # tile of w run back to back and read it from L2, not HBM, in prefill.
+    emit("    mov.u32 %by, %ctaid.x;")
+    emit("    mov.u32 %bx, %ctaid.y;")
     emit("    mad.lo.u32 %n0, %bx, 4, %warp;")
     emit(f"    mul.lo.u32 %n0, %n0, {R};")
     emit(f"    mul.lo.u32 %m0, %by, {MT};")

@@ -92,11 +92,12 @@ pub fn gemv(device: &'static Device, stream: CUstream, dtype: Dtype, m: usize, n
         (&mut plo as *mut u32).cast(),
         (&mut plr as *mut u32).cast(),
     ];
-    let grid_y = u32_of("row tiles", m.div_ceil(mt))?;
+    // Grid: (row tiles of x, tiles of 8 rows of w), x fastest.
+    let grid_y = u32_of("column tiles", n.div_ceil(8))?;
     if grid_y > 65535 {
-        return Err(Error::invalid(format!("gemv: {m} rows exceed the grid")));
+        return Err(Error::invalid(format!("gemv: {n} output columns exceed the grid")));
     }
-    let cfg = LaunchConfig { grid: (u32_of("column tiles", n.div_ceil(8))?, grid_y, 1), block: (128, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid: (u32_of("row tiles", m.div_ceil(mt))?, grid_y, 1), block: (128, 1, 1), shared_mem_bytes: 0 };
     launch(device, stream, &entry, cfg, &mut params)
 }
 

@@ -565,6 +565,17 @@ impl Store {
         Ok(ModelLease(Arc::new(LeaseInner { sh: self.sh.clone(), slot, model })))
     }
 
+    /// Host address of a leased model's first byte inside this process's
+    /// mapping (`lease.bytes` bytes; pinned once [`Store::pin`] ran): for
+    /// copies a caller times itself (benchmarks of other ways to load).
+    /// Valid while the lease is held.
+    pub fn leased_host_ptr(&self, lease: &ModelLease) -> Result<*const u8> {
+        if !lease.belongs_to(self) {
+            return Err(Error::invalid(format!("the lease on {:?} is not from store {:?}", lease.name, self.sh.name)));
+        }
+        self.host_ptr(lease)
+    }
+
     /// Host address of a model's first byte inside this process's mapping.
     /// The bytes there are the model's only while a lease on it is held.
     pub(crate) fn host_ptr(&self, model: &Model) -> Result<*const u8> {
