@@ -41,13 +41,13 @@ fn top2(row: &[f32]) -> (i32, f32) {
     (idx[0] as i32, row[idx[0]] - row[idx[1]])
 }
 
-fn run_model(cfg: LlamaConfig, tag: &str) {
+fn run_model(cfg: LlamaConfig, tag: &str, batch: usize) {
     let name = format!("llamagpu-{tag}-{}", std::process::id());
     let _ = Store::destroy(&name);
     let store = TempStore(Arc::new(Store::create(&name, cfg.weight_bytes() + (16 << 20), 4).unwrap()), name);
     let model = llama::add_random(&store.0, "tiny", &cfg, SEED, 4, &mut |_, _| {}).unwrap();
     let weights: HostWeights = reference_weights(&llama::model_def(&cfg), SEED);
-    let (batch, seq, max_seq, steps) = (2usize, 7usize, 24usize, 12usize);
+    let (seq, max_seq, steps) = (7usize, 24usize, 12usize);
     let pre_g = llama::graph(&cfg, batch, seq, max_seq);
     let dec_g = llama::graph(&cfg, batch, 1, max_seq);
     let pre = Program::new(model.clone(), pre_g.clone()).unwrap();
@@ -110,7 +110,9 @@ fn run_model(cfg: LlamaConfig, tag: &str) {
         assert!(e.contains("out of range"), "{e}");
         // A token id beyond the vocabulary: an error too.
         worker.set_input(&dec, "pos", &le_i32(&[pos as i32])).unwrap();
-        worker.set_input(&dec, "input_ids", &le_i32(&[0, cfg.vocab as i32])).unwrap();
+        let mut bad = vec![0; batch];
+        bad[batch - 1] = cfg.vocab as i32;
+        worker.set_input(&dec, "input_ids", &le_i32(&bad)).unwrap();
         worker.run(&dec, &switch, RunOptions::default()).unwrap();
         assert!(worker.read_f32(&dec, "logits").is_err());
     }
@@ -119,7 +121,9 @@ fn run_model(cfg: LlamaConfig, tag: &str) {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn tiny_bf16_llama_matches_the_cpu_executor() {
-    run_model(LlamaConfig::tiny(false), "bf16");
+    // Batch 1 decodes with the one-row GEMV; batch 2 with the 8-row one.
+    run_model(LlamaConfig::tiny(false), "bf16-b1", 1);
+    run_model(LlamaConfig::tiny(false), "bf16-b2", 2);
 }
 
 #[test]
@@ -133,5 +137,5 @@ fn tiny_f16_tied_llama_matches_the_cpu_executor() {
     cfg.ffn = 712;
     cfg.vocab = 389;
     cfg.layers = 3;
-    run_model(cfg, "f16");
+    run_model(cfg, "f16-b3", 3);
 }
