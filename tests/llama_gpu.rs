@@ -139,3 +139,123 @@ fn tiny_f16_tied_llama_matches_the_cpu_executor() {
     cfg.layers = 3;
     run_model(cfg, "f16-b3", 3);
 }
+
+// ---- Kernels one by one against their CPU references (llama_ref) --------
+
+use pipeswitch::cuda::memory::DeviceAlloc;
+use pipeswitch::cuda::{Device, Stream};
+use pipeswitch::kernels::gemm::{f32_to_bf16_bits, f32_to_f16_bits};
+use pipeswitch::kernels::llama as lk;
+use pipeswitch::kernels::llama_ref;
+
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Rounds `v` to `dtype` and returns (values, bits).
+fn halves(v: &[f32], dtype: Dtype) -> (Vec<f32>, Vec<u16>) {
+    let bits: Vec<u16> = v.iter().map(|&x| if dtype == Dtype::Bf16 { f32_to_bf16_bits(x) } else { f32_to_f16_bits(x) }).collect();
+    (v.iter().map(|&x| llama_ref::round_to(dtype, x)).collect(), bits)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemv_matches_its_reference_at_every_shape() {
+    let dev = Device::get(0).unwrap();
+    let stream = Stream::new(dev).unwrap();
+    lk::preload(dev).unwrap();
+    let mut seed = 1;
+    for dtype in [Dtype::Bf16, Dtype::F16] {
+        for &(m, n, k) in &[(1, 1, 8), (1, 7, 264), (1, 333, 520), (2, 64, 4096), (3, 9, 16), (8, 40, 776), (9, 17, 512), (13, 64, 264), (128, 24, 1024)] {
+            for residual in [false, true] {
+                seed += 1;
+                let x = rand_vec(m * k, seed);
+                let (wv, wb) = halves(&rand_vec(n * k, seed + 100), dtype);
+                let r = rand_vec(m * (n + 3), seed + 200);
+                // out has 3 more columns than n, written from column 2.
+                let ldo = n + 3;
+                let rr: Vec<f32> = (0..m).flat_map(|i| r[i * ldo + 2..i * ldo + 2 + n].to_vec()).collect();
+                let expect = llama_ref::linear_nk_ref(&x, &wv, k, residual.then_some(&rr[..]));
+                let dx = DeviceAlloc::from_slice(dev, &x).unwrap();
+                let dw = DeviceAlloc::from_slice(dev, &wb).unwrap();
+                let dout = DeviceAlloc::from_slice(dev, &vec![f32::NAN; m * ldo]).unwrap();
+                let dr = DeviceAlloc::from_slice(dev, &r).unwrap();
+                let res = if residual { dr.ptr() + 8 } else { 0 };
+                lk::gemv(dev, stream.raw(), dtype, m, n, k, dx.ptr(), k, dw.ptr(), dout.ptr() + 8, ldo, res, ldo).unwrap();
+                stream.synchronize().unwrap();
+                let mut got = vec![0f32; m * ldo];
+                dout.copy_to_slice(&mut got).unwrap();
+                for i in 0..m {
+                    assert!(got[i * ldo].is_nan() && got[i * ldo + 1].is_nan() && got[i * ldo + n + 2].is_nan(), "{dtype:?} {m}x{n}x{k}: wrote outside its columns");
+                    for j in 0..n {
+                        let (g, e) = (got[i * ldo + 2 + j], expect[i * n + j]);
+                        assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()) * (k as f32).sqrt(), "{dtype:?} {m}x{n}x{k} res {residual}: [{i},{j}] {g} vs {e}");
+                    }
+                }
+            }
+        }
+    }
+    // Shapes the kernel cannot take are refused before any launch.
+    assert!(lk::gemv(dev, stream.raw(), Dtype::Bf16, 1, 8, 12, 256, 12, 256, 256, 8, 0, 8).is_err(), "k % 8");
+    assert!(lk::gemv(dev, stream.raw(), Dtype::F32, 1, 8, 16, 256, 16, 256, 256, 8, 0, 8).is_err(), "f32 weights");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn small_kernels_match_their_references() {
+    let dev = Device::get(0).unwrap();
+    let stream = Stream::new(dev).unwrap();
+    lk::preload(dev).unwrap();
+    // RMSNorm, every row and the last of each sequence of 3.
+    let (rows, h) = (6, 520);
+    let x = rand_vec(rows * h, 5);
+    let (gv, gb) = halves(&rand_vec(h, 6).iter().map(|v| 1.0 + 0.2 * v).collect::<Vec<_>>(), Dtype::Bf16);
+    let dx = DeviceAlloc::from_slice(dev, &x).unwrap();
+    let dg = DeviceAlloc::from_slice(dev, &gb).unwrap();
+    for step in [1, 3] {
+        let dout = DeviceAlloc::new(dev, rows * h * 4).unwrap();
+        lk::rmsnorm(dev, stream.raw(), Dtype::Bf16, dx.ptr(), dg.ptr(), dout.ptr(), rows, h, step, 1e-5).unwrap();
+        stream.synchronize().unwrap();
+        let expect = llama_ref::rmsnorm_ref(&x, &gv, 1e-5, Some(step)).unwrap();
+        let mut got = vec![0f32; expect.len()];
+        dout.copy_to_slice(&mut got).unwrap();
+        assert!(rel_err(&got, &expect) < 1e-5, "rmsnorm step {step}");
+    }
+    // SwiGLU.
+    let (t, f) = (5, 300);
+    let x = rand_vec(t * 2 * f, 7).iter().map(|v| v * 6.0).collect::<Vec<_>>();
+    let dx = DeviceAlloc::from_slice(dev, &x).unwrap();
+    let dout = DeviceAlloc::new(dev, t * f * 4).unwrap();
+    lk::swiglu(dev, stream.raw(), dx.ptr(), dout.ptr(), t, f).unwrap();
+    stream.synchronize().unwrap();
+    let mut got = vec![0f32; t * f];
+    dout.copy_to_slice(&mut got).unwrap();
+    assert!(rel_err(&got, &llama_ref::swiglu_ref(&x, 2 * f).unwrap()) < 1e-5, "swiglu");
+    // Argmax: ties go to the first index, -inf rows to 0.
+    let cols = 1000;
+    let mut x = rand_vec(4 * cols, 8);
+    x[3] = 5.0;
+    x[700] = 5.0;
+    x[cols + 999] = 7.0;
+    for v in &mut x[2 * cols..3 * cols] {
+        *v = f32::NEG_INFINITY;
+    }
+    x[3 * cols + 500] = 2.0;
+    x[3 * cols + 257] = 2.0;
+    let dx = DeviceAlloc::from_slice(dev, &x).unwrap();
+    let dout = DeviceAlloc::new(dev, 16).unwrap();
+    lk::argmax(dev, stream.raw(), dx.ptr(), dout.ptr(), 4, cols).unwrap();
+    stream.synchronize().unwrap();
+    let mut got = vec![0i32; 4];
+    dout.copy_to_slice(&mut got).unwrap();
+    assert_eq!(got, llama_ref::argmax_ref(&x, cols).unwrap());
+    assert_eq!(got, [3, 999, 0, 257]);
+}
