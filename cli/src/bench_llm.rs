@@ -110,6 +110,9 @@ pub struct LlmReport {
     pub ttft_over_floor: f64,
     pub sleep_wake_over_pipelined: f64,
     pub decode: Vec<DecodeResult>,
+    /// The GEMV alone on one down_proj-sized weight ([4096, 14336]), by
+    /// rows of x (1 and 8): weight bytes over kernel time, GB/s.
+    pub gemv_gbps: Vec<(usize, f64)>,
     pub two_resident_ttft_ms: Option<Stats>,
     pub three_over_two_regions_ttft_ms: Option<Stats>,
     pub tokens_batch1: Vec<i32>,
@@ -341,6 +344,33 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
         decode.push(DecodeResult { batch, steps: steps.len(), step_ms: st, tokens_per_s: tps, roofline_tokens_per_s: roof, fraction_of_roofline: tps / roof });
     }
 
+    // The GEMV alone: the biggest matrices of a block, from the arena.
+    let mut gemv_gbps = vec![];
+    {
+        let (_, t) = model.tensor("model.layers.0.mlp.down_proj.weight").ok_or_else(|| Error::Internal("no down_proj".into()))?;
+        let (n, k) = (t.shape[0] as usize, t.shape[1] as usize);
+        let w = sw.model_base()? + t.offset;
+        let x = DeviceAlloc::new(device, 8 * k * 4)?;
+        x.fill(0)?;
+        let out = DeviceAlloc::new(device, 8 * n * 4)?;
+        let s = Stream::new(device)?;
+        let (e0, e1) = (Event::new(device, true)?, Event::new(device, true)?);
+        for m in [1usize, 8] {
+            let mut ts = vec![];
+            for _ in 0..20 {
+                e0.record(s.raw())?;
+                pipeswitch::kernels::llama::gemv(device, s.raw(), t.dtype, m, n, k, x.ptr(), k, w, out.ptr(), n, 0, n)?;
+                e1.record(s.raw())?;
+                e1.synchronize()?;
+                ts.push(f64::from(Event::elapsed_ms(&e0, &e1)?));
+            }
+            let ms = pipeswitch::measure::median(&mut ts[2..].to_vec());
+            let gbps = t.bytes as f64 / (ms * 1e-3) / 1e9;
+            log(&format!("GEMV alone, {m} row(s) of x times [{n}, {k}]: {ms:.3} ms, {gbps:.0} GB/s of weights ({:.0}% of the device-to-device bandwidth)", 100.0 * gbps / d2d));
+            gemv_gbps.push((m, gbps));
+        }
+    }
+
     // Several models.
     let mut two = None;
     let mut three = None;
@@ -407,6 +437,7 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
         sleep_wake_over_pipelined: wake / pipelined,
         ttft_ms: ttft,
         decode,
+        gemv_gbps,
         two_resident_ttft_ms: two,
         three_over_two_regions_ttft_ms: three,
         tokens_batch1,
