@@ -177,6 +177,16 @@ impl Bench {
 
 /// Runs the benchmark; `log` gets progress lines.
 pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
+    // Arguments first: a bad one is refused before any GPU work.
+    cfg_of(&opts.config)?;
+    if opts.prompt == 0 || opts.decode_steps == 0 || opts.reps == 0 {
+        return Err(Error::invalid("prompt, decode steps and reps must be positive"));
+    }
+    if let Some(d) = &opts.hf_dir {
+        if !d.join("config.json").is_file() {
+            return Err(Error::NotFound(format!("{} has no config.json", d.display())));
+        }
+    }
     let device = Device::get(opts.device)?;
     device.bind()?;
     let card = device.name()?;

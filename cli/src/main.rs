@@ -128,7 +128,9 @@ enum Command {
         /// Keep the model files after ingesting them.
         #[arg(long)]
         keep_files: bool,
-        /// Only these models (resnet152, bert-base, gpt2-medium).
+        /// Only these models (resnet152, bert-base, gpt2-medium); or, alone,
+        /// llama3-8b (tiny-llama: its small configuration): the LLM run of
+        /// `pipeswitch bench llm`.
         #[arg(long, value_delimiter = ',')]
         models: Vec<String>,
         /// Switches per calibration plan of the cost model's fit.

@@ -54,3 +54,24 @@ fn serve_without_a_gpu_says_so_in_one_line_and_fails() {
     let text = String::from_utf8_lossy(&help.stdout);
     assert!(text.contains("--store") && text.contains("SIGTERM") && text.contains("pipeswitch store create"), "{text}");
 }
+
+#[test]
+fn the_llm_run_refuses_bad_arguments_before_touching_the_gpu() {
+    let Some(exe) = cli() else {
+        eprintln!("no pipeswitch binary next to this test: skipped");
+        return;
+    };
+    let run = |args: &[&str]| {
+        let out = Command::new(&exe).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (code, err) = run(&["demo", "--models", "llama3-8b,resnet152"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("runs alone"), "{err}");
+    let (code, err) = run(&["bench", "llm", "--config", "llama-70b"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("unknown LLM config"), "{err}");
+    let (code, err) = run(&["bench", "llm", "--hf-dir", "/nonexistent-hf-dir"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("no config.json"), "{err}");
+}
