@@ -162,6 +162,24 @@ enum StoreCmd {
         #[arg(long, value_delimiter = ',')]
         layers: Option<Vec<String>>,
     },
+    /// Add a Llama: a Hugging Face directory (config.json and *.safetensors
+    /// shards) or, with --random, deterministic random weights of a known
+    /// configuration (llama3-8b, tiny), written straight into the store.
+    AddLlama {
+        store: String,
+        model: String,
+        /// The Hugging Face directory.
+        #[arg(long, conflicts_with = "random", required_unless_present = "random")]
+        hf_dir: Option<PathBuf>,
+        /// llama3-8b or tiny: random weights of that configuration.
+        #[arg(long)]
+        random: Option<String>,
+        /// Rows of the rotary table: the longest sequence a run may reach.
+        #[arg(long, default_value_t = 2048)]
+        max_positions: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// List the models of a store.
     List { store: String },
     /// Show a model's layers and tensors.
@@ -578,6 +596,29 @@ fn store_cmd(cmd: StoreCmd) -> Result<()> {
             })?;
             bar.finish_and_clear();
             println!("added {model}: {} layers, {} tensors, {}", m.layers.len(), m.tensors.len(), human(m.bytes));
+        }
+        StoreCmd::AddLlama { store, model, hf_dir, random, max_positions, seed } => {
+            use pipeswitch::model::llama::{self, LlamaConfig};
+            let s = Store::open(&store)?;
+            let m = match (hf_dir, random.as_deref()) {
+                (Some(dir), _) => llama::add_hf_dir(&s, &model, &dir, max_positions, &mut |_, _| {})?,
+                (None, Some(name)) => {
+                    let mut cfg = match name {
+                        "llama3-8b" => LlamaConfig::LLAMA3_8B,
+                        "tiny" => LlamaConfig::tiny(false),
+                        _ => return Err(pipeswitch::error::Error::invalid(format!("unknown Llama configuration {name:?} (llama3-8b, tiny)"))),
+                    };
+                    cfg.max_positions = max_positions;
+                    let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+                    llama::add_random(&s, &model, &cfg, seed, threads, &mut |_, _| {})?
+                }
+                (None, None) => return Err(pipeswitch::error::Error::invalid("give --hf-dir or --random")),
+            };
+            let cfg = llama::stored_config(&m)?;
+            println!(
+                "added {model}: Llama, {} blocks, hidden {}, {} heads ({} KV), {} {}, {} layers, {}",
+                cfg.layers, cfg.hidden, cfg.heads, cfg.kv_heads, cfg.dtype.name(), if cfg.tie_embeddings { "tied" } else { "untied" }, m.layers.len(), human(m.bytes)
+            );
         }
         StoreCmd::List { store } => {
             let s = Store::open(&store)?;
