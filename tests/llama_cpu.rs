@@ -437,3 +437,51 @@ fn programs_share_the_cache_and_refuse_what_the_kernels_cannot_run() {
     drop(store);
     Store::destroy("llama-prog").unwrap();
 }
+
+#[test]
+fn malformed_llama_ops_are_refused_by_validation_not_panics() {
+    use pipeswitch::model::Op;
+    let cfg = LlamaConfig::tiny(false);
+    let def = llama::model_def(&cfg);
+    let shapes = def.weight_shapes();
+    let g0 = llama::graph(&cfg, 1, 4, 16);
+    let attn = g0.ops.iter().position(|o| matches!(o, Op::CachedAttention { .. })).unwrap();
+    let mutate = |f: &dyn Fn(&mut Op)| {
+        let mut g = g0.clone();
+        f(&mut g.ops[attn]);
+        g.validate(&shapes).unwrap_err().to_string()
+    };
+    let set = |h: usize, kv: usize, seq: usize| move |o: &mut Op| {
+        if let Op::CachedAttention { heads, kv_heads, seq: s, .. } = o {
+            *heads = h;
+            *kv_heads = kv;
+            *s = seq;
+        }
+    };
+    for (h, kv, seq) in [(1usize << 63, 1usize << 62, 4), (0, 2, 4), (4, 0, 4), (4, 3, 4), (4, 2, 0), (4, 2, 3), (2, 1, 4)] {
+        let e = mutate(&set(h, kv, seq));
+        assert!(e.contains("cached_attention"), "{h} {kv} {seq}: {e}");
+    }
+    // The cache must be state, and the rope table [max_pos, d].
+    let e = mutate(&|o| if let Op::CachedAttention { k_cache, .. } = o { *k_cache = "pos".into() });
+    assert!(e.contains("state"), "{e}");
+    let mut g = g0.clone();
+    g.state.remove(0);
+    assert!(g.validate(&shapes).is_err());
+    let mut bad = shapes.clone();
+    bad.insert("rope.cos_sin".into(), vec![64, 64]);
+    assert!(g0.validate(&bad).unwrap_err().to_string().contains("rope"));
+    // Only the attention op may touch a cache; argmax writes I32.
+    let mut g = g0.clone();
+    g.ops.insert(attn + 1, Op::SwiGlu { x: "cache.0.k".into(), out: "model.layers.0.mlp.act".into() });
+    assert!(g.validate(&shapes).is_err());
+    let mut g = g0.clone();
+    g.activations.iter_mut().find(|(n, _)| n == "next").unwrap().1.dtype = "F32".into();
+    assert!(g.validate(&shapes).unwrap_err().to_string().contains("I32"));
+    // last_of must divide the rows.
+    let mut g = g0.clone();
+    if let Some(Op::RmsNorm { last_of, .. }) = g.ops.iter_mut().rev().find(|o| matches!(o, Op::RmsNorm { .. })) {
+        *last_of = Some(3);
+    }
+    assert!(g.validate(&shapes).is_err());
+}

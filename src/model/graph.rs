@@ -450,7 +450,8 @@ impl Graph {
                 Op::CachedAttention { qkv, rope, pos, k_cache, v_cache, heads, kv_heads, seq, .. } => {
                     let q = act(op, qkv)?;
                     let groups = heads.checked_add(kv_heads.saturating_mul(2)).unwrap_or(0);
-                    if q.shape.len() != 2 || *heads == 0 || *kv_heads == 0 || heads % kv_heads != 0 || *seq == 0 || q.shape[0] % seq != 0 || q.shape[1] % groups != 0 || q.shape[1] / groups % 2 != 0 {
+                    // groups is 0 where heads + 2 kv_heads overflows.
+                    if q.shape.len() != 2 || groups == 0 || *heads == 0 || *kv_heads == 0 || heads % kv_heads != 0 || *seq == 0 || q.shape[0] % seq != 0 || q.shape[1] == 0 || q.shape[1] % groups != 0 || q.shape[1] / groups % 2 != 0 {
                         return Err(bad(op, "qkv must be [B*seq, (heads + 2 kv_heads) d] with d even and heads a multiple of kv_heads".into()));
                     }
                     let d = q.shape[1] / groups;
