@@ -271,6 +271,8 @@ fn hf_config_json_is_read() {
         (text.replace("\"num_key_value_heads\":8", "\"num_key_value_heads\":5"), "multiple"),
         (text.replace("\"hidden_size\":4096,", ""), "hidden_size"),
         (text.replace("llama3", "yarn"), "rope_scaling"),
+        (text.replace("\"num_hidden_layers\":32", "\"num_hidden_layers\":4000000000"), "beyond"),
+        (text.replace("\"vocab_size\":128256", "\"vocab_size\":18446744073709551615"), "beyond"),
     ] {
         let e = LlamaConfig::from_hf_json(&bad, 2048).unwrap_err().to_string();
         assert!(e.contains(what), "{what}: {e}");

@@ -142,6 +142,11 @@ impl LlamaConfig {
         if self.layers == 0 || self.hidden == 0 || self.heads == 0 || self.kv_heads == 0 || self.ffn == 0 || self.vocab == 0 || self.max_positions == 0 {
             return bad("every size must be positive");
         }
+        // Bounds far above any real model, so that every size below is
+        // computed without overflow (a hostile config.json gets an error).
+        if self.layers > 1024 || self.hidden > 1 << 20 || self.ffn > 1 << 20 || self.heads > 1024 || self.kv_heads > 1024 || self.head_dim > 1024 || self.vocab > 1 << 22 || self.max_positions > 1 << 22 {
+            return bad("a size is beyond what this worker takes (layers 1024, hidden and ffn 2^20, heads 1024, head_dim 1024, vocab and positions 2^22)");
+        }
         if self.heads % self.kv_heads != 0 {
             return bad("heads must be a multiple of kv_heads");
         }
