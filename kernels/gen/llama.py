@@ -18,7 +18,7 @@ Hand-written PTX, unrolled by this script (PTX registers cannot be indexed):
   llama_rope_store              rotary on Q (written to out) and K; K, V to the
                                 bf16 caches; grid (T, heads + kv_heads), d/2 threads.
   llama_attention_d128          one warp per (token, head): online softmax over
-                                cached keys 0..=pos, 4 keys per step; grid (T, heads).
+                                cached keys 0..=pos, 8 keys per step; grid (T, heads).
   llama_swiglu                  out = silu(x[:, :F]) * x[:, F:], grid-stride.
   llama_argmax                  out[r] = first index of the row's max; block per row.
 """
@@ -474,7 +474,7 @@ def rope_store():
 
 
 def attention():
-    G = 4
+    G = 8
     name = "llama_attention_d128"
     emit(f"// {name}: one warp per (token t, head h), grid (T, heads); lane l owns dims 4l..4l+3.")
     emit("// Reads the rotated Q from out (written by llama_rope_store), attends to cached keys")
