@@ -65,6 +65,58 @@ pub struct Program {
     lease: Option<ModelLease>,
     /// Whether it runs Llama kernels (whose module is loaded by `prepare`).
     uses_llama: bool,
+    /// Per op: the columns one GEMV launch computes for it and the ops
+    /// merged into it (see [`fuse_linears`]): Some(n) for an op whose
+    /// launch covers `n` output columns, None for an op merged into an
+    /// earlier one (nothing to launch).
+    gemv_cols: Vec<Option<usize>>,
+}
+
+/// Half-precision linears that read the same input and write adjacent
+/// columns of the same output with weights stored back to back (Q, K and V;
+/// gate and up) are one matrix in memory: one GEMV launch computes them all,
+/// the same per-column sums as separate launches. Returns, per op, the
+/// columns of its launch (None: merged into the op before it).
+fn fuse_linears(model: &Model, graph: &Graph, weights: &HashMap<String, usize>, op_layer: &[Option<usize>]) -> Vec<Option<usize>> {
+    let lin = |op: &Op| -> Option<(String, String, usize, usize, usize, u64, u64, Dtype)> {
+        match op {
+            Op::Linear { x, weight, bias: None, trans_b: true, act: Act::None, residual: None, out, out_col } => {
+                let t = &model.tensors[*weights.get(weight)?];
+                if t.dtype == Dtype::F32 || t.shape.len() != 2 {
+                    return None;
+                }
+                Some((x.clone(), out.clone(), *out_col, t.shape[0] as usize, t.shape[1] as usize, t.offset, t.bytes, t.dtype))
+            }
+            _ => None,
+        }
+    };
+    let mut cols: Vec<Option<usize>> = graph
+        .ops
+        .iter()
+        .map(|op| match op {
+            Op::Linear { weight, .. } => Some(weights.get(weight).map_or(0, |&i| model.tensors[i].shape.first().copied().unwrap_or(0) as usize)),
+            _ => Some(0),
+        })
+        .collect();
+    let mut head = 0;
+    for i in 1..graph.ops.len() {
+        let merged = match (lin(&graph.ops[head]), lin(&graph.ops[i])) {
+            (Some(h), Some(c)) if cols[head].is_some() => {
+                let end_col = h.2 + cols[head].unwrap_or(0);
+                let end_byte = h.5 + (cols[head].unwrap_or(0) * h.4) as u64 * h.7.size();
+                h.0 == c.0 && h.1 == c.1 && c.2 == end_col && h.4 == c.4 && h.7 == c.7 && c.5 == end_byte && op_layer[head] == op_layer[i]
+            }
+            _ => false,
+        };
+        if merged {
+            let n = cols[i].unwrap_or(0);
+            cols[head] = cols[head].map(|c| c + n);
+            cols[i] = None;
+        } else {
+            head = i;
+        }
+    }
+    cols
 }
 
 /// The dtypes an op's weight operand may have in the worker, or an error.
@@ -230,7 +282,8 @@ impl Program {
             let d = decls[n];
             slots.insert(n.to_string(), Slot { offset: off, bytes: *bytes, shape: d.shape.clone(), dtype: d.dtype()? });
         }
-        Ok(Program { model, graph, op_layer, op_charge, op_host_table, slots, weights, act_bytes, lease: None, uses_llama })
+        let gemv_cols = fuse_linears(&model, &graph, &weights, &op_layer);
+        Ok(Program { model, graph, op_layer, op_charge, op_host_table, slots, weights, act_bytes, lease: None, uses_llama, gemv_cols })
     }
 
     /// The program of a stored model whose graph was stored with it (the
@@ -259,6 +312,12 @@ impl Program {
     /// Where an input or activation lives.
     pub fn slot(&self, name: &str) -> Result<&Slot> {
         self.slots.get(name).ok_or_else(|| Error::NotFound(format!("model {:?} has no tensor {name:?} to read or write", self.model.name)))
+    }
+    /// Per op, the output columns of its GEMV launch where half-precision
+    /// linears are merged (see `fuse_linears`): None for an op merged into
+    /// the one before it.
+    pub fn gemv_columns(&self) -> &[Option<usize>] {
+        &self.gemv_cols
     }
     /// The layer each op waits for (None: reads no weights).
     pub fn op_layers(&self) -> &[Option<usize>] {
@@ -549,7 +608,9 @@ impl Worker {
             if opts.profile {
                 self.events[i].record(s)?;
             }
-            self.launch(program, op, wbase, tbase, abase)?;
+            if program.gemv_cols[i].is_some() {
+                self.launch(program, i, op, wbase, tbase, abase)?;
+            }
         }
         if opts.profile {
             self.events[n_ops].record(s)?;
@@ -592,7 +653,7 @@ impl Worker {
 
     /// Enqueues one op; weights are read at `wbase`, an embedding's token
     /// table at `tbase` (the arena, or the store's pinned pages).
-    fn launch(&self, p: &Program, op: &Op, wbase: CUdeviceptr, tbase: CUdeviceptr, abase: CUdeviceptr) -> Result<()> {
+    fn launch(&self, p: &Program, index: usize, op: &Op, wbase: CUdeviceptr, tbase: CUdeviceptr, abase: CUdeviceptr) -> Result<()> {
         let dev = self.device;
         let s = self.stream.raw();
         // Address of a weight or activation; shape of an activation.
@@ -638,7 +699,9 @@ impl Worker {
                 let (wp, ws) = w(weight)?;
                 let (op_, os) = a(out)?;
                 let ldo = os[1];
-                llama::gemv(dev, s, wdtype(weight)?, xs[0], ws[0], ws[1], xp, xs[1], wp, op_ + (*out_col * 4) as u64, ldo, ao(residual)?, ldo)
+                // Ops merged into this one (fuse_linears) add their columns.
+                let n = p.gemv_cols[index].unwrap_or(ws[0]);
+                llama::gemv(dev, s, wdtype(weight)?, xs[0], n, ws[1], xp, xs[1], wp, op_ + (*out_col * 4) as u64, ldo, ao(residual)?, ldo)
             }
             Op::Linear { x, weight, bias, trans_b, act, residual, out, out_col } => {
                 let (xp, xs) = a(x)?;

@@ -423,6 +423,26 @@ fn programs_share_the_cache_and_refuse_what_the_kernels_cannot_run() {
     for (n, _) in &pre.graph().activations {
         assert!(pre.slot(n).unwrap().offset >= cache_end, "{n} overlaps the cache");
     }
+    // Q, K and V (and gate and up) are stored back to back and written to
+    // adjacent columns: one GEMV launch each; o_proj, down_proj and the head alone.
+    let cols = dec.gemv_columns();
+    let g = dec.graph();
+    let launched: Vec<(String, usize)> = g.ops.iter().zip(cols).filter_map(|(op, c)| match (op, c) {
+        (pipeswitch::model::Op::Linear { weight, .. }, Some(n)) => Some((weight.clone(), *n)),
+        _ => None,
+    }).collect();
+    assert_eq!(launched.len(), 4 * cfg.layers + 1, "{launched:?}");
+    assert_eq!(launched[0], ("model.layers.0.self_attn.q_proj.weight".to_string(), cfg.qkv_width()));
+    assert_eq!(launched[1], ("model.layers.0.self_attn.o_proj.weight".to_string(), cfg.hidden));
+    assert_eq!(launched[2], ("model.layers.0.mlp.gate_proj.weight".to_string(), 2 * cfg.ffn));
+    assert_eq!(launched[3], ("model.layers.0.mlp.down_proj.weight".to_string(), cfg.hidden));
+    assert_eq!(cols.iter().filter(|c| c.is_none()).count(), 3 * cfg.layers);
+    // Out of storage order (V before K): nothing merged there.
+    let mut g = llama::graph(&cfg, 2, 1, 32);
+    g.ops.swap(3, 4);
+    let p = Program::new(m.clone(), g).unwrap();
+    let kv = cfg.kv_heads * cfg.head_dim;
+    assert_eq!(p.gemv_columns()[2..5], [Some(cfg.heads * cfg.head_dim), Some(kv), Some(kv)]);
     // The token table (stored last) is not waited for: it is read from the host.
     assert_eq!(pre.needed_layers(), m.layers.len() - 1);
     // Head dims other than 128, F32 caches and half linears with a bias are refused.
