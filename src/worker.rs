@@ -77,15 +77,24 @@ pub struct Program {
 /// gate and up) are one matrix in memory: one GEMV launch computes them all,
 /// the same per-column sums as separate launches. Returns, per op, the
 /// columns of its launch (None: merged into the op before it).
-fn fuse_linears(model: &Model, graph: &Graph, weights: &HashMap<String, usize>, op_layer: &[Option<usize>]) -> Vec<Option<usize>> {
-    let lin = |op: &Op| -> Option<(String, String, usize, usize, usize, u64, u64, Dtype)> {
+fn fuse_linears<'a>(model: &Model, graph: &'a Graph, weights: &HashMap<String, usize>, op_layer: &[Option<usize>]) -> Vec<Option<usize>> {
+    // A mergeable linear: its input, output, first column, K, weight offset, dtype.
+    struct Lin<'a> {
+        x: &'a str,
+        out: &'a str,
+        col: usize,
+        k: u64,
+        offset: u64,
+        dtype: Dtype,
+    }
+    let lin = |op: &'a Op| -> Option<Lin<'a>> {
         match op {
             Op::Linear { x, weight, bias: None, trans_b: true, act: Act::None, residual: None, out, out_col } => {
                 let t = &model.tensors[*weights.get(weight)?];
                 if t.dtype == Dtype::F32 || t.shape.len() != 2 {
                     return None;
                 }
-                Some((x.clone(), out.clone(), *out_col, t.shape[0] as usize, t.shape[1] as usize, t.offset, t.bytes, t.dtype))
+                Some(Lin { x, out, col: *out_col, k: t.shape[1], offset: t.offset, dtype: t.dtype })
             }
             _ => None,
         }
@@ -102,9 +111,9 @@ fn fuse_linears(model: &Model, graph: &Graph, weights: &HashMap<String, usize>, 
     for i in 1..graph.ops.len() {
         let merged = match (lin(&graph.ops[head]), lin(&graph.ops[i])) {
             (Some(h), Some(c)) if cols[head].is_some() => {
-                let end_col = h.2 + cols[head].unwrap_or(0);
-                let end_byte = h.5 + (cols[head].unwrap_or(0) * h.4) as u64 * h.7.size();
-                h.0 == c.0 && h.1 == c.1 && c.2 == end_col && h.4 == c.4 && h.7 == c.7 && c.5 == end_byte && op_layer[head] == op_layer[i]
+                let n = cols[head].unwrap_or(0);
+                let end_byte = h.offset + n as u64 * h.k * h.dtype.size();
+                h.x == c.x && h.out == c.out && c.col == h.col + n && h.k == c.k && h.dtype == c.dtype && c.offset == end_byte && op_layer[head] == op_layer[i]
             }
             _ => false,
         };
