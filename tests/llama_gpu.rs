@@ -259,3 +259,92 @@ fn small_kernels_match_their_references() {
     assert_eq!(got, llama_ref::argmax_ref(&x, cols).unwrap());
     assert_eq!(got, [3, 999, 0, 257]);
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cached_attention_and_embedding_match_their_references() {
+    use pipeswitch::kernels::gemm::bf16_bits_to_f32;
+    let dev = Device::get(0).unwrap();
+    let stream = Stream::new(dev).unwrap();
+    lk::preload(dev).unwrap();
+    let sh = llama_ref::CachedAttentionShape { batch: 2, seq: 3, heads: 4, kv_heads: 2, head_dim: 128, max_seq: 16, max_pos: 20 };
+    let (b, s, h, kv, d) = (sh.batch, sh.seq, sh.heads, sh.kv_heads, sh.head_dim);
+    let width = (h + 2 * kv) * d;
+    let cfg = LlamaConfig::tiny(false);
+    let rope = pipeswitch::model::weights::rope_table(&cfg.rope(), sh.max_pos, d);
+    for pos in [0i32, 5, 13] {
+        let qkv = rand_vec(b * s * width, 40 + pos as u64);
+        // Earlier positions already cached (bf16 values), the rest garbage.
+        let n_cache = b * kv * sh.max_seq * d;
+        let (kc0, kb) = halves(&rand_vec(n_cache, 50), Dtype::Bf16);
+        let (vc0, vb) = halves(&rand_vec(n_cache, 51), Dtype::Bf16);
+        let (mut kc, mut vc) = (kc0.clone(), vc0.clone());
+        let expect = llama_ref::cached_attention_ref(&qkv, &rope, pos, &mut kc, &mut vc, Dtype::Bf16, sh).unwrap();
+        let dq = DeviceAlloc::from_slice(dev, &qkv).unwrap();
+        let dr = DeviceAlloc::from_slice(dev, &rope).unwrap();
+        let dp = DeviceAlloc::from_slice(dev, &[pos]).unwrap();
+        let dk = DeviceAlloc::from_slice(dev, &kb).unwrap();
+        let dv = DeviceAlloc::from_slice(dev, &vb).unwrap();
+        let dout = DeviceAlloc::new(dev, b * s * h * d * 4).unwrap();
+        let dflag = DeviceAlloc::from_slice(dev, &[0i32]).unwrap();
+        let ptrs = lk::AttentionPtrs { qkv: dq.ptr(), rope: dr.ptr(), pos: dp.ptr(), k_cache: dk.ptr(), v_cache: dv.ptr(), out: dout.ptr(), flag: dflag.ptr() };
+        let ash = lk::AttentionShape { batch: b, seq: s, heads: h, kv_heads: kv, head_dim: d, max_seq: sh.max_seq, max_pos: sh.max_pos };
+        lk::cached_attention(dev, stream.raw(), &ptrs, &ash).unwrap();
+        stream.synchronize().unwrap();
+        let mut got = vec![0f32; b * s * h * d];
+        dout.copy_to_slice(&mut got).unwrap();
+        assert!(rel_err(&got, &expect) < 2e-3, "pos {pos}: attention differs by {:e}", rel_err(&got, &expect));
+        let mut kbits = vec![0u16; n_cache];
+        dk.copy_to_slice(&mut kbits).unwrap();
+        let kgot: Vec<f32> = kbits.iter().map(|&x| bf16_bits_to_f32(x)).collect();
+        let differing = kgot.iter().zip(&kc).filter(|(a, e)| a != e).count();
+        // The rotated keys round to bf16 the same way but for the odd last bit.
+        assert!(differing <= b * s * kv * d / 50, "pos {pos}: {differing} cached keys differ");
+        let mut vbits = vec![0u16; n_cache];
+        dv.copy_to_slice(&mut vbits).unwrap();
+        let vgot: Vec<f32> = vbits.iter().map(|&x| bf16_bits_to_f32(x)).collect();
+        assert_eq!(vgot, vc, "pos {pos}: the value cache");
+        let mut flag = [0i32];
+        dflag.copy_to_slice(&mut flag).unwrap();
+        assert_eq!(flag[0], 0);
+    }
+    // A chunk running past the cache raises the flag.
+    let dp = DeviceAlloc::from_slice(dev, &[14i32]).unwrap();
+    let qkv = DeviceAlloc::from_slice(dev, &rand_vec(b * s * width, 1)).unwrap();
+    let dr = DeviceAlloc::from_slice(dev, &rope).unwrap();
+    let dk = DeviceAlloc::new(dev, b * kv * sh.max_seq * d * 2).unwrap();
+    let dv = DeviceAlloc::new(dev, b * kv * sh.max_seq * d * 2).unwrap();
+    let dout = DeviceAlloc::new(dev, b * s * h * d * 4).unwrap();
+    let dflag = DeviceAlloc::from_slice(dev, &[0i32]).unwrap();
+    let ptrs = lk::AttentionPtrs { qkv: qkv.ptr(), rope: dr.ptr(), pos: dp.ptr(), k_cache: dk.ptr(), v_cache: dv.ptr(), out: dout.ptr(), flag: dflag.ptr() };
+    let ash = lk::AttentionShape { batch: b, seq: s, heads: h, kv_heads: kv, head_dim: d, max_seq: sh.max_seq, max_pos: sh.max_pos };
+    lk::cached_attention(dev, stream.raw(), &ptrs, &ash).unwrap();
+    stream.synchronize().unwrap();
+    let mut flag = [0i32];
+    dflag.copy_to_slice(&mut flag).unwrap();
+    assert_eq!(flag[0], lk::BAD_POSITION);
+
+    // Token embedding: rows of a bf16 table; a bad id flags and zeroes its row.
+    let (vocab, hd) = (50, 72);
+    let (tv, tb) = halves(&rand_vec(vocab * hd, 60), Dtype::Bf16);
+    let ids = [3i32, 49, 0, 50, -1, 7];
+    let dt = DeviceAlloc::from_slice(dev, &tb).unwrap();
+    let di = DeviceAlloc::from_slice(dev, &ids).unwrap();
+    let dout = DeviceAlloc::new(dev, ids.len() * hd * 4).unwrap();
+    let dflag = DeviceAlloc::from_slice(dev, &[0i32]).unwrap();
+    lk::embed(dev, stream.raw(), Dtype::Bf16, dout.ptr(), di.ptr(), dt.ptr(), dflag.ptr(), ids.len(), vocab, hd).unwrap();
+    stream.synchronize().unwrap();
+    let mut got = vec![0f32; ids.len() * hd];
+    dout.copy_to_slice(&mut got).unwrap();
+    for (t, &id) in ids.iter().enumerate() {
+        let row = &got[t * hd..(t + 1) * hd];
+        if (0..vocab as i32).contains(&id) {
+            assert_eq!(row, &tv[id as usize * hd..(id as usize + 1) * hd], "token {t}");
+        } else {
+            assert!(row.iter().all(|&v| v == 0.0), "token {t}: a bad id's row is zeros");
+        }
+    }
+    let mut flag = [0i32];
+    dflag.copy_to_slice(&mut flag).unwrap();
+    assert_eq!(flag[0], 1);
+}
