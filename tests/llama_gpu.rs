@@ -293,13 +293,12 @@ fn cached_attention_and_embedding_match_their_references() {
         stream.synchronize().unwrap();
         let mut got = vec![0f32; b * s * h * d];
         dout.copy_to_slice(&mut got).unwrap();
-        assert!(rel_err(&got, &expect) < 2e-3, "pos {pos}: attention differs by {:e}", rel_err(&got, &expect));
+        assert!(rel_err(&got, &expect) < 1e-4, "pos {pos}: attention differs by {:e}", rel_err(&got, &expect));
         let mut kbits = vec![0u16; n_cache];
         dk.copy_to_slice(&mut kbits).unwrap();
         let kgot: Vec<f32> = kbits.iter().map(|&x| bf16_bits_to_f32(x)).collect();
-        let differing = kgot.iter().zip(&kc).filter(|(a, e)| a != e).count();
-        // The rotated keys round to bf16 the same way but for the odd last bit.
-        assert!(differing <= b * s * kv * d / 50, "pos {pos}: {differing} cached keys differ");
+        // The rotation rounds as the reference does: the same bits.
+        assert_eq!(kgot, kc, "pos {pos}: the key cache");
         let mut vbits = vec![0u16; n_cache];
         dv.copy_to_slice(&mut vbits).unwrap();
         let vgot: Vec<f32> = vbits.iter().map(|&x| bf16_bits_to_f32(x)).collect();

@@ -409,11 +409,14 @@ def rope_store():
     emit("    mul.wide.u32 %t64, %half, 4;")
     emit("    add.u64 %a64, %src, %t64;")
     emit("    ld.global.f32 %x1, [%a64];")
-    emit("    mul.f32 %m, %x1, %s;")
-    emit("    neg.f32 %m, %m;")
-    emit("    fma.rn.f32 %y0, %x0, %c, %m;")
-    emit("    mul.f32 %m, %x0, %s;")
-    emit("    fma.rn.f32 %y1, %x1, %c, %m;")
+    # Rounded operations (.rn: never contracted into an fma), so that the
+    # rotated values are the CPU reference's (and PyTorch's) to the bit.
+    emit("    mul.rn.f32 %y0, %x0, %c;")
+    emit("    mul.rn.f32 %m, %x1, %s;")
+    emit("    sub.rn.f32 %y0, %y0, %m;")
+    emit("    mul.rn.f32 %y1, %x1, %c;")
+    emit("    mul.rn.f32 %m, %x0, %s;")
+    emit("    add.rn.f32 %y1, %y1, %m;")
     emit("    setp.lt.u32 %pq, %hh, %heads;")
     emit("    @!%pq bra $KV;")
     # Q: out + (t*heads*d + hh*d + i)*4
