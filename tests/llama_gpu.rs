@@ -85,7 +85,9 @@ fn run_model(cfg: LlamaConfig, tag: &str, batch: usize) {
             let out = run_graph_cpu_with_state(graph_cpu, &weights, &inputs, &mut state).unwrap();
             let err = rel_err(&logits, &out["logits"]);
             worst = worst.max(err);
-            assert!(err < 2e-3, "{tag} step {step}: logits differ by {err:e} of their scale");
+            // K and V round to bf16 from sums in another order: an odd last-bit
+            // difference in the cache; a wrong kernel is off by O(1).
+            assert!(err < 5e-3, "{tag} step {step}: logits differ by {err:e} of their scale");
             let mut feed = vec![];
             for b in 0..batch {
                 let row = &out["logits"][b * cfg.vocab..(b + 1) * cfg.vocab];
