@@ -8,11 +8,15 @@ Hand-written PTX, unrolled by this script (PTX registers cannot be indexed):
   llama_gemv_{bf16,f16}_m{1,8}  out[m, n] = sum_k x[m, k] w[n, k] (+ res[m, n])
       x f32 [M, ldx], w half [N, K] (HF nn.Linear layout), out/res f32.
       Memory-bound skinny GEMM for decoding (M = batch <= 8) and, tiled by
-      8 rows, for prefill. 128 threads = 4 warps; a warp owns 2 rows of w
-      and MT rows of x; lanes stride K with 128-bit loads of w (8 halves),
-      two steps of 256 elements in flight; a butterfly reduction at the end.
-      Grid (ceil(M / MT), ceil(N / 8)): the blocks of one tile of w run
-      back to back (L2 reuse in prefill). K % 8 == 0, 16-byte aligned rows.
+      8 rows, for prefill. A block (4 warps) owns R rows of w (2 for MT 1,
+      4 for MT 8) and MT rows of x; its warps split K in chunks of 256
+      (8 halves, one 128-bit load, per lane), two chunks in flight per warp
+      in a loop without predicates (rows past N or M clamped to the last
+      one, never stored), then a guarded tail; butterfly sums per warp, the
+      four warps' partials added in shared memory.
+      One-dimensional grid: (row tiles of x) x (row tiles of w), x fastest
+      (the blocks of one tile of w run back to back: L2 reuse in prefill).
+      K % 8 == 0, 16-byte aligned rows.
   llama_rmsnorm_{bf16,f16}      out[r] = x[r*step + step-1] / rms * w; block per row.
   llama_embed_{bf16,f16}        out[t] = table[ids[t]] (f32); bad id: flag |= 1, zeros.
   llama_rope_store              rotary on Q (written to out) and K; K, V to the
@@ -64,82 +68,91 @@ def half_to_f32(dt, hreg, f):
 
 
 def gemv(dt, MT):
-    R, U = 2, 2
+    # R rows of w per block; the block's 4 warps split K (warp w takes the
+    # chunks of 256 elements w, w + 4, w + 8, ...), U chunks in flight per
+    # warp, then the 4 partial sums meet in shared memory.
+    R = 2 if MT == 1 else 4
+    U = 2
     name = f"llama_gemv_{dt}_m{MT}"
-    emit(f"// {name}: see the file header. R = {R} rows of w per warp, MT = {MT} rows of x, U = {U} steps in flight.")
+    red = f"{name}_red"
+    emit(f"// {name}: see the file header. R = {R} rows of w per block, MT = {MT} rows of x, K split over 4 warps, U = {U}.")
+    emit(f".shared .align 16 .f32 {red}[{4 * MT * R}];")
     emit(f".visible .entry {name}(")
     emit("    .param .u64 p_x, .param .u64 p_w, .param .u64 p_out, .param .u64 p_res,")
     emit("    .param .u32 p_m, .param .u32 p_n, .param .u32 p_k, .param .u32 p_ldx, .param .u32 p_ldo, .param .u32 p_ldr)")
     emit("{")
-    emit("    .reg .pred %pdone, %pl, %plane0, %phasres;")
-    emit(f"    .reg .pred %pn<{R}>, %pm<{MT}>, %pk<{U}>;")
+    emit("    .reg .pred %pdone, %pl, %phasres, %pk0;")
+    emit(f"    .reg .pred %pn<{R}>, %pm<{MT}>;")
     emit("    .reg .b16 %h0, %h1;")
-    emit("    .reg .u32 %tx, %warp, %lane, %bx, %by, %n0, %m0, %nr, %mr, %kk, %ku, %M, %N, %K, %ldx, %ldo, %ldr, %ub;")
-    emit("    .reg .u64 %x, %w, %out, %res, %t64, %a64, %off;")
+    emit("    .reg .u32 %tx, %warp, %lane, %bid, %mtiles, %n0, %m0, %nr, %mr, %kk, %kb, %ku, %M, %N, %K, %ldx, %ldo, %ldr, %ub, %nlast, %mlast, %i;")
+    emit("    .reg .u64 %x, %w, %out, %res, %t64, %a64, %off, %sred;")
     emit(f"    .reg .u64 %wp<{R}>, %xp<{MT}>;")
     emit(f"    .reg .b32 %wv<{U * R * 4}>;")
-    emit("    .reg .f32 %x<8>, %wf<8>, %tmp, %rv;")
+    emit("    .reg .f32 %x<8>, %wf<8>, %tmp, %rv, %sum;")
     emit(f"    .reg .f32 %acc<{MT * R}>;")
-    emit("    ld.param.u64 %x, [p_x];")
-    emit("    ld.param.u64 %w, [p_w];")
-    emit("    ld.param.u64 %out, [p_out];")
-    emit("    ld.param.u64 %res, [p_res];")
-    emit("    ld.param.u32 %M, [p_m];")
-    emit("    ld.param.u32 %N, [p_n];")
-    emit("    ld.param.u32 %K, [p_k];")
-    emit("    ld.param.u32 %ldx, [p_ldx];")
-    emit("    ld.param.u32 %ldo, [p_ldo];")
-    emit("    ld.param.u32 %ldr, [p_ldr];")
+    for n in ["x", "w", "out", "res"]:
+        emit(f"    ld.param.u64 %{n}, [p_{n}];")
+    for n, q in [("M", "m"), ("N", "n"), ("K", "k"), ("ldx", "ldx"), ("ldo", "ldo"), ("ldr", "ldr")]:
+        emit(f"    ld.param.u32 %{n}, [p_{q}];")
     emit("    mov.u32 %tx, %tid.x;")
     emit("    shr.u32 %warp, %tx, 5;")
     emit("    and.b32 %lane, %tx, 31;")
-    # Row tiles of x vary fastest (ctaid.x), so that the blocks sharing a
-    # tile of w run back to back and read it from L2, not HBM, in prefill.
-    emit("    mov.u32 %by, %ctaid.x;")
-    emit("    mov.u32 %bx, %ctaid.y;")
-    emit("    mad.lo.u32 %n0, %bx, 4, %warp;")
+    # One-dimensional grid of (row tiles of x) x (row tiles of w), the tiles
+    # of x fastest: the blocks sharing a tile of w run back to back and read
+    # it from L2 in prefill.
+    emit("    mov.u32 %bid, %ctaid.x;")
+    emit(f"    add.u32 %mtiles, %M, {MT - 1};")
+    emit(f"    div.u32 %mtiles, %mtiles, {MT};")
+    emit("    rem.u32 %m0, %bid, %mtiles;")
+    emit(f"    mul.lo.u32 %m0, %m0, {MT};")
+    emit("    div.u32 %n0, %bid, %mtiles;")
     emit(f"    mul.lo.u32 %n0, %n0, {R};")
-    emit(f"    mul.lo.u32 %m0, %by, {MT};")
+    # Rows past N (of w) or M (of x) are clamped to the last row: every load
+    # stays in bounds without a predicate (their sums are never stored).
+    emit("    sub.u32 %nlast, %N, 1;")
+    emit("    sub.u32 %mlast, %M, 1;")
     for r in range(R):
         emit(f"    add.u32 %nr, %n0, {r};")
         emit(f"    setp.lt.u32 %pn{r}, %nr, %N;")
+        emit("    min.u32 %nr, %nr, %nlast;")
         emit("    mul.wide.u32 %t64, %nr, %K;")
         emit("    shl.b64 %t64, %t64, 1;")
         emit(f"    add.u64 %wp{r}, %w, %t64;")
     for m in range(MT):
         emit(f"    add.u32 %mr, %m0, {m};")
         emit(f"    setp.lt.u32 %pm{m}, %mr, %M;")
+        emit("    min.u32 %mr, %mr, %mlast;")
         emit("    mul.wide.u32 %t64, %mr, %ldx;")
         emit("    shl.b64 %t64, %t64, 2;")
         emit(f"    add.u64 %xp{m}, %x, %t64;")
     for i in range(MT * R):
         emit(f"    mov.f32 %acc{i}, 0f00000000;")
-    emit("    shl.b32 %kk, %lane, 3;")
-    emit("$LOOP:")
-    emit("    setp.ge.u32 %pdone, %kk, %K;")
-    emit("    @%pdone bra $END;")
-    # All loads of w first (U x R x 16 bytes per lane).
-    for u in range(U):
-        emit(f"    add.u32 %ku, %kk, {u * 256};")
-        emit(f"    setp.lt.u32 %pk{u}, %ku, %K;")
+
+    def loads(u, pred):
+        """Loads of w for chunk u (1024 elements apart); `pred` guards them
+        (None: in bounds for every lane)."""
+        at = "" if pred is None else f"@{pred} "
+        emit(f"    add.u32 %ku, %kk, {u * 1024};")
         emit("    mul.wide.u32 %off, %ku, 2;")
         for r in range(R):
             base = (u * R + r) * 4
-            for q in range(4):
-                emit(f"    mov.b32 %wv{base + q}, 0;")
-            emit(f"    and.pred %pl, %pk{u}, %pn{r};")
+            if pred is not None:
+                for q in range(4):
+                    emit(f"    mov.b32 %wv{base + q}, 0;")
             emit(f"    add.u64 %a64, %wp{r}, %off;")
-            emit(f"    @%pl ld.global.nc.v4.b32 {{%wv{base}, %wv{base + 1}, %wv{base + 2}, %wv{base + 3}}}, [%a64];")
-    for u in range(U):
-        emit(f"    add.u32 %ku, %kk, {u * 256};")
+            emit(f"    {at}ld.global.nc.v4.b32 {{%wv{base}, %wv{base + 1}, %wv{base + 2}, %wv{base + 3}}}, [%a64];")
+
+    def fmas(u, pred):
+        at = "" if pred is None else f"@{pred} "
+        emit(f"    add.u32 %ku, %kk, {u * 1024};")
         emit("    mul.wide.u32 %off, %ku, 4;")
         for m in range(MT):
-            for q in range(8):
-                emit(f"    mov.f32 %x{q}, 0f00000000;")
-            emit(f"    and.pred %pl, %pk{u}, %pm{m};")
+            if pred is not None:
+                for q in range(8):
+                    emit(f"    mov.f32 %x{q}, 0f00000000;")
             emit(f"    add.u64 %a64, %xp{m}, %off;")
-            emit("    @%pl ld.global.v4.f32 {%x0, %x1, %x2, %x3}, [%a64];")
-            emit("    @%pl ld.global.v4.f32 {%x4, %x5, %x6, %x7}, [%a64+16];")
+            emit(f"    {at}ld.global.v4.f32 {{%x0, %x1, %x2, %x3}}, [%a64];")
+            emit(f"    {at}ld.global.v4.f32 {{%x4, %x5, %x6, %x7}}, [%a64+16];")
             for r in range(R):
                 base = (u * R + r) * 4
                 for q in range(4):
@@ -147,39 +160,81 @@ def gemv(dt, MT):
                         emit("    " + line)
                 for q in range(8):
                     emit(f"    fma.rn.f32 %acc{m * R + r}, %x{q}, %wf{q}, %acc{m * R + r};")
-    emit(f"    add.u32 %kk, %kk, {U * 256};")
-    emit("    bra $LOOP;")
-    emit("$END:")
+
+    # Lane l of warp w starts at element 256 w + 8 l; %kb is the warp's first.
+    emit("    shl.b32 %kb, %warp, 8;")
+    emit("    shl.b32 %kk, %lane, 3;")
+    emit("    add.u32 %kk, %kk, %kb;")
+    # Main loop: U chunks with every lane in bounds (a warp-uniform test), no
+    # predicates.
+    emit("$MAIN:")
+    emit(f"    add.u32 %ku, %kb, {(U - 1) * 1024 + 256};")
+    emit("    setp.gt.u32 %pdone, %ku, %K;")
+    emit("    @%pdone bra $TAIL;")
+    for u in range(U):
+        loads(u, None)
+    for u in range(U):
+        fmas(u, None)
+    emit(f"    add.u32 %kk, %kk, {U * 1024};")
+    emit(f"    add.u32 %kb, %kb, {U * 1024};")
+    emit("    bra $MAIN;")
+    # Tail: one chunk at a time, each lane's 8 elements guarded.
+    emit("$TAIL:")
+    emit("    setp.ge.u32 %pdone, %kb, %K;")
+    emit("    @%pdone bra $REDUCE;")
+    emit("    setp.lt.u32 %pk0, %kk, %K;")
+    loads(0, "%pk0")
+    fmas(0, "%pk0")
+    emit("    add.u32 %kk, %kk, 1024;")
+    emit("    add.u32 %kb, %kb, 1024;")
+    emit("    bra $TAIL;")
+    emit("$REDUCE:")
     for i in range(MT * R):
-        for s in (16, 8, 4, 2, 1):
-            emit(f"    shfl.sync.bfly.b32 %tmp, %acc{i}, {s}, 31, -1;")
+        for sh in (16, 8, 4, 2, 1):
+            emit(f"    shfl.sync.bfly.b32 %tmp, %acc{i}, {sh}, 31, -1;")
             emit(f"    add.f32 %acc{i}, %acc{i}, %tmp;")
-    emit("    setp.eq.u32 %plane0, %lane, 0;")
+    # Lane 0 of each warp: its partial sums to shared memory [warp][i].
+    emit(f"    mov.u64 %sred, {red};")
+    emit("    setp.eq.u32 %pl, %lane, 0;")
+    emit(f"    mul.wide.u32 %t64, %warp, {4 * MT * R};")
+    emit("    add.u64 %a64, %sred, %t64;")
+    for i in range(MT * R):
+        emit(f"    @%pl st.shared.f32 [%a64+{4 * i}], %acc{i};")
+    emit("    bar.sync 0;")
+    # Thread i < MT R: output (m, r) = (i / R, i % R), the 4 partials summed.
+    emit(f"    setp.ge.u32 %pdone, %tx, {MT * R};")
+    emit("    @%pdone bra $END;")
+    emit("    mul.wide.u32 %t64, %tx, 4;")
+    emit("    add.u64 %a64, %sred, %t64;")
+    emit("    ld.shared.f32 %sum, [%a64];")
+    for w in range(1, 4):
+        emit(f"    ld.shared.f32 %tmp, [%a64+{4 * w * MT * R}];")
+        emit("    add.f32 %sum, %sum, %tmp;")
+    emit(f"    div.u32 %mr, %tx, {R};")
+    emit(f"    rem.u32 %nr, %tx, {R};")
+    emit("    add.u32 %mr, %mr, %m0;")
+    emit("    add.u32 %nr, %nr, %n0;")
+    emit("    setp.ge.u32 %pdone, %mr, %M;")
+    emit("    @%pdone bra $END;")
+    emit("    setp.ge.u32 %pdone, %nr, %N;")
+    emit("    @%pdone bra $END;")
     emit("    setp.ne.u64 %phasres, %res, 0;")
-    for m in range(MT):
-        for r in range(R):
-            lbl = f"$SKIP_{m}_{r}"
-            emit(f"    and.pred %pl, %pm{m}, %pn{r};")
-            emit("    and.pred %pl, %pl, %plane0;")
-            emit(f"    @!%pl bra {lbl};")
-            emit(f"    add.u32 %mr, %m0, {m};")
-            emit(f"    add.u32 %nr, %n0, {r};")
-            emit("    @!%phasres bra " + lbl + "_st;")
-            emit("    mul.wide.u32 %t64, %mr, %ldr;")
-            emit("    cvt.u64.u32 %a64, %nr;")
-            emit("    add.u64 %t64, %t64, %a64;")
-            emit("    shl.b64 %t64, %t64, 2;")
-            emit("    add.u64 %t64, %res, %t64;")
-            emit("    ld.global.f32 %rv, [%t64];")
-            emit(f"    add.f32 %acc{m * R + r}, %acc{m * R + r}, %rv;")
-            emit(lbl + "_st:")
-            emit("    mul.wide.u32 %t64, %mr, %ldo;")
-            emit("    cvt.u64.u32 %a64, %nr;")
-            emit("    add.u64 %t64, %t64, %a64;")
-            emit("    shl.b64 %t64, %t64, 2;")
-            emit("    add.u64 %t64, %out, %t64;")
-            emit(f"    st.global.f32 [%t64], %acc{m * R + r};")
-            emit(lbl + ":")
+    emit("    @!%phasres bra $STORE;")
+    emit("    mul.wide.u32 %t64, %mr, %ldr;")
+    emit("    cvt.u64.u32 %a64, %nr;")
+    emit("    add.u64 %t64, %t64, %a64;")
+    emit("    shl.b64 %t64, %t64, 2;")
+    emit("    add.u64 %t64, %res, %t64;")
+    emit("    ld.global.f32 %rv, [%t64];")
+    emit("    add.f32 %sum, %sum, %rv;")
+    emit("$STORE:")
+    emit("    mul.wide.u32 %t64, %mr, %ldo;")
+    emit("    cvt.u64.u32 %a64, %nr;")
+    emit("    add.u64 %t64, %t64, %a64;")
+    emit("    shl.b64 %t64, %t64, 2;")
+    emit("    add.u64 %t64, %out, %t64;")
+    emit("    st.global.f32 [%t64], %sum;")
+    emit("$END:")
     emit("    ret;")
     emit("}")
     emit()

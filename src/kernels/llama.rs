@@ -92,12 +92,11 @@ pub fn gemv(device: &'static Device, stream: CUstream, dtype: Dtype, m: usize, n
         (&mut plo as *mut u32).cast(),
         (&mut plr as *mut u32).cast(),
     ];
-    // Grid: (row tiles of x, tiles of 8 rows of w), x fastest.
-    let grid_y = u32_of("column tiles", n.div_ceil(8))?;
-    if grid_y > 65535 {
-        return Err(Error::invalid(format!("gemv: {n} output columns exceed the grid")));
-    }
-    let cfg = LaunchConfig { grid: (u32_of("row tiles", m.div_ceil(mt))?, grid_y, 1), block: (128, 1, 1), shared_mem_bytes: 0 };
+    // One-dimensional grid: (row tiles of x) x (tiles of R rows of w), the
+    // tiles of x fastest; R = 2 rows of w per block for one row of x, 4 for 8.
+    let rows_w = if mt == 1 { 2 } else { 4 };
+    let blocks = m.div_ceil(mt).checked_mul(n.div_ceil(rows_w)).ok_or_else(|| Error::invalid("gemv: too many blocks"))?;
+    let cfg = LaunchConfig { grid: (u32_of("gemv blocks", blocks)?, 1, 1), block: (128, 1, 1), shared_mem_bytes: 0 };
     launch(device, stream, &entry, cfg, &mut params)
 }
 
