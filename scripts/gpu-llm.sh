@@ -65,6 +65,11 @@ if [ "${avail:-0}" -lt 17000000000 ]; then
 fi
 echo "$SHMDIR free ${avail} B, memory available ${memfree} B: ${models} model(s)"
 
+step "bench llm smoke run: the tiny configuration, three models (seconds)"
+timeout "$(limit 60 300)" .gpu/pipeswitch bench llm --config tiny --models 3 --reps 1 --prompt 32 --decode-steps 8 \
+  --store-name llmtiny --out-dir "$OUT/tiny" || { echo "bench llm (tiny) FAILED (rc $?)"; status=1; }
+rm -f "$SHMDIR/pipeswitch-llmtiny"
+
 step "bench llm: Llama-3-8B shapes, switch + time to first token, decoding, ${models} model(s)"
 rm -f "$SHMDIR/pipeswitch-llmbench"
 timeout "$(limit 240 120)" .gpu/pipeswitch bench llm --config llama3-8b --models "$models" --reps 5 --prompt 128 --decode-steps 32 \

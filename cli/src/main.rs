@@ -415,10 +415,14 @@ fn run(cli: Cli) -> Result<()> {
             if models.len() != 1 {
                 return Err(pipeswitch::error::Error::invalid("the LLM demo runs alone: --models llama3-8b (or tiny-llama)"));
             }
+            let tiny = models[0] == "tiny-llama";
             let opts = bench_llm::LlmOptions {
                 device,
-                config: if models[0] == "tiny-llama" { "tiny".into() } else { "llama3-8b".into() },
+                config: if tiny { "tiny".into() } else { "llama3-8b".into() },
                 reps: reps.clamp(1, 10),
+                // The tiny configuration has 64 positions.
+                prompt: if tiny { 32 } else { 128 },
+                decode_steps: if tiny { 16 } else { 32 },
                 out_dir,
                 ..Default::default()
             };
