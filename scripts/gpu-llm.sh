@@ -3,8 +3,8 @@
 # scripts/build-gpu-bundle.sh built .gpu/ here. Every part runs even when
 # an earlier one fails; everything is logged under $OUT:
 #   llm.log                      the whole run (ptxas, tests, bench, reference)
-#   results/llm-llama3-8b-<card>.json, results/torch-ref.json
-#   llm-results.tar.gz           results/ (JSON, logits, manifest)
+#   llm-llama3-8b-<card>.json    the benchmark's report; torch-ref.json: PyTorch's
+#   llm-results.tar.gz           everything else (logits, manifest, the tiny run, ptxas -v)
 # Budget: under 8 minutes (the 16 GB model is written by every core).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -67,7 +67,7 @@ echo "$SHMDIR free ${avail} B, memory available ${memfree} B: ${models} model(s)
 
 step "bench llm smoke run: the tiny configuration, three models (seconds)"
 timeout "$(limit 60 300)" .gpu/pipeswitch bench llm --config tiny --models 3 --reps 1 --prompt 32 --decode-steps 8 \
-  --store-name llmtiny --out-dir "$OUT/tiny" || { echo "bench llm (tiny) FAILED (rc $?)"; status=1; }
+  --store-name llmtiny --out-dir "$OUT/results/tiny" || { echo "bench llm (tiny) FAILED (rc $?)"; status=1; }
 rm -f "$SHMDIR/pipeswitch-llmtiny"
 
 step "bench llm: Llama-3-8B shapes, switch + time to first token, decoding, ${models} model(s)"
@@ -93,6 +93,8 @@ step "the rest of the worker still runs (existing GPU worker tests)"
 timeout "$(limit 60 5)" .gpu/deps/worker_gpu --ignored --test-threads=1 small_models 2>&1 | tail -5 || status=1
 
 step "done (status $status)"
-tar -czf "$OUT/llm-results.tar.gz" -C "$OUT" results ptxas.txt 2>/dev/null || true
+# What comes back: this log, the two reports and one tarball of the rest.
+cp "$OUT"/results/llm-llama3-8b-*.json "$OUT"/results/torch-ref.json "$OUT"/ 2>/dev/null || true
 rm -f "$OUT/llama.cubin"
+tar -czf "$OUT/llm-results.tar.gz" -C "$OUT" results ptxas.txt 2>/dev/null && rm -rf "$OUT/results" "$OUT/ptxas.txt"
 exit $status
