@@ -56,7 +56,7 @@ if [ "${avail:-0}" -lt 17000000000 ]; then
   export PIPESWITCH_SHM_DIR="$SHMDIR"
   echo "/dev/shm is too small: the store goes to $SHMDIR"
 fi
-memfree=$(awk '/MemAvailable/ {print $2 * 1024}' /proc/meminfo 2>/dev/null || echo 0)
+memfree=$(awk '/MemAvailable/ {printf "%.0f\n", $2 * 1024}' /proc/meminfo 2>/dev/null || echo 0)
 models=1
 if [ "${avail:-0}" -gt 50000000000 ] && [ "${memfree:-0}" -gt 90000000000 ]; then models=3
 elif [ "${avail:-0}" -gt 33000000000 ] && [ "${memfree:-0}" -gt 60000000000 ]; then models=2; fi
