@@ -26,3 +26,6 @@ scripts/check-wheel.sh
 python3 -m pytest bench/paper -q
 # kernels/gemm.ptx is expanded by its generator: the two must agree.
 python3 kernels/gen/gemm.py 2>/dev/null | cmp - kernels/gemm.ptx
+# Every kernel module assembles with ptxas for sm_90 (installed from PyPI
+# into a cache once), and kernels/llama.ptx is its generator's output.
+scripts/check-ptx.sh

@@ -21,7 +21,7 @@ use crate::cuda::memory;
 use crate::cuda::{CUdeviceptr, CUstream};
 use crate::cuda::{Device, Event, Stream};
 use crate::error::{Error, Result};
-use crate::kernels::{attention, conv, gemm, norm};
+use crate::kernels::{attention, conv, gemm, llama, norm};
 use crate::model::graph::{Act, Graph, Op, WeightShapes};
 use crate::store::{Dtype, Model, ModelLease, Store, GRAPH_ATTRIBUTE};
 use crate::switch::Switch;
@@ -63,6 +63,92 @@ pub struct Program {
     /// A program bound to a stored model keeps it stored (its bytes are
     /// neither freed nor reused) while the program lives.
     lease: Option<ModelLease>,
+    /// Whether it runs Llama kernels (whose module is loaded by `prepare`).
+    uses_llama: bool,
+    /// Per op: the columns one GEMV launch computes for it and the ops
+    /// merged into it (see [`fuse_linears`]): Some(n) for an op whose
+    /// launch covers `n` output columns, None for an op merged into an
+    /// earlier one (nothing to launch).
+    gemv_cols: Vec<Option<usize>>,
+}
+
+/// Half-precision linears that read the same input and write adjacent
+/// columns of the same output with weights stored back to back (Q, K and V;
+/// gate and up) are one matrix in memory: one GEMV launch computes them all,
+/// the same per-column sums as separate launches. Returns, per op, the
+/// columns of its launch (None: merged into the op before it).
+fn fuse_linears<'a>(model: &Model, graph: &'a Graph, weights: &HashMap<String, usize>, op_layer: &[Option<usize>]) -> Vec<Option<usize>> {
+    // A mergeable linear: its input, output, first column, K, weight offset, dtype.
+    struct Lin<'a> {
+        x: &'a str,
+        out: &'a str,
+        col: usize,
+        k: u64,
+        offset: u64,
+        dtype: Dtype,
+    }
+    let lin = |op: &'a Op| -> Option<Lin<'a>> {
+        match op {
+            Op::Linear { x, weight, bias: None, trans_b: true, act: Act::None, residual: None, out, out_col } => {
+                let t = &model.tensors[*weights.get(weight)?];
+                if t.dtype == Dtype::F32 || t.shape.len() != 2 {
+                    return None;
+                }
+                Some(Lin { x, out, col: *out_col, k: t.shape[1], offset: t.offset, dtype: t.dtype })
+            }
+            _ => None,
+        }
+    };
+    let mut cols: Vec<Option<usize>> = graph
+        .ops
+        .iter()
+        .map(|op| match op {
+            Op::Linear { weight, .. } => Some(weights.get(weight).map_or(0, |&i| model.tensors[i].shape.first().copied().unwrap_or(0) as usize)),
+            _ => Some(0),
+        })
+        .collect();
+    let mut head = 0;
+    for i in 1..graph.ops.len() {
+        let merged = match (lin(&graph.ops[head]), lin(&graph.ops[i])) {
+            (Some(h), Some(c)) if cols[head].is_some() => {
+                let n = cols[head].unwrap_or(0);
+                let end_byte = h.offset + n as u64 * h.k * h.dtype.size();
+                h.x == c.x && h.out == c.out && c.col == h.col + n && h.k == c.k && h.dtype == c.dtype && c.offset == end_byte && op_layer[head] == op_layer[i]
+            }
+            _ => false,
+        };
+        if merged {
+            let n = cols[i].unwrap_or(0);
+            cols[head] = cols[head].map(|c| c + n);
+            cols[i] = None;
+        } else {
+            head = i;
+        }
+    }
+    cols
+}
+
+/// The dtypes an op's weight operand may have in the worker, or an error.
+fn check_weight_dtype(op: &Op, name: &str, dtype: Dtype) -> Result<()> {
+    let half = matches!(dtype, Dtype::Bf16 | Dtype::F16);
+    let ok = match op {
+        Op::Linear { bias, trans_b, act, .. } if half => {
+            if !*trans_b || bias.is_some() || *act != Act::None {
+                return Err(Error::invalid(format!(
+                    "weight {name} is {}: half-precision linears take weights [N, K] (trans_b), no bias and no activation",
+                    dtype.name()
+                )));
+            }
+            true
+        }
+        Op::TokenEmbedding { .. } | Op::RmsNorm { .. } => half,
+        Op::CachedAttention { .. } => dtype == Dtype::F32,
+        _ => dtype == Dtype::F32,
+    };
+    if !ok {
+        return Err(Error::invalid(format!("weight {name} is {}: the worker's {} kernel does not take it", dtype.name(), op.kind())));
+    }
+    Ok(())
 }
 
 /// Offsets for tensors with lifetimes `[first, last]` (op indices), first
@@ -124,7 +210,19 @@ impl Program {
                 tensor_layer.insert(t.name.as_str(), li);
             }
         }
-        let decls: HashMap<&str, _> = graph.inputs.iter().chain(&graph.activations).map(|(n, d)| (n.as_str(), d)).collect();
+        let decls: HashMap<&str, _> = graph.inputs.iter().chain(&graph.activations).chain(&graph.state).map(|(n, d)| (n.as_str(), d)).collect();
+        for op in &graph.ops {
+            if let Op::CachedAttention { k_cache, .. } = op {
+                let d = decls.get(k_cache.as_str()).map(|d| (d.dtype.as_str(), d.shape.get(3).copied()));
+                if d != Some(("BF16", Some(128))) {
+                    return Err(Error::invalid(format!("graph {}: cached attention -> {}: the worker's kernel takes BF16 caches of heads of 128", graph.name, op.output())));
+                }
+            }
+        }
+        let uses_llama = graph.ops.iter().any(|op| {
+            matches!(op, Op::TokenEmbedding { .. } | Op::RmsNorm { .. } | Op::CachedAttention { .. } | Op::SwiGlu { .. } | Op::Argmax { .. })
+                || matches!(op, Op::Linear { weight, .. } if weights.get(weight).is_some_and(|&i| model.tensors[i].dtype != Dtype::F32))
+        });
         let mut op_layer = Vec::with_capacity(graph.ops.len());
         let mut op_charge = Vec::with_capacity(graph.ops.len());
         let mut op_host_table = Vec::with_capacity(graph.ops.len());
@@ -133,6 +231,7 @@ impl Program {
             let mut layer: Option<usize> = None;
             let table = match op {
                 Op::Embedding { wte, .. } => Some(wte.as_str()),
+                Op::TokenEmbedding { table, .. } => Some(table.as_str()),
                 _ => None,
             };
             op_host_table.push(table.and_then(|t| tensor_layer.get(t).copied()));
@@ -141,12 +240,7 @@ impl Program {
                     continue;
                 }
                 let t = weights.get(o).map(|&i| &model.tensors[i]).ok_or_else(|| Error::invalid(format!("weight {o} is not in the model")))?;
-                if t.dtype != Dtype::F32 {
-                    return Err(Error::invalid(format!(
-                        "weight {o} is {}: the worker's kernels run fp32 models",
-                        t.dtype.name()
-                    )));
-                }
+                check_weight_dtype(op, o, t.dtype)?;
                 if Some(o) == table {
                     continue;
                 }
@@ -160,11 +254,13 @@ impl Program {
             op_charge.push(last_layer);
         }
 
-        // Lifetimes: inputs and outputs live for the whole run; activations
-        // from their first writer to their last reader.
+        // Lifetimes: state, inputs and outputs live for the whole run;
+        // activations from their first writer to their last reader. State
+        // comes first (so it lies at the start of the buffer, in declaration
+        // order, the same in every graph declaring it).
         let n_ops = graph.ops.len();
         let mut life: HashMap<&str, (usize, usize)> = HashMap::new();
-        for (n, _) in &graph.inputs {
+        for (n, _) in graph.state.iter().chain(&graph.inputs) {
             life.insert(n, (0, n_ops));
         }
         for (i, op) in graph.ops.iter().enumerate() {
@@ -183,7 +279,7 @@ impl Program {
         }
         let mut names: Vec<&str> = Vec::new();
         let mut lifetimes = Vec::new();
-        for (n, d) in graph.inputs.iter().chain(&graph.activations) {
+        for (n, d) in graph.state.iter().chain(&graph.inputs).chain(&graph.activations) {
             if let Some(&(a, b)) = life.get(n.as_str()) {
                 names.push(n);
                 lifetimes.push((a, b, d.bytes()? as u64));
@@ -195,7 +291,8 @@ impl Program {
             let d = decls[n];
             slots.insert(n.to_string(), Slot { offset: off, bytes: *bytes, shape: d.shape.clone(), dtype: d.dtype()? });
         }
-        Ok(Program { model, graph, op_layer, op_charge, op_host_table, slots, weights, act_bytes, lease: None })
+        let gemv_cols = fuse_linears(&model, &graph, &weights, &op_layer);
+        Ok(Program { model, graph, op_layer, op_charge, op_host_table, slots, weights, act_bytes, lease: None, uses_llama, gemv_cols })
     }
 
     /// The program of a stored model whose graph was stored with it (the
@@ -224,6 +321,12 @@ impl Program {
     /// Where an input or activation lives.
     pub fn slot(&self, name: &str) -> Result<&Slot> {
         self.slots.get(name).ok_or_else(|| Error::NotFound(format!("model {:?} has no tensor {name:?} to read or write", self.model.name)))
+    }
+    /// Per op, the output columns of its GEMV launch where half-precision
+    /// linears are merged (see `fuse_linears`): None for an op merged into
+    /// the one before it.
+    pub fn gemv_columns(&self) -> &[Option<usize>] {
+        &self.gemv_cols
     }
     /// The layer each op waits for (None: reads no weights).
     pub fn op_layers(&self) -> &[Option<usize>] {
@@ -361,6 +464,9 @@ impl Worker {
     /// prepared before): grows it if needed, zeroing the new one. Call it
     /// before switching, not during a switch.
     pub fn prepare(&mut self, program: &Program) -> Result<()> {
+        if program.uses_llama {
+            llama::preload(self.device)?;
+        }
         let need = program.act_bytes;
         if need <= self.buffer_bytes() {
             return Ok(());
@@ -445,6 +551,14 @@ impl Worker {
         Ok(())
     }
 
+    /// Reads an i32 tensor of the last run (token ids).
+    pub fn read_i32(&mut self, program: &Program, name: &str) -> Result<Vec<i32>> {
+        let slot = program.slot(name)?;
+        let mut bytes = vec![0u8; slot.bytes as usize];
+        self.read(program, name, &mut bytes)?;
+        Ok(bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
     /// Reads an fp32 tensor of the last run.
     pub fn read_f32(&mut self, program: &Program, name: &str) -> Result<Vec<f32>> {
         let slot = program.slot(name)?;
@@ -503,7 +617,9 @@ impl Worker {
             if opts.profile {
                 self.events[i].record(s)?;
             }
-            self.launch(program, op, wbase, tbase, abase)?;
+            if program.gemv_cols[i].is_some() {
+                self.launch(program, i, op, wbase, tbase, abase)?;
+            }
         }
         if opts.profile {
             self.events[n_ops].record(s)?;
@@ -546,7 +662,7 @@ impl Worker {
 
     /// Enqueues one op; weights are read at `wbase`, an embedding's token
     /// table at `tbase` (the arena, or the store's pinned pages).
-    fn launch(&self, p: &Program, op: &Op, wbase: CUdeviceptr, tbase: CUdeviceptr, abase: CUdeviceptr) -> Result<()> {
+    fn launch(&self, p: &Program, index: usize, op: &Op, wbase: CUdeviceptr, tbase: CUdeviceptr, abase: CUdeviceptr) -> Result<()> {
         let dev = self.device;
         let s = self.stream.raw();
         // Address of a weight or activation; shape of an activation.
@@ -557,6 +673,9 @@ impl Worker {
         let a = |name: &str| -> Result<(CUdeviceptr, &[usize])> {
             let sl = p.slot(name)?;
             Ok((abase + sl.offset, &sl.shape))
+        };
+        let wdtype = |name: &str| -> Result<Dtype> {
+            p.weights.get(name).map(|&i| p.model.tensors[i].dtype).ok_or_else(|| Error::invalid(format!("weight {name} is not in the model")))
         };
         let wo = |name: &Option<String>| -> Result<CUdeviceptr> { name.as_deref().map_or(Ok(0), |n| w(n).map(|x| x.0)) };
         let ao = |name: &Option<String>| -> Result<CUdeviceptr> { name.as_deref().map_or(Ok(0), |n| a(n).map(|x| x.0)) };
@@ -583,6 +702,15 @@ impl Worker {
                 let cols = *xs.last().unwrap_or(&0);
                 let rows = xs.iter().product::<usize>() / cols.max(1);
                 norm::add_layernorm(dev, s, a(out)?.0, 0, xp, ao(residual)?, w(gamma)?.0, w(beta)?.0, rows, cols, *eps)
+            }
+            Op::Linear { x, weight, residual, out, out_col, .. } if wdtype(weight)? != Dtype::F32 => {
+                let (xp, xs) = a(x)?;
+                let (wp, ws) = w(weight)?;
+                let (op_, os) = a(out)?;
+                let ldo = os[1];
+                // Ops merged into this one (fuse_linears) add their columns.
+                let n = p.gemv_cols[index].unwrap_or(ws[0]);
+                llama::gemv(dev, s, wdtype(weight)?, xs[0], n, ws[1], xp, xs[1], wp, op_ + (*out_col * 4) as u64, ldo, ao(residual)?, ldo)
             }
             Op::Linear { x, weight, bias, trans_b, act, residual, out, out_col } => {
                 let (xp, xs) = a(x)?;
@@ -621,6 +749,32 @@ impl Worker {
             Op::GlobalAvgPool { x, out } => {
                 let (xp, xs) = a(x)?;
                 conv::global_avg_pool(dev, s, xp, a(out)?.0, xs[0], xs[1], xs[2], xs[3])
+            }
+            Op::TokenEmbedding { ids, table, out } => {
+                let (ids_p, ids_shape) = a(ids)?;
+                let (tp, ts) = w(table)?;
+                let tp = tp - wbase + tbase;
+                llama::embed(dev, s, wdtype(table)?, a(out)?.0, ids_p, tp, abase, ids_shape.iter().product(), ts[0], ts[1])
+            }
+            Op::RmsNorm { x, weight, eps, last_of, out } => {
+                let (xp, xs) = a(x)?;
+                llama::rmsnorm(dev, s, wdtype(weight)?, xp, w(weight)?.0, a(out)?.0, xs[0], xs[1], last_of.unwrap_or(1), *eps)
+            }
+            Op::CachedAttention { qkv, rope, pos, k_cache, v_cache, heads, kv_heads, seq, out } => {
+                let (qp, qs) = a(qkv)?;
+                let (kp, ks) = a(k_cache)?;
+                let (rp, rs) = w(rope)?;
+                let sh = llama::AttentionShape { batch: qs[0] / seq, seq: *seq, heads: *heads, kv_heads: *kv_heads, head_dim: ks[3], max_seq: ks[2], max_pos: rs[0] };
+                let ptrs = llama::AttentionPtrs { qkv: qp, rope: rp, pos: a(pos)?.0, k_cache: kp, v_cache: a(v_cache)?.0, out: a(out)?.0, flag: abase };
+                llama::cached_attention(dev, s, &ptrs, &sh)
+            }
+            Op::SwiGlu { x, out } => {
+                let (xp, xs) = a(x)?;
+                llama::swiglu(dev, s, xp, a(out)?.0, xs[0], xs[1] / 2)
+            }
+            Op::Argmax { x, out } => {
+                let (xp, xs) = a(x)?;
+                llama::argmax(dev, s, xp, a(out)?.0, xs[0], xs[1])
             }
         }
     }

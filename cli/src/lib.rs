@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bench_gemm;
 pub mod bench_kernels;
+pub mod bench_llm;
 pub mod bench_serve;
 pub mod demo;
 pub mod serve;

@@ -12,7 +12,7 @@ use pipeswitch::store::Store;
 use pipeswitch::planner::Costs;
 use pipeswitch::{measure, planner};
 
-use pipeswitch_cli::{bench, bench_gemm, bench_kernels, bench_serve, demo};
+use pipeswitch_cli::{bench, bench_gemm, bench_kernels, bench_llm, bench_serve, demo};
 
 #[derive(Parser)]
 #[command(name = "pipeswitch", version, about = "Millisecond GPU model switching: store, plan, switch, measure")]
@@ -129,7 +129,9 @@ enum Command {
         /// Keep the model files after ingesting them.
         #[arg(long)]
         keep_files: bool,
-        /// Only these models (resnet152, bert-base, gpt2-medium).
+        /// Only these models (resnet152, bert-base, gpt2-medium); or, alone,
+        /// llama3-8b (tiny-llama: its small configuration): the LLM run of
+        /// `pipeswitch bench llm`.
         #[arg(long, value_delimiter = ',')]
         models: Vec<String>,
         /// Switches per calibration plan of the cost model's fit.
@@ -161,6 +163,24 @@ enum StoreCmd {
         #[arg(long, value_delimiter = ',')]
         layers: Option<Vec<String>>,
     },
+    /// Add a Llama: a Hugging Face directory (config.json and *.safetensors
+    /// shards) or, with --random, deterministic random weights of a known
+    /// configuration (llama3-8b, tiny), written straight into the store.
+    AddLlama {
+        store: String,
+        model: String,
+        /// The Hugging Face directory.
+        #[arg(long, conflicts_with = "random", required_unless_present = "random")]
+        hf_dir: Option<PathBuf>,
+        /// llama3-8b or tiny: random weights of that configuration.
+        #[arg(long)]
+        random: Option<String>,
+        /// Rows of the rotary table: the longest sequence a run may reach.
+        #[arg(long, default_value_t = 2048)]
+        max_positions: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// List the models of a store.
     List { store: String },
     /// Show a model's layers and tensors.
@@ -182,6 +202,35 @@ enum BenchCmd {
         /// Where to write the JSON (default: bench/results/transfer-<card>.json).
         #[arg(long)]
         json_out: Option<PathBuf>,
+    },
+    /// An 8B Llama switched in and served: time to first token (pipelined
+    /// switch, ready, plain load, sleep-mode-like wake) against the PCIe
+    /// floor, decoding against the HBM roofline, two and three models.
+    Llm {
+        #[arg(long, default_value_t = 0)]
+        device: i32,
+        /// llama3-8b or tiny.
+        #[arg(long, default_value = "llama3-8b")]
+        config: String,
+        /// A Hugging Face directory (config.json + *.safetensors) instead of random weights.
+        #[arg(long)]
+        hf_dir: Option<PathBuf>,
+        /// Models in the store (1 to 3; 2 and 3 add the multi-model runs).
+        #[arg(long, default_value_t = 1)]
+        models: usize,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        #[arg(long, default_value_t = 128)]
+        prompt: usize,
+        #[arg(long, default_value_t = 32)]
+        decode_steps: usize,
+        /// Keep the store and write a manifest for scripts/llm_torch_ref.py.
+        #[arg(long)]
+        keep_store: bool,
+        #[arg(long)]
+        store_name: Option<String>,
+        #[arg(long, default_value = "bench/results")]
+        out_dir: PathBuf,
     },
     /// Our GEMM kernels vs cuBLAS through PyTorch (bench/gemm.sh runs both).
     Gemm {
@@ -361,6 +410,25 @@ fn run(cli: Cli) -> Result<()> {
             init_logging();
             pipeswitch_cli::worker::run(&socket)
         }
+        Command::Demo { device, reps, out_dir, workdir: _, keep_files: _, models, calibration_reps: _, max_rounds: _ }
+            if models.iter().any(|m| m == "llama3-8b" || m == "tiny-llama") =>
+        {
+            if models.len() != 1 {
+                return Err(pipeswitch::error::Error::invalid("the LLM demo runs alone: --models llama3-8b (or tiny-llama)"));
+            }
+            let tiny = models[0] == "tiny-llama";
+            let opts = bench_llm::LlmOptions {
+                device,
+                config: if tiny { "tiny".into() } else { "llama3-8b".into() },
+                reps: reps.clamp(1, 10),
+                // The tiny configuration has 64 positions.
+                prompt: if tiny { 32 } else { 128 },
+                decode_steps: if tiny { 16 } else { 32 },
+                out_dir,
+                ..Default::default()
+            };
+            bench_llm::run(&opts, &mut |line| println!("{line}")).map(|_| ())
+        }
         Command::Demo { device, reps, out_dir, workdir, keep_files, models, calibration_reps, max_rounds } => {
             let mut opts = demo::DemoOptions {
                 device,
@@ -425,6 +493,13 @@ fn run(cli: Cli) -> Result<()> {
             std::fs::write(&path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
             println!("wrote {}", path.display());
             Ok(())
+        }
+        Command::Bench(BenchCmd::Llm { device, config, hf_dir, models, reps, prompt, decode_steps, keep_store, store_name, out_dir }) => {
+            let mut opts = bench_llm::LlmOptions { device, config, hf_dir, models, reps: reps.max(1), prompt, decode_steps, keep_store, out_dir, ..Default::default() };
+            if let Some(n) = store_name {
+                opts.store_name = n;
+            }
+            bench_llm::run(&opts, &mut |line| eprintln!("{line}")).map(|_| ())
         }
         Command::Bench(BenchCmd::Kernels { device, reps }) => {
             bench_kernels::run_kernels(device, reps, &mut |line| println!("{line}"))
@@ -527,6 +602,29 @@ fn store_cmd(cmd: StoreCmd) -> Result<()> {
             })?;
             bar.finish_and_clear();
             println!("added {model}: {} layers, {} tensors, {}", m.layers.len(), m.tensors.len(), human(m.bytes));
+        }
+        StoreCmd::AddLlama { store, model, hf_dir, random, max_positions, seed } => {
+            use pipeswitch::model::llama::{self, LlamaConfig};
+            let s = Store::open(&store)?;
+            let m = match (hf_dir, random.as_deref()) {
+                (Some(dir), _) => llama::add_hf_dir(&s, &model, &dir, max_positions, &mut |_, _| {})?,
+                (None, Some(name)) => {
+                    let mut cfg = match name {
+                        "llama3-8b" => LlamaConfig::LLAMA3_8B,
+                        "tiny" => LlamaConfig::tiny(false),
+                        _ => return Err(pipeswitch::error::Error::invalid(format!("unknown Llama configuration {name:?} (llama3-8b, tiny)"))),
+                    };
+                    cfg.max_positions = max_positions;
+                    let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+                    llama::add_random(&s, &model, &cfg, seed, threads, &mut |_, _| {})?
+                }
+                (None, None) => return Err(pipeswitch::error::Error::invalid("give --hf-dir or --random")),
+            };
+            let cfg = llama::stored_config(&m)?;
+            println!(
+                "added {model}: Llama, {} blocks, hidden {}, {} heads ({} KV), {} {}, {} layers, {}",
+                cfg.layers, cfg.hidden, cfg.heads, cfg.kv_heads, cfg.dtype.name(), if cfg.tie_embeddings { "tied" } else { "untied" }, m.layers.len(), human(m.bytes)
+            );
         }
         StoreCmd::List { store } => {
             let s = Store::open(&store)?;

@@ -54,3 +54,56 @@ fn serve_without_a_gpu_says_so_in_one_line_and_fails() {
     let text = String::from_utf8_lossy(&help.stdout);
     assert!(text.contains("--store") && text.contains("SIGTERM") && text.contains("pipeswitch store create"), "{text}");
 }
+
+#[test]
+fn the_llm_run_refuses_bad_arguments_before_touching_the_gpu() {
+    let Some(exe) = cli() else {
+        eprintln!("no pipeswitch binary next to this test: skipped");
+        return;
+    };
+    let run = |args: &[&str]| {
+        let out = Command::new(&exe).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (code, err) = run(&["demo", "--models", "llama3-8b,resnet152"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("runs alone"), "{err}");
+    let (code, err) = run(&["bench", "llm", "--config", "llama-70b"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("unknown LLM config"), "{err}");
+    let (code, err) = run(&["bench", "llm", "--hf-dir", "/nonexistent-hf-dir"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("no config.json"), "{err}");
+}
+
+#[test]
+fn store_add_llama_writes_random_weights_and_refuses_bad_sources() {
+    let Some(exe) = cli() else {
+        eprintln!("no pipeswitch binary next to this test: skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(&exe).args(args).env("PIPESWITCH_SHM_DIR", dir.path()).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (code, text) = run(&["store", "create", "llm", "--size", "64M"]);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = run(&["store", "add-llama", "llm", "tiny", "--random", "tiny", "--max-positions", "64"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("Llama, 2 blocks") && text.contains("BF16") && text.contains("6 layers"), "{text}");
+    let (code, text) = run(&["store", "show", "llm", "tiny"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("model.layers.1") && text.contains("model.embed_tokens"), "{text}");
+    for (args, want) in [
+        (vec!["store", "add-llama", "llm", "x", "--random", "gpt-5"], "unknown Llama configuration"),
+        (vec!["store", "add-llama", "llm", "x", "--hf-dir", "/nonexistent-hf"], "config.json"),
+        (vec!["store", "add-llama", "llm", "tiny", "--random", "tiny"], "already"),
+    ] {
+        let (code, text) = run(&args);
+        assert_ne!(code, Some(0), "{args:?}");
+        assert!(text.contains(want), "{args:?}: {text}");
+    }
+    let (code, _) = run(&["store", "destroy", "llm"]);
+    assert_eq!(code, Some(0));
+}

@@ -9,6 +9,8 @@ pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub mod gemm;
+pub mod llama;
+pub mod llama_ref;
 pub mod norm;
 
 use std::collections::HashMap;

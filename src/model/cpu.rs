@@ -33,6 +33,7 @@ use super::weights::weight_values;
 use crate::error::{Error, Result};
 use crate::kernels::conv::{conv2d_ref, global_avg_pool_ref, max_pool2d_ref, random_f32, Conv2dArgs, Pool2dArgs};
 use crate::kernels::gemm::{gemm_ref_f32, Activation, GemmArgs};
+use crate::kernels::llama_ref::{argmax_ref, cached_attention_ref, rmsnorm_ref, swiglu_ref, CachedAttentionShape};
 use crate::kernels::norm::{embedding_ref, layernorm_ref, EMBEDDING_BAD_ID, EMBEDDING_BAD_POS, EMBEDDING_BAD_TYPE};
 
 /// A host tensor: a graph input's (or an activation's) values.
@@ -249,7 +250,53 @@ impl<'a> Run<'a> {
                 let xs = self.shape(x)?;
                 global_avg_pool_ref(self.f32(x)?, xs[0], xs[1], xs[2], xs[3])
             }
+            Op::TokenEmbedding { .. } | Op::RmsNorm { .. } | Op::CachedAttention { .. } | Op::SwiGlu { .. } | Op::Argmax { .. } => {
+                Err(Error::Internal(format!("{} is run by llama_op", op.kind())))
+            }
         }
+    }
+
+    /// Runs one of the Llama ops (those that may write state or an I32
+    /// output); None for any other op.
+    fn llama_op(&mut self, op: &Op) -> Result<Option<HostTensor>> {
+        Ok(Some(match op {
+            Op::TokenEmbedding { ids, table, .. } => {
+                let (ts, tv) = self.weight(table)?;
+                let h = ts[1];
+                let mut out = Vec::with_capacity(self.i32(ids)?.len() * h);
+                for &id in self.i32(ids)? {
+                    if id < 0 || id as usize >= ts[0] {
+                        return Err(Error::invalid(format!("{ids} holds a token id {id} outside [0, {})", ts[0])));
+                    }
+                    out.extend_from_slice(&tv[id as usize * h..(id as usize + 1) * h]);
+                }
+                HostTensor::F32(out)
+            }
+            Op::RmsNorm { x, weight, eps, last_of, .. } => HostTensor::F32(rmsnorm_ref(self.f32(x)?, self.weight(weight)?.1, *eps, *last_of)?),
+            Op::SwiGlu { x, .. } => HostTensor::F32(swiglu_ref(self.f32(x)?, self.shape(x)?[1])?),
+            Op::Argmax { x, .. } => HostTensor::I32(argmax_ref(self.f32(x)?, self.shape(x)?[1])?),
+            Op::CachedAttention { qkv, rope, pos, k_cache, v_cache, heads, kv_heads, seq, .. } => {
+                let qs = self.shape(qkv)?;
+                let cs = self.shape(k_cache)?;
+                let (rs, rv) = self.weight(rope)?;
+                let cache_dtype = self.decl(k_cache)?.dtype()?;
+                let sh = CachedAttentionShape { batch: qs[0] / seq, seq: *seq, heads: *heads, kv_heads: *kv_heads, head_dim: cs[3], max_seq: cs[2], max_pos: rs[0] };
+                let p = self.i32(pos)?[0];
+                let mut kc = match self.env.remove(k_cache.as_str()) {
+                    Some(HostTensor::F32(v)) => v,
+                    _ => return Err(Error::invalid(format!("state {k_cache} is missing"))),
+                };
+                let mut vc = match self.env.remove(v_cache.as_str()) {
+                    Some(HostTensor::F32(v)) => v,
+                    _ => return Err(Error::invalid(format!("state {v_cache} is missing"))),
+                };
+                let r = cached_attention_ref(self.f32(qkv)?, rv, p, &mut kc, &mut vc, cache_dtype, sh);
+                self.env.insert(k_cache.clone(), HostTensor::F32(kc));
+                self.env.insert(v_cache.clone(), HostTensor::F32(vc));
+                HostTensor::F32(r?)
+            }
+            _ => return Ok(None),
+        }))
     }
 }
 
@@ -261,14 +308,36 @@ impl<'a> Run<'a> {
 /// input or weight, an out-of-range token id, and anything a kernel
 /// reference rejects; messages name the tensor.
 pub fn run_graph_cpu(graph: &Graph, weights: &HostWeights, inputs: &HashMap<String, HostTensor>) -> Result<HashMap<String, Vec<f32>>> {
+    let mut state = HashMap::new();
+    run_graph_cpu_with_state(graph, weights, inputs, &mut state)
+}
+
+/// [`run_graph_cpu`] with the graph's state tensors (a KV cache) kept in
+/// `state` from one call to the next: a missing state tensor starts as
+/// zeros (as the worker's buffer), stored as f32 values (rounded to the
+/// declared dtype by the ops that write them). I32 outputs (argmax) come
+/// back as f32 values (exact below 2^24).
+pub fn run_graph_cpu_with_state(
+    graph: &Graph,
+    weights: &HostWeights,
+    inputs: &HashMap<String, HostTensor>,
+    state: &mut HashMap<String, Vec<f32>>,
+) -> Result<HashMap<String, Vec<f32>>> {
     let shapes: WeightShapes = weights.iter().map(|(n, (s, _))| (n.clone(), s.clone())).collect();
     graph.validate(&shapes)?;
     let mut run = Run {
         graph,
-        decls: graph.inputs.iter().chain(&graph.activations).map(|(n, d)| (n.as_str(), d)).collect(),
+        decls: graph.inputs.iter().chain(&graph.activations).chain(&graph.state).map(|(n, d)| (n.as_str(), d)).collect(),
         weights,
         env: HashMap::new(),
     };
+    for (name, decl) in &graph.state {
+        let v = state.remove(name).unwrap_or_else(|| vec![0f32; decl.numel()]);
+        if v.len() != decl.numel() {
+            return Err(Error::invalid(format!("graph {}: state {name} has {} values, its shape {:?} needs {}", graph.name, v.len(), decl.shape, decl.numel())));
+        }
+        run.env.insert(name.clone(), HostTensor::F32(v));
+    }
     for (name, decl) in &graph.inputs {
         let t = inputs.get(name).ok_or_else(|| Error::invalid(format!("graph {}: input {name} is missing", graph.name)))?;
         if t.dtype_name() != decl.dtype {
@@ -286,21 +355,45 @@ pub fn run_graph_cpu(graph: &Graph, weights: &HostWeights, inputs: &HashMap<Stri
         run.env.insert(name.clone(), t.clone());
     }
     for op in &graph.ops {
-        let v = run.op(op).map_err(|e| {
-            let msg = match e {
-                Error::InvalidArgument(m) => m,
-                e => e.to_string(),
-            };
-            Error::invalid(format!("graph {}: {} op -> {}: {msg}", graph.name, op.kind(), op.output()))
-        })?;
-        run.env.insert(op.output().to_string(), HostTensor::F32(v));
+        let v = run
+            .llama_op(op)
+            .and_then(|v| match v {
+                Some(v) => Ok(v),
+                None => run.op(op).map(HostTensor::F32),
+            })
+            .map_err(|e| {
+                let msg = match e {
+                    Error::InvalidArgument(m) => m,
+                    e => e.to_string(),
+                };
+                Error::invalid(format!("graph {}: {} op -> {}: {msg}", graph.name, op.kind(), op.output()))
+            });
+        let v = match v {
+            Ok(v) => v,
+            Err(e) => {
+                // Keep the state the failed run had (as the GPU's buffer).
+                for (name, _) in &graph.state {
+                    if let Some(HostTensor::F32(v)) = run.env.remove(name) {
+                        state.insert(name.clone(), v);
+                    }
+                }
+                return Err(e);
+            }
+        };
+        run.env.insert(op.output().to_string(), v);
+    }
+    for (name, _) in &graph.state {
+        if let Some(HostTensor::F32(v)) = run.env.remove(name) {
+            state.insert(name.clone(), v);
+        }
     }
     graph
         .outputs
         .iter()
         .map(|o| match run.env.get(o) {
             Some(HostTensor::F32(v)) => Ok((o.clone(), v.clone())),
-            _ => Err(Error::invalid(format!("graph {}: output {o} is not an F32 tensor that was written", graph.name))),
+            Some(HostTensor::I32(v)) => Ok((o.clone(), v.iter().map(|&i| i as f32).collect())),
+            _ => Err(Error::invalid(format!("graph {}: output {o} was not written", graph.name))),
         })
         .collect()
 }
@@ -431,6 +524,7 @@ mod tests {
             inputs: vec![("x".into(), TensorDecl::f32(&[m, k])), ("r".into(), TensorDecl::f32(&[m, 4]))],
             activations: vec![("packed".into(), TensorDecl::f32(&[m, 6])), ("y".into(), TensorDecl::f32(&[m, 4]))],
             outputs: vec!["packed".into(), "y".into()],
+            state: vec![],
             ops: vec![
                 lin("x", "wa", Some("ba"), true, Act::GeluTanh, None, "packed", 4),
                 lin("x", "wb", None, false, Act::None, None, "packed", 0),
@@ -486,6 +580,7 @@ mod tests {
             inputs: vec![("x".into(), TensorDecl::f32(&[n, c, h, wd])), ("res".into(), TensorDecl::f32(&[n, k, p, q]))],
             activations: vec![("y".into(), TensorDecl::f32(&[n, k, p, q]))],
             outputs: vec!["y".into()],
+            state: vec![],
             ops: vec![Op::Conv2d {
                 x: "x".into(),
                 weight: "w".into(),
@@ -539,6 +634,7 @@ mod tests {
             inputs: vec![("ids".into(), TensorDecl::i32(&[batch, seq])), ("tt".into(), TensorDecl::i32(&[batch, seq]))],
             activations: vec![("e".into(), TensorDecl::f32(&[batch * seq, hidden]))],
             outputs: vec!["e".into()],
+            state: vec![],
             ops: vec![Op::Embedding {
                 ids: "ids".into(),
                 wte: "wte".into(),
@@ -727,6 +823,7 @@ mod tests {
                 inputs: vec![("x".into(), input)],
                 activations: vec![("y".into(), out)],
                 outputs: vec!["y".into()],
+                state: vec![],
                 ops: vec![op],
             };
             run_graph_cpu(&g, &w, &HashMap::from([("x".to_string(), v)])).unwrap_err().to_string()

@@ -80,6 +80,45 @@ pub enum Op {
     },
     MaxPool { x: String, kernel: usize, stride: usize, pad: usize, out: String },
     GlobalAvgPool { x: String, out: String },
+    /// out[t] = table[ids[t]] in f32 (a token table without positions, as
+    /// Llama's; the table may be BF16, F16 or F32).
+    TokenEmbedding { ids: String, table: String, out: String },
+    /// out = x / sqrt(mean(x^2) + eps) * weight over the last dim, statistics
+    /// in f32. With `last_of: Some(s)`, only the last row of every `s` rows
+    /// (the last token of each sequence): out has rows / s rows.
+    RmsNorm {
+        x: String,
+        weight: String,
+        eps: f32,
+        #[serde(default)]
+        last_of: Option<usize>,
+        out: String,
+    },
+    /// Llama attention with a KV cache (grouped-query, rotary). `qkv` is
+    /// `[T, (heads + 2 kv_heads) d]` (Q | K | V, heads of `d` columns),
+    /// `T = B * seq`; token `t` is at position `pos[0] + t % seq` of sequence
+    /// `t / seq`. Rotary embeddings (HF's rotate-half convention, cos and sin
+    /// from `rope`, a `[max_pos, d]` table: cos in the first d/2 columns,
+    /// sin in the rest) are applied to Q and K; K and V are written, rounded
+    /// to the cache's dtype, into the state tensors `k_cache` / `v_cache`
+    /// (`[B, kv_heads, max_seq, d]`) at their positions; every query
+    /// attends causally to the cached keys `0..=position`. out is `[T, heads d]`.
+    CachedAttention {
+        qkv: String,
+        rope: String,
+        pos: String,
+        k_cache: String,
+        v_cache: String,
+        heads: usize,
+        kv_heads: usize,
+        seq: usize,
+        out: String,
+    },
+    /// out = silu(x[:, :F]) * x[:, F:] for x `[T, 2F]` (SwiGLU).
+    SwiGlu { x: String, out: String },
+    /// out[r] = the index of the largest value of row r (I32; the first on
+    /// ties).
+    Argmax { x: String, out: String },
 }
 
 /// Most bytes of one declared input or activation (1 TiB): larger shapes,
@@ -130,6 +169,12 @@ pub struct Graph {
     /// The model's outputs (activations).
     pub outputs: Vec<String>,
     pub ops: Vec<Op>,
+    /// Tensors kept from one run to the next (a KV cache): zero when the
+    /// worker's buffer is prepared, laid out first in the buffer in this
+    /// order (so graphs declaring the same state, as a model's prefill and
+    /// decode graphs, share it), written only by the ops that say so.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub state: Vec<(String, TensorDecl)>,
 }
 
 impl Op {
@@ -149,6 +194,10 @@ impl Op {
             }
             Op::Attention { qkv, .. } => vec![Some(qkv)],
             Op::MaxPool { x, .. } | Op::GlobalAvgPool { x, .. } => vec![Some(x)],
+            Op::TokenEmbedding { ids, table, .. } => vec![Some(ids), Some(table)],
+            Op::RmsNorm { x, weight, .. } => vec![Some(x), Some(weight)],
+            Op::CachedAttention { qkv, rope, pos, k_cache, v_cache, .. } => vec![Some(qkv), Some(rope), Some(pos), Some(k_cache), Some(v_cache)],
+            Op::SwiGlu { x, .. } | Op::Argmax { x, .. } => vec![Some(x)],
         };
         v.into_iter().flatten().collect()
     }
@@ -161,7 +210,12 @@ impl Op {
             | Op::Attention { out, .. }
             | Op::Conv2d { out, .. }
             | Op::MaxPool { out, .. }
-            | Op::GlobalAvgPool { out, .. } => out,
+            | Op::GlobalAvgPool { out, .. }
+            | Op::TokenEmbedding { out, .. }
+            | Op::RmsNorm { out, .. }
+            | Op::CachedAttention { out, .. }
+            | Op::SwiGlu { out, .. }
+            | Op::Argmax { out, .. } => out,
         }
     }
 
@@ -174,6 +228,11 @@ impl Op {
             Op::Conv2d { .. } => "conv2d",
             Op::MaxPool { .. } => "max_pool",
             Op::GlobalAvgPool { .. } => "global_avg_pool",
+            Op::TokenEmbedding { .. } => "token_embedding",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::CachedAttention { .. } => "cached_attention",
+            Op::SwiGlu { .. } => "swiglu",
+            Op::Argmax { .. } => "argmax",
         }
     }
 }
@@ -204,11 +263,12 @@ impl Graph {
     /// range parse as infinity).
     fn check_numbers(&self) -> Result<()> {
         for op in &self.ops {
-            if let Op::LayerNorm { eps, .. } = op {
+            if let Op::LayerNorm { eps, .. } | Op::RmsNorm { eps, .. } = op {
                 if !(eps.is_finite() && *eps >= 0.0) {
                     return Err(Error::invalid(format!(
-                        "graph {}: layer_norm op -> {}: eps {eps} is not a finite non-negative number",
+                        "graph {}: {} op -> {}: eps {eps} is not a finite non-negative number",
                         self.name,
+                        op.kind(),
                         op.output()
                     )));
                 }
@@ -218,7 +278,12 @@ impl Graph {
     }
 
     fn decls(&self) -> HashMap<&str, &TensorDecl> {
-        self.inputs.iter().chain(&self.activations).map(|(n, d)| (n.as_str(), d)).collect()
+        self.inputs.iter().chain(&self.activations).chain(&self.state).map(|(n, d)| (n.as_str(), d)).collect()
+    }
+
+    /// Whether `name` is a state tensor.
+    pub fn is_state(&self, name: &str) -> bool {
+        self.state.iter().any(|(n, _)| n == name)
     }
 
     /// Checks every operand exists with a consistent shape, every op's
@@ -226,13 +291,13 @@ impl Graph {
     pub fn validate(&self, weights: &WeightShapes) -> Result<()> {
         self.check_numbers()?;
         let decls = self.decls();
-        if decls.len() != self.inputs.len() + self.activations.len() {
+        if decls.len() != self.inputs.len() + self.activations.len() + self.state.len() {
             return Err(Error::invalid(format!("graph {}: a tensor is declared twice", self.name)));
         }
-        for (name, d) in self.inputs.iter().chain(&self.activations) {
+        for (name, d) in self.inputs.iter().chain(&self.activations).chain(&self.state) {
             d.bytes().map_err(|e| Error::invalid(format!("graph {}: tensor {name}: {e}", self.name)))?;
         }
-        let mut written: HashSet<&str> = self.inputs.iter().map(|(n, _)| n.as_str()).collect();
+        let mut written: HashSet<&str> = self.inputs.iter().chain(&self.state).map(|(n, _)| n.as_str()).collect();
         let bad = |op: &Op, msg: String| Error::invalid(format!("graph {}: {} op -> {}: {msg}", self.name, op.kind(), op.output()));
         let act = |op: &Op, name: &str| -> Result<&TensorDecl> {
             decls.get(name).copied().ok_or_else(|| bad(op, format!("{name} is not an activation or input")))
@@ -247,14 +312,20 @@ impl Graph {
                 }
             }
             let out = act(op, op.output())?;
-            if self.inputs.iter().any(|(n, _)| n == op.output()) {
-                return Err(bad(op, "an op may not write a graph input".into()));
+            if self.inputs.iter().chain(&self.state).any(|(n, _)| n == op.output()) {
+                return Err(bad(op, "an op may not write a graph input or state tensor".into()));
+            }
+            for o in op.operands() {
+                if self.is_state(o) && !matches!(op, Op::CachedAttention { k_cache, v_cache, .. } if o == k_cache || o == v_cache) {
+                    return Err(bad(op, format!("state tensor {o} is read only by the op that owns it")));
+                }
             }
             if op.operands().contains(&op.output()) {
                 return Err(bad(op, "the output may not also be an operand".into()));
             }
-            if out.dtype != "F32" {
-                return Err(bad(op, format!("outputs are F32, not {}", out.dtype)));
+            let out_dtype = if matches!(op, Op::Argmax { .. }) { "I32" } else { "F32" };
+            if out.dtype != out_dtype {
+                return Err(bad(op, format!("the output is {out_dtype}, not {}", out.dtype)));
             }
             match op {
                 Op::Embedding { ids, wte, wpe, token_type, type_ids, .. } => {
@@ -352,6 +423,75 @@ impl Graph {
                         return Err(bad(op, "pool shapes disagree".into()));
                     }
                 }
+                Op::TokenEmbedding { ids, table, .. } => {
+                    let ids = act(op, ids)?;
+                    if ids.dtype != "I32" {
+                        return Err(bad(op, "ids must be I32".into()));
+                    }
+                    let t = w(op, table)?;
+                    if t.len() != 2 || t[0] == 0 || out.shape != [ids.numel(), t[1]] {
+                        return Err(bad(op, format!("table {t:?} and ids {:?} do not give out {:?}", ids.shape, out.shape)));
+                    }
+                }
+                Op::RmsNorm { x, weight, last_of, .. } => {
+                    let x = act(op, x)?;
+                    let h = *x.shape.last().unwrap_or(&0);
+                    let rows = x.numel() / h.max(1);
+                    let want_rows = match last_of {
+                        Some(0) => return Err(bad(op, "last_of must be positive".into())),
+                        Some(s) if rows % s != 0 => return Err(bad(op, format!("{rows} rows are not sequences of {s}"))),
+                        Some(s) => rows / s,
+                        None => rows,
+                    };
+                    if x.shape.len() != 2 || h == 0 || w(op, weight)? != &vec![h] || out.shape != [want_rows, h] {
+                        return Err(bad(op, "shapes disagree".into()));
+                    }
+                }
+                Op::CachedAttention { qkv, rope, pos, k_cache, v_cache, heads, kv_heads, seq, .. } => {
+                    let q = act(op, qkv)?;
+                    let groups = heads.checked_add(kv_heads.saturating_mul(2)).unwrap_or(0);
+                    // groups is 0 where heads + 2 kv_heads overflows.
+                    if q.shape.len() != 2 || groups == 0 || *heads == 0 || *kv_heads == 0 || heads % kv_heads != 0 || *seq == 0 || q.shape[0] % seq != 0 || q.shape[1] == 0 || q.shape[1] % groups != 0 || q.shape[1] / groups % 2 != 0 {
+                        return Err(bad(op, "qkv must be [B*seq, (heads + 2 kv_heads) d] with d even and heads a multiple of kv_heads".into()));
+                    }
+                    let d = q.shape[1] / groups;
+                    let b = q.shape[0] / seq;
+                    if out.shape != [q.shape[0], heads * d] {
+                        return Err(bad(op, format!("out must be [{}, {}]", q.shape[0], heads * d)));
+                    }
+                    let p = act(op, pos)?;
+                    if p.dtype != "I32" || p.numel() != 1 {
+                        return Err(bad(op, "pos must be one I32".into()));
+                    }
+                    let r = w(op, rope)?;
+                    if r.len() != 2 || r[1] != d {
+                        return Err(bad(op, format!("rope table {r:?} must be [max_pos, {d}]")));
+                    }
+                    for c in [k_cache, v_cache] {
+                        if !self.is_state(c) {
+                            return Err(bad(op, format!("{c} must be a state tensor")));
+                        }
+                        let cd = act(op, c)?;
+                        if cd.shape.len() != 4 || cd.shape[0] != b || cd.shape[1] != *kv_heads || cd.shape[2] == 0 || cd.shape[3] != d || !matches!(cd.dtype.as_str(), "F32" | "BF16" | "F16") {
+                            return Err(bad(op, format!("cache {c} must be [{b}, {kv_heads}, max_seq, {d}] of F32, BF16 or F16")));
+                        }
+                    }
+                    if act(op, k_cache)?.shape != act(op, v_cache)?.shape {
+                        return Err(bad(op, "the K and V caches differ".into()));
+                    }
+                }
+                Op::SwiGlu { x, .. } => {
+                    let x = act(op, x)?;
+                    if x.shape.len() != 2 || x.shape[1] % 2 != 0 || out.shape != [x.shape[0], x.shape[1] / 2] {
+                        return Err(bad(op, "x must be [T, 2F] and out [T, F]".into()));
+                    }
+                }
+                Op::Argmax { x, .. } => {
+                    let x = act(op, x)?;
+                    if x.shape.len() != 2 || x.shape[1] == 0 || out.shape != [x.shape[0]] {
+                        return Err(bad(op, "x must be [R, C] and out [R]".into()));
+                    }
+                }
             }
             written.insert(op.output());
         }
@@ -385,6 +525,13 @@ impl Graph {
                     let t = decls.get(qkv.as_str()).map_or(0, |d| d.shape[0]) as f64;
                     let h = decls.get(out.as_str()).map_or(0, |d| d.shape[1]) as f64;
                     4.0 * t * *seq as f64 * h
+                }
+                Op::CachedAttention { qkv, out, .. } => {
+                    // Scores and values over the cached positions: counted as
+                    // the chunk's own length (the prefill's cost).
+                    let t = decls.get(qkv.as_str()).map_or(0, |d| d.shape[0]) as f64;
+                    let h = decls.get(out.as_str()).map_or(0, |d| d.shape[1]) as f64;
+                    2.0 * t * t * h
                 }
                 _ => numel(op.output()),
             })

@@ -3,6 +3,7 @@
 
 pub mod cpu;
 pub mod graph;
+pub mod llama;
 pub mod reference;
 pub mod synthetic;
 pub mod weights;

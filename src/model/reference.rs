@@ -18,6 +18,24 @@ pub enum Init {
     Uniform(f32, f32),
     /// Every element this value.
     Const(f32),
+    /// Uniform in [lo, hi), generated in independent chunks of
+    /// [`super::weights::CHUNK`] elements (so that many threads fill one
+    /// tensor at once: an 8B model's weights in seconds).
+    Chunked(f32, f32),
+    /// A rotary table `[max_pos, d]`: cos of position · inverse frequency
+    /// in the first d/2 columns, sin in the rest.
+    Rope(RopeSpec),
+}
+
+/// Rotary frequencies: `theta^(-2i/d)`, with Llama 3's long-context
+/// scaling when `factor > 0` (HF `rope_type: "llama3"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeSpec {
+    pub theta: f32,
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_positions: f32,
 }
 
 /// One weight tensor (fp32).
@@ -26,6 +44,8 @@ pub struct WeightDecl {
     pub name: String,
     pub shape: Vec<usize>,
     pub init: Init,
+    /// Stored dtype: F32, or BF16/F16 (values rounded to it).
+    pub dtype: crate::store::Dtype,
 }
 
 /// A reference model: its graph and its layers (name, weights) in execution order.
@@ -70,7 +90,7 @@ struct Builder {
 impl Builder {
     fn new(name: &str) -> Builder {
         Builder {
-            graph: Graph { name: name.into(), inputs: vec![], activations: vec![], outputs: vec![], ops: vec![] },
+            graph: Graph { name: name.into(), inputs: vec![], activations: vec![], outputs: vec![], ops: vec![], state: vec![] },
             layers: vec![],
             last: vec![],
         }
@@ -86,7 +106,7 @@ impl Builder {
     fn layer(&mut self, name: &str, weights: &[(&str, &[usize], Init)]) -> Vec<String> {
         let ws: Vec<WeightDecl> = weights
             .iter()
-            .map(|(n, s, i)| WeightDecl { name: format!("{name}.{n}"), shape: s.to_vec(), init: *i })
+            .map(|(n, s, i)| WeightDecl { name: format!("{name}.{n}"), shape: s.to_vec(), init: *i, dtype: crate::store::Dtype::F32 })
             .collect();
         let names = ws.iter().map(|w| w.name.clone()).collect();
         self.layers.push((name.into(), ws));

@@ -330,6 +330,16 @@ pub struct ModelLayout {
 /// Validates a spec and lays it out: tensors in order, each 256-aligned;
 /// layers tile the bytes; the metadata blob describing it all.
 pub fn layout_model(spec: &ModelSpec<'_>) -> Result<ModelLayout> {
+    layout_model_checked(spec, true)
+}
+
+/// [`layout_model`] for a spec whose tensors carry no data yet (they are
+/// written in place after the space is reserved): only the shapes count.
+pub fn layout_model_unfilled(spec: &ModelSpec<'_>) -> Result<ModelLayout> {
+    layout_model_checked(spec, false)
+}
+
+fn layout_model_checked(spec: &ModelSpec<'_>, check_data: bool) -> Result<ModelLayout> {
     if spec.layers.is_empty() {
         return Err(Error::invalid("a model needs at least one layer"));
     }
@@ -363,7 +373,7 @@ pub fn layout_model(spec: &ModelSpec<'_>) -> Result<ModelLayout> {
                 return Err(Error::invalid(format!("tensor name {:?} appears twice", t.name)));
             }
             let bytes = super::model::tensor_bytes(t.dtype, &t.shape)?;
-            if bytes != t.data.len() as u64 {
+            if check_data && bytes != t.data.len() as u64 {
                 return Err(Error::invalid(format!(
                     "tensor {:?}: dtype {} and shape {:?} need {bytes} bytes, data has {}",
                     t.name,

@@ -122,6 +122,10 @@ struct Shared {
     leases: Mutex<HashMap<u32, u64>>,
 }
 
+/// Writes bytes `[offset, offset + bytes.len())` of tensor `tensor`
+/// ([`Store::add_model_filled`]): `fill(tensor, offset, bytes)`.
+pub type FillFn<'a> = dyn Fn(usize, u64, &mut [u8]) -> Result<()> + Sync + 'a;
+
 /// An open store.
 pub struct Store {
     sh: Arc<Shared>,
@@ -561,6 +565,17 @@ impl Store {
         Ok(ModelLease(Arc::new(LeaseInner { sh: self.sh.clone(), slot, model })))
     }
 
+    /// Host address of a leased model's first byte inside this process's
+    /// mapping (`lease.bytes` bytes; pinned once [`Store::pin`] ran): for
+    /// copies a caller times itself (benchmarks of other ways to load).
+    /// Valid while the lease is held.
+    pub fn leased_host_ptr(&self, lease: &ModelLease) -> Result<*const u8> {
+        if !lease.belongs_to(self) {
+            return Err(Error::invalid(format!("the lease on {:?} is not from store {:?}", lease.name, self.sh.name)));
+        }
+        self.host_ptr(lease)
+    }
+
     /// Host address of a model's first byte inside this process's mapping.
     /// The bytes there are the model's only while a lease on it is held.
     pub(crate) fn host_ptr(&self, model: &Model) -> Result<*const u8> {
@@ -641,9 +656,110 @@ impl Store {
         check_model_name(name)?;
         self.sh.check_process()?;
         let lay = layout::layout_model(spec)?;
+        self.add_laid_out(name, &lay, |e| self.write_model(e, spec, &lay, progress))
+    }
+
+    /// Adds a model whose tensors are written in place, straight into the
+    /// shared segment, by `fill(tensor, offset, bytes)`: `bytes` is the range
+    /// `[offset, offset + bytes.len())` of tensor `tensor` (its index in
+    /// `spec` order). Every tensor is split into pieces of `piece` bytes (a
+    /// multiple of 256), filled by `threads` threads at once. `spec`'s
+    /// tensors give names, dtypes and shapes; their `data` is ignored. For
+    /// models too large to build in memory first (an 8B LLM's random
+    /// weights): nothing is held twice. An error from `fill` abandons the
+    /// add, as any failed add.
+    pub fn add_model_filled(
+        &self,
+        name: &str,
+        spec: &ModelSpec<'_>,
+        piece: usize,
+        threads: usize,
+        fill: &FillFn<'_>,
+        progress: Progress<'_>,
+    ) -> Result<Arc<Model>> {
+        check_model_name(name)?;
+        self.sh.check_process()?;
+        if piece == 0 || piece % 256 != 0 {
+            return Err(Error::invalid(format!("piece size {piece} is not a positive multiple of 256")));
+        }
+        let lay = layout::layout_model_unfilled(spec)?;
+        let sizes: Vec<u64> = spec
+            .layers
+            .iter()
+            .flat_map(|l| l.tensors.iter())
+            .map(|t| model::tensor_bytes(t.dtype, &t.shape))
+            .collect::<Result<_>>()?;
+        self.add_laid_out(name, &lay, |e| {
+            let total = lay.data_bytes;
+            progress(0, total);
+            // Zero the alignment gaps (the space may have held another model).
+            let mut pos = 0u64;
+            for (&off, &n) in lay.tensor_offsets.iter().zip(&sizes) {
+                if off > pos {
+                    self.sh.seg.write(e.alloc_offset + pos, &vec![0u8; (off - pos) as usize])?;
+                }
+                pos = off + n;
+            }
+            if total > pos {
+                self.sh.seg.write(e.alloc_offset + pos, &vec![0u8; (total - pos) as usize])?;
+            }
+            let mut work: Vec<(usize, u64, u64)> = Vec::new();
+            for (i, &n) in sizes.iter().enumerate() {
+                let mut o = 0u64;
+                while o < n {
+                    let len = (n - o).min(piece as u64);
+                    work.push((i, o, len));
+                    o += len;
+                }
+            }
+            let base = e.alloc_offset;
+            if base.checked_add(total).is_none_or(|end| end > self.sh.seg.len()) {
+                return Err(Error::Internal("the reserved space lies outside the segment".into()));
+            }
+            let seg_ptr = self.sh.seg.ptr() as usize;
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let done = std::sync::atomic::AtomicU64::new(0);
+            let failed: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+            std::thread::scope(|s| {
+                for _ in 0..threads.max(1) {
+                    s.spawn(|| loop {
+                        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&(i, o, len)) = work.get(k) else { break };
+                        if failed.lock().map_or(true, |f| f.is_some()) {
+                            break;
+                        }
+                        let at = base + lay.tensor_offsets[i] + o;
+                        // SAFETY: [at, at + len) lies inside this model's
+                        // reserved space (checked above: base + total is in
+                        // the segment, and tensor ranges lie below total);
+                        // work items never overlap, so each thread writes a
+                        // range no other thread touches.
+                        let bytes = unsafe { std::slice::from_raw_parts_mut((seg_ptr + at as usize) as *mut u8, len as usize) };
+                        if let Err(err) = fill(i, o, bytes) {
+                            if let Ok(mut f) = failed.lock() {
+                                f.get_or_insert(err);
+                            }
+                            break;
+                        }
+                        done.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+                    });
+                }
+            });
+            if let Some(err) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                return Err(err);
+            }
+            self.sh.seg.write(e.meta_offset, &lay.meta)?;
+            progress(done.into_inner(), total);
+            Ok(())
+        })
+    }
+
+    /// Reserves space for a laid-out model, writes it with `write` and
+    /// commits it (or abandons the reservation on any error).
+    fn add_laid_out(&self, name: &str, lay: &layout::ModelLayout, write: impl FnOnce(&Entry) -> Result<()>) -> Result<Arc<Model>> {
         let meta_offset_rel = lay.data_bytes;
         let alloc_bytes = align_up(lay.data_bytes + lay.meta.len() as u64, ALLOC_ALIGN);
-        let (slot, mut entry) = self.reserve(name, alloc_bytes, &lay)?;
+        let (slot, mut entry) = self.reserve(name, alloc_bytes, lay)?;
         entry.meta_offset = entry.alloc_offset + meta_offset_rel;
         // Frees the reservation unless the add commits: on an error, and also
         // when a panicking progress callback unwinds through here.
@@ -668,7 +784,7 @@ impl Store {
             }
         }
         let mut abandon = Abandon { sh: &self.sh, slot, id: entry.id, armed: true };
-        self.write_model(&entry, spec, &lay, progress)?;
+        write(&entry)?;
         {
             let _g = self.sh.locked(true)?;
             // The reservation must still be ours: nobody reclaims a slot

@@ -27,7 +27,8 @@ use crate::error::{Error, Result};
 /// Metadata key holding the layer order.
 pub const LAYERS_KEY: &str = "pipeswitch.layers";
 
-fn dtype_of(d: safetensors::Dtype) -> Option<Dtype> {
+/// The store dtype of a safetensors dtype (None: not storable).
+pub fn dtype_of(d: safetensors::Dtype) -> Option<Dtype> {
     use safetensors::Dtype as S;
     Some(match d {
         S::BOOL => Dtype::Bool,

@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""PyTorch side of the LLM benchmark (run on the GPU machine after
+`pipeswitch bench llm --keep-store`): the same weights, read from the
+store's segment file through the manifest the benchmark wrote.
+
+1. Correctness: a PyTorch implementation of the Llama architecture written
+   here (not transformers'), with the worker's specified numerics (f32
+   activations, weights as stored, K and V rounded to bf16), computes the
+   prompt's logits and 32 greedy tokens; they must match the worker's
+   (logits within bf16 tolerance, the same tokens).
+2. Baselines for time to first token: a plain PyTorch load of the weights
+   from pinned memory (one copy) and a sleep-mode-like wake (tensor by
+   tensor synchronous copies), each followed by a bf16 prefill in PyTorch.
+
+Usage: llm_torch_ref.py MANIFEST WORKER_JSON WORKER_LOGITS OUT_JSON
+Exit status 1 when the worker's results do not match.
+"""
+
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def rope_table(cfg, n, d):
+    half = d // 2
+    inv = []
+    for i in range(half):
+        f = cfg["rope_theta"] ** (-(2.0 * i) / d)
+        if cfg["rope_factor"] > 0:
+            factor, lo, hi, orig = cfg["rope_factor"], cfg["rope_low_freq_factor"], cfg["rope_high_freq_factor"], cfg["rope_original_max_positions"]
+            wavelen = 2 * math.pi / f
+            if wavelen < orig / hi:
+                pass
+            elif wavelen > orig / lo:
+                f = f / factor
+            else:
+                smooth = (orig / wavelen - lo) / (hi - lo)
+                f = (1 - smooth) * f / factor + smooth * f
+        inv.append(f)
+    pos = np.arange(n, dtype=np.float64)[:, None] * np.array(inv)[None, :]
+    return torch.tensor(np.cos(pos), dtype=torch.float32), torch.tensor(np.sin(pos), dtype=torch.float32)
+
+
+def rot(x, cos, sin):
+    # x [T, H, d]; cos/sin [T, d/2]
+    half = x.shape[-1] // 2
+    x0, x1 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1)
+
+
+class Ref:
+    """The worker's numerics: f32 activations, weights upcast from bf16."""
+
+    def __init__(self, cfg, w, dev):
+        self.c, self.w, self.dev = cfg, w, dev
+        n = cfg["max_positions"]
+        self.cos, self.sin = rope_table(cfg, n, cfg["head_dim"])
+        self.cos, self.sin = self.cos.to(dev), self.sin.to(dev)
+        self.k = [None] * cfg["layers"]
+        self.v = [None] * cfg["layers"]
+
+    def W(self, n):
+        return self.w[n].float()
+
+    def rms(self, x, g):
+        r = torch.rsqrt((x.double() ** 2).mean(-1, keepdim=True) + self.c["rms_eps"]).float()
+        return (x * r) * self.W(g)
+
+    def step(self, ids, pos):
+        c = self.c
+        d, H, KV = c["head_dim"], c["heads"], c["kv_heads"]
+        T = ids.shape[0]
+        x = self.W("model.embed_tokens.weight")[ids]
+        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
+        for l in range(c["layers"]):
+            p = f"model.layers.{l}"
+            xn = self.rms(x, f"{p}.input_layernorm.weight")
+            q = (xn @ self.W(f"{p}.self_attn.q_proj.weight").T).view(T, H, d)
+            k = (xn @ self.W(f"{p}.self_attn.k_proj.weight").T).view(T, KV, d)
+            v = (xn @ self.W(f"{p}.self_attn.v_proj.weight").T).view(T, KV, d)
+            q, k = rot(q, cos, sin), rot(k, cos, sin)
+            k = k.to(torch.bfloat16).float()
+            v = v.to(torch.bfloat16).float()
+            self.k[l] = k if self.k[l] is None else torch.cat([self.k[l], k])
+            self.v[l] = v if self.v[l] is None else torch.cat([self.v[l], v])
+            K = self.k[l].repeat_interleave(H // KV, dim=1)  # [S, H, d]
+            V = self.v[l].repeat_interleave(H // KV, dim=1)
+            s = torch.einsum("thd,shd->hts", q, K) / math.sqrt(d)
+            S = K.shape[0]
+            mask = torch.arange(S, device=self.dev)[None, :] > (pos + torch.arange(T, device=self.dev))[:, None]
+            s = s.masked_fill(mask[None], float("-inf"))
+            a = torch.softmax(s.double(), dim=-1).float()
+            ctx = torch.einsum("hts,shd->thd", a, V).reshape(T, H * d)
+            h1 = x + ctx @ self.W(f"{p}.self_attn.o_proj.weight").T
+            xn2 = self.rms(h1, f"{p}.post_attention_layernorm.weight")
+            g = xn2 @ self.W(f"{p}.mlp.gate_proj.weight").T
+            u = xn2 @ self.W(f"{p}.mlp.up_proj.weight").T
+            x = h1 + (torch.nn.functional.silu(g) * u) @ self.W(f"{p}.mlp.down_proj.weight").T
+        xn = self.rms(x[-1:], "model.norm.weight")
+        head = "model.embed_tokens.weight" if c["tie_embeddings"] else "lm_head.weight"
+        return (xn @ self.W(head).T)[0]
+
+
+def bf16_prefill(cfg, w, ids):
+    """A plain bf16 PyTorch prefill (for the baselines' time to first token)."""
+    c = cfg
+    d, H, KV = c["head_dim"], c["heads"], c["kv_heads"]
+    T = ids.shape[0]
+    cos, sin = rope_table(c, T, d)
+    cos, sin = cos.to(ids.device, torch.bfloat16), sin.to(ids.device, torch.bfloat16)
+    x = w["model.embed_tokens.weight"][ids]
+    F = torch.nn.functional
+    for l in range(c["layers"]):
+        p = f"model.layers.{l}"
+        xn = F.rms_norm(x, (x.shape[-1],), w[f"{p}.input_layernorm.weight"], c["rms_eps"])
+        q = F.linear(xn, w[f"{p}.self_attn.q_proj.weight"]).view(T, H, d)
+        k = F.linear(xn, w[f"{p}.self_attn.k_proj.weight"]).view(T, KV, d)
+        v = F.linear(xn, w[f"{p}.self_attn.v_proj.weight"]).view(T, KV, d)
+        q, k = rot(q, cos, sin), rot(k, cos, sin)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, enable_gqa=True)
+        x = x + F.linear(o[0].transpose(0, 1).reshape(T, H * d), w[f"{p}.self_attn.o_proj.weight"])
+        xn = F.rms_norm(x, (x.shape[-1],), w[f"{p}.post_attention_layernorm.weight"], c["rms_eps"])
+        x = x + F.linear(F.silu(F.linear(xn, w[f"{p}.mlp.gate_proj.weight"])) * F.linear(xn, w[f"{p}.mlp.up_proj.weight"]), w[f"{p}.mlp.down_proj.weight"])
+    xn = F.rms_norm(x[-1:], (x.shape[-1],), w["model.norm.weight"], c["rms_eps"])
+    head = "model.embed_tokens.weight" if c["tie_embeddings"] else "lm_head.weight"
+    return int(F.linear(xn, w[head]).argmax(-1)[0])
+
+
+def main():
+    manifest, worker_json, worker_logits, out_json = sys.argv[1:5]
+    man = json.load(open(manifest))
+    rep = json.load(open(worker_json))
+    cfg = man["config"]
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    seg = np.memmap(man["segment"], dtype=np.uint8, mode="r")
+    tensors = [t for t in man["tensors"] if t["name"] != "rope.cos_sin"]
+    total = sum(t["bytes"] for t in tensors)
+    out = {"card": torch.cuda.get_device_name(0), "model_bytes": total}
+
+    # Pinned host copy of the weights (not timed as part of any request).
+    t0 = time.perf_counter()
+    pinned = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    views, at = {}, 0
+    for t in tensors:
+        src = torch.from_numpy(np.asarray(seg[t["offset"]:t["offset"] + t["bytes"]]))
+        pinned[at:at + t["bytes"]].copy_(src)
+        views[t["name"]] = (at, t)
+        at += t["bytes"]
+    out["pin_s"] = time.perf_counter() - t0
+    print(f"weights pinned in {out['pin_s']:.1f} s ({total / 1e9:.2f} GB)", flush=True)
+
+    def as_tensors(buf):
+        w = {}
+        for name, (o, t) in views.items():
+            assert t["dtype"] == "BF16", t
+            w[name] = buf[o:o + t["bytes"]].view(torch.bfloat16).view(*t["shape"])
+        return w
+
+    ids = torch.tensor(man["prompt"], dtype=torch.long, device=dev)
+    # Warm up the bf16 kernels on a first load.
+    gpu = pinned.to(dev, non_blocking=True)
+    bf16_prefill(cfg, as_tensors(gpu), ids)
+    torch.cuda.synchronize()
+    del gpu
+    torch.cuda.empty_cache()
+
+    plain, wake = [], []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        gpu = pinned.to(dev, non_blocking=True)
+        tok = bf16_prefill(cfg, as_tensors(gpu), ids)
+        plain.append((time.perf_counter() - t) * 1e3)
+        del gpu
+        torch.cuda.empty_cache()
+        host = as_tensors(pinned)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        w = {n: v.to(dev) for n, v in host.items()}  # one synchronous copy per tensor
+        tok2 = bf16_prefill(cfg, w, ids)
+        wake.append((time.perf_counter() - t) * 1e3)
+        del w
+        torch.cuda.empty_cache()
+    out["torch_plain_load_ttft_ms"] = sorted(plain)[1]
+    out["torch_sleep_wake_ttft_ms"] = sorted(wake)[1]
+    out["torch_bf16_first_token"] = tok
+    print(f"PyTorch: plain load from pinned memory + prefill {out['torch_plain_load_ttft_ms']:.1f} ms; "
+          f"tensor-by-tensor wake + prefill {out['torch_sleep_wake_ttft_ms']:.1f} ms (first token {tok}, {tok2})", flush=True)
+
+    # Correctness against the worker.
+    gpu = pinned.to(dev)
+    ref = Ref(cfg, as_tensors(gpu), dev)
+    steps = len(rep["tokens_batch1"])
+    logits = ref.step(ids, 0)
+    wl = torch.tensor(np.fromfile(worker_logits, dtype=np.float32), device=dev)
+    scale = logits.abs().max().item()
+    err = (wl - logits).abs().max().item() / scale
+    tokens = [int(logits.argmax())]
+    pos = ids.shape[0]
+    for _ in range(steps - 1):
+        lg = ref.step(torch.tensor([tokens[-1]], device=dev), pos)
+        pos += 1
+        tokens.append(int(lg.argmax()))
+    same = tokens == rep["tokens_batch1"]
+    out.update({"logits_max_err_over_scale": err, "logits_scale": scale, "reference_tokens": tokens, "worker_tokens": rep["tokens_batch1"], "same_tokens": same})
+    # bf16 tolerance: the worker and this reference differ only in the order
+    # of f32 sums (and the rounding of K and V that follows).
+    ok = same and err < 1e-2
+    out["pass"] = ok
+    print(f"reference vs worker: logits max error {err:.2e} of their scale ({scale:.2f}); "
+          f"{sum(a == b for a, b in zip(tokens, rep['tokens_batch1']))}/{steps} tokens equal -> {'PASS' if ok else 'FAIL'}", flush=True)
+    json.dump(out, open(out_json, "w"), indent=1)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
