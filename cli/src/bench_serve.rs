@@ -89,6 +89,9 @@ pub struct SoakReport {
     pub rss_kib_start: u64,
     pub rss_kib_end: u64,
     pub workers_lost: u64,
+    /// Worker processes at the start and at the end.
+    pub workers_start: u32,
+    pub workers_end: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -372,6 +375,13 @@ pub fn run(opts: &ServeBenchOptions, log: &mut dyn FnMut(&str)) -> Result<ServeB
     for m in &warm {
         s.client.infer(&m.def.graph.name, &m.refs())?;
     }
+    // The replacement standbys the warm-up started are up (their contexts
+    // counted) before the first measurement.
+    let t0 = Instant::now();
+    while s.client.stats()?.standbys < 3 && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let workers_start = s.client.stats()?.workers;
     let (gpu_free_bytes_start, _) = device.memory_info()?;
     let rss_kib_start = rss_kib();
     let t0 = Instant::now();
@@ -396,6 +406,8 @@ pub fn run(opts: &ServeBenchOptions, log: &mut dyn FnMut(&str)) -> Result<ServeB
         rss_kib_start,
         rss_kib_end,
         workers_lost: st.workers_lost,
+        workers_start,
+        workers_end: st.workers,
     };
     log("soak done");
     Ok(ServeBenchReport {
@@ -451,11 +463,13 @@ pub fn table(r: &ServeBenchReport) -> Vec<String> {
     let s = &r.soak;
     out.push(String::new());
     out.push(format!(
-        "soak: {} requests in {:.1} s, {} failed, {} workers lost; GPU free {} -> {} MiB; RSS {} -> {} MiB",
+        "soak: {} requests in {:.1} s, {} failed, {} workers lost, {} -> {} worker processes; GPU free {} -> {} MiB; RSS {} -> {} MiB",
         s.requests,
         s.seconds,
         s.failed,
         s.workers_lost,
+        s.workers_start,
+        s.workers_end,
         s.gpu_free_bytes_start >> 20,
         s.gpu_free_bytes_end >> 20,
         s.rss_kib_start >> 10,
