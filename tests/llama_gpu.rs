@@ -269,7 +269,7 @@ fn cached_attention_and_embedding_match_their_references() {
     let dev = Device::get(0).unwrap();
     let stream = Stream::new(dev).unwrap();
     lk::preload(dev).unwrap();
-    let sh = llama_ref::CachedAttentionShape { batch: 2, seq: 3, heads: 4, kv_heads: 2, head_dim: 128, max_seq: 16, max_pos: 20 };
+    let sh = llama_ref::AttentionShape { batch: 2, seq: 3, heads: 4, kv_heads: 2, head_dim: 128, max_seq: 16, max_pos: 20 };
     let (b, s, h, kv, d) = (sh.batch, sh.seq, sh.heads, sh.kv_heads, sh.head_dim);
     let width = (h + 2 * kv) * d;
     let cfg = LlamaConfig::tiny(false);

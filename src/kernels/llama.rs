@@ -150,17 +150,9 @@ pub fn embed(device: &'static Device, stream: CUstream, dtype: Dtype, out: CUdev
     launch(device, stream, &format!("llama_embed_{dt}"), cfg, &mut params)
 }
 
-/// Shape of a cached attention (see `Op::CachedAttention`).
-#[derive(Debug, Clone, Copy)]
-pub struct AttentionShape {
-    pub batch: usize,
-    pub seq: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub max_seq: usize,
-    pub max_pos: usize,
-}
+/// Shape of a cached attention (see `Op::CachedAttention`): the same for
+/// the kernel and its CPU reference.
+pub use super::llama_ref::AttentionShape;
 
 /// Pointers of a cached attention.
 #[derive(Debug, Clone, Copy)]

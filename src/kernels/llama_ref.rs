@@ -86,9 +86,10 @@ pub fn rope_ref(v: &[f32], cs: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Shape of a [`cached_attention_ref`] call.
+/// Shape of a cached attention: [`cached_attention_ref`] and the kernel
+/// (`kernels::llama::cached_attention`).
 #[derive(Debug, Clone, Copy)]
-pub struct CachedAttentionShape {
+pub struct AttentionShape {
     pub batch: usize,
     pub seq: usize,
     pub heads: usize,
@@ -109,9 +110,9 @@ pub fn cached_attention_ref(
     k_cache: &mut [f32],
     v_cache: &mut [f32],
     cache_dtype: Dtype,
-    sh: CachedAttentionShape,
+    sh: AttentionShape,
 ) -> Result<Vec<f32>> {
-    let CachedAttentionShape { batch, seq, heads, kv_heads, head_dim: d, max_seq, max_pos } = sh;
+    let AttentionShape { batch, seq, heads, kv_heads, head_dim: d, max_seq, max_pos } = sh;
     let width = (heads + 2 * kv_heads) * d;
     let t_all = batch * seq;
     if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || d == 0 || d % 2 != 0 || qkv.len() != t_all * width {

@@ -33,7 +33,7 @@ use super::weights::weight_values;
 use crate::error::{Error, Result};
 use crate::kernels::conv::{conv2d_ref, global_avg_pool_ref, max_pool2d_ref, random_f32, Conv2dArgs, Pool2dArgs};
 use crate::kernels::gemm::{gemm_ref_f32, Activation, GemmArgs};
-use crate::kernels::llama_ref::{argmax_ref, cached_attention_ref, rmsnorm_ref, swiglu_ref, CachedAttentionShape};
+use crate::kernels::llama_ref::{argmax_ref, cached_attention_ref, rmsnorm_ref, swiglu_ref, AttentionShape};
 use crate::kernels::norm::{embedding_ref, layernorm_ref, EMBEDDING_BAD_ID, EMBEDDING_BAD_POS, EMBEDDING_BAD_TYPE};
 
 /// A host tensor: a graph input's (or an activation's) values.
@@ -280,7 +280,7 @@ impl<'a> Run<'a> {
                 let cs = self.shape(k_cache)?;
                 let (rs, rv) = self.weight(rope)?;
                 let cache_dtype = self.decl(k_cache)?.dtype()?;
-                let sh = CachedAttentionShape { batch: qs[0] / seq, seq: *seq, heads: *heads, kv_heads: *kv_heads, head_dim: cs[3], max_seq: cs[2], max_pos: rs[0] };
+                let sh = AttentionShape { batch: qs[0] / seq, seq: *seq, heads: *heads, kv_heads: *kv_heads, head_dim: cs[3], max_seq: cs[2], max_pos: rs[0] };
                 let p = self.i32(pos)?[0];
                 let mut kc = match self.env.remove(k_cache.as_str()) {
                     Some(HostTensor::F32(v)) => v,
