@@ -469,6 +469,23 @@ impl StoredCost {
 
 const COST_RECORD_VERSION: u64 = 0x5053_434f_5354_0001; // "PSCOST" v1
 
+/// The plan a server uses for stored model `m`: from the cost model fitted
+/// and stored with it (the closed loop of `pipeswitch demo` or a library
+/// calibration), else from its stored per-layer times with the link
+/// `(bandwidth_gbps, per-copy overhead ms)` and default overheads, else one
+/// group per layer. Group starts.
+pub fn plan_for_stored(store: &crate::store::Store, m: &crate::store::Model, link: (f64, f64)) -> Vec<usize> {
+    let fitted = store.cost(&m.name).ok().flatten().and_then(|c| {
+        let t = crate::ffi::plan::layer_transfer_ms(m, c.bandwidth_gbps).ok()?;
+        let x: Vec<f64> = m.layers.iter().map(|l| l.exec_ms).collect();
+        planner::plan_groups_with(&t, &x, &c.costs).ok()
+    });
+    fitted
+        .or_else(|| crate::ffi::plan::plan_stored_model(m, link.0, link.1, 0.005).ok())
+        .map(|p| p.group_starts)
+        .unwrap_or_else(|| planner::per_layer_plan(m.layers.len()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -903,16 +903,7 @@ impl Controller {
         if let Some(p) = self.plans.get(&m.id) {
             return p.clone();
         }
-        let (gbps, a) = self.gpu.h2d();
-        let fitted = self.store.cost(&m.name).ok().flatten().and_then(|c| {
-            let t = pipeswitch::ffi::plan::layer_transfer_ms(m, c.bandwidth_gbps).ok()?;
-            let x: Vec<f64> = m.layers.iter().map(|l| l.exec_ms).collect();
-            pipeswitch::planner::plan_groups_with(&t, &x, &c.costs).ok()
-        });
-        let plan = fitted
-            .or_else(|| pipeswitch::ffi::plan::plan_stored_model(m, gbps, a, 0.005).ok())
-            .map(|p| p.group_starts)
-            .unwrap_or_else(|| pipeswitch::planner::per_layer_plan(m.layers.len()));
+        let plan = pipeswitch::cost::plan_for_stored(&self.store, m, self.gpu.h2d());
         let plan: Vec<u32> = plan.into_iter().map(|s| s as u32).collect();
         self.plans.insert(m.id, plan.clone());
         plan

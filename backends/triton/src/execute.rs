@@ -19,21 +19,6 @@ use crate::sys;
 use crate::triton::{check, TResult, TritonError};
 use crate::{InstanceState, ModelState};
 
-/// A model's plan: from the cost model fitted and stored with it, else from
-/// its stored per-layer times and the measured H2D link, else one group per
-/// layer (as the daemon plans).
-pub fn plan_of(m: &Model, store: &Store, h2d: (f64, f64)) -> Vec<usize> {
-    let fitted = store.cost(&m.name).ok().flatten().and_then(|c| {
-        let t = pipeswitch::ffi::plan::layer_transfer_ms(m, c.bandwidth_gbps).ok()?;
-        let x: Vec<f64> = m.layers.iter().map(|l| l.exec_ms).collect();
-        pipeswitch::planner::plan_groups_with(&t, &x, &c.costs).ok()
-    });
-    fitted
-        .or_else(|| pipeswitch::ffi::plan::plan_stored_model(m, h2d.0, h2d.1, 0.005).ok())
-        .map(|p| p.group_starts)
-        .unwrap_or_else(|| pipeswitch::planner::per_layer_plan(m.layers.len()))
-}
-
 /// A stored model's weights as fp32 arrays, for the CPU reference.
 pub fn host_weights(store: &Store, m: &Model) -> Result<HostWeights> {
     let bytes = store.model_bytes(m)?;

@@ -222,7 +222,7 @@ fn instance_initialize(instance: *mut sys::TRITONBACKEND_ModelInstance) -> TResu
             m.store.pin(gpu.arena.device()).map_err(fail)?;
             let mut worker = Worker::new(&gpu.arena).map_err(fail)?;
             worker.prepare(&m.program).map_err(fail)?;
-            let plan = execute::plan_of(m.program.model(), &m.store, gpu.h2d);
+            let plan = pipeswitch::cost::plan_for_stored(&m.store, m.program.model(), gpu.h2d);
             triton::info(&format!(
                 "pipeswitch: instance {name:?} on GPU {ordinal}: {} groups, {} bytes of activations",
                 plan.len(),
