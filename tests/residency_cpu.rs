@@ -99,6 +99,7 @@ fn run(seed: u64, n_models: u32, capacity: u64, steps: usize) -> (u64, u64, u64)
     let mut placement_of: HashMap<u32, u64> = HashMap::new();
     let (mut hits, mut misses, mut evictions) = (0u64, 0u64, 0u64);
     let mut refusals = 0u64;
+    let mut reserved: std::collections::HashSet<u32> = std::collections::HashSet::new();
     for step in 1..=steps as u64 {
         match rng.below(10) {
             0..=4 => {
@@ -112,7 +113,29 @@ fn run(seed: u64, n_models: u32, capacity: u64, steps: usize) -> (u64, u64, u64)
                 let packs_without_eviction = st.iter().any(|(a, b, inside)| {
                     b - a - inside.iter().map(|k| before[k].size).sum::<u64>() >= size
                 });
-                match p.acquire(&key, bytes) {
+                if !before.contains_key(&key) {
+                    assert_eq!(p.fits(bytes, &[]), can, "fits({key}, {size} bytes) disagrees with the stretches");
+                    // As if one held entry were let go: the stretches without it.
+                    let held: Vec<u32> = before.iter().filter(|(_, k)| k.holders > 0).map(|(k, _)| *k).collect();
+                    if let Some(&h) = held.get(rng.below(held.len().max(1) as u64) as usize) {
+                        let mut freed = before.clone();
+                        let k = freed.get_mut(&h).unwrap();
+                        k.holders = 0;
+                        let can_then = stretches(&freed, p.capacity()).iter().any(|(a, b, _)| b - a >= size);
+                        assert_eq!(p.fits(bytes, &[h]), can_then, "fits({key}) letting {h} go");
+                    }
+                }
+                // Now and then the bytes are a reservation instead (resident
+                // at once, no miss counted); it is released like a use.
+                let decision = if !before.contains_key(&key) && rng.below(5) == 0 {
+                    p.reserve(&key, bytes).map(|(t, offset, evicted, moves)| {
+                        reserved.insert(key);
+                        (t, Acquire::Miss { offset, evicted, moves })
+                    })
+                } else {
+                    p.acquire(&key, bytes)
+                };
+                match decision {
                     Ok((ticket, Acquire::Hit { offset, loading })) => {
                         let k = placed.get_mut(&key).expect("a hit must be a placed model");
                         assert_eq!(offset, k.offset);
@@ -157,9 +180,11 @@ fn run(seed: u64, n_models: u32, capacity: u64, steps: usize) -> (u64, u64, u64)
                                 );
                             }
                         }
-                        placed.insert(key, Known { offset, size, loading: true, holders: 1, last_use: step });
+                        let reservation = reserved.remove(&key);
+                        placed.insert(key, Known { offset, size, loading: !reservation, holders: 1, last_use: step });
                         placement_of.insert(key, step);
-                        misses += 1;
+                        misses += u64::from(!reservation);
+                        assert!(p.is_resident(&key) == reservation, "a reservation is resident at once, a miss is loading");
                         evictions += evicted.len() as u64;
                         open.push((ticket, key, step));
                     }
@@ -322,4 +347,46 @@ fn failed_loads_are_not_resident_and_their_tickets_still_release() {
     assert!(p.acquire(&"n", 0).is_err());
     let (_t, _) = p.acquire(&"m", 10 * ALIGN).unwrap();
     assert!(p.forget(&"m").is_err());
+}
+
+#[test]
+fn a_reservation_takes_room_like_a_held_model_and_fits_answers_without_changing_anything() {
+    let mut p = ResidencyPolicy::new(100 * ALIGN, ALIGN).unwrap();
+    // Three unused models fill 90 of 100.
+    for m in ["a", "b", "c"] {
+        let (t, _) = p.acquire(&m, 30 * ALIGN).unwrap();
+        p.loaded(&m).unwrap();
+        p.release(t).unwrap();
+    }
+    let before = p.counters();
+    assert!(p.fits(40 * ALIGN, &[]), "evicting unused models makes room");
+    assert!(!p.fits(101 * ALIGN, &[]) && !p.fits(0, &[]));
+    assert_eq!(p.placements().len(), 3, "fits changes nothing");
+    // A reservation of 50 evicts the two least recently used, is resident
+    // at once and counts as neither hit nor miss.
+    let (train, _, evicted, _) = p.reserve(&"train", 50 * ALIGN).unwrap();
+    assert_eq!(evicted, vec!["a", "b"]);
+    assert!(p.is_resident(&"train") && p.holders(&"train") == 1);
+    let c = p.counters();
+    assert_eq!((c.hits, c.misses, c.evictions), (before.hits, before.misses, before.evictions + 2));
+    assert!(p.reserve(&"train", 50 * ALIGN).is_err(), "reserved twice");
+    assert!(p.reserve(&"x", 0).is_err());
+    // It went to [0, 50) ("c" stays at [60, 90)). With "c" held, gaps of
+    // 10 are left; a model of 60 fits only if the reservation were let go.
+    let (tc, _) = p.acquire(&"c", 30 * ALIGN).unwrap();
+    assert!(p.fits(10 * ALIGN, &[]));
+    assert!(!p.fits(20 * ALIGN, &[]));
+    assert!(!p.fits(60 * ALIGN, &[]));
+    assert!(p.fits(60 * ALIGN, &["train"]));
+    assert!(!p.fits(80 * ALIGN, &["train"]), "held \"c\" still takes 30");
+    assert!(p.fits(80 * ALIGN, &["train", "c"]));
+    let e = p.acquire(&"d", 60 * ALIGN).unwrap_err();
+    assert!(matches!(e, Error::ArenaFull(_)), "{e}");
+    // Released and forgotten: the room is back.
+    p.release(train).unwrap();
+    p.forget(&"train").unwrap();
+    assert!(p.fits(60 * ALIGN, &[]));
+    let (_, a) = p.acquire(&"d", 60 * ALIGN).unwrap();
+    assert!(matches!(a, Acquire::Miss { .. }));
+    p.release(tc).unwrap();
 }

@@ -25,6 +25,13 @@
 //!   start (moves) and the model goes after them;
 //! - if no stretch can ever hold the model (held models split the space), the
 //!   acquire fails with a message that says how much room there is and why.
+//!
+//! Bytes that are not a stored model but take the same GPU memory (a
+//! training job's state, kept beside the arena while the job is paused) are
+//! accounted with [`ResidencyPolicy::reserve`]: placed by the same rules, held
+//! until released and forgotten, counted as neither hit nor miss.
+//! [`ResidencyPolicy::fits`] answers, without changing anything, whether a
+//! model could be admitted, also as if some held entries were let go.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
@@ -206,13 +213,52 @@ impl<K: Clone + Eq + Hash + Debug> ResidencyPolicy<K> {
             self.tickets.insert(Ticket(now), (key.clone(), placement));
             return Ok((Ticket(now), Acquire::Hit { offset, loading }));
         }
+        let (offset, evicted, moves) = self.place(key, bytes, now, State::Loading)?;
+        self.tickets.insert(Ticket(now), (key.clone(), now));
+        self.counters.misses += 1;
+        Ok((Ticket(now), Acquire::Miss { offset, evicted, moves }))
+    }
+
+    /// Accounts `bytes` that are not a stored model but take room all the
+    /// same (a training job's state in GPU memory): `key` is placed by the
+    /// rules of a miss, resident at once (nothing to copy) and held by the
+    /// returned ticket; the caller carries out `moves` of the models moved.
+    /// Counted as neither hit nor miss. Ends with [`Self::release`] of the
+    /// ticket, then [`Self::forget`] of the key.
+    #[allow(clippy::type_complexity)]
+    pub fn reserve(&mut self, key: &K, bytes: u64) -> Result<(Ticket, u64, Vec<K>, Vec<Move<K>>)> {
+        if bytes == 0 {
+            return Err(Error::invalid(format!("{key:?} reserves no bytes")));
+        }
+        if self.offset_of.contains_key(key) {
+            return Err(Error::InvalidState(format!("{key:?} is placed already")));
+        }
+        self.clock += 1;
+        let now = self.clock;
+        let (offset, evicted, moves) = self.place(key, bytes, now, State::Resident)?;
+        self.tickets.insert(Ticket(now), (key.clone(), now));
+        Ok((Ticket(now), offset, evicted, moves))
+    }
+
+    /// Whether a model of `bytes` that is not placed could be admitted now
+    /// (evicting unheld models as an acquire would), if the held entries in
+    /// `let_go` were released first. Changes nothing.
+    pub fn fits(&self, bytes: u64, let_go: &[K]) -> bool {
+        let Some(size) = self.round(bytes).filter(|&s| s <= self.capacity && bytes > 0) else { return false };
+        self.make_room(None, size, let_go).is_ok()
+    }
+
+    /// Places `key` (a miss or a reservation) at clock `now`: evicts and
+    /// moves, inserts its slot held once; returns where and what went.
+    #[allow(clippy::type_complexity)]
+    fn place(&mut self, key: &K, bytes: u64, now: u64, state: State) -> Result<(u64, Vec<K>, Vec<Move<K>>)> {
         let size = self.round(bytes).filter(|&s| s <= self.capacity).ok_or_else(|| {
             Error::ArenaFull(format!(
-                "model {key:?} needs {bytes} bytes but the residency area has {} in all",
+                "{key:?} needs {bytes} bytes but the residency area has {} in all",
                 self.capacity
             ))
         })?;
-        let (offset, evicted, moves) = self.make_room(key, size)?;
+        let (offset, evicted, moves) = self.make_room(Some(key), size, &[])?;
         for k in &evicted {
             let o = self.offset_of.remove(k).expect("evicted models are placed");
             self.slots.remove(&o);
@@ -222,22 +268,19 @@ impl<K: Clone + Eq + Hash + Debug> ResidencyPolicy<K> {
             self.offset_of.insert(m.model.clone(), m.to);
             self.slots.insert(m.to, s);
         }
-        self.slots.insert(
-            offset,
-            Slot { key: key.clone(), placement: now, size, bytes, state: State::Loading, holders: 1, last_use: now },
-        );
+        self.slots.insert(offset, Slot { key: key.clone(), placement: now, size, bytes, state, holders: 1, last_use: now });
         self.offset_of.insert(key.clone(), offset);
-        self.tickets.insert(Ticket(now), (key.clone(), now));
-        self.counters.misses += 1;
         self.counters.evictions += evicted.len() as u64;
         self.counters.moves += moves.len() as u64;
         self.counters.bytes_moved += moves.iter().map(|m| m.bytes).sum::<u64>();
-        Ok((Ticket(now), Acquire::Miss { offset, evicted, moves }))
+        Ok((offset, evicted, moves))
     }
 
-    /// Decides where a new model of `size` (aligned) bytes goes.
+    /// Decides where a new model of `size` (aligned) bytes goes; the held
+    /// entries in `let_go` count as unheld (a dry run: see [`Self::fits`]).
     #[allow(clippy::type_complexity)]
-    fn make_room(&self, key: &K, size: u64) -> Result<(u64, Vec<K>, Vec<Move<K>>)> {
+    fn make_room(&self, key: Option<&K>, size: u64, let_go: &[K]) -> Result<(u64, Vec<K>, Vec<Move<K>>)> {
+        let pinned = |s: &Slot<K>| s.state == State::Loading || (s.holders > 0 && !let_go.contains(&s.key));
         // 1. A free gap: best fit, nothing touched.
         if let Some(start) = best_fit(self.slots.iter().map(|(&o, s)| (o, s.size)), 0, self.capacity, size) {
             return Ok((start, Vec::new(), Vec::new()));
@@ -247,7 +290,7 @@ impl<K: Clone + Eq + Hash + Debug> ResidencyPolicy<K> {
         let mut start = 0;
         let mut inside = Vec::new();
         for (&o, s) in &self.slots {
-            if s.pinned() {
+            if pinned(s) {
                 stretches.push((start, o, std::mem::take(&mut inside)));
                 start = o + s.size;
             } else {
@@ -283,9 +326,10 @@ impl<K: Clone + Eq + Hash + Debug> ResidencyPolicy<K> {
         }
         let Some((_, i, evict)) = choice else {
             let largest = stretches.iter().map(|(a, b, _)| b - a).max().unwrap_or(0);
-            let held: u64 = self.slots.values().filter(|s| s.pinned()).map(|s| s.size).sum();
+            let held: u64 = self.slots.values().filter(|s| pinned(s)).map(|s| s.size).sum();
+            let what = key.map_or("a model".to_string(), |k| format!("{k:?}"));
             return Err(Error::ArenaFull(format!(
-                "model {key:?} needs {size} bytes; models in use or loading take {held} of the residency area's {} bytes \
+                "{what} needs {size} bytes; models in use or loading take {held} of the residency area's {} bytes \
                  and leave at most {largest} contiguous bytes, even after evicting every unused model",
                 self.capacity
             )));
