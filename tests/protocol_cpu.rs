@@ -119,6 +119,8 @@ fn every_message() -> Vec<Message> {
             stop_ms: 1.5,
             save_ms: 12.25,
         },
+        // Appended: the save mode the daemon decides (the frames above keep their names).
+        Message::TrainSubmit { request_id: 6, job: TrainJob { save: SaveMode::Auto, ..job() } },
     ]
 }
 

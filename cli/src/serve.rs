@@ -27,7 +27,15 @@
 //! (`Preempt`: the worker abandons its step or finishes it, saves the state
 //! resident or to pinned host memory and answers `TrainStopped`; queued
 //! requests wait for that answer) and when it resumes (`TrainStart` again,
-//! to the worker that holds the state). A training worker that dies is
+//! to the worker that holds the state). Under `SaveMode::Auto` (the
+//! default) the daemon decides where the state waits: it accounts the state
+//! the worker reports (`TrainProgress::state_bytes`) in the residency policy
+//! as a held reservation while the state is on the GPU (so models are
+//! evicted for it, and admitted only into the room it leaves), and at each
+//! preemption keeps it resident unless a queued request's model needs the
+//! room it holds (then: written back, the reservation released). A job paused
+//! with its state resident is asked to write it back (a `Preempt` with
+//! `Host` to its idle worker) before such a request starts. A training worker that dies is
 //! replaced and the job resumes from its last checkpoint (a shared-memory
 //! file that outlives the worker), or fails with a clear error if it has
 //! none; so does one that does not stop in time.
@@ -58,7 +66,8 @@ use pipeswitch::error::{Error, Result};
 use pipeswitch::ffi::status::{status_of, PS_ERR_REFUSED};
 use pipeswitch::protocol::io::{recv, send};
 use pipeswitch::protocol::{
-    monotonic_ns, socket_path, JobState, Message, Progress, Role, Stats, StopReason, Task, TaskKind, Tensor, Timing, TrainJob, TrainTask,
+    monotonic_ns, socket_path, JobState, Message, Progress, Role, SaveMode, Stats, StopReason, Task, TaskKind, Tensor, Timing, TrainJob,
+    TrainTask,
 };
 use pipeswitch::residency::{Acquire, ResidencyPolicy, Ticket};
 use pipeswitch::store::{Model, Store};
@@ -380,6 +389,15 @@ struct JobRec {
     /// When the preemption was sent.
     stop_sent: Option<Instant>,
     cancel: bool,
+    /// The bytes of the job's state on the GPU, as its worker last reported.
+    state_bytes: u64,
+    /// `SaveMode::Auto`: the residency reservation of the state while it is
+    /// on the GPU, and its bytes.
+    reserved: Option<(Ticket, u64)>,
+    /// Where the last preemption put the state.
+    saving: SaveMode,
+    /// The preemption under way writes back the state of a paused job.
+    writing_back: bool,
 }
 
 impl JobRec {
@@ -418,6 +436,14 @@ struct WorkerRec {
 struct ModelId {
     name: String,
     id: u64,
+}
+
+impl ModelId {
+    /// The residency policy's key of training job `job`'s state: no stored
+    /// model has this id (a store's ids count up from 1 and are never reused).
+    fn training_state(job: u64) -> ModelId {
+        ModelId { name: format!("training job {job}"), id: u64::MAX }
+    }
 }
 
 struct Request {
@@ -731,13 +757,17 @@ impl Controller {
             }
             (Some(Role::Client), Message::TrainSubmit { request_id, job }) => self.train_submit(conn, request_id, job),
             (Some(Role::Client), Message::TrainQuery { request_id, job_id, cancel }) => self.train_query(conn, request_id, job_id, cancel),
-            (Some(Role::Worker), Message::TrainProgress { task_id, event, iteration, checkpoint, .. }) => {
+            (Some(Role::Worker), Message::TrainProgress { task_id, event, iteration, checkpoint, state_bytes }) => {
                 let Some(i) = self.worker_index(conn) else { return };
                 let wid = self.workers[i].id;
                 if let Some(j) = self.job.as_mut().filter(|j| j.task_id == task_id && j.worker == Some(wid)) {
                     j.iteration = iteration;
                     if event == Progress::Checkpoint || checkpoint > j.checkpoint {
                         j.checkpoint = checkpoint;
+                    }
+                    if state_bytes > 0 && j.state == JobState::Running {
+                        j.state_bytes = state_bytes;
+                        self.reserve_state();
                     }
                 }
             }
@@ -1077,6 +1107,10 @@ impl Controller {
             checkpoint_path: path,
             stop_sent: None,
             cancel: false,
+            state_bytes: 0,
+            reserved: None,
+            saving: SaveMode::Host,
+            writing_back: false,
         };
         let reply = rec.status_msg(request_id);
         self.job = Some(rec);
@@ -1103,6 +1137,7 @@ impl Controller {
 
     /// Ends the job: its worker drops the state (and answers standby).
     fn end_job(&mut self, state: JobState, status: u32, message: String) {
+        self.release_state();
         let Some(j) = self.job.as_mut() else { return };
         tracing::info!("training job {} {:?} after {} iterations{}", j.id, state, j.iteration, if message.is_empty() { String::new() } else { format!(": {message}") });
         j.state = state;
@@ -1123,8 +1158,14 @@ impl Controller {
     /// The job's worker (`wid`) is gone or lost its state: the job resumes
     /// from its checkpoint on another worker, or fails.
     fn job_lost(&mut self, wid: u32, why: &str) {
-        let Some(j) = self.job.as_mut().filter(|j| j.worker == Some(wid) && !j.terminal()) else { return };
+        if !self.job.as_ref().is_some_and(|j| j.worker == Some(wid) && !j.terminal()) {
+            return;
+        }
+        // The state on the GPU went with the worker.
+        self.release_state();
+        let Some(j) = self.job.as_mut() else { return };
         j.worker = None;
+        j.writing_back = false;
         if j.cancel {
             j.state = JobState::Cancelled;
             let _ = std::fs::remove_file(&j.checkpoint_path);
@@ -1163,11 +1204,18 @@ impl Controller {
         j.iteration = iteration;
         j.checkpoint = j.checkpoint.max(checkpoint);
         j.stop_sent = None;
-        j.sched.stopped(now);
+        if !std::mem::take(&mut j.writing_back) {
+            j.sched.stopped(now);
+        }
         match reason {
             StopReason::Preempted => {
-                tracing::info!("training job {} stopped at iteration {iteration}: stop {stop_ms:.2} ms, save {save_ms:.2} ms", j.id);
+                tracing::info!("training job {} stopped at iteration {iteration}: stop {stop_ms:.2} ms, save {save_ms:.2} ms ({:?})", j.id, j.saving);
                 j.state = JobState::Paused;
+                if j.saving != SaveMode::Resident {
+                    // The state left the GPU: its room is the models' again.
+                    self.release_state();
+                }
+                let j = self.job.as_mut().expect("checked");
                 if j.cancel {
                     self.end_job(JobState::Cancelled, 0, String::new());
                 }
@@ -1198,12 +1246,39 @@ impl Controller {
         if j.cancel && training == Training::Running {
             d.preempt = true;
         }
+        // A job paused with its state resident, and a queued request whose
+        // model needs the room the state holds: the state is written back
+        // first (the request waits, as it would for a preemption).
+        let write_back = training == Training::Paused && j.reserved.is_some() && j.worker.is_some() && d.dispatch && !j.cancel;
+        if write_back && self.auto_save() == SaveMode::Host {
+            let j = self.job.as_mut().expect("checked");
+            let Some(i) = self.workers.iter().position(|w| Some(w.id) == j.worker) else { return false };
+            tracing::info!("training job {}: a request needs the room its paused state holds; writing the state back", j.id);
+            j.state = JobState::Preempting;
+            j.stop_sent = Some(Instant::now());
+            j.saving = SaveMode::Host;
+            j.writing_back = true;
+            let msg = Message::Preempt { task_id: j.task_id, mode: j.job.preempt, save: SaveMode::Host, decided_ns: monotonic_ns() };
+            if let Some(c) = self.workers[i].conn {
+                if !self.send_to(c, &msg, None) {
+                    self.worker_lost(i, "could not be asked to write its state back");
+                }
+            }
+            return false;
+        }
+        let j = self.job.as_mut().expect("checked");
         if d.preempt {
+            let save = match j.job.save {
+                SaveMode::Auto => self.auto_save(),
+                s => s,
+            };
+            let j = self.job.as_mut().expect("checked");
             let Some(i) = self.workers.iter().position(|w| Some(w.id) == j.worker) else { return false };
             j.state = JobState::Preempting;
             j.stop_sent = Some(Instant::now());
             j.preemptions += 1;
-            let msg = Message::Preempt { task_id: j.task_id, mode: j.job.preempt, save: j.job.save, decided_ns: monotonic_ns() };
+            j.saving = save;
+            let msg = Message::Preempt { task_id: j.task_id, mode: j.job.preempt, save, decided_ns: monotonic_ns() };
             if let Some(c) = self.workers[i].conn {
                 if !self.send_to(c, &msg, None) {
                     self.worker_lost(i, "could not be preempted");
@@ -1255,6 +1330,92 @@ impl Controller {
             return false;
         }
         d.dispatch
+    }
+
+    /// `SaveMode::Auto`: accounts the job's state (its reported bytes) in
+    /// the residency policy as a held reservation, evicting unused models
+    /// for it as a miss would; idle workers active on a model step down if
+    /// that makes the room (training has the GPU now). If it cannot be
+    /// placed (the area is too small, or models in use split it), it stays
+    /// unaccounted and the next preemption writes it back.
+    fn reserve_state(&mut self) {
+        let Some(j) = self.job.as_mut().filter(|j| j.job.save == SaveMode::Auto && !j.terminal() && j.state_bytes > 0) else { return };
+        match j.reserved {
+            Some((_, b)) if b == j.state_bytes => return,
+            Some(_) => self.release_state(), // its size changed: accounted again
+            None => {}
+        }
+        let bytes = self.job.as_ref().map_or(0, |j| j.state_bytes);
+        if !self.policy.fits(bytes, &[]) {
+            let busy = self.running.as_ref().map(|r| r.worker);
+            let idle: Vec<usize> =
+                (0..self.workers.len()).filter(|&k| self.workers[k].state == WState::Active && Some(self.workers[k].id) != busy).collect();
+            let keys: Vec<ModelId> = idle.iter().filter_map(|&k| self.workers[k].model.as_ref().map(|(m, _)| m.clone())).collect();
+            if self.policy.fits(bytes, &keys) {
+                for k in idle {
+                    self.release_model(k);
+                    self.workers[k].state = WState::Leaving;
+                    self.workers[k].started = Instant::now();
+                    if let Some(c) = self.workers[k].conn {
+                        self.send_to(c, &Message::Deactivate, None);
+                    }
+                }
+            }
+        }
+        let j = self.job.as_mut().expect("checked");
+        let key = ModelId::training_state(j.id);
+        match self.policy.reserve(&key, j.state_bytes) {
+            Ok((ticket, _, evicted, moves)) => {
+                j.reserved = Some((ticket, j.state_bytes));
+                tracing::info!("training job {}: its state ({} bytes) is accounted in the residency area; evicted {evicted:?}", j.id, j.state_bytes);
+                for mv in &moves {
+                    let base = self.residency_offset;
+                    if let Err(e) = self.gpu.move_bytes(base + mv.from, base + mv.to, mv.bytes) {
+                        tracing::warn!("residency: moving {:?} for the training state failed: {e}", mv.model);
+                        let _ = self.policy.failed(&mv.model);
+                    }
+                }
+            }
+            Err(e) => tracing::info!("training job {}: its state stays unaccounted and is written back when preempted: {e}", j.id),
+        }
+    }
+
+    /// Releases the reservation of the job's state (it left the GPU, or
+    /// the job ended).
+    fn release_state(&mut self) {
+        let Some(j) = self.job.as_mut() else { return };
+        let Some((ticket, _)) = j.reserved.take() else { return };
+        let key = ModelId::training_state(j.id);
+        if let Err(e) = self.policy.release(ticket).and_then(|_| self.policy.forget(&key)) {
+            tracing::error!("residency: {e}");
+        }
+    }
+
+    /// `SaveMode::Auto`'s decision at a preemption: resident if the state
+    /// is accounted and every queued request's model that is not placed
+    /// fits beside it (models in use stay, the active workers' step down),
+    /// else written back to host memory.
+    fn auto_save(&self) -> SaveMode {
+        let Some(j) = self.job.as_ref().filter(|j| j.reserved.is_some()) else { return SaveMode::Host };
+        let mut let_go: Vec<ModelId> =
+            self.workers.iter().filter(|w| w.state == WState::Active).filter_map(|w| w.model.as_ref().map(|(k, _)| k.clone())).collect();
+        let n = let_go.len();
+        for r in &self.queue {
+            let Ok(m) = self.store.model(&r.model) else { continue };
+            let key = ModelId { name: m.name.clone(), id: m.id };
+            if self.policy.offset(&key).is_some() {
+                continue;
+            }
+            let_go.truncate(n);
+            if self.policy.fits(m.bytes, &let_go) {
+                continue;
+            }
+            let_go.push(ModelId::training_state(j.id));
+            if self.policy.fits(m.bytes, &let_go) {
+                return SaveMode::Host;
+            }
+        }
+        SaveMode::Resident
     }
 
     fn shutdown(&mut self, rx: &Receiver<Event>) {

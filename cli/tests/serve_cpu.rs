@@ -106,7 +106,8 @@ struct Seen(Arc<Mutex<Vec<Activation>>>);
 
 /// What fake workers did, in order, for the training tests: "infer <model>"
 /// when an inference starts, "train <worker> <resume>" when a training task
-/// starts, "preempt <iteration>" and "stopped <iteration>" around a stop.
+/// starts, "preempt <iteration> <save>[ paused]" and "stopped <iteration>"
+/// around a stop (a paused job is asked to write its state back).
 #[derive(Clone, Default)]
 struct Log(Arc<Mutex<Vec<String>>>);
 
@@ -129,6 +130,11 @@ struct FakeTraining {
     iteration: u64,
     checkpoint: u64,
     running: bool,
+}
+
+/// The bytes of a fake job's state: "fake:stateN" has N MiB, others 8 bytes.
+fn state_of(job: &TrainJob) -> u64 {
+    job.entry.strip_prefix("fake:state").and_then(|n| n.parse::<u64>().ok()).map_or(8, |n| n * MIB)
 }
 
 fn read_checkpoint(path: &str) -> Option<u64> {
@@ -159,7 +165,7 @@ fn fake_step(s: &UnixStream, t: &mut FakeTraining, die_on: &Mutex<Option<String>
         send(s, &stop, None).unwrap();
         return true;
     }
-    let progress = |t: &FakeTraining, event| Message::TrainProgress { task_id: t.task_id, event, iteration: t.iteration, checkpoint: t.checkpoint, state_bytes: 8 };
+    let progress = |t: &FakeTraining, event| Message::TrainProgress { task_id: t.task_id, event, iteration: t.iteration, checkpoint: t.checkpoint, state_bytes: state_of(&t.job) };
     send(s, &progress(t, Progress::Iteration), None).unwrap();
     if t.job.checkpoint_every > 0 && t.iteration % u64::from(t.job.checkpoint_every) == 0 {
         let tmp = format!("{}.tmp", t.path);
@@ -247,14 +253,16 @@ fn fake_worker_logged(socket: &Path, seen: Seen, die_on: Arc<Mutex<Option<String
                         continue;
                     }
                     let checkpoint = if held.is_some() { checkpoint } else { from_file.unwrap_or(0) };
+                    let state_bytes = state_of(&job);
                     training = Some(FakeTraining { task_id, job, path: checkpoint_path, iteration: resume_iteration, checkpoint, running: true });
-                    let progress = Message::TrainProgress { task_id, event: Progress::Resumed, iteration: resume_iteration, checkpoint, state_bytes: 8 };
+                    let progress = Message::TrainProgress { task_id, event: Progress::Resumed, iteration: resume_iteration, checkpoint, state_bytes };
                     send(&s, &progress, None).unwrap();
                 }
-                Ok(Some((Message::Preempt { task_id, .. }, _))) => {
+                Ok(Some((Message::Preempt { task_id, save, .. }, _))) => {
                     let t = training.as_mut().expect("a preemption comes to the training worker");
                     assert_eq!(t.task_id, task_id);
-                    log.push(format!("preempt {}", t.iteration));
+                    assert_ne!(save, SaveMode::Auto, "the daemon decides");
+                    log.push(format!("preempt {} {save:?}{}", t.iteration, if t.running { "" } else { " paused" }));
                     if die_on.lock().unwrap().as_deref() == Some("preempt") {
                         return; // killed while writing its state back
                     }
@@ -951,4 +959,115 @@ fn no_worker_process_starts_without_room_for_its_region() {
     c.train_query(job, true).unwrap();
     d.stop().unwrap();
     let _ = std::fs::remove_file(&started);
+}
+
+/// The log lines of preemptions: (save mode, whether the job was paused).
+fn preempts(log: &Log) -> Vec<(String, bool)> {
+    log.lines()
+        .iter()
+        .filter_map(|l| l.strip_prefix("preempt "))
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f[1].to_string(), f.get(2) == Some(&"paused"))
+        })
+        .collect()
+}
+
+#[test]
+fn auto_keeps_the_state_resident_while_there_is_room_and_writes_it_back_for_a_model_that_needs_it() {
+    let w = world("auto");
+    let t = train_setup(&w, 2); // 3 MiB of residency
+    let mut c = client(&t.s);
+    for m in ["a", "b", "c"] {
+        infer(&mut c, m, 1).unwrap();
+    }
+    let before = c.stats().unwrap();
+    assert_eq!((before.misses, before.evictions), (3, 0));
+    // A state of 2 MiB: accounted when the job starts; the two least
+    // recently used models go ("c" has the room left).
+    let job = c.train_submit(&TrainJob { save: SaveMode::Auto, ..train_job("fake:state2") }).unwrap().job_id;
+    wait_for(&t.s, "training never ran 10 iterations", |c| c.train_query(job, false).unwrap().iteration >= 10);
+    let st = c.stats().unwrap();
+    assert_eq!((st.misses, st.evictions), (3, 2), "the state evicted a and b, and is no miss: {st:?}");
+    infer(&mut c, "c", 2).unwrap();
+    let (_, m, resident, _) = last(&t.s.seen);
+    assert!(m == "c" && resident, "c was not evicted: the state took only what it needed");
+    // "a" (1 MiB) fits beside the state (c goes): the state stays resident.
+    infer(&mut c, "a", 2).unwrap();
+    assert_eq!(preempts(&t.log), vec![("Resident".to_string(), false)]);
+    assert_eq!(c.stats().unwrap().evictions, 3);
+    assert_eq!(status(&t.s, job).state, JobState::Paused);
+    // "big" (2 MiB) needs the room the paused state holds: written back first.
+    infer(&mut c, "big", 3).unwrap();
+    assert_eq!(preempts(&t.log), vec![("Resident".to_string(), false), ("Host".to_string(), true)]);
+    let lines = t.log.lines();
+    let at = |p: &str| lines.iter().rposition(|l| l.starts_with(p)).unwrap_or_else(|| panic!("no {p:?} in {lines:?}"));
+    assert!(at("preempt") < at("stopped") && at("stopped") < at("infer big"), "{lines:?}");
+    let st = status(&t.s, job);
+    assert_eq!((st.state, st.preemptions), (JobState::Paused, 1), "a write-back is no new preemption: {st:?}");
+    // Idle: training resumes, its state accounted again ("big"'s idle
+    // worker steps down; a and big go).
+    let stopped = st.iteration;
+    wait_for(&t.s, "training never resumed", |c| c.train_query(job, false).unwrap().iteration > stopped + 5);
+    wait_for(&t.s, "the resumed state was never accounted", |c| c.stats().unwrap().evictions == 5);
+    // Running, and a request whose model needs the state's room: written back.
+    infer(&mut c, "big", 4).unwrap();
+    assert_eq!(preempts(&t.log).last(), Some(&("Host".to_string(), false)), "{:?}", t.log.lines());
+    // Back on the GPU after the idle time; then "a" fits beside it again.
+    let stopped = status(&t.s, job).iteration;
+    wait_for(&t.s, "training never resumed", |c| c.train_query(job, false).unwrap().iteration > stopped + 5);
+    infer(&mut c, "a", 5).unwrap();
+    assert_eq!(preempts(&t.log).last(), Some(&("Resident".to_string(), false)), "{:?}", t.log.lines());
+    c.train_query(job, true).unwrap();
+    t.s.daemon.unwrap().stop().unwrap();
+}
+
+#[test]
+fn auto_writes_the_state_back_when_the_residency_area_is_too_small_for_it() {
+    let w = world("autosmall");
+    let t = train_setup(&w, 2);
+    let mut c = client(&t.s);
+    // 4 MiB of state, 3 MiB of residency: never accounted, always written back.
+    let job = c.train_submit(&TrainJob { save: SaveMode::Auto, ..train_job("fake:state4") }).unwrap().job_id;
+    wait_for(&t.s, "training never ran 10 iterations", |c| c.train_query(job, false).unwrap().iteration >= 10);
+    infer(&mut c, "a", 1).unwrap();
+    assert_eq!(preempts(&t.log), vec![("Host".to_string(), false)]);
+    assert_eq!(c.stats().unwrap().evictions, 0);
+    // Explicit modes are kept as they are: resident even where auto would not.
+    c.train_query(job, true).unwrap();
+    wait_for(&t.s, "the job never ended", |c| c.train_query(job, false).unwrap().state == JobState::Cancelled);
+    let job = c.train_submit(&TrainJob { save: SaveMode::Resident, ..train_job("fake:state4") }).unwrap().job_id;
+    let n = preempts(&t.log).len();
+    wait_for(&t.s, "training never ran 10 iterations", |c| c.train_query(job, false).unwrap().iteration >= 10);
+    infer(&mut c, "b", 2).unwrap();
+    assert_eq!(preempts(&t.log)[n..], [("Resident".to_string(), false)]);
+    c.train_query(job, true).unwrap();
+    t.s.daemon.unwrap().stop().unwrap();
+}
+
+#[test]
+fn the_state_accounting_is_released_on_cancel_and_when_the_worker_dies() {
+    let w = world("autorel");
+    let t = train_setup(&w, 2);
+    let mut c = client(&t.s);
+    // Paused with its 2 MiB resident, then cancelled: "big" (2 MiB) fits
+    // beside "a" only if the reservation went with the job.
+    let job = c.train_submit(&TrainJob { save: SaveMode::Auto, ..train_job("fake:state2") }).unwrap().job_id;
+    wait_for(&t.s, "training never ran 10 iterations", |c| c.train_query(job, false).unwrap().iteration >= 10);
+    infer(&mut c, "a", 1).unwrap();
+    assert_eq!(preempts(&t.log), vec![("Resident".to_string(), false)]);
+    assert_eq!(c.train_query(job, true).unwrap().state, JobState::Cancelled);
+    infer(&mut c, "big", 2).unwrap();
+    infer(&mut c, "a", 3).unwrap();
+    let (_, m, resident, _) = last(&t.s.seen);
+    assert!(m == "a" && resident, "a and big are resident together");
+    // A job whose worker dies in iteration 8 (no checkpoint: it fails).
+    *t.s.die_on.lock().unwrap() = Some("train@8".into());
+    let job = c.train_submit(&TrainJob { save: SaveMode::Auto, ..train_job("fake:state2") }).unwrap().job_id;
+    wait_for(&t.s, "the job never failed", |c| c.train_query(job, false).unwrap().state == JobState::Failed);
+    infer(&mut c, "big", 4).unwrap();
+    infer(&mut c, "a", 5).unwrap();
+    let (_, m, resident, _) = last(&t.s.seen);
+    assert!(m == "a" && resident, "the dead worker's state no longer takes room");
+    t.s.daemon.unwrap().stop().unwrap();
 }

@@ -231,13 +231,15 @@ class Client:
                 raise P.error_of(msg.status, msg.message)
             raise P.protocol_error("unexpected message %s" % type(msg).__name__)
 
-    def train(self, name, entry, preempt="abandon", save="host", policy="inference-first", share=0.5,
+    def train(self, name, entry, preempt="abandon", save="auto", policy="inference-first", share=0.5,
               period_ms=5000, idle_ms=100, iterations=0, checkpoint_every=0):
         """Submits a training job: ``entry`` is its factory, ``module:function``
         (see :mod:`pipeswitch.train`), run by the daemon's Python workers.
         ``preempt``: ``"abandon"`` (the step in flight is dropped) or
-        ``"boundary"``; ``save``: ``"host"`` (written back to pinned host
-        memory when preempted) or ``"resident"``; ``policy``:
+        ``"boundary"``; ``save``: ``"auto"`` (the daemon keeps the state on
+        the GPU while its residency area has room for it beside the models
+        in use, else writes it back), ``"host"`` (always written back to
+        pinned host memory when preempted) or ``"resident"``; ``policy``:
         ``"inference-first"`` (training resumes after ``idle_ms`` without
         requests) or ``"time-share"`` (training gets ``share`` of every
         ``period_ms`` under load); ``iterations`` 0 runs until cancelled;
@@ -252,7 +254,7 @@ class Client:
 
         job = P.TrainJob(str(name), str(entry),
                          pick("preempt", preempt, {"abandon": P.PREEMPT_ABANDON, "boundary": P.PREEMPT_BOUNDARY}),
-                         pick("save", save, {"host": P.SAVE_HOST, "resident": P.SAVE_RESIDENT}),
+                         pick("save", save, {"auto": P.SAVE_AUTO, "host": P.SAVE_HOST, "resident": P.SAVE_RESIDENT}),
                          pick("policy", policy, {"inference-first": P.POLICY_INFERENCE_FIRST,
                                                  "time-share": P.POLICY_TIME_SHARE}),
                          float(share), int(period_ms), int(idle_ms), int(iterations), int(checkpoint_every))

@@ -35,7 +35,7 @@ __all__ = [
     "Inline", "Shared", "Tensor", "Timing", "Stats", "Task",
     "Hello", "Welcome", "Error", "Infer", "InferResult", "Standby", "Activate", "TaskDone",
     "StatsRequest", "StatsReply", "Shutdown", "Deactivate",
-    "PREEMPT_ABANDON", "PREEMPT_BOUNDARY", "SAVE_RESIDENT", "SAVE_HOST", "POLICY_INFERENCE_FIRST",
+    "PREEMPT_ABANDON", "PREEMPT_BOUNDARY", "SAVE_RESIDENT", "SAVE_HOST", "SAVE_AUTO", "POLICY_INFERENCE_FIRST",
     "POLICY_TIME_SHARE", "JOB_STATES", "PROGRESS_ITERATION", "PROGRESS_CHECKPOINT", "PROGRESS_RESUMED",
     "STOP_PREEMPTED", "STOP_FINISHED", "STOP_FAILED", "TrainJob", "TrainTask",
     "TrainSubmit", "TrainStatus", "TrainQuery", "TrainStart", "Preempt", "TrainProgress", "TrainStopped",
@@ -71,6 +71,7 @@ PREEMPT_ABANDON = 1   # at once: the step in flight is abandoned
 PREEMPT_BOUNDARY = 2  # at the next iteration boundary
 SAVE_RESIDENT = 1     # the state stays in the worker's GPU memory
 SAVE_HOST = 2         # written back to pinned host memory, freed on the GPU
+SAVE_AUTO = 3         # the daemon decides at each preemption (resident while there is room)
 POLICY_INFERENCE_FIRST = 1
 POLICY_TIME_SHARE = 2
 #: Job states of :class:`TrainStatus`, by code.
@@ -186,7 +187,7 @@ class TrainJob:
     name: str
     entry: str
     preempt: int = PREEMPT_ABANDON
-    save: int = SAVE_HOST
+    save: int = SAVE_AUTO
     policy: int = POLICY_INFERENCE_FIRST
     share: float = 0.5
     period_ms: int = 5000
@@ -612,7 +613,7 @@ def _get_code(r, what, allowed):
 
 def _get_job(r):
     return TrainJob(r.str("job name"), r.str("job entry"), _get_code(r, "preempt mode", (1, 2)),
-                    _get_code(r, "save mode", (1, 2)), _get_code(r, "share policy", (1, 2)), r.f64("share"),
+                    _get_code(r, "save mode", (1, 2, 3)), _get_code(r, "share policy", (1, 2)), r.f64("share"),
                     r.u32("period ms"), r.u32("idle ms"), r.u64("iterations"), r.u32("checkpoint every"))
 
 
@@ -678,7 +679,7 @@ def decode_body(kind, body):
         m = TrainStart(TrainTask(r.u64("task id"), r.u64("job id"), _get_job(r), r.str("checkpoint path"),
                                  r.u64("resume iteration"), r.u64("decision time")))
     elif kind == 17:
-        m = Preempt(r.u64("task id"), _get_code(r, "preempt mode", (1, 2)), _get_code(r, "save mode", (1, 2)),
+        m = Preempt(r.u64("task id"), _get_code(r, "preempt mode", (1, 2)), _get_code(r, "save mode", (1, 2, 3)),
                     r.u64("decision time"))
     elif kind == 18:
         m = TrainProgress(r.u64("task id"), _get_code(r, "progress event", (1, 2, 3)), r.u64("iteration"),

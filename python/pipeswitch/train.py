@@ -28,7 +28,9 @@ redone on resume. With ``PREEMPT_BOUNDARY`` the step completes.
 The state of a job is its parameters, buffers, optimiser state, RNG
 (CPU and CUDA) and iteration. When preempted it either stays in GPU memory
 (``SAVE_RESIDENT``) or is written back to pinned host memory in chunked
-copies on a side stream and freed on the GPU (``SAVE_HOST``); resuming
+copies on a side stream and freed on the GPU (``SAVE_HOST``); with
+``SAVE_AUTO`` (the default) the daemon picks one of the two at each
+preemption, from the state's size the worker reports; resuming
 copies it back the same way, pipelined with the first step: buffers first,
 then the parameters module by module in the model's order (each module's
 forward waits, on the GPU, for its own parameters only), the optimiser's
@@ -273,7 +275,17 @@ class TorchTrainRun:
         return out
 
     def state_bytes(self):
-        return sum(t.numel() * t.element_size() for _, _, t, _ in self._tensors())
+        """Bytes of the state on the GPU while training runs: parameters,
+        their gradients (counted whether or not a step has made them yet),
+        buffers and optimiser state; what the daemon accounts in its
+        residency area under ``SAVE_AUTO``."""
+        total = 0
+        for holder, key, t, _ in self._tensors():
+            n = t.numel() * t.element_size()
+            if key is None and getattr(holder, "requires_grad", False):
+                n *= 2  # its gradient
+            total += n
+        return total
 
     def _host_copy(self, i, t):
         torch = self.torch
@@ -537,7 +549,8 @@ def main(argv=None):
     s.add_argument("name")
     s.add_argument("entry")
     s.add_argument("--preempt", choices=["abandon", "boundary"], default="abandon")
-    s.add_argument("--save", choices=["host", "resident"], default="host")
+    s.add_argument("--save", choices=["auto", "host", "resident"], default="auto",
+                   help="where a preempted job's state waits (auto: the daemon decides by the room left)")
     s.add_argument("--policy", choices=["inference-first", "time-share"], default="inference-first")
     s.add_argument("--share", type=float, default=0.5, help="training's share of each period (time-share)")
     s.add_argument("--period-ms", type=int, default=5000)

@@ -155,8 +155,9 @@ def serve(sock, make_backend, kind="torch"):
                     if not training.run(msg.task):
                         return
                 elif isinstance(msg, P.Preempt):
-                    # It came after the task had ended on its own: nothing runs.
-                    log.info("worker %d: a preemption of task %d, which is not running", worker_id, msg.task_id)
+                    if not training.write_back(msg):
+                        # It came after the task had ended on its own: nothing runs.
+                        log.info("worker %d: a preemption of task %d, which is not running", worker_id, msg.task_id)
                 elif isinstance(msg, P.Deactivate):
                     training.drop()
                     backend.deactivate()
@@ -235,6 +236,7 @@ class _Training:
         self.runner = None
         self.held = None  # the iteration whose state the runner holds
         self.checkpoint = 0
+        self.task_id = None  # the last training task
 
     def drop(self):
         if self.runner is not None:
@@ -246,13 +248,30 @@ class _Training:
             released = getattr(self.backend, "train_released", None)
             if released is not None:
                 released()
-        self.runner, self.job_id, self.held, self.checkpoint = None, None, None, 0
+        self.runner, self.job_id, self.held, self.checkpoint, self.task_id = None, None, None, 0, None
 
     def _stopped(self, task, reason, iteration, status=0, message="", stop_ms=0.0, save_ms=0.0):
         if len(message.encode("utf-8")) > P.MAX_STR:
             message = message.encode("utf-8")[:P.MAX_STR - 3].decode("utf-8", "ignore") + "..."
         P.send(self.sock, P.TrainStopped(task.task_id, reason, iteration, self.checkpoint, status, message,
                                          stop_ms, save_ms))
+
+    def write_back(self, msg):
+        """A ``Preempt`` of the last task while the job is paused with its
+        state on the GPU: the daemon needs the room (``SAVE_AUTO``), so the
+        state is written back to pinned host memory now and the answer is
+        ``TrainStopped`` again. False if there is no such paused job."""
+        if self.runner is None or self.held is None or msg.task_id != self.task_id:
+            return False
+        task = P.TrainTask(msg.task_id, self.job_id, None, "", self.held, 0)
+        started = P.monotonic_ns()
+        try:
+            self.runner.save(P.SAVE_RESIDENT if msg.save == P.SAVE_RESIDENT else P.SAVE_HOST)
+        except Exception as e:
+            self._fail(task, self.held, e)
+            return True
+        self._stopped(task, P.STOP_PREEMPTED, self.held, save_ms=(P.monotonic_ns() - started) / 1e6)
+        return True
 
     def _fail(self, task, iteration, e):
         log.warning("worker %d: training task %d failed: %s", self.worker_id, task.task_id, e)
@@ -271,6 +290,8 @@ class _Training:
     def _run(self, task, watch):
         job = task.job
         it = task.resume_iteration
+        self.task_id = task.task_id
+        first = True  # the state's size is reported again after the first step (the optimiser's state is made lazily)
         try:
             if self.runner is not None and self.job_id != task.job_id:
                 self.drop()
@@ -324,7 +345,9 @@ class _Training:
             if not done:
                 continue  # abandoned: the preemption is the next frame
             it += 1
-            P.send(self.sock, P.TrainProgress(task.task_id, P.PROGRESS_ITERATION, it, self.checkpoint, 0))
+            size = self.runner.state_bytes() if first else 0
+            first = False
+            P.send(self.sock, P.TrainProgress(task.task_id, P.PROGRESS_ITERATION, it, self.checkpoint, size))
             if job.checkpoint_every and it % job.checkpoint_every == 0:
                 try:
                     self.runner.checkpoint(task.checkpoint_path, it, watch.preempt)
@@ -342,7 +365,9 @@ class _Training:
         stopped = P.monotonic_ns()
         stop_ms = max(0.0, (stopped - msg.decided_ns) / 1e6) if msg.decided_ns else 0.0
         try:
-            self.runner.save(msg.save)
+            # The daemon sends its decision; a job's SAVE_AUTO is never in a
+            # preemption, and writing back is the choice that cannot run out of room.
+            self.runner.save(P.SAVE_RESIDENT if msg.save == P.SAVE_RESIDENT else P.SAVE_HOST)
         except Exception as e:
             self._fail(task, it, e)
             return True

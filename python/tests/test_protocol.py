@@ -52,6 +52,7 @@ def every_message():
         p.Preempt(80, p.PREEMPT_ABANDON, p.SAVE_HOST, 55),
         p.TrainProgress(80, p.PROGRESS_CHECKPOINT, 110, 110, 480 << 20),
         p.TrainStopped(80, p.STOP_PREEMPTED, 111, 110, 0, "", 1.5, 12.25),
+        p.TrainSubmit(6, dataclasses.replace(job(), save=p.SAVE_AUTO)),
     ]
 
 

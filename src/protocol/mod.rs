@@ -139,6 +139,12 @@ pub enum SaveMode {
     /// Written back to pinned host memory (chunked copies) and freed on the
     /// GPU; copied back on resume.
     Host = 2,
+    /// The daemon decides at each preemption (a job's option only; a
+    /// `Preempt` carries the decision): resident while the residency area
+    /// has room for the state beside the models in use, else written back.
+    /// The daemon accounts the resident state in its residency policy from
+    /// the `state_bytes` the worker reports.
+    Auto = 3,
 }
 
 /// How the GPU is shared between a training job and inference.
@@ -304,7 +310,9 @@ pub enum Message {
     /// The daemon stops the training task: the worker saves the state as
     /// `save` says and answers `TrainStopped`.
     Preempt { task_id: u64, mode: PreemptMode, save: SaveMode, decided_ns: u64 },
-    /// A training worker's progress.
+    /// A training worker's progress. `state_bytes`: the bytes of the job's
+    /// state on the GPU (parameters, gradients, optimiser state, buffers),
+    /// 0 where not measured (the daemon keeps the last it was told).
     TrainProgress { task_id: u64, event: Progress, iteration: u64, checkpoint: u64, state_bytes: u64 },
     /// A training task ended: preempted (state saved), finished or failed.
     TrainStopped {
@@ -640,6 +648,7 @@ fn get_save(r: &mut Reader<'_>) -> Result<SaveMode> {
     match r.u8("save mode")? {
         1 => Ok(SaveMode::Resident),
         2 => Ok(SaveMode::Host),
+        3 => Ok(SaveMode::Auto),
         v => Err(malformed(format!("unknown save mode {v}"))),
     }
 }
