@@ -233,6 +233,46 @@ def test_preempted_training_ends_bit_for_bit_like_an_uninterrupted_run(mode, sav
     assert made[0].runs[0].state() == want
 
 
+def test_a_paused_resident_state_is_written_back_when_the_daemon_needs_its_room():
+    """save=auto: the daemon may send a Preempt with SAVE_HOST to a worker
+    whose job is paused with its state resident; the state goes to host
+    memory, the answer is TrainStopped again, and the job still ends bit
+    for bit like an uninterrupted run."""
+    want = reference(job())
+    j = job(name="plain hold=10", save=P.SAVE_AUTO)
+    daemon, t, made, result = start()
+    with daemon:
+        m = start_task(daemon, 1, j, 0)
+        assert m == P.TrainProgress(1, P.PROGRESS_RESUMED, 0, 0, 64)
+        # The size is reported again after the first step (lazily made optimiser state).
+        m, _ = until(daemon, lambda m: isinstance(m, P.TrainProgress) and m.event == P.PROGRESS_ITERATION)
+        assert (m.iteration, m.state_bytes) == (1, 64)
+        m, _ = until(daemon, lambda m: m.iteration == 2)
+        assert m.state_bytes == 0
+        until(daemon, lambda m: m.iteration == 9)
+        time.sleep(0.1)
+        P.send(daemon, P.Preempt(1, P.PREEMPT_ABANDON, P.SAVE_RESIDENT, P.monotonic_ns()))
+        stop, _ = until(daemon, lambda m: isinstance(m, P.TrainStopped))
+        assert (stop.reason, stop.iteration) == (P.STOP_PREEMPTED, 9)
+        run = made[0].runs[0]
+        assert run.where == "gpu"
+        # Paused: a preemption of another task is no write-back (nothing answers) ...
+        P.send(daemon, P.Preempt(7, P.PREEMPT_ABANDON, P.SAVE_HOST, P.monotonic_ns()))
+        # ... one of its last task is.
+        P.send(daemon, P.Preempt(1, P.PREEMPT_ABANDON, P.SAVE_HOST, P.monotonic_ns()))
+        back = P.recv(daemon)[0]
+        assert isinstance(back, P.TrainStopped) and (back.task_id, back.reason, back.iteration) == (1, P.STOP_PREEMPTED, 9)
+        assert run.where == "host"
+        m = start_task(daemon, 2, j, 9)
+        assert m == P.TrainProgress(2, P.PROGRESS_RESUMED, 9, 0, 64)
+        stop, _ = until(daemon, lambda m: isinstance(m, P.TrainStopped))
+        assert (stop.reason, stop.iteration) == (P.STOP_FINISHED, 30)
+        P.send(daemon, P.Shutdown())
+        t.join(10)
+    assert result == {"ok": True}
+    assert len(made[0].runs) == 1 and made[0].runs[0].state() == want
+
+
 def test_a_killed_worker_is_replaced_by_one_that_resumes_from_the_checkpoint(tmp_path):
     j = job(checkpoint_every=5)
     want = reference(j)
