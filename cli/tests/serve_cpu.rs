@@ -892,6 +892,46 @@ fn python_workers_train_pause_for_inference_and_resume() {
 }
 
 #[test]
+fn python_workers_write_back_a_paused_resident_state_when_a_model_needs_its_room() {
+    let w = world("pyauto");
+    let mut cfg = config(&w, 3 * MIB);
+    cfg.standbys = 2;
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/../python");
+    cfg.worker_cmd = vec!["python3".into(), "-c".into(), PY_TRAIN_WORKER.into(), python.into()];
+    let d = Daemon::start(cfg, Box::new(FakeGpu { moves: Moves::default() })).unwrap();
+    let mut c = Client::connect(d.socket(), Some(Duration::from_secs(30))).unwrap();
+    // The Python job reports 2 MiB of state: accounted in the 3 MiB area.
+    let name = format!("plain state={}", 2 * MIB);
+    let job = TrainJob { name, entry: "plain:job".into(), idle_ms: 300, save: SaveMode::Auto, ..train_job("") };
+    let job = c.train_submit(&job).unwrap().job_id;
+    let t0 = std::time::Instant::now();
+    let wait = |c: &mut Client, what: &str, ok: &dyn Fn(&pipeswitch::client::TrainStatus) -> bool| loop {
+        let st = c.train_query(job, false).unwrap();
+        if ok(&st) {
+            return st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{what}: {st:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    wait(&mut c, "training never ran", &|st| st.iteration >= 20);
+    // "a" (1 MiB) fits beside the state: paused resident.
+    infer(&mut c, "a", 1).unwrap();
+    assert_eq!(c.train_query(job, false).unwrap().state, JobState::Paused);
+    // "big" (2 MiB) does not: the worker writes the paused state back first
+    // (else the request would fail: the area would be full).
+    infer(&mut c, "big", 2).unwrap();
+    let paused = c.train_query(job, false).unwrap();
+    assert_eq!((paused.state, paused.preemptions), (JobState::Paused, 1), "{paused:?}");
+    let st = wait(&mut c, "training never resumed", &|st| st.state == JobState::Running && st.iteration > paused.iteration);
+    assert_eq!(st.preemptions, 1);
+    c.train_query(job, true).unwrap();
+    wait(&mut c, "never cancelled", &|st| st.state == JobState::Cancelled);
+    let stats = c.stats().unwrap();
+    assert_eq!((stats.workers_lost, stats.failed), (0, 0), "{stats:?}");
+    d.stop().unwrap();
+}
+
+#[test]
 fn time_share_alternates_training_and_inference_under_steady_load() {
     let w = world("trainshare");
     let t = train_setup(&w, 2);

@@ -37,11 +37,12 @@ class PlainRun:
     abandoning preemption lands), up to 2 s at the iterations the job's name
     lists after "hold=" (once each: the test preempts it there); checkpoint
     writes after the first wait up to 2 s for a preemption if the name has
-    "ckhold"."""
+    "ckhold"; "state=N" makes it report a state of N bytes."""
 
     def __init__(self, job, seed=5, raise_at=None):
         opts = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in job.name.split()[1:])
         self.hold = {int(x) for x in opts.get("hold", "").split(",") if x}
+        self.bytes = int(opts.get("state", 64))  # what state_bytes() reports
         self.ckhold = "ckhold" in opts
         self.w = [0.5, -1.0, 2.0, 0.25]
         self.m = [0.0] * 4
@@ -110,7 +111,7 @@ class PlainRun:
         self.rng.setstate((st[0], tuple(st[1]), st[2]))
 
     def state_bytes(self):
-        return 64
+        return self.bytes
 
     def close(self):
         self.closed = True
