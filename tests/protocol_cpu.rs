@@ -155,6 +155,17 @@ fn training_jobs_are_checked() {
     }
     // Inference first ignores the share.
     assert!(TrainJob { policy: SharePolicy::InferenceFirst, share: 0.0, ..job() }.validate().is_ok());
+    // New jobs let the daemon decide where a preempted state waits.
+    let j = TrainJob::new("j", "m:f");
+    assert_eq!((j.save, j.preempt, j.policy, j.idle_ms), (SaveMode::Auto, PreemptMode::Abandon, SharePolicy::InferenceFirst, 100));
+    assert!(j.validate().is_ok());
+    // Save mode 3 is auto on the wire; 4 is no mode.
+    let mut body = Message::TrainSubmit { request_id: 1, job: j }.encode_body();
+    let at = 8 + 4 + 1 + 4 + 3 + 1; // request id, name "j", entry "m:f", preempt
+    assert_eq!(body[at], 3);
+    body[at] = 4;
+    let e = Message::decode_body(13, &body).unwrap_err();
+    assert!(e.to_string().contains("unknown save mode 4"), "{e}");
 }
 
 #[test]

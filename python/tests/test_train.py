@@ -370,6 +370,12 @@ def _compare(torch, cuda, tmp_path):
     for i in range(1, n + 1):
         assert ref.step(i, never)
     want = _state(torch, ref)
+    # The size the worker reports (save=auto): parameters and their
+    # gradients, buffers, and the optimiser's momentum.
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    params, bufs = nbytes(ref.model.parameters()), nbytes(ref.model.buffers())
+    moms = nbytes(v for st in ref.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+    assert moms == params and ref.state_bytes() == 2 * params + bufs + moms
 
     run = TorchTrainRun(tiny_job(dev), dev, abandon=True)
     stop = threading.Event()
@@ -405,6 +411,9 @@ def _compare(torch, cuda, tmp_path):
             abandoned += 1
             stop.clear()
             trip["at"] = None
+            if i == 2:
+                # save=auto: paused resident, then written back when a model needs the room.
+                run.save(1)
             run.save(2)  # SAVE_HOST: written back (a no-op on the CPU)
             run.restore_held()
             if i == 6:

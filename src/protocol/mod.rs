@@ -180,6 +180,24 @@ pub struct TrainJob {
 }
 
 impl TrainJob {
+    /// A job with the default options (those of the Python client):
+    /// abandon the step in flight, `SaveMode::Auto`, inference first, idle
+    /// 100 ms, until cancelled, no checkpoints.
+    pub fn new(name: impl Into<String>, entry: impl Into<String>) -> TrainJob {
+        TrainJob {
+            name: name.into(),
+            entry: entry.into(),
+            preempt: PreemptMode::Abandon,
+            save: SaveMode::Auto,
+            policy: SharePolicy::InferenceFirst,
+            share: 0.5,
+            period_ms: 5000,
+            idle_ms: 100,
+            iterations: 0,
+            checkpoint_every: 0,
+        }
+    }
+
     /// Checks the options a client sent.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::invalid(format!("training job {:?}: {m}", self.name)));
