@@ -335,6 +335,7 @@ class _Training:
                 raise P.protocol_error("a training worker does not expect message %s" % type(msg).__name__)
             if job.iterations and it >= job.iterations:
                 self.held = it
+                self.task_id = None  # finished: a late Preempt is no write-back
                 self._stopped(task, P.STOP_FINISHED, it)
                 return True
             try:

@@ -268,7 +268,10 @@ def test_a_paused_resident_state_is_written_back_when_the_daemon_needs_its_room(
         assert m == P.TrainProgress(2, P.PROGRESS_RESUMED, 9, 0, 64)
         stop, _ = until(daemon, lambda m: isinstance(m, P.TrainStopped))
         assert (stop.reason, stop.iteration) == (P.STOP_FINISHED, 30)
+        # A preemption that crossed the end of the job is no write-back: no answer.
+        P.send(daemon, P.Preempt(2, P.PREEMPT_ABANDON, P.SAVE_HOST, P.monotonic_ns()))
         P.send(daemon, P.Shutdown())
+        assert P.recv(daemon) is None
         t.join(10)
     assert result == {"ok": True}
     assert len(made[0].runs) == 1 and made[0].runs[0].state() == want
