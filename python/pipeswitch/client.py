@@ -96,7 +96,7 @@ def from_bytes(data, dtype, shape, use_numpy=True):
             raise P.protocol_error("output of shape %r and dtype %s has %d bytes, not %d"
                                    % (list(shape), name, len(data), want))
         return np.frombuffer(data, dtype=_NUMPY_NAMES[name]).reshape([int(d) for d in shape])
-    return (data, name, tuple(int(d) for d in shape))
+    return (bytes(data), name, tuple(int(d) for d in shape))
 
 
 class Outputs(dict):

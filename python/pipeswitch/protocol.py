@@ -901,8 +901,10 @@ def pack_tensors(tensors):
 
 
 def unpack_tensors(tensors, fd=None):
-    """The tensors of a received message with their bytes: ``[(Tensor, bytes)]``;
-    shared ones are read from ``fd``, each range checked against its size."""
+    """The tensors of a received message with their bytes: ``[(Tensor, data)]``;
+    shared ones are read from ``fd``, each range checked against its size.
+    ``data`` is ``bytes`` for an inline tensor and a ``bytearray`` (read once,
+    not copied again: writable, for ``torch.frombuffer``) for a shared one."""
     size = None
     if fd is not None:
         try:
@@ -929,7 +931,7 @@ def unpack_tensors(tensors, fd=None):
                 done += got
         except OSError as e:
             raise protocol_error("reading tensor %r: %s" % (t.name, e)) from None
-        out.append((t, bytes(buf)))
+        out.append((t, buf))
     return out
 
 

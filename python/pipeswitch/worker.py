@@ -569,7 +569,8 @@ class TorchBackend:
             if len(data) == 0:
                 x = torch.empty(shape, dtype=dt)
             else:
-                x = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dt).reshape(shape)
+                buf = data if isinstance(data, bytearray) else bytearray(data)  # shared ones come writable
+                x = torch.frombuffer(buf, dtype=torch.uint8).view(dt).reshape(shape)
             args.append(x.to(self.device, non_blocking=False))
         cap = self._captured(task.model, args) if self.graphs else None
         with torch.inference_mode():
