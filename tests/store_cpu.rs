@@ -1043,6 +1043,96 @@ fn failing_add_in_this_process_releases_its_reservation() {
     Store::destroy(name).unwrap();
 }
 
+/// Fills a model from `m`'s bytes with `add_model_filled` (pieces of
+/// `piece` bytes, `threads` threads), the way the LLM code writes weights.
+fn add_filled(s: &Store, name: &str, m: &M, piece: usize, threads: usize) -> pipeswitch::Result<Arc<Model>> {
+    let tensors = m.tensors();
+    let empty: Vec<T> = tensors.iter().map(|t| T { data: vec![], ..(*t).clone() }).collect();
+    let hollow = M {
+        layers: m.layers.iter().map(|l| L { name: l.name.clone(), tensors: l.tensors.iter().map(|t| empty.iter().find(|e| e.name == t.name).unwrap().clone()).collect() }).collect(),
+    };
+    s.add_model_filled(name, &hollow.spec(), piece, threads, &|i, off, out| {
+        let src = &tensors[i].data;
+        out.copy_from_slice(&src[off as usize..off as usize + out.len()]);
+        Ok(())
+    }, &mut |_, _| {})
+}
+
+#[test]
+fn add_model_filled_round_trip_and_failing_fills() {
+    let name = "filled";
+    let s = create(name, 1 << 20, 4);
+    // A model whose bytes are all 0xff first takes the space, so gaps the
+    // filled model leaves unwritten would show.
+    let mut ff = model_layers(3, 3000, 40);
+    for l in &mut ff.layers {
+        for t in &mut l.tensors {
+            t.data.iter_mut().for_each(|b| *b = 0xff);
+        }
+    }
+    add(&s, "ff", &ff);
+    s.remove_model("ff").unwrap();
+    let a = model_a(41);
+    let got = add_filled(&s, "a", &a, 256, 3).unwrap();
+    check_model(&seg_path(name), &got, &a);
+    check_model(&seg_path(name), &open(name).model("a").unwrap(), &a);
+    let file = std::fs::read(seg_path(name)).unwrap();
+    let mut pos = 0u64;
+    for t in &got.tensors {
+        let gap = &file[(got.segment_offset + pos) as usize..(got.segment_offset + t.offset) as usize];
+        assert!(gap.iter().all(|&b| b == 0), "bytes before {} are not zero", t.name);
+        pos = t.offset + t.bytes;
+    }
+    let big = model_layers(4, 5000, 42);
+    let big_filled = add_filled(&s, "big", &big, 1024, 4).unwrap();
+    check_model(&seg_path(name), &big_filled, &big);
+    s.remove_model("big").unwrap();
+    let u0 = s.usage().unwrap();
+    let before = snapshot(name);
+
+    // Bad piece sizes, and a fill that fails half-way: nothing changes.
+    for piece in [0, 100, 257] {
+        assert!(matches!(add_filled(&s, "b", &big, piece, 2), Err(Error::InvalidArgument(_))), "piece {piece}");
+    }
+    let hollow = big.spec();
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let r = s.add_model_filled("b", &hollow, 256, 3, &|_, _, _| {
+        if calls.fetch_add(1, Ordering::SeqCst) == 20 {
+            Err(Error::invalid("the fill fails"))
+        } else {
+            Ok(())
+        }
+    }, &mut |_, _| {});
+    assert!(matches!(r, Err(Error::InvalidArgument(ref m)) if m.contains("the fill fails")), "{r:?}");
+    assert_eq!(names(&s), vec!["a"]);
+    assert_eq!(s.usage().unwrap().used_bytes, u0.used_bytes);
+
+    // A fill that panics unwinds out of the add; the reservation is freed.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        s.add_model_filled("b", &hollow, 256, 3, &|_, off, _| {
+            if off == 1024 {
+                panic!("fill panics");
+            }
+            Ok(())
+        }, &mut |_, _| {})
+    }));
+    assert!(r.is_err());
+    assert_eq!(names(&s), vec!["a"]);
+    assert_eq!(s.usage().unwrap().used_bytes, u0.used_bytes);
+    let mut after = snapshot(name);
+    after.generation = before.generation;
+    assert_eq!(after.models, before.models);
+    assert_eq!(after.usage, before.usage);
+
+    // The same name then adds, and a model too large for the store is refused.
+    check_model(&seg_path(name), &add_filled(&s, "b", &big, 512, 2).unwrap(), &big);
+    let huge = model_bytes(2 << 20, 43);
+    assert!(matches!(add_filled(&s, "huge", &huge, 256, 2), Err(Error::StoreFull(_))));
+    assert_eq!(names(&s), vec!["a", "b"]);
+    drop(s);
+    Store::destroy(name).unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // 5. Profiles
 // ---------------------------------------------------------------------------
