@@ -242,7 +242,17 @@ impl TensorViews {
                 if sealed {
                     // SAFETY: read-only mapping of a file that cannot shrink
                     // (sealed), so no access through it can fault.
-                    Backing::Map(unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(|e| Error::io("mapping a tensor file", e))?)
+                    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(|e| Error::io("mapping a tensor file", e))?;
+                    // The size checked above came before the seal: the file
+                    // may have shrunk, then been sealed, in between.
+                    for t in &tensors {
+                        if let TensorData::Shared { offset, bytes } = &t.data {
+                            if offset + bytes > map.len() as u64 {
+                                return Err(Error::Protocol(format!("tensor {:?} claims [{offset}, +{bytes}) of a file that shrank to {} bytes", t.name, map.len())));
+                            }
+                        }
+                    }
+                    Backing::Map(map)
                 } else {
                     let mut copies = Vec::new();
                     for t in &tensors {
