@@ -433,3 +433,27 @@ fn tensor_views_of_a_file_shrunk_then_sealed_while_checked() {
     }
     eprintln!("{hit} of 100 races refused");
 }
+
+/// TensorViews maps only the bytes the tensors name: a client's sealed file
+/// may be far larger (sparse) than its tensors, and mapping it whole, with
+/// every page populated, made the receiver allocate all of it.
+#[test]
+fn tensor_views_populate_only_the_ranges_named() {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let fd = nix::sys::memfd::memfd_create(
+        c"sparse",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC | nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )
+    .unwrap();
+    let file = std::fs::File::from(fd);
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    std::os::unix::fs::FileExt::write_all_at(&file, &data, 4096).unwrap();
+    file.set_len(256 << 20).unwrap();
+    nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_SHRINK)).unwrap();
+    let file = OwnedFd::from(file);
+    let tensors = vec![Tensor { name: "x".into(), dtype: 3, shape: vec![300_000], data: TensorData::Shared { offset: 4096, bytes: 300_000 } }];
+    let views = TensorViews::new(tensors, Some(&file)).unwrap();
+    assert_eq!(views.iter().map(|(_, b)| b.to_vec()).collect::<Vec<_>>(), vec![data]);
+    let allocated = nix::sys::stat::fstat(file.as_raw_fd()).unwrap().st_blocks as u64 * 512;
+    assert!(allocated < 4 << 20, "a 300 kB tensor in a 256 MB sparse file: {allocated} bytes of it allocated");
+}
