@@ -457,3 +457,31 @@ fn tensor_views_populate_only_the_ranges_named() {
     let allocated = nix::sys::stat::fstat(file.as_raw_fd()).unwrap().st_blocks as u64 * 512;
     assert!(allocated < 4 << 20, "a 300 kB tensor in a 256 MB sparse file: {allocated} bytes of it allocated");
 }
+
+/// A tensor that claims more bytes than this process could ever hold (of a
+/// sparse file that large): refused with an error, sealed file or not,
+/// never a panic or an abort on the allocation.
+#[test]
+fn tensor_views_of_impossibly_large_tensors_are_errors() {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    for seal in [false, true] {
+        let fd = nix::sys::memfd::memfd_create(
+            c"vast",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC | nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )
+        .unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len((1 << 62) + 4096).unwrap();
+        if seal {
+            nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_SHRINK)).unwrap();
+        }
+        let file = OwnedFd::from(file);
+        let tensors = vec![Tensor { name: "vast".into(), dtype: 3, shape: vec![1 << 62], data: TensorData::Shared { offset: 4096, bytes: 1 << 62 } }];
+        let r = std::panic::catch_unwind(|| TensorViews::new(tensors, Some(&file)).map(|_| ()));
+        match r {
+            Ok(Err(_)) => {}
+            Ok(Ok(())) => panic!("a 4 EiB tensor was viewed (sealed: {seal})"),
+            Err(_) => panic!("TensorViews panicked on a 4 EiB tensor (sealed: {seal})"),
+        }
+    }
+}
