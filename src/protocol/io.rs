@@ -269,7 +269,12 @@ impl TensorViews {
                     let mut copies = Vec::new();
                     for t in &tensors {
                         if let TensorData::Shared { offset, bytes } = &t.data {
-                            let mut buf = vec![0u8; *bytes as usize];
+                            // The client names the size: no abort where it
+                            // cannot be allocated.
+                            let mut buf = Vec::new();
+                            buf.try_reserve_exact(*bytes as usize)
+                                .map_err(|e| Error::Protocol(format!("tensor {:?} of {bytes} bytes cannot be copied: {e}", t.name)))?;
+                            buf.resize(*bytes as usize, 0);
                             std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, *offset)
                                 .map_err(|e| Error::io(format!("reading tensor {:?}", t.name), e))?;
                             copies.push(buf);
