@@ -1133,6 +1133,48 @@ fn add_model_filled_round_trip_and_failing_fills() {
     Store::destroy(name).unwrap();
 }
 
+#[test]
+fn adds_while_a_filled_add_is_written_keep_apart() {
+    // A long filled add (an LLM's weights) is mid-write while other adds go
+    // on through the same handle and another one: nobody reclaims or reuses
+    // its reservation, and every model reads back its own bytes.
+    let name = "filled-concurrent";
+    let s = Arc::new(create(name, 1 << 20, 8));
+    let big = model_layers(4, 8000, 50);
+    let (a, b) = (model_a(51), model_layers(2, 3000, 52));
+    let started = Arc::new(std::sync::Barrier::new(2));
+    let go_on = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (s, big, started, go_on) = (s.clone(), big.clone(), started.clone(), go_on.clone());
+        std::thread::spawn(move || {
+            let tensors = big.tensors().into_iter().cloned().collect::<Vec<T>>();
+            let first = AtomicBool::new(true);
+            s.add_model_filled("big", &big.spec(), 1024, 2, &|i, off, out| {
+                if first.swap(false, Ordering::SeqCst) {
+                    started.wait();
+                    while !go_on.load(Ordering::SeqCst) {
+                        std::thread::yield_now();
+                    }
+                }
+                out.copy_from_slice(&tensors[i].data[off as usize..off as usize + out.len()]);
+                Ok(())
+            }, &mut |_, _| {})
+            .map(|m| m.id)
+        })
+    };
+    started.wait();
+    add(&s, "a", &a);
+    add(&open(name), "b", &b);
+    assert!(matches!(s.add_model("big", &b.spec(), &mut |_, _| {}), Err(Error::AlreadyExists(_))));
+    go_on.store(true, Ordering::SeqCst);
+    writer.join().unwrap().unwrap();
+    for (n, m) in [("big", &big), ("a", &a), ("b", &b)] {
+        check_model(&seg_path(name), &open(name).model(n).unwrap(), m);
+    }
+    drop(s);
+    Store::destroy(name).unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // 5. Profiles
 // ---------------------------------------------------------------------------
