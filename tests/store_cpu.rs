@@ -1175,6 +1175,38 @@ fn adds_while_a_filled_add_is_written_keep_apart() {
     Store::destroy(name).unwrap();
 }
 
+#[test]
+fn add_model_filled_refuses_sizes_that_overflow() {
+    // Shapes whose bytes come near 2^64 (the data is never given, so only
+    // the layout's arithmetic stands between them and the fill's writes).
+    let name = "filled-overflow";
+    let s = create(name, 1 << 20, 4);
+    let a = model_a(60);
+    add(&s, "a", &a);
+    let before = snapshot(name);
+    for shape in [vec![u64::MAX - 100], vec![(u64::MAX >> 1) + 1, 1], vec![u64::MAX >> 8]] {
+        let m = M { layers: vec![l("huge", vec![T { name: "huge.w".into(), dtype: Dtype::U8, shape: shape.clone(), data: vec![] }])] };
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            s.add_model_filled("huge", &m.spec(), 1 << 30, 1, &|_, _, _| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }, &mut |_, _| {})
+            .map(|_| ())
+        }));
+        match r {
+            Ok(Err(Error::InvalidArgument(_) | Error::StoreFull(_))) => {}
+            Ok(other) => panic!("shape {shape:?}: {other:?}"),
+            Err(_) => panic!("shape {shape:?}: add_model_filled panicked"),
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "shape {shape:?}: the fill ran");
+    }
+    assert_unchanged(name, &before);
+    check_model(&seg_path(name), &s.model("a").unwrap(), &a);
+    drop(s);
+    Store::destroy(name).unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // 5. Profiles
 // ---------------------------------------------------------------------------
