@@ -774,11 +774,38 @@ fn unpack(m: pipeswitch::protocol::Message) {
             clean(&e);
         }
     }
-    match unpack_tensors(tensors, Some(file)) {
+    match unpack_tensors(tensors.clone(), Some(file)) {
         Ok(v) => assert!(v.iter().zip(&expect).all(|((_, b), e)| Some(b) == e.as_ref()), "tensor bytes differ"),
         Err(e) => {
             assert!(expect.iter().any(Option::is_none), "tensors in range refused: {e}");
             clean(&e);
+        }
+    }
+    // The worker's views: copies of the unsealed file, a mapping of a
+    // sealed memfd with the same bytes; the same bytes as unpack_tensors.
+    static SEALED: OnceLock<std::os::fd::OwnedFd> = OnceLock::new();
+    let sealed = SEALED.get_or_init(|| {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: plain calls; the descriptor is checked and owned once.
+        let fd = unsafe { libc::memfd_create(c"fuzz-tensors".as_ptr(), libc::MFD_ALLOW_SEALING) };
+        assert!(fd >= 0, "memfd_create");
+        let f = unsafe { std::fs::File::from_raw_fd(fd) };
+        let bytes: Vec<u8> = (0..TENSOR_FILE_BYTES).map(|i| (i * 7 % 251) as u8).collect();
+        std::os::unix::fs::FileExt::write_all_at(&f, &bytes, 0).expect("writing the sealed tensor file");
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+        assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) }, 0, "sealing");
+        f.into()
+    });
+    for f in [file, sealed] {
+        match pipeswitch::protocol::io::TensorViews::new(tensors.clone(), Some(f)) {
+            Ok(v) => {
+                assert!(v.iter().count() == expect.len(), "a view per tensor");
+                assert!(v.iter().zip(&expect).all(|((_, b), e)| Some(b) == e.as_deref()), "viewed tensor bytes differ");
+            }
+            Err(e) => {
+                assert!(expect.iter().any(Option::is_none), "tensors in range refused by TensorViews: {e}");
+                clean(&e);
+            }
         }
     }
 }

@@ -391,3 +391,110 @@ fn tensor_views_map_sealed_files_and_copy_unsealed_ones() {
     assert!(matches!(TensorViews::new(bad, Some(&file)), Err(Error::Protocol(_))));
     assert!(matches!(TensorViews::new(tensors, None), Err(Error::Protocol(_))));
 }
+
+/// A client may shrink its tensor file and only then seal it, while the
+/// receiver is between its size check and its look at the seals: the
+/// mapping is then shorter than the ranges checked, and no view may index
+/// past it (that panicked the worker). Raced many times; every outcome must
+/// be an error or views inside the file.
+#[test]
+fn tensor_views_of_a_file_shrunk_then_sealed_while_checked() {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Barrier};
+    // Many tensors: the range checks take long enough for the race.
+    let n = 200_000;
+    let tensors: Vec<Tensor> = (0..n)
+        .map(|i| Tensor { name: String::new(), dtype: 3, shape: vec![1], data: TensorData::Shared { offset: 6000 + (i % 2000) as u64, bytes: 1 } })
+        .collect();
+    let mut hit = 0;
+    for round in 0..100u64 {
+        let fd = nix::sys::memfd::memfd_create(
+            c"shrinking",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC | nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )
+        .unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len(8192).unwrap();
+        let file = Arc::new(OwnedFd::from(file));
+        let go = Arc::new(Barrier::new(2));
+        let shrunk = Arc::new(AtomicBool::new(false));
+        let helper = {
+            let (file, go, shrunk) = (file.clone(), go.clone(), shrunk.clone());
+            std::thread::spawn(move || {
+                go.wait();
+                std::thread::sleep(std::time::Duration::from_micros(round % 10 * 100));
+                let f = std::fs::File::from(file.try_clone().unwrap());
+                f.set_len(4096).unwrap();
+                nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_SHRINK)).unwrap();
+                shrunk.store(true, Ordering::SeqCst);
+            })
+        };
+        let mine = tensors.clone();
+        go.wait();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            TensorViews::new(mine, Some(&file)).map(|v| v.iter().map(|(_, b)| b.len()).sum::<usize>())
+        }));
+        helper.join().unwrap();
+        match r {
+            Err(_) => panic!("TensorViews panicked on a file shrunk and sealed while it was checked"),
+            Ok(Ok(total)) => assert_eq!(total, n),
+            // Refused: the file was too short at the size check, when read, or when mapped.
+            Ok(Err(_)) => hit += 1,
+        }
+        assert!(shrunk.load(Ordering::SeqCst));
+    }
+    eprintln!("{hit} of 100 races refused");
+}
+
+/// TensorViews maps only the bytes the tensors name: a client's sealed file
+/// may be far larger (sparse) than its tensors, and mapping it whole, with
+/// every page populated, made the receiver allocate all of it.
+#[test]
+fn tensor_views_populate_only_the_ranges_named() {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let fd = nix::sys::memfd::memfd_create(
+        c"sparse",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC | nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )
+    .unwrap();
+    let file = std::fs::File::from(fd);
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    std::os::unix::fs::FileExt::write_all_at(&file, &data, 4096).unwrap();
+    file.set_len(256 << 20).unwrap();
+    nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_SHRINK)).unwrap();
+    let file = OwnedFd::from(file);
+    let tensors = vec![Tensor { name: "x".into(), dtype: 3, shape: vec![300_000], data: TensorData::Shared { offset: 4096, bytes: 300_000 } }];
+    let views = TensorViews::new(tensors, Some(&file)).unwrap();
+    assert_eq!(views.iter().map(|(_, b)| b.to_vec()).collect::<Vec<_>>(), vec![data]);
+    let allocated = nix::sys::stat::fstat(file.as_raw_fd()).unwrap().st_blocks as u64 * 512;
+    assert!(allocated < 4 << 20, "a 300 kB tensor in a 256 MB sparse file: {allocated} bytes of it allocated");
+}
+
+/// A tensor that claims more bytes than this process could ever hold (of a
+/// sparse file that large): refused with an error, sealed file or not,
+/// never a panic or an abort on the allocation.
+#[test]
+fn tensor_views_of_impossibly_large_tensors_are_errors() {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    for seal in [false, true] {
+        let fd = nix::sys::memfd::memfd_create(
+            c"vast",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC | nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )
+        .unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len((1 << 62) + 4096).unwrap();
+        if seal {
+            nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_SHRINK)).unwrap();
+        }
+        let file = OwnedFd::from(file);
+        let tensors = vec![Tensor { name: "vast".into(), dtype: 3, shape: vec![1 << 62], data: TensorData::Shared { offset: 4096, bytes: 1 << 62 } }];
+        let r = std::panic::catch_unwind(|| TensorViews::new(tensors, Some(&file)).map(|_| ()));
+        match r {
+            Ok(Err(_)) => {}
+            Ok(Ok(())) => panic!("a 4 EiB tensor was viewed (sealed: {seal})"),
+            Err(_) => panic!("TensorViews panicked on a 4 EiB tensor (sealed: {seal})"),
+        }
+    }
+}

@@ -1043,6 +1043,170 @@ fn failing_add_in_this_process_releases_its_reservation() {
     Store::destroy(name).unwrap();
 }
 
+/// Fills a model from `m`'s bytes with `add_model_filled` (pieces of
+/// `piece` bytes, `threads` threads), the way the LLM code writes weights.
+fn add_filled(s: &Store, name: &str, m: &M, piece: usize, threads: usize) -> pipeswitch::Result<Arc<Model>> {
+    let tensors = m.tensors();
+    let empty: Vec<T> = tensors.iter().map(|t| T { data: vec![], ..(*t).clone() }).collect();
+    let hollow = M {
+        layers: m.layers.iter().map(|l| L { name: l.name.clone(), tensors: l.tensors.iter().map(|t| empty.iter().find(|e| e.name == t.name).unwrap().clone()).collect() }).collect(),
+    };
+    s.add_model_filled(name, &hollow.spec(), piece, threads, &|i, off, out| {
+        let src = &tensors[i].data;
+        out.copy_from_slice(&src[off as usize..off as usize + out.len()]);
+        Ok(())
+    }, &mut |_, _| {})
+}
+
+#[test]
+fn add_model_filled_round_trip_and_failing_fills() {
+    let name = "filled";
+    let s = create(name, 1 << 20, 4);
+    // A model whose bytes are all 0xff first takes the space, so gaps the
+    // filled model leaves unwritten would show.
+    let mut ff = model_layers(3, 3000, 40);
+    for l in &mut ff.layers {
+        for t in &mut l.tensors {
+            t.data.iter_mut().for_each(|b| *b = 0xff);
+        }
+    }
+    add(&s, "ff", &ff);
+    s.remove_model("ff").unwrap();
+    let a = model_a(41);
+    let got = add_filled(&s, "a", &a, 256, 3).unwrap();
+    check_model(&seg_path(name), &got, &a);
+    check_model(&seg_path(name), &open(name).model("a").unwrap(), &a);
+    let file = std::fs::read(seg_path(name)).unwrap();
+    let mut pos = 0u64;
+    for t in &got.tensors {
+        let gap = &file[(got.segment_offset + pos) as usize..(got.segment_offset + t.offset) as usize];
+        assert!(gap.iter().all(|&b| b == 0), "bytes before {} are not zero", t.name);
+        pos = t.offset + t.bytes;
+    }
+    let big = model_layers(4, 5000, 42);
+    let big_filled = add_filled(&s, "big", &big, 1024, 4).unwrap();
+    check_model(&seg_path(name), &big_filled, &big);
+    s.remove_model("big").unwrap();
+    let u0 = s.usage().unwrap();
+    let before = snapshot(name);
+
+    // Bad piece sizes, and a fill that fails half-way: nothing changes.
+    for piece in [0, 100, 257] {
+        assert!(matches!(add_filled(&s, "b", &big, piece, 2), Err(Error::InvalidArgument(_))), "piece {piece}");
+    }
+    let hollow = big.spec();
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let r = s.add_model_filled("b", &hollow, 256, 3, &|_, _, _| {
+        if calls.fetch_add(1, Ordering::SeqCst) == 20 {
+            Err(Error::invalid("the fill fails"))
+        } else {
+            Ok(())
+        }
+    }, &mut |_, _| {});
+    assert!(matches!(r, Err(Error::InvalidArgument(ref m)) if m.contains("the fill fails")), "{r:?}");
+    assert_eq!(names(&s), vec!["a"]);
+    assert_eq!(s.usage().unwrap().used_bytes, u0.used_bytes);
+
+    // A fill that panics unwinds out of the add; the reservation is freed.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        s.add_model_filled("b", &hollow, 256, 3, &|_, off, _| {
+            if off == 1024 {
+                panic!("fill panics");
+            }
+            Ok(())
+        }, &mut |_, _| {})
+    }));
+    assert!(r.is_err());
+    assert_eq!(names(&s), vec!["a"]);
+    assert_eq!(s.usage().unwrap().used_bytes, u0.used_bytes);
+    let mut after = snapshot(name);
+    after.generation = before.generation;
+    assert_eq!(after.models, before.models);
+    assert_eq!(after.usage, before.usage);
+
+    // The same name then adds, and a model too large for the store is refused.
+    check_model(&seg_path(name), &add_filled(&s, "b", &big, 512, 2).unwrap(), &big);
+    let huge = model_bytes(2 << 20, 43);
+    assert!(matches!(add_filled(&s, "huge", &huge, 256, 2), Err(Error::StoreFull(_))));
+    assert_eq!(names(&s), vec!["a", "b"]);
+    drop(s);
+    Store::destroy(name).unwrap();
+}
+
+#[test]
+fn adds_while_a_filled_add_is_written_keep_apart() {
+    // A long filled add (an LLM's weights) is mid-write while other adds go
+    // on through the same handle and another one: nobody reclaims or reuses
+    // its reservation, and every model reads back its own bytes.
+    let name = "filled-concurrent";
+    let s = Arc::new(create(name, 1 << 20, 8));
+    let big = model_layers(4, 8000, 50);
+    let (a, b) = (model_a(51), model_layers(2, 3000, 52));
+    let started = Arc::new(std::sync::Barrier::new(2));
+    let go_on = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (s, big, started, go_on) = (s.clone(), big.clone(), started.clone(), go_on.clone());
+        std::thread::spawn(move || {
+            let tensors = big.tensors().into_iter().cloned().collect::<Vec<T>>();
+            let first = AtomicBool::new(true);
+            s.add_model_filled("big", &big.spec(), 1024, 2, &|i, off, out| {
+                if first.swap(false, Ordering::SeqCst) {
+                    started.wait();
+                    while !go_on.load(Ordering::SeqCst) {
+                        std::thread::yield_now();
+                    }
+                }
+                out.copy_from_slice(&tensors[i].data[off as usize..off as usize + out.len()]);
+                Ok(())
+            }, &mut |_, _| {})
+            .map(|m| m.id)
+        })
+    };
+    started.wait();
+    add(&s, "a", &a);
+    add(&open(name), "b", &b);
+    assert!(matches!(s.add_model("big", &b.spec(), &mut |_, _| {}), Err(Error::AlreadyExists(_))));
+    go_on.store(true, Ordering::SeqCst);
+    writer.join().unwrap().unwrap();
+    for (n, m) in [("big", &big), ("a", &a), ("b", &b)] {
+        check_model(&seg_path(name), &open(name).model(n).unwrap(), m);
+    }
+    drop(s);
+    Store::destroy(name).unwrap();
+}
+
+#[test]
+fn add_model_filled_refuses_sizes_that_overflow() {
+    // Shapes whose bytes come near 2^64 (the data is never given, so only
+    // the layout's arithmetic stands between them and the fill's writes).
+    let name = "filled-overflow";
+    let s = create(name, 1 << 20, 4);
+    let a = model_a(60);
+    add(&s, "a", &a);
+    let before = snapshot(name);
+    for shape in [vec![u64::MAX - 100], vec![(u64::MAX >> 1) + 1, 1], vec![u64::MAX >> 8]] {
+        let m = M { layers: vec![l("huge", vec![T { name: "huge.w".into(), dtype: Dtype::U8, shape: shape.clone(), data: vec![] }])] };
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            s.add_model_filled("huge", &m.spec(), 1 << 30, 1, &|_, _, _| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }, &mut |_, _| {})
+            .map(|_| ())
+        }));
+        match r {
+            Ok(Err(Error::InvalidArgument(_) | Error::StoreFull(_))) => {}
+            Ok(other) => panic!("shape {shape:?}: {other:?}"),
+            Err(_) => panic!("shape {shape:?}: add_model_filled panicked"),
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "shape {shape:?}: the fill ran");
+    }
+    assert_unchanged(name, &before);
+    check_model(&seg_path(name), &s.model("a").unwrap(), &a);
+    drop(s);
+    Store::destroy(name).unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // 5. Profiles
 // ---------------------------------------------------------------------------

@@ -1124,8 +1124,7 @@ impl Controller {
         if cancel && !j.terminal() {
             j.cancel = true;
             match j.state {
-                JobState::Waiting => j.state = JobState::Cancelled,
-                JobState::Paused => self.end_job(JobState::Cancelled, 0, String::new()),
+                JobState::Waiting | JobState::Paused => self.end_job(JobState::Cancelled, 0, String::new()),
                 // Running: stopped by the next scheduling round; preempting:
                 // ended when it has stopped.
                 _ => {}

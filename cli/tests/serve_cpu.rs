@@ -232,7 +232,7 @@ fn fake_worker_logged(socket: &Path, seen: Seen, die_on: Arc<Mutex<Option<String
             }
             match recv(&s) {
                 Ok(Some((Message::TrainStart(TrainTask { task_id, job, checkpoint_path, resume_iteration, .. }), _))) => {
-                    log.push(format!("train {id} {resume_iteration}"));
+                    log.push(format!("train {id} {resume_iteration} {checkpoint_path}"));
                     // Resume from the state held here, else from the file.
                     let held = training.as_ref().map(|t| t.iteration);
                     let checkpoint = training.as_ref().map_or(0, |t| t.checkpoint);
@@ -786,6 +786,29 @@ fn a_training_worker_killed_mid_iteration_resumes_from_its_checkpoint() {
     let dir = std::env::var_os(pipeswitch::store::shm::DIR_ENV).unwrap();
     let left: Vec<_> = std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(&format!("pipeswitch-train-{}-", std::process::id()))).collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_job_cancelled_while_waiting_for_a_worker_removes_its_checkpoint() {
+    // One worker, killed after a checkpoint: the job waits (no standby to
+    // resume on) with its checkpoint file; cancelling it there must remove
+    // the file, as every other end of a job does.
+    let w = world("traincancelwait");
+    let t = train_setup(&w, 1);
+    let mut c = client(&t.s);
+    *t.s.die_on.lock().unwrap() = Some("train@13".into());
+    let job = c.train_submit(&TrainJob { checkpoint_every: 5, ..train_job("fake:ok") }).unwrap().job_id;
+    wait_for(&t.s, "the job never lost its worker", |c| {
+        let st = c.train_query(job, false).unwrap();
+        st.state == JobState::Waiting && st.checkpoint == 10
+    });
+    let lines = t.log.lines();
+    let path = lines.iter().find(|l| l.starts_with("train")).and_then(|l| l.split(' ').nth(3)).unwrap_or_else(|| panic!("{lines:?}")).to_string();
+    assert_eq!(read_checkpoint(&path), Some(10), "the checkpoint file of iteration 10");
+    let st = c.train_query(job, true).unwrap();
+    assert_eq!(st.state, JobState::Cancelled, "{st:?}");
+    assert!(!Path::new(&path).exists(), "the cancelled job's checkpoint {path} is left in shared memory");
+    t.s.daemon.unwrap().stop().unwrap();
 }
 
 #[test]

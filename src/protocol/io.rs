@@ -240,14 +240,41 @@ impl TensorViews {
                     .unwrap_or(false);
                 let file = std::fs::File::from(f.try_clone().map_err(|e| Error::io("duplicating a tensor file", e))?);
                 if sealed {
-                    // SAFETY: read-only mapping of a file that cannot shrink
-                    // (sealed), so no access through it can fault.
-                    Backing::Map(unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(|e| Error::io("mapping a tensor file", e))?)
+                    // Only the bytes the tensors name are mapped (and
+                    // populated): the file may be far larger, and sparse.
+                    // The size checked above came before the seal: the
+                    // file may have shrunk, then been sealed, in between;
+                    // now it cannot shrink.
+                    let end = tensors.iter().filter_map(|t| match &t.data {
+                        TensorData::Shared { offset, bytes } => Some(offset + bytes),
+                        TensorData::Inline(_) => None,
+                    });
+                    let end = end.max().unwrap_or(0);
+                    let now = nix::sys::stat::fstat(f.as_raw_fd()).map_err(|e| Error::os("fstat of a tensor file", e))?.st_size as u64;
+                    if end > now {
+                        return Err(Error::Protocol(format!("the tensors claim {end} bytes of a file that shrank to {now}")));
+                    }
+                    if end == 0 {
+                        Backing::None
+                    } else {
+                        // SAFETY: read-only mapping of bytes of a file that
+                        // cannot shrink below them (sealed), so no access
+                        // through it can fault.
+                        Backing::Map(
+                            unsafe { memmap2::MmapOptions::new().len(end as usize).populate().map(&file) }
+                                .map_err(|e| Error::io("mapping a tensor file", e))?,
+                        )
+                    }
                 } else {
                     let mut copies = Vec::new();
                     for t in &tensors {
                         if let TensorData::Shared { offset, bytes } = &t.data {
-                            let mut buf = vec![0u8; *bytes as usize];
+                            // The client names the size: no abort where it
+                            // cannot be allocated.
+                            let mut buf = Vec::new();
+                            buf.try_reserve_exact(*bytes as usize)
+                                .map_err(|e| Error::Protocol(format!("tensor {:?} of {bytes} bytes cannot be copied: {e}", t.name)))?;
+                            buf.resize(*bytes as usize, 0);
                             std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, *offset)
                                 .map_err(|e| Error::io(format!("reading tensor {:?}", t.name), e))?;
                             copies.push(buf);

@@ -29,6 +29,9 @@ pub const ALLOC_ALIGN: u64 = 4096;
 pub const MAX_MODELS: u32 = 1 << 16;
 /// Most bytes of one model's metadata.
 pub const MAX_META_BYTES: u64 = u32::MAX as u64;
+/// Most bytes of weights a model may lay out: far beyond any store, and
+/// far enough below 2^64 that its reservation's arithmetic cannot wrap.
+const MAX_MODEL_BYTES: u64 = 1 << 62;
 
 const META_MAGIC: [u8; 8] = *b"PSMODEL\0";
 const META_HEADER: usize = 48;
@@ -385,10 +388,13 @@ fn layout_model_checked(spec: &ModelSpec<'_>, check_data: bool) -> Result<ModelL
             let tname = push_str(&t.name)?;
             tensor_offsets.push(pos);
             tensor_recs.push((tname, t.dtype, t.shape.clone(), pos, bytes));
-            pos = align_up(
-                pos.checked_add(bytes).ok_or_else(|| Error::invalid("model size overflows"))?,
-                TENSOR_ALIGN,
-            );
+            // Checked through the alignment: sizes near 2^64 (shapes
+            // without data, layout_model_unfilled) must not wrap.
+            pos = pos
+                .checked_add(bytes)
+                .and_then(|end| end.checked_next_multiple_of(TENSOR_ALIGN))
+                .filter(|&end| end <= MAX_MODEL_BYTES)
+                .ok_or_else(|| Error::invalid("model size overflows"))?;
         }
         layer_recs.push((lname, first, layer.tensors.len() as u32, layer_start));
         first += layer.tensors.len() as u32;

@@ -716,6 +716,9 @@ impl Store {
             if base.checked_add(total).is_none_or(|end| end > self.sh.seg.len()) {
                 return Err(Error::Internal("the reserved space lies outside the segment".into()));
             }
+            if lay.tensor_offsets.iter().zip(&sizes).any(|(&off, &n)| off.checked_add(n).is_none_or(|end| end > total)) {
+                return Err(Error::Internal("a tensor lies outside the model's laid-out bytes".into()));
+            }
             let seg_ptr = self.sh.seg.ptr() as usize;
             let next = std::sync::atomic::AtomicUsize::new(0);
             let done = std::sync::atomic::AtomicU64::new(0);

@@ -101,11 +101,15 @@ pub fn serve_request(
             Ok(()) => std::ptr::null_mut(),
             Err(e) => e.into_raw(),
         };
-        // SAFETY: the response is ours; the server takes `err`.
+        // SAFETY: the response is ours and the server takes it; `err` stays
+        // ours (the server copies its code and message), deleted here.
         let sent = check(
             unsafe { sys::TRITONBACKEND_ResponseSend(response, sys::TRITONSERVER_RESPONSE_COMPLETE_FINAL, err) },
             "TRITONBACKEND_ResponseSend",
         );
+        if !err.is_null() {
+            unsafe { sys::TRITONSERVER_ErrorDelete(err) };
+        }
         if let Err(e) = sent {
             crate::triton::warn(&format!("pipeswitch: model {:?}: {}", m.name, e.message));
         }
