@@ -137,7 +137,7 @@ pub struct Daemon {
 type ConnId = u64;
 
 enum Event {
-    Joined { conn: ConnId, role: Role, pid: u32, stream: UnixStream },
+    Joined { conn: ConnId, role: Role, pid: u32, kind: String, stream: UnixStream },
     Msg { conn: ConnId, msg: Message, file: Option<OwnedFd> },
     Left { conn: ConnId, why: String },
     Stop,
@@ -319,8 +319,8 @@ fn serve_connection(conn: ConnId, stream: UnixStream, tx: Sender<Event>, hello_t
         Err(e) => return refuse(&stream, PS_ERR_REFUSED, format!("no peer credentials: {e}")),
     }
     let _ = stream.set_read_timeout(Some(hello_timeout));
-    let (role, pid) = match recv(&stream) {
-        Ok(Some((Message::Hello { role, pid, .. }, None))) => (role, pid),
+    let (role, pid, kind) = match recv(&stream) {
+        Ok(Some((Message::Hello { role, pid, worker_kind }, None))) => (role, pid, worker_kind),
         Ok(Some((m, _))) => return refuse(&stream, PS_ERR_REFUSED, format!("the first message must be hello, not kind {}", m.kind())),
         Ok(None) => return,
         Err(e) => return refuse(&stream, status_of(&e), format!("no hello: {e}")),
@@ -328,7 +328,7 @@ fn serve_connection(conn: ConnId, stream: UnixStream, tx: Sender<Event>, hello_t
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
     let Ok(writer) = stream.try_clone() else { return };
-    if tx.send(Event::Joined { conn, role, pid, stream: writer }).is_err() {
+    if tx.send(Event::Joined { conn, role, pid, kind, stream: writer }).is_err() {
         return;
     }
     loop {
@@ -430,6 +430,19 @@ struct WorkerRec {
     /// The model this worker is active on, with the residency ticket that
     /// keeps it placed.
     model: Option<(ModelId, Ticket)>,
+    /// What its hello said it is ("builtin", "torch", ...; empty before).
+    kind: String,
+}
+
+/// The kind of worker that cannot run training jobs (`pipeswitch worker`).
+const BUILTIN_KIND: &str = "builtin";
+
+impl WorkerRec {
+    /// Whether a training job may run on it: any connected worker but the
+    /// built-in PTX one.
+    fn can_train(&self) -> bool {
+        self.conn.is_some() && self.kind != BUILTIN_KIND
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -570,14 +583,14 @@ impl Controller {
 
     fn on_event(&mut self, ev: Event) {
         match ev {
-            Event::Joined { conn, role, pid, stream } => self.joined(conn, role, pid, stream),
+            Event::Joined { conn, role, pid, kind, stream } => self.joined(conn, role, pid, kind, stream),
             Event::Msg { conn, msg, file } => self.message(conn, msg, file),
             Event::Left { conn, why } => self.left(conn, &why),
             Event::Stop => {}
         }
     }
 
-    fn joined(&mut self, conn: ConnId, role: Role, pid: u32, stream: UnixStream) {
+    fn joined(&mut self, conn: ConnId, role: Role, pid: u32, kind: String, stream: UnixStream) {
         let welcome = |worker_id, region: (u64, u64), handle: Vec<u8>, cfg: &ServeConfig| Message::Welcome {
             daemon_pid: std::process::id(),
             device: cfg.device,
@@ -606,6 +619,7 @@ impl Controller {
                     },
                 };
                 self.workers[idx].conn = Some(conn);
+                self.workers[idx].kind = kind;
                 let w = welcome(self.workers[idx].id, self.workers[idx].region, self.gpu.arena_handle(), &self.cfg);
                 if !self.send_to(conn, &w, None) {
                     self.worker_lost(idx, "could not be welcomed");
@@ -633,6 +647,7 @@ impl Controller {
             region: (offset, self.cfg.worker_region_bytes),
             started: Instant::now(),
             model: None,
+            kind: String::new(),
         });
         self.stats.workers_started += 1;
         self.workers.len() - 1
@@ -1076,6 +1091,15 @@ impl Controller {
             let e = Error::Refused(format!("training job {} ({:?}) has not ended: one job at a time", j.id, j.job.name));
             return self.reply_error(conn, request_id, &e);
         }
+        let connected: Vec<&WorkerRec> = self.workers.iter().filter(|w| w.conn.is_some()).collect();
+        if !connected.is_empty() && connected.iter().all(|w| w.kind == BUILTIN_KIND) {
+            let e = Error::Refused(
+                "this daemon's workers are the built-in PTX worker, which runs inference only: start the daemon with \
+                 --worker-cmd python3 -m pipeswitch.worker ... to train"
+                    .into(),
+            );
+            return self.reply_error(conn, request_id, &e);
+        }
         let id = self.next_job;
         // Daemons of one process (tests) each name their own files.
         static DAEMONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -1290,11 +1314,11 @@ impl Controller {
             let holder = j.worker.and_then(|wid| self.workers.iter().position(|w| w.id == wid));
             let (i, resume) = match holder {
                 Some(i) => (i, j.iteration),
-                None => match self.workers.iter().position(|w| w.state == WState::Standby) {
+                None => match self.workers.iter().position(|w| w.state == WState::Standby && w.can_train()) {
                     Some(i) => (i, j.checkpoint.min(j.iteration)),
                     None => {
                         // An idle worker active on a model steps down for the job.
-                        if let Some(k) = self.workers.iter().position(|w| w.state == WState::Active) {
+                        if let Some(k) = self.workers.iter().position(|w| w.state == WState::Active && w.can_train()) {
                             self.release_model(k);
                             self.workers[k].state = WState::Leaving;
                             self.workers[k].started = Instant::now();

@@ -208,10 +208,16 @@ fn fake_worker(socket: &Path, seen: Seen, die_on: Arc<Mutex<Option<String>>>, sl
 }
 
 fn fake_worker_logged(socket: &Path, seen: Seen, die_on: Arc<Mutex<Option<String>>>, slow: Arc<AtomicBool>, log: Log) -> std::thread::JoinHandle<()> {
+    fake_worker_of_kind(socket, "fake", seen, die_on, slow, log)
+}
+
+/// A fake worker that says it is of `kind` in its hello.
+fn fake_worker_of_kind(socket: &Path, kind: &str, seen: Seen, die_on: Arc<Mutex<Option<String>>>, slow: Arc<AtomicBool>, log: Log) -> std::thread::JoinHandle<()> {
     let s = UnixStream::connect(socket).unwrap();
+    let kind = kind.to_string();
     std::thread::spawn(move || {
         let mut training: Option<FakeTraining> = None;
-        send(&s, &Message::Hello { role: Role::Worker, pid: std::process::id(), worker_kind: "fake".into() }, None).unwrap();
+        send(&s, &Message::Hello { role: Role::Worker, pid: std::process::id(), worker_kind: kind }, None).unwrap();
         let id = match recv(&s).unwrap() {
             Some((Message::Welcome { worker_id, arena_handle, activation_bytes, .. }, _)) => {
                 assert_eq!(arena_handle, vec![7; 128]);
@@ -1133,4 +1139,32 @@ fn the_state_accounting_is_released_on_cancel_and_when_the_worker_dies() {
     let (_, m, resident, _) = last(&t.s.seen);
     assert!(m == "a" && resident, "the dead worker's state no longer takes room");
     t.s.daemon.unwrap().stop().unwrap();
+}
+
+/// Training runs only on workers that can train: a daemon whose workers are
+/// all the built-in PTX worker refuses a job with a message that says how to
+/// start one that can; beside a worker that can, the job runs there, never
+/// on the built-in one.
+#[test]
+fn training_jobs_go_to_workers_that_can_train() {
+    let w = world("trainkind");
+    let s = setup(&w, 3 * MIB, 0);
+    let log = Log::default();
+    fake_worker_of_kind(&s.socket, "builtin", s.seen.clone(), s.die_on.clone(), s.slow.clone(), log.clone());
+    wait_for(&s, "the built-in worker never became a standby", |c| c.stats().unwrap().standbys == 1);
+    let mut c = client(&s);
+    let e = c.train_submit(&train_job("fake:ok")).unwrap_err();
+    assert!(matches!(e, Error::Refused(_)) && e.to_string().contains("--worker-cmd"), "{e}");
+    // A worker that can train joins: the job runs on it.
+    fake_worker_of_kind(&s.socket, "torch", s.seen.clone(), s.die_on.clone(), s.slow.clone(), log.clone());
+    wait_for(&s, "the second worker never became a standby", |c| c.stats().unwrap().standbys == 2);
+    let job = c.train_submit(&train_job("fake:ok")).unwrap().job_id;
+    wait_for(&s, "training never ran", |c| c.train_query(job, false).unwrap().iteration >= 5);
+    let lines = log.lines();
+    let starts: Vec<&String> = lines.iter().filter(|l| l.starts_with("train")).collect();
+    assert_eq!(starts.len(), 1, "{lines:?}");
+    // Worker ids are given in the order the workers joined: 1 built-in, 2 torch.
+    assert_eq!(starts[0].split(' ').nth(1), Some("2"), "training ran on the built-in worker: {lines:?}");
+    c.train_query(job, true).unwrap();
+    s.daemon.unwrap().stop().unwrap();
 }
