@@ -234,6 +234,7 @@ impl Daemon {
         }
         // We hold the lock: a socket file left there is a dead daemon's.
         let _ = std::fs::remove_file(&socket);
+        sweep_checkpoints(config.device);
         let listener = UnixListener::bind(&socket).map_err(|e| Error::io(format!("binding {}", socket.display()), e))?;
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| Error::io(format!("chmod 0600 {}", socket.display()), e))?;
@@ -299,6 +300,32 @@ fn spawn_acceptor(listener: UnixListener, tx: Sender<Event>, hello_timeout: Dura
             });
         }
     });
+}
+
+/// Removes the training checkpoints (`pipeswitch-train-<pid>-…-gpu<device>-…`
+/// in the shared-memory directory) that daemons of this user for `device`
+/// left when they were killed: their pid no longer runs.
+fn sweep_checkpoints(device: i32) {
+    let Ok(probe) = pipeswitch::store::shm::path_of("train-probe") else { return };
+    let (Some(dir), Some(prefix)) = (probe.parent(), probe.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix("probe"))) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let me = nix::unistd::getuid().as_raw();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else { continue };
+        let mut parts = rest.split('-');
+        let (Some(pid), Some(_nonce), Some(gpu)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let Ok(pid) = pid.parse::<i32>() else { continue };
+        if gpu != format!("gpu{device}") || pid <= 0 || e.metadata().map_or(true, |m| m.uid() != me) {
+            continue;
+        }
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH) {
+            tracing::info!("removing {}: a checkpoint of a daemon that is gone", e.path().display());
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// One connection: credentials, hello, then frames until it closes.

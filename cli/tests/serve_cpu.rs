@@ -1168,3 +1168,29 @@ fn training_jobs_go_to_workers_that_can_train() {
     c.train_query(job, true).unwrap();
     s.daemon.unwrap().stop().unwrap();
 }
+
+/// A daemon removes, when it starts, the training checkpoints that killed
+/// daemons of its GPU left behind (their pid is gone), and no others.
+#[test]
+fn a_starting_daemon_sweeps_checkpoints_of_daemons_that_are_gone() {
+    let w = world("sweep");
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let path = |name: String| pipeswitch::store::shm::path_of(&name).unwrap();
+    let stale = path(format!("train-{dead}-7-gpu0-1"));
+    let live = path(format!("train-{}-7-gpu0-1", std::process::id()));
+    let other_gpu = path(format!("train-{dead}-7-gpu3-1"));
+    for p in [&stale, &live, &other_gpu] {
+        std::fs::write(p, b"checkpoint").unwrap();
+    }
+    let d = Daemon::start(config(&w, 3 * MIB), Box::new(FakeGpu { moves: Moves::default() })).unwrap();
+    let (s, l, o) = (stale.exists(), live.exists(), other_gpu.exists());
+    for p in [&stale, &live, &other_gpu] {
+        let _ = std::fs::remove_file(p);
+    }
+    d.stop().unwrap();
+    assert!(!s, "the dead daemon's checkpoint was left");
+    assert!(l, "a running daemon's checkpoint was removed");
+    assert!(o, "another GPU's checkpoint was removed");
+}
