@@ -335,7 +335,7 @@ class _FakeTorchWorker:
 
     def attach(self, module, name, region_offset=None, plan=None):
         self.calls.append(("attach", name, region_offset, plan))
-        self._models[name] = types.SimpleNamespace(info=self.store.model_info(name), module=module)
+        self._models[name] = types.SimpleNamespace(info=self.store.model_info(name), module=module, version=1)
 
     def detach(self, name):
         self.calls.append(("detach", name))
@@ -350,6 +350,56 @@ class _FakeTorchWorker:
 
     def close(self):
         self.calls.append(("close",))
+
+
+def test_graphs_are_captured_once_per_signature_and_again_after_a_rebind(monkeypatch):
+    """--graphs: the first request of a model and input signature captures
+    its forward, later ones replay it, a rebind (new version) captures again,
+    and a forward that cannot be captured runs eagerly from then on."""
+    eager = []
+
+    def module(x):
+        eager.append(x)
+        return x
+
+    b, torch = fake_backend(monkeypatch, {"m": 7, "bad": 3}, {"m": module, "bad": module})
+    b.graphs = True
+    captures = []
+
+    class Cap:
+        def __init__(self, version):
+            self.version = version
+            self.calls = 0
+
+        def __call__(self, *args):
+            self.calls += 1
+            return args[0]
+
+    def capture(name, args):
+        captures.append(name)
+        if name == "bad":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return Cap(b.worker._models[name].version)
+
+    b.worker.capture = capture
+    x = struct.pack("<4f", 1, 2, 3, 4)
+    inputs = [(P.Tensor("x", pipeswitch.PS_DTYPE_F32, [2, 2], P.Inline(x)), x)]
+    x8 = struct.pack("<8f", *range(8))
+    inputs8 = [(P.Tensor("x", pipeswitch.PS_DTYPE_F32, [2, 4], P.Inline(x8)), x8)]
+    b.run(ftask("m", 7, inputs), inputs)
+    b.worker._models["m"].version = 1
+    for _ in range(3):
+        b.run(ftask("m", 7, inputs), inputs)
+    assert captures == ["m"] and eager == [], "one capture, then replays"
+    b.run(ftask("m", 7, inputs8), inputs8)  # another shape: another graph
+    assert captures == ["m", "m"]
+    b.worker._models["m"].version = 2  # rebound: the graph is stale
+    b.run(ftask("m", 7, inputs), inputs)
+    assert captures == ["m", "m", "m"] and eager == []
+    for _ in range(2):
+        outs, _ = b.run(ftask("bad", 3, inputs), inputs)
+        assert outs[0][3] == x
+    assert captures.count("bad") == 1 and len(eager) == 2, "tried once, eager after"
 
 
 def fake_backend(monkeypatch, ids, modules):
