@@ -818,37 +818,37 @@ fn unpack(m: pipeswitch::protocol::Message) {
 /// computed for every input).
 pub const HF_MAX_POSITIONS: usize = 16;
 
-/// The parts of an `hf_llama` input: `[u16 LE n][n bytes: config.json]
-/// [u32 LE m][m bytes: shard 1][the rest: shard 2, absent when empty]`.
-/// Lengths past the end take what is there.
+/// The parts of an `hf_llama` input: `[u32 LE m][m bytes: shard 1]
+/// [u32 LE k][k bytes: shard 2, absent when k is 0][the rest: config.json]`.
+/// Lengths past the end take what is there. The config comes last so that
+/// mutations that grow or shrink it keep the shards intact.
 pub fn hf_parts(data: &[u8]) -> (&[u8], Vec<&[u8]>) {
-    fn take<'a>(d: &mut &'a [u8], len_bytes: usize) -> &'a [u8] {
-        let (h, rest) = d.split_at(len_bytes.min(d.len()));
-        let mut n = [0u8; 8];
+    fn take<'a>(d: &mut &'a [u8]) -> &'a [u8] {
+        let (h, rest) = d.split_at(4.min(d.len()));
+        let mut n = [0u8; 4];
         n[..h.len()].copy_from_slice(h);
-        let n = (u64::from_le_bytes(n) as usize).min(rest.len());
+        let n = (u32::from_le_bytes(n) as usize).min(rest.len());
         let (part, rest) = rest.split_at(n);
         *d = rest;
         part
     }
     let mut d = data;
-    let config = take(&mut d, 2);
-    let mut shards = vec![take(&mut d, 4)];
-    if !d.is_empty() {
-        shards.push(d);
+    let mut shards = vec![take(&mut d)];
+    let second = take(&mut d);
+    if !second.is_empty() {
+        shards.push(second);
     }
-    (config, shards)
+    (d, shards)
 }
 
-/// The input `hf_parts` splits into these parts (at most two shards).
+/// The input `hf_parts` splits into these parts (one or two shards).
 pub fn hf_frame(config: &[u8], shards: &[&[u8]]) -> Vec<u8> {
-    let mut v = (config.len() as u16).to_le_bytes().to_vec();
-    v.extend_from_slice(config);
-    v.extend_from_slice(&(shards[0].len() as u32).to_le_bytes());
-    v.extend_from_slice(shards[0]);
-    if let Some(s) = shards.get(1) {
+    let mut v = Vec::new();
+    for s in [shards[0], shards.get(1).copied().unwrap_or_default()] {
+        v.extend_from_slice(&(s.len() as u32).to_le_bytes());
         v.extend_from_slice(s);
     }
+    v.extend_from_slice(config);
     v
 }
 
