@@ -811,6 +811,153 @@ fn unpack(m: pipeswitch::protocol::Message) {
 }
 
 // ---------------------------------------------------------------------------
+// Target 6: a Hugging Face Llama directory
+// ---------------------------------------------------------------------------
+
+/// Rows of the rotary table that `hf_llama` asks for (small: the table is
+/// computed for every input).
+pub const HF_MAX_POSITIONS: usize = 16;
+
+/// The parts of an `hf_llama` input: `[u32 LE m][m bytes: shard 1]
+/// [u32 LE k][k bytes: shard 2, absent when k is 0][the rest: config.json]`.
+/// Lengths past the end take what is there. The config comes last so that
+/// mutations that grow or shrink it keep the shards intact.
+pub fn hf_parts(data: &[u8]) -> (&[u8], Vec<&[u8]>) {
+    fn take<'a>(d: &mut &'a [u8]) -> &'a [u8] {
+        let (h, rest) = d.split_at(4.min(d.len()));
+        let mut n = [0u8; 4];
+        n[..h.len()].copy_from_slice(h);
+        let n = (u32::from_le_bytes(n) as usize).min(rest.len());
+        let (part, rest) = rest.split_at(n);
+        *d = rest;
+        part
+    }
+    let mut d = data;
+    let mut shards = vec![take(&mut d)];
+    let second = take(&mut d);
+    if !second.is_empty() {
+        shards.push(second);
+    }
+    (d, shards)
+}
+
+/// The input `hf_parts` splits into these parts (one or two shards).
+pub fn hf_frame(config: &[u8], shards: &[&[u8]]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for s in [shards[0], shards.get(1).copied().unwrap_or_default()] {
+        v.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        v.extend_from_slice(s);
+    }
+    v.extend_from_slice(config);
+    v
+}
+
+fn hf_store() -> &'static Store {
+    static STORE: OnceLock<Store> = OnceLock::new();
+    STORE.get_or_init(|| {
+        shm_dir();
+        Store::create(&unique("hf"), 16 << 20, 4).expect("creating the hf store")
+    })
+}
+
+/// The input as a directory (`config.json`, `model-00001.safetensors` and
+/// maybe `model-00002.safetensors`) ingested by `llama::add_hf_dir`: Ok or a
+/// clean error; a config that `LlamaConfig::from_hf_json` refuses is never
+/// ingested; an ingested model is well-formed, reads back its config, lays
+/// out exactly the layers and tensors of `llama::model_def`, holds the
+/// shards' bytes (and the computed rotary table), and its graph validates
+/// against it; afterwards (removed, or refused) the store is empty.
+pub fn hf_llama(data: &[u8]) {
+    hf_llama_ingests(data);
+}
+
+/// `hf_llama`, saying whether the directory was ingested.
+pub fn hf_llama_ingests(data: &[u8]) -> bool {
+    use pipeswitch::model::llama;
+    // One input at a time in the shared store (tests may run in parallel).
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let (config, shards) = hf_parts(data);
+    let store = hf_store();
+    // A failed check leaves the store empty for the next input (the replay goes on).
+    struct Cleanup(&'static Store);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let _ = self.0.remove_model("m");
+            }
+        }
+    }
+    let _cleanup = Cleanup(store);
+    let dir = shm_dir().join(unique("hfdir"));
+    std::fs::create_dir(&dir).expect("creating the input directory");
+    std::fs::write(dir.join("config.json"), config).expect("writing config.json");
+    for (i, s) in shards.iter().enumerate() {
+        std::fs::write(dir.join(format!("model-{:05}.safetensors", i + 1)), s).expect("writing a shard");
+    }
+    let cfg = std::str::from_utf8(config).map(|t| llama::LlamaConfig::from_hf_json(t, HF_MAX_POSITIONS));
+    let mut last = (0u64, 0u64);
+    let added = llama::add_hf_dir(store, "m", &dir, HF_MAX_POSITIONS, &mut |done, total| {
+        assert!(done <= total && done >= last.0 && (last.1 == 0 || total == last.1), "progress ({done}, {total}) after {last:?}");
+        last = (done, total);
+    });
+    std::fs::remove_dir_all(&dir).expect("removing the input directory");
+    if let Ok(Err(e)) = &cfg {
+        clean(e);
+    }
+    let ingested = added.is_ok();
+    match added {
+        Err(e) => clean(&e),
+        Ok(m) => {
+            let cfg = match cfg {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => panic!("ingested a directory whose config.json from_hf_json refuses: {e}"),
+                Err(e) => panic!("ingested a config.json that is not UTF-8: {e}"),
+            };
+            check_hf_model(store, &m, &cfg, &shards);
+            store.remove_model("m").expect("removing the ingested model");
+        }
+    }
+    let u = store.usage().expect("usage");
+    assert_eq!((u.models, u.used_bytes), (0, 0), "the ingest left something behind");
+    ingested
+}
+
+fn check_hf_model(store: &Store, m: &Model, cfg: &pipeswitch::model::llama::LlamaConfig, shards: &[&[u8]]) {
+    use pipeswitch::model::{llama, weights::rope_table};
+    check_model(m);
+    assert_eq!(describe(m), describe(&store.model("m").expect("reading the model back")));
+    // Debug text: NaN compares equal to itself.
+    let stored = llama::stored_config(m).unwrap_or_else(|e| panic!("the stored config of an ingested model does not read back: {e}"));
+    assert_eq!(format!("{stored:?}"), format!("{cfg:?}"), "the stored config differs from config.json's");
+    let def = llama::model_def(cfg);
+    let layer_names: Vec<&str> = m.layers.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(layer_names, def.layers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>());
+    let decls: Vec<_> = def.layers.iter().flat_map(|(_, ws)| ws.iter()).collect();
+    assert_eq!(m.tensors.len(), decls.len());
+    let bytes = store.model_bytes(m).expect("model bytes");
+    let files: Vec<_> = shards.iter().map(|s| safetensors::SafeTensors::deserialize(s).expect("a shard the ingest took does not parse")).collect();
+    for (t, w) in m.tensors.iter().zip(decls) {
+        let shape: Vec<u64> = w.shape.iter().map(|&d| d as u64).collect();
+        assert_eq!((&t.name, &t.shape), (&w.name, &shape));
+        let got = &bytes[t.offset as usize..(t.offset + t.bytes) as usize];
+        if t.name == "rope.cos_sin" {
+            assert_eq!(t.dtype, Dtype::F32);
+            let table: Vec<u8> = rope_table(&cfg.rope(), cfg.max_positions, cfg.head_dim).iter().flat_map(|v| v.to_le_bytes()).collect();
+            assert!(got == &table[..], "the rotary table reads back different bytes");
+        } else {
+            assert_eq!(t.dtype, cfg.dtype, "tensor {}", t.name);
+            let found: Vec<_> = files.iter().filter_map(|f| f.tensor(&t.name).ok()).collect();
+            assert_eq!(found.len(), 1, "tensor {} is in {} shards", t.name, found.len());
+            assert!(got == found[0].data(), "tensor {} reads back different bytes", t.name);
+        }
+    }
+    let g = Graph::from_json(m.attribute(GRAPH_ATTRIBUTE).expect("a graph attribute")).expect("the stored graph parses");
+    let shapes = m.tensors.iter().map(|t| (t.name.clone(), t.shape.iter().map(|&d| d as usize).collect())).collect();
+    g.validate(&shapes).expect("the stored graph validates against the stored tensors");
+}
+
+// ---------------------------------------------------------------------------
 // Seeds
 // ---------------------------------------------------------------------------
 
@@ -823,6 +970,7 @@ pub fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
         "graph_bind" => fixtures_graphs(),
         "planner_inputs" => seed_planner(),
         "daemon_message" => seed_messages(),
+        "hf_llama" => seed_hf_llama(),
         _ => panic!("no target {target}"),
     }
 }
@@ -980,4 +1128,54 @@ fn seed_messages() -> Vec<(String, Vec<u8>)> {
         .iter()
         .map(|m| (format!("seed-kind{}", m.kind()), encode_frame(m, u32::from(matches!(m, Message::Infer { .. }))).expect("encoding a seed")))
         .collect()
+}
+
+/// A micro Llama (1 block, hidden 8, 2 query heads and 1 KV head of 4, FFN
+/// 16, vocabulary 16): under 2 KB of weights.
+pub const HF_MICRO_CONFIG: &str = r#"{"model_type":"llama","hidden_size":8,"intermediate_size":16,"num_attention_heads":2,"head_dim":4,"num_hidden_layers":1,"num_key_value_heads":1,"rms_norm_eps":1e-05,"rope_theta":10000.0,"max_position_embeddings":16,"tie_word_embeddings":false,"torch_dtype":"bfloat16","vocab_size":16}"#;
+
+fn seed_hf_llama() -> Vec<(String, Vec<u8>)> {
+    use pipeswitch::model::llama::{model_def, LlamaConfig};
+    let dir = shm_dir();
+    // Shards of the named tensors (shapes as the config gives them, unless `shapes` says otherwise).
+    let shard = |cfg: &LlamaConfig, names: &[&str], extra: &[(&str, Vec<u64>)], dtype: Dtype| -> Vec<u8> {
+        let def = model_def(cfg);
+        let mut ts: Vec<(String, Vec<u64>)> = def.layers.iter().flat_map(|(_, ws)| ws.iter()).filter(|w| names.contains(&w.name.as_str())).map(|w| (w.name.clone(), w.shape.iter().map(|&d| d as u64).collect())).collect();
+        ts.extend(extra.iter().map(|(n, s)| (n.to_string(), s.clone())));
+        let data: Vec<Vec<u8>> = ts.iter().enumerate().map(|(i, (_, s))| (0..s.iter().product::<u64>() * 2).map(|b| (b as usize * 13 + i) as u8).collect()).collect();
+        let w: Vec<st::WriteTensor> = ts.iter().zip(&data).map(|((n, s), d)| st::WriteTensor { name: n, dtype, shape: s, data: d }).collect();
+        let p = dir.join(format!("{}.safetensors", unique("seedhf")));
+        st::write_file(&p, &w, None).expect("writing a seed shard");
+        let b = std::fs::read(&p).expect("reading a seed shard");
+        std::fs::remove_file(&p).expect("removing a seed shard");
+        b
+    };
+    let cfg_of = |json: &str| LlamaConfig::from_hf_json(json, HF_MAX_POSITIONS).expect("a seed config");
+    let names_of = |cfg: &LlamaConfig| -> Vec<String> { model_def(cfg).layers.iter().flat_map(|(_, ws)| ws.iter()).map(|w| w.name.clone()).filter(|n| n != "rope.cos_sin").collect() };
+    let micro = cfg_of(HF_MICRO_CONFIG);
+    let all = names_of(&micro);
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let (a, b) = all.split_at(all.len() / 2);
+    let tied_json = HF_MICRO_CONFIG.replace("\"tie_word_embeddings\":false", "\"tie_word_embeddings\":true");
+    let tied = cfg_of(&tied_json);
+    let tied_names = names_of(&tied);
+    let tied_names: Vec<&str> = tied_names.iter().map(String::as_str).collect();
+    let scaled_json = HF_MICRO_CONFIG.replace("\"torch_dtype\":\"bfloat16\"", "\"torch_dtype\":\"float16\",\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8.0,\"low_freq_factor\":1.0,\"high_freq_factor\":4.0,\"original_max_position_embeddings\":8}");
+    let scaled = cfg_of(&scaled_json);
+    let c = HF_MICRO_CONFIG.as_bytes();
+    let one = shard(&micro, &all, &[], Dtype::Bf16);
+    vec![
+        ("one-shard".into(), hf_frame(c, &[&one])),
+        ("two-shards".into(), hf_frame(c, &[&shard(&micro, a, &[], Dtype::Bf16), &shard(&micro, b, &[], Dtype::Bf16)])),
+        (
+            "tied-with-extras".into(),
+            hf_frame(tied_json.as_bytes(), &[&shard(&tied, &tied_names, &[("lm_head.weight", vec![16, 8]), ("model.layers.0.self_attn.rotary_emb.inv_freq", vec![2])], Dtype::Bf16)]),
+        ),
+        ("rope-scaling-f16".into(), hf_frame(scaled_json.as_bytes(), &[&shard(&scaled, &all, &[], Dtype::F16)])),
+        ("missing-tensor".into(), hf_frame(c, &[&shard(&micro, &all[1..], &[], Dtype::Bf16)])),
+        ("extra-block".into(), hf_frame(c, &[&shard(&micro, &all, &[("model.layers.1.mlp.up_proj.weight", vec![16, 8])], Dtype::Bf16)])),
+        ("wrong-dtype".into(), hf_frame(c, &[&shard(&micro, &all, &[], Dtype::F16)])),
+        ("twice".into(), hf_frame(c, &[&one, &one])),
+        ("bad-config".into(), hf_frame(br#"{"model_type":"llama","hidden_size":8}"#, &[&one])),
+    ]
 }

@@ -8,7 +8,9 @@ cargo build --lib
 cargo test --all-targets
 cargo test --doc
 # The Triton backend (backends/triton) in a real tritonserver 2.51, fetched
-# once from PyPI (nvidia-pytriton 0.7.0) into ~/.cache/pipeswitch.
+# once from PyPI (nvidia-pytriton 0.7.0) into ~/.cache/pipeswitch. Its
+# tests include the triton_config fuzz replay (tests/fuzz_corpus.rs, no
+# server needed); the library's fuzz replays run in `cargo test` above.
 PIPESWITCH_TRITONSERVER="$(scripts/fetch-tritonserver.sh)" cargo test -p pipeswitch-triton
 if [ -d python/tests ]; then
   cargo build --release --lib

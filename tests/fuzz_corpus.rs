@@ -82,3 +82,18 @@ fn planner_inputs_corpus() {
 fn daemon_message_corpus() {
     replay("daemon_message", harness::daemon_message);
 }
+
+#[test]
+fn hf_llama_corpus() {
+    replay("hf_llama", harness::hf_llama);
+}
+
+/// The seeds reach both sides: the valid directories are ingested (and so
+/// pass the harness's read-back checks), the broken ones refused.
+#[test]
+fn hf_llama_seeds_ingest_or_not() {
+    for (name, bytes) in harness::seeds("hf_llama") {
+        let want = matches!(name.as_str(), "one-shard" | "two-shards" | "tied-with-extras" | "rope-scaling-f16");
+        assert_eq!(harness::hf_llama_ingests(&bytes), want, "seed {name}");
+    }
+}

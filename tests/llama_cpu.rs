@@ -279,6 +279,31 @@ fn hf_config_json_is_read() {
     }
 }
 
+/// Found by the hf_llama fuzz target: rope scaling values beyond f32's
+/// range became infinities that the stored config wrote as `null`, so an
+/// ingested model's config did not read back (`stored_config` failed).
+#[test]
+fn hf_config_refuses_rope_scaling_out_of_range() {
+    let text = r#"{"model_type":"llama","hidden_size":8,"intermediate_size":16,"num_attention_heads":2,"num_hidden_layers":1,"vocab_size":16,
+      "rope_scaling":{"factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192,"rope_type":"llama3"}}"#;
+    let cfg = LlamaConfig::from_hf_json(text, 16).unwrap();
+    assert_eq!(serde_json::from_str::<LlamaConfig>(&serde_json::to_string(&cfg).unwrap()).unwrap(), cfg);
+    for (from, to) in [
+        ("\"factor\":8.0", "\"factor\":1e39"),
+        ("\"factor\":8.0", "\"factor\":-2.0"),
+        ("\"low_freq_factor\":1.0", "\"low_freq_factor\":-1e39"),
+        ("\"high_freq_factor\":4.0", "\"high_freq_factor\":1e300"),
+        ("\"high_freq_factor\":4.0", "\"high_freq_factor\":1.0"),
+        ("8192,", "0,"),
+        ("8192,", "1e40,"),
+    ] {
+        let bad = text.replace(from, to);
+        assert_ne!(bad, text);
+        let e = LlamaConfig::from_hf_json(&bad, 16).unwrap_err().to_string();
+        assert!(e.contains("rope_scaling"), "{to}: {e}");
+    }
+}
+
 fn tensor_bytes(store: &Store, model: &str, name: &str) -> (Dtype, Vec<u64>, Vec<u8>) {
     let lease = store.lease(model).unwrap();
     let m = lease.model().clone();

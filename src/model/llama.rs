@@ -159,6 +159,13 @@ impl LlamaConfig {
         if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0 && self.rope_theta.is_finite() && self.rope_theta > 1.0) {
             return bad("rms_norm_eps and rope_theta must be finite (theta > 1)");
         }
+        // Finite (the stored config is JSON, which writes infinities and
+        // NaN as null: it would not read back) and ordered as the rotary
+        // table's blend needs.
+        let (f, lo, hi, orig) = (self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor, self.rope_original_max_positions);
+        if !(f.is_finite() && f >= 0.0 && lo.is_finite() && hi.is_finite() && orig.is_finite()) || (f > 0.0 && !(0.0 < lo && lo < hi && orig > 0.0)) {
+            return bad("rope_scaling: factor must be 0 (none) or positive, and low_freq_factor, high_freq_factor and original_max_position_embeddings finite with 0 < low < high, original > 0");
+        }
         if self.vocab > i32::MAX as usize || self.max_positions > i32::MAX as usize {
             return bad("vocabulary and positions must fit in i32");
         }

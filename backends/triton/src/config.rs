@@ -141,6 +141,18 @@ pub struct ModelConfig {
     pub outputs: Vec<IoConfig>,
 }
 
+/// `max_batch_size` as both `ModelConfig::from_json` and `complete` read
+/// it: an integer, or protobuf's JSON spelling of one (a string); absent is
+/// 0. Anything else is refused, not taken as 0.
+fn max_batch_size_of(v: &Value) -> Result<i64, String> {
+    match v.get("max_batch_size") {
+        None | Some(Value::Null) => Ok(0),
+        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| format!("max_batch_size {n} is not a 64-bit integer")),
+        Some(Value::String(s)) => s.parse().map_err(|_| format!("max_batch_size {s:?} is not a 64-bit integer")),
+        Some(x) => Err(format!("max_batch_size {x} is not an integer")),
+    }
+}
+
 fn parameter(v: &Value, key: &str) -> Option<String> {
     v.get("parameters")?.get(key)?.get("string_value")?.as_str().map(str::to_string)
 }
@@ -184,11 +196,7 @@ impl ModelConfig {
             Some("cpu-reference") => Executor::CpuReference,
             Some(x) => return Err(format!("parameter executor is {x:?}: it takes \"gpu\" (the default) or \"cpu-reference\"")),
         };
-        let max_batch_size = match v.get("max_batch_size") {
-            Some(Value::Number(n)) => n.as_i64().unwrap_or(0),
-            Some(Value::String(s)) => s.parse().unwrap_or(0),
-            _ => 0,
-        };
+        let max_batch_size = max_batch_size_of(&v)?;
         Ok(ModelConfig { store, model, executor, max_batch_size, inputs: ios_of(&v, "input")?, outputs: ios_of(&v, "output")? })
     }
 
@@ -248,10 +256,11 @@ pub fn complete(json: &str, graph: &Graph) -> Result<Option<String>, String> {
     };
     let inputs = graph.inputs.iter().map(|(n, _)| decl(n)).collect::<Result<Vec<_>, _>>()?;
     let outputs = graph.outputs.iter().map(|n| decl(n)).collect::<Result<Vec<_>, _>>()?;
+    let batch = max_batch_size_of(&v)?;
     let obj = v.as_object_mut().ok_or("the model configuration is not a JSON object")?;
     obj.insert("input".into(), Value::Array(inputs));
     obj.insert("output".into(), Value::Array(outputs));
-    if obj.get("max_batch_size").and_then(Value::as_i64).unwrap_or(0) == 0 {
+    if batch == 0 {
         obj.insert("max_batch_size".into(), Value::from(0));
     }
     Ok(Some(v.to_string()))
