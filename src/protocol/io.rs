@@ -154,41 +154,10 @@ pub fn pack_tensors(tensors: &[TensorRef<'_>]) -> Result<(Vec<Tensor>, Option<Ow
 }
 
 /// The tensors of a received message with their bytes: inline ones as they
-/// came, shared ones read from the file passed with the frame (each range
-/// checked against the file's size).
+/// came, shared ones from the file passed with the frame (each range checked
+/// against the file's size, as [`TensorViews`] checks them), owned.
 pub fn unpack_tensors(tensors: Vec<Tensor>, file: Option<&OwnedFd>) -> Result<Vec<(Tensor, Vec<u8>)>> {
-    let size = match file {
-        Some(f) => {
-            let st = nix::sys::stat::fstat(f.as_fd().as_raw_fd()).map_err(|e| Error::os("fstat of a tensor file", e))?;
-            Some(st.st_size as u64)
-        }
-        None => None,
-    };
-    tensors
-        .into_iter()
-        .map(|t| {
-            let bytes = match &t.data {
-                TensorData::Inline(b) => b.clone(),
-                TensorData::Shared { offset, bytes } => {
-                    let (Some(f), Some(size)) = (file, size) else {
-                        return Err(Error::Protocol(format!("tensor {:?} is in a file that did not come", t.name)));
-                    };
-                    if offset.checked_add(*bytes).is_none_or(|e| e > size) {
-                        return Err(Error::Protocol(format!(
-                            "tensor {:?} claims [{offset}, +{bytes}) of a {size}-byte file",
-                            t.name
-                        )));
-                    }
-                    let mut buf = vec![0u8; *bytes as usize];
-                    let file = std::fs::File::from(f.try_clone().map_err(|e| Error::io("duplicating a tensor file", e))?);
-                    std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, *offset)
-                        .map_err(|e| Error::io(format!("reading tensor {:?}", t.name), e))?;
-                    buf
-                }
-            };
-            Ok((t, bytes))
-        })
-        .collect()
+    Ok(TensorViews::new(tensors, file)?.into_owned())
 }
 
 /// The tensors of a frame with their bytes borrowed, not copied: inline
@@ -286,6 +255,32 @@ impl TensorViews {
             _ => Backing::None,
         };
         Ok(TensorViews { tensors, backing })
+    }
+
+    /// Each tensor with its bytes, owned (copies of an unsealed file are
+    /// moved out, not copied again).
+    pub fn into_owned(self) -> Vec<(Tensor, Vec<u8>)> {
+        match self.backing {
+            Backing::Copies(copies) => {
+                let mut copies = copies.into_iter();
+                self.tensors
+                    .into_iter()
+                    .map(|t| {
+                        let b = match &t.data {
+                            TensorData::Inline(b) => b.clone(),
+                            // One copy per shared tensor, in order (new()).
+                            TensorData::Shared { .. } => copies.next().unwrap_or_default(),
+                        };
+                        (t, b)
+                    })
+                    .collect()
+            }
+            backing => {
+                let views = TensorViews { tensors: self.tensors, backing };
+                let bytes: Vec<Vec<u8>> = views.iter().map(|(_, b)| b.to_vec()).collect();
+                views.tensors.into_iter().zip(bytes).collect()
+            }
+        }
     }
 
     /// Each tensor with its bytes.
