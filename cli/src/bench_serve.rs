@@ -370,7 +370,8 @@ pub fn run(opts: &ServeBenchOptions, log: &mut dyn FnMut(&str)) -> Result<ServeB
     let tiny = load(&store, tiny_models(2, 16).into_iter().take(3).collect(), &opts.workdir)?;
     let mut tsizes: Vec<u64> = tiny.iter().map(|m| m.bytes.next_multiple_of(256)).collect();
     tsizes.sort_unstable();
-    let mut s = serve(opts, &store_name, &opts.workdir, tsizes[2] + tsizes[1], 3, (false, false))?;
+    const SOAK_STANDBYS: usize = 3;
+    let mut s = serve(opts, &store_name, &opts.workdir, tsizes[2] + tsizes[1], SOAK_STANDBYS, (false, false))?;
     let warm: Vec<&Model> = tiny.iter().collect();
     for m in &warm {
         s.client.infer(&m.def.graph.name, &m.refs())?;
@@ -378,7 +379,7 @@ pub fn run(opts: &ServeBenchOptions, log: &mut dyn FnMut(&str)) -> Result<ServeB
     // The replacement standbys the warm-up started are up (their contexts
     // counted) before the first measurement.
     let t0 = Instant::now();
-    while s.client.stats()?.standbys < 3 && t0.elapsed() < Duration::from_secs(60) {
+    while (s.client.stats()?.standbys as usize) < SOAK_STANDBYS && t0.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let workers_start = s.client.stats()?.workers;
