@@ -1275,8 +1275,9 @@ ps_status ps_worker_prepare(struct ps_worker *worker, const struct ps_program *p
 
 /**
  * Copies `bytes` bytes of input `name` (dtype and shape as in the graph:
- * e.g. int32 token ids `[batch, seq]`) to the device. Waits for the
- * worker's previous run.
+ * e.g. int32 token ids `[batch, seq]`) to the device, ordered after the
+ * worker's previous run and before its next one. The bytes go through the
+ * worker's pinned staging, so `data` may be reused when this returns.
  */
 ps_status ps_worker_set_input(struct ps_worker *worker,
                               const struct ps_program *program,

@@ -111,6 +111,46 @@ fn small_models_match_the_cpu_reference_with_every_plan() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn inputs_staged_while_runs_are_in_flight_reach_their_own_runs() {
+    // An input of 1.2 MB: larger than the 1 MiB staging reserved first (it
+    // grows), copied by several threads, and two of them do not fit the
+    // staging together (the second waits for the first's copy).
+    let d = resnet("big-input", ResNetConfig { blocks: [1, 1, 1, 1], width: 8, image: 160, classes: 10 }, 4);
+    let mut s = setup("staging", &[&d]);
+    s.worker.reserve_input_staging(1).unwrap();
+    let p = Program::from_store(&s.store.0, &d.graph.name).unwrap();
+    s.worker.prepare(&p).unwrap();
+    let weights = reference_weights(&d, SEED);
+    let inputs: Vec<_> = (0..3).map(|k| example_inputs(&d.graph, SEED + 1 + k, d.vocab())).collect();
+    let expect: Vec<Vec<f32>> =
+        inputs.iter().map(|i| run_graph_cpu(&d.graph, &weights, i).unwrap().remove(&d.graph.outputs[0]).unwrap()).collect();
+    assert!(rel_err(&expect[0], &expect[1]) > 1e-3, "the inputs must give different outputs");
+    let set = |s: &mut Setup, i: &std::collections::HashMap<String, pipeswitch::model::cpu::HostTensor>| {
+        for (k, v) in i {
+            assert!(v.to_le_bytes().len() > 1 << 20);
+            s.worker.set_input(&p, k, &v.to_le_bytes()).unwrap();
+        }
+    };
+    s.switch.start_whole(&s.store.0, &d.graph.name, &s.arena, s.region).unwrap();
+    set(&mut s, &inputs[0]);
+    s.worker.run(&p, &s.switch, RunOptions::default()).unwrap();
+    // Staged while run 0 is in flight: must reach run 1 only.
+    set(&mut s, &inputs[1]);
+    let got0 = s.worker.read_f32(&p, &d.graph.outputs[0]).unwrap();
+    s.worker.run(&p, &s.switch, RunOptions::default()).unwrap();
+    set(&mut s, &inputs[2]);
+    set(&mut s, &inputs[2]); // twice: the second does not fit after the first
+    let got1 = s.worker.read_f32(&p, &d.graph.outputs[0]).unwrap();
+    s.worker.run(&p, &s.switch, RunOptions::default()).unwrap();
+    let got2 = s.worker.read_f32(&p, &d.graph.outputs[0]).unwrap();
+    for (k, (got, want)) in [got0, got1, got2].iter().zip(&expect).enumerate() {
+        let err = rel_err(got, want);
+        assert!(err <= 1e-4, "run {k}: relative error {err:e} against its own input's reference");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn full_size_structures_match_the_cpu_reference_on_small_inputs() {
     // The real layer structure and parameter sizes, small inputs (the CPU
     // reference has to run them too).

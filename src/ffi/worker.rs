@@ -172,8 +172,9 @@ pub extern "C" fn ps_worker_prepare(worker: *mut ps_worker, program: *const ps_p
 }
 
 /// Copies `bytes` bytes of input `name` (dtype and shape as in the graph:
-/// e.g. int32 token ids `[batch, seq]`) to the device. Waits for the
-/// worker's previous run.
+/// e.g. int32 token ids `[batch, seq]`) to the device, ordered after the
+/// worker's previous run and before its next one. The bytes go through the
+/// worker's pinned staging, so `data` may be reused when this returns.
 #[no_mangle]
 pub extern "C" fn ps_worker_set_input(
     worker: *mut ps_worker,
