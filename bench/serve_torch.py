@@ -160,6 +160,13 @@ def main(argv=None):
                                E.CONFIG["inception_image"], E.CONFIG["inception_image"], E.CONFIG["seq_len"],
                                args.reps, args.warmup,
                                "replayed from CUDA graphs (Worker.capture)" if args.graphs else "eager")}
+    out = args.out or os.path.join(ROOT, "bench", "results", "serve-torch-%s.json" % E.card_slug(card))
+    report["complete"] = False
+
+    def save():
+        """Written after every part: a run cut short keeps what it measured."""
+        E.write_json(out, report)
+
     try:
         with torch.no_grad():
             for m in args.models:
@@ -260,6 +267,7 @@ def main(argv=None):
                     "activation_ms": stats(lat[m]["activation"]), "worker_ms": stats(lat[m]["worker"]),
                     "daemon_overhead_ms": ds["median"] - ips["median"],
                 }
+            save()
 
             # Worker ablation.
             for label, standbys, mode in (("active-standby", 2, None), ("single worker", 0, "--single-worker"),
@@ -284,12 +292,13 @@ def main(argv=None):
                 report["ablation"].append({"mode": label, "switch_ms": stats(v),
                                            "workers_started": st.workers_started, "failed": st.failed})
                 E.log("ablation %s: median %.1f ms" % (label, report["ablation"][-1]["switch_ms"]["median"]))
+                save()
     finally:
         store.close()
         ps.Store.unlink(name)
 
-    out = args.out or os.path.join(ROOT, "bench", "results", "serve-torch-%s.json" % E.card_slug(card))
-    E.write_json(out, report)
+    report["complete"] = True
+    save()
     f = lambda s: "%.2f (%.2f-%.2f)" % (s["median"], s["p10"], s["p90"])  # noqa: E731
     print("| model | bytes/peak | ready, in process | ready, daemon | switch, in process | switch, daemon "
           "| daemon - in process | activation |")

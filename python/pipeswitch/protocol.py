@@ -900,11 +900,14 @@ def pack_tensors(tensors):
     return out, fd
 
 
-def unpack_tensors(tensors, fd=None):
+def unpack_tensors(tensors, fd=None, into=None):
     """The tensors of a received message with their bytes: ``[(Tensor, data)]``;
     shared ones are read from ``fd``, each range checked against its size.
     ``data`` is ``bytes`` for an inline tensor and a ``bytearray`` (read once,
-    not copied again: writable, for ``torch.frombuffer``) for a shared one."""
+    not copied again: writable, for ``torch.frombuffer``) for a shared one.
+    ``into(i, n)``, when given, may return a writable buffer of at least
+    ``n`` bytes for shared tensor ``i`` (e.g. pinned memory): the bytes are
+    read straight into it, and ``data`` is a memoryview of its first ``n``."""
     size = None
     if fd is not None:
         try:
@@ -912,7 +915,7 @@ def unpack_tensors(tensors, fd=None):
         except OSError as e:
             raise protocol_error("fstat of a tensor file: %s" % e) from None
     out = []
-    for t in tensors:
+    for i, t in enumerate(tensors):
         if isinstance(t.data, Inline):
             out.append((t, t.data.data))
             continue
@@ -921,7 +924,13 @@ def unpack_tensors(tensors, fd=None):
             raise protocol_error("tensor %r is in a file that did not come" % t.name)
         if off + n > size:
             raise protocol_error("tensor %r claims [%d, +%d) of a %d-byte file" % (t.name, off, n, size))
-        buf = bytearray(n)
+        given = into(i, n) if into is not None and n > 0 else None
+        if given is not None:
+            buf = memoryview(given).cast("B")[:n]
+            if len(buf) != n or buf.readonly:
+                raise ValueError("into(%d, %d) gave a buffer of %d bytes%s" % (i, n, len(buf), " (read-only)" if buf.readonly else ""))
+        else:
+            buf = bytearray(n)
         view, done = memoryview(buf), 0
         try:
             while done < n:

@@ -255,18 +255,40 @@ class _DType:
 
 
 class _FakeTensor:
-    """Bytes with a dtype and a shape; ``device`` records where it went."""
+    """Bytes with a dtype and a shape; ``device`` records where it went.
+    ``share``: ``data`` (a writable buffer) is used, not copied, as torch's
+    slices, views and ``frombuffer`` share memory."""
 
-    def __init__(self, data, dtype, shape, device="cpu"):
-        self.buf = bytearray(data)
+    def __init__(self, data, dtype, shape, device="cpu", share=False, log=None, pinned=False):
+        self.buf = data if share else bytearray(data)
         self.dtype, self.shape, self.device = dtype, list(shape), device
-        self._c = (ctypes.c_char * max(len(self.buf), 1)).from_buffer(self.buf) if self.buf else None
+        self.log, self.pinned = log, pinned
+        self._c = (ctypes.c_char * max(len(self.buf), 1)).from_buffer(self.buf) if len(self.buf) else None
+
+    def _like(self, buf, dtype, shape):
+        return _FakeTensor(buf, dtype, shape, self.device, share=True, log=self.log, pinned=self.pinned)
 
     def view(self, dtype):
-        return _FakeTensor(self.buf, dtype, [len(self.buf) // dtype.size], self.device)
+        return self._like(self.buf, dtype, [len(self.buf) // dtype.size])
 
     def reshape(self, shape):
-        return _FakeTensor(self.buf, self.dtype, shape, self.device)
+        return self._like(self.buf, self.dtype, shape)
+
+    def __getitem__(self, sl):
+        assert isinstance(sl, slice) and self.dtype.size == 1
+        mv = memoryview(self.buf)[sl]
+        return self._like(mv, self.dtype, [len(mv)])
+
+    def copy_(self, src, non_blocking=False):
+        assert len(src.buf) == len(self.buf), "copy_ of %d bytes into %d" % (len(src.buf), len(self.buf))
+        self.buf[:] = bytes(src.buf)
+        if self.log is not None:
+            self.log.append(("copy", src.device, "pinned" if src.pinned else "", self.device,
+                             "pinned" if self.pinned else "", non_blocking))
+        return self
+
+    def numpy(self):
+        return self.buf
 
     def to(self, device, non_blocking=False):
         return _FakeTensor(self.buf, self.dtype, self.shape, str(device))
@@ -295,24 +317,42 @@ class _FakeTorch:
 
     def __init__(self):
         self.synced = 0
+        self.stream_synced = 0
+        self.log = []
 
     def inference_mode(self):
         return contextlib.nullcontext()
 
     def frombuffer(self, buf, dtype):
-        return _FakeTensor(buf, dtype, [len(buf)])
+        return _FakeTensor(memoryview(buf), dtype, [len(buf)], share=True, log=self.log)
 
-    def empty(self, shape, dtype):
-        return _FakeTensor(b"", dtype, shape)
+    def empty(self, shape, dtype, device=None, pin_memory=False):
+        shape = [shape] if isinstance(shape, int) else list(shape)
+        n = 1
+        for d in shape:
+            n *= d
+        if pin_memory or device is not None:
+            self.log.append(("alloc", str(device) if device is not None else "pinned", n * dtype.size))
+        return _FakeTensor(bytes(n * dtype.size), dtype, shape, str(device) if device is not None else "cpu",
+                           log=self.log, pinned=pin_memory)
 
     @property
     def cuda(self):
         fake = self
 
+        class Stream:
+            @staticmethod
+            def synchronize():
+                fake.stream_synced += 1
+
         class Cuda:
             @staticmethod
             def synchronize(device=None):
                 fake.synced += 1
+
+            @staticmethod
+            def current_stream(device=None):
+                return Stream
         return Cuda
 
 
@@ -415,6 +455,7 @@ def fake_backend(monkeypatch, ids, modules):
     b.modules = modules
     b.arena = types.SimpleNamespace(size=lambda: 1 << 30)
     b.graphs, b.captured = False, {}
+    b._staging = {}
     return b, torch
 
 
@@ -480,6 +521,59 @@ def test_torch_backend_decisions_with_a_fake_torch(monkeypatch):
     b.worker._current = None
     b.deactivate()
     assert torch.synced == 2 and b.worker.calls == [("synchronize",)]
+
+
+def test_inputs_are_staged_through_pinned_memory_before_the_switch(monkeypatch):
+    """A request's inputs reach the device through pinned buffers kept per
+    input position, copied without a host wait and before the switch starts
+    (its copies share the copy engine); a shared input is read from its
+    file straight into the pinned buffer (no second host copy)."""
+    seen = []
+
+    def module(x, y):
+        seen.append((x.device, bytes(x.buf), bytes(y.buf)))
+        return x
+
+    b, torch = fake_backend(monkeypatch, {"m": 7}, {"m": module})
+    switch_to = b.worker.switch_to
+
+    def logged_switch_to(*a, **k):
+        torch.log.append(("switch_to",))
+        return switch_to(*a, **k)
+    b.worker.switch_to = logged_switch_to
+    big = bytes(range(256)) * (P.INLINE_LIMIT // 256 + 8)
+    small = struct.pack("<2q", 5, -6)
+    tensors, fd = P.pack_tensors([("x", pipeswitch.PS_DTYPE_U8, [len(big)], big),
+                                  ("y", pipeswitch.PS_DTYPE_I64, [2], small)])
+    try:
+        assert fd is not None and isinstance(tensors[1].data, P.Inline)
+        inputs = P.unpack_tensors(tensors, fd, into=b.input_buffer)
+        assert isinstance(inputs[0][1], memoryview), "the shared input was read into the given buffer"
+        b.run(ftask("m", 7, inputs), inputs)
+        assert seen == [("cuda:0", big, small)]
+        kinds = [e[0] for e in torch.log]
+        assert kinds.index("switch_to") > max(i for i, k in enumerate(kinds) if k == "copy"), torch.log
+        copies = [e for e in torch.log if e[0] == "copy"]
+        # x: straight from its file into pinned memory, then one H2D copy;
+        # y (inline): one host copy into pinned memory, then one H2D copy.
+        assert copies == [("copy", "cpu", "pinned", "cuda:0", "", True),
+                          ("copy", "cpu", "", "cpu", "pinned", False),
+                          ("copy", "cpu", "pinned", "cuda:0", "", True)], copies
+        allocs = [e for e in torch.log if e[0] == "alloc"]
+        assert allocs == [("alloc", "pinned", len(big)), ("alloc", "cuda:0", len(big)),
+                          ("alloc", "pinned", 16), ("alloc", "cuda:0", 16)]
+        # The next request of the same sizes reuses the buffers.
+        torch.log.clear()
+        inputs = P.unpack_tensors(tensors, fd, into=b.input_buffer)
+        b.run(ftask("m", 7, inputs), inputs)
+        assert [e for e in torch.log if e[0] == "alloc"] == [] and seen[-1] == ("cuda:0", big, small)
+        # into() must give a writable buffer of the size asked for.
+        with pytest.raises(ValueError):
+            P.unpack_tensors(tensors, fd, into=lambda i, n: bytes(n))
+        with pytest.raises(ValueError):
+            P.unpack_tensors(tensors, fd, into=lambda i, n: bytearray(n - 1))
+    finally:
+        os.close(fd)
 
 
 def test_outputs_are_named_like_the_forward_returns_them(monkeypatch):
