@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds here what the GPU machine runs (it has no Rust toolchain) into .gpu/:
 # the CLI, libpipeswitch.so, and the test binaries under .gpu/deps/.
+# DEPS="llama_gpu worker_gpu": only those test binaries (the device tool
+# carries at most 64 MiB, and all of them together are more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # --triton: only what scripts/gpu-triton.sh needs, into .gpu/triton (the
@@ -31,6 +33,11 @@ for line in sys.stdin:
         name = t["name"] if t["kind"] == ["test"] else m["package_id"].split("#")[-1].split("@")[0] + "-unit-" + t["kind"][0]
         print(name, m["executable"])
 ' | while read -r name exe; do cp "$exe" ".gpu/deps/$name"; done
+if [ -n "${DEPS:-}" ]; then
+  for f in .gpu/deps/*; do
+    case " $DEPS " in *" $(basename "$f") "*) ;; *) rm -f "$f" ;; esac
+  done
+fi
 cp target/release/pipeswitch target/release/libpipeswitch.so .gpu/
 strip .gpu/pipeswitch .gpu/libpipeswitch.so .gpu/deps/* 2>/dev/null || true
 ls -la .gpu .gpu/deps
