@@ -197,25 +197,42 @@ def main():
     # Correctness against the worker.
     gpu = pinned.to(dev)
     ref = Ref(cfg, as_tensors(gpu), dev)
-    steps = len(rep["tokens_batch1"])
+    wtok = rep["tokens_batch1"]
+    steps = len(wtok)
     logits = ref.step(ids, 0)
     wl = torch.tensor(np.fromfile(worker_logits, dtype=np.float32), device=dev)
     scale = logits.abs().max().item()
     err = (wl - logits).abs().max().item() / scale
-    tokens = [int(logits.argmax())]
-    pos = ids.shape[0]
-    for _ in range(steps - 1):
-        lg = ref.step(torch.tensor([tokens[-1]], device=dev), pos)
-        pos += 1
-        tokens.append(int(lg.argmax()))
-    same = tokens == rep["tokens_batch1"]
-    out.update({"logits_max_err_over_scale": err, "logits_scale": scale, "reference_tokens": tokens, "worker_tokens": rep["tokens_batch1"], "same_tokens": same})
+    # The reference is fed the worker's tokens (teacher forcing), as the GPU
+    # tests feed both sides the same ones: a near tie decided the other way
+    # (sums in another order, a K or V value rounded to the other bf16
+    # neighbour) is then one step's difference, not a different sequence.
+    # A step passes when the worker's token is the reference's argmax or
+    # within 1e-3 of the logits' scale of its maximum.
+    tokens, near, bad = [], [], []
+    lg, pos = logits, ids.shape[0]
+    for i in range(steps):
+        best = int(lg.argmax())
+        tokens.append(best)
+        if not 0 <= wtok[i] < lg.shape[0]:
+            bad.append({"step": i, "worker": wtok[i], "reference": best, "gap": None, "tolerance": None})
+            break
+        if wtok[i] != best:
+            gap = (lg.max() - lg[wtok[i]]).item()
+            tol = 1e-3 * lg.abs().max().item()
+            (near if gap <= tol else bad).append({"step": i, "worker": wtok[i], "reference": best, "gap": gap, "tolerance": tol})
+        if i + 1 < steps:
+            lg = ref.step(torch.tensor([wtok[i]], device=dev), pos)
+            pos += 1
+    same = tokens == wtok
+    out.update({"logits_max_err_over_scale": err, "logits_scale": scale, "reference_tokens": tokens, "worker_tokens": wtok, "same_tokens": same,
+                "near_ties_accepted": near, "mismatches": bad})
     # bf16 tolerance: the worker and this reference differ only in the order
     # of f32 sums (and the rounding of K and V that follows).
-    ok = same and err < 1e-2
+    ok = not bad and err < 1e-2
     out["pass"] = ok
     print(f"reference vs worker: logits max error {err:.2e} of their scale ({scale:.2f}); "
-          f"{sum(a == b for a, b in zip(tokens, rep['tokens_batch1']))}/{steps} tokens equal -> {'PASS' if ok else 'FAIL'}", flush=True)
+          f"{sum(a == b for a, b in zip(tokens, wtok))}/{steps} tokens equal, {len(near)} near ties, {len(bad)} mismatches {bad} -> {'PASS' if ok else 'FAIL'}", flush=True)
     json.dump(out, open(out_json, "w"), indent=1)
     sys.exit(0 if ok else 1)
 

@@ -354,6 +354,62 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
         decode.push(DecodeResult { batch, steps: steps.len(), step_ms: st, tokens_per_s: tps, roofline_tokens_per_s: roof, fraction_of_roofline: tps / roof });
     }
 
+    // What the PyTorch reference needs (the report with the batch-1 tokens,
+    // the logits, the manifest) is written now, and the report again at the
+    // end: a failure or a timeout in the parts below still leaves the
+    // correctness check its inputs.
+    std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(format!("creating {}", opts.out_dir.display()), e))?;
+    let slug = card_slug(&card);
+    let path = opts.out_dir.join(format!("llm-{}-{slug}.json", opts.config));
+    let write_report = |r: &LlmReport| -> Result<()> {
+        let json = serde_json::to_string_pretty(r).map_err(|e| Error::Internal(e.to_string()))?;
+        std::fs::write(&path, json).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    };
+    let lpath = opts.out_dir.join(format!("llm-{}-{slug}-logits.f32", opts.config));
+    let bytes: Vec<u8> = logits1.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(&lpath, bytes).map_err(|e| Error::io(format!("writing {}", lpath.display()), e))?;
+    if opts.keep_store {
+        // A manifest for the PyTorch reference: where each tensor lies in
+        // the store's segment file.
+        let m = store.model(&names[0])?;
+        let tensors: Vec<serde_json::Value> = m
+            .tensors
+            .iter()
+            .map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype.name(), "shape": t.shape, "offset": m.segment_offset + t.offset, "bytes": t.bytes}))
+            .collect();
+        let manifest = serde_json::json!({
+            "segment": Store::segment_path(&opts.store_name)?.display().to_string(),
+            "config": llama::stored_config(&m)?,
+            "prompt": prompt_ids(1, opts.prompt, cfg.vocab),
+            "tensors": tensors,
+        });
+        let mpath = opts.out_dir.join("llm-manifest.json");
+        std::fs::write(&mpath, manifest.to_string()).map_err(|e| Error::io(format!("writing {}", mpath.display()), e))?;
+        log(&format!("kept store {:?}; manifest {}", opts.store_name, mpath.display()));
+    }
+    let mut report = LlmReport {
+        card: card.clone(),
+        config: opts.config.clone(),
+        weights: weights_kind,
+        model_bytes,
+        bytes_read_per_decode_step: per_step_bytes,
+        generate_s,
+        h2d_peak_gbps: h2d.peak_gbps,
+        d2d_gbps: d2d,
+        floor_ms,
+        ttft_over_floor: pipelined / floor_ms,
+        sleep_wake_over_pipelined: wake / pipelined,
+        ttft_ms: ttft,
+        decode,
+        gemv_gbps: vec![],
+        two_resident_ttft_ms: None,
+        three_over_two_regions_ttft_ms: None,
+        tokens_batch1,
+        notes: notes.iter().cloned().chain(["partial report: written before the GEMV and multi-model runs (rewritten when they finish)".to_string()]).collect(),
+    };
+    write_report(&report)?;
+    log(&format!("wrote {} (partial) and {}", path.display(), lpath.display()));
+
     // The GEMV alone: the biggest matrices of a block, from the arena.
     let mut gemv_gbps = vec![];
     {
@@ -433,60 +489,19 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
     }
 
     drop(pageable);
-    let report = LlmReport {
-        card: card.clone(),
-        config: opts.config.clone(),
-        weights: weights_kind,
-        model_bytes,
-        bytes_read_per_decode_step: per_step_bytes,
-        generate_s,
-        h2d_peak_gbps: h2d.peak_gbps,
-        d2d_gbps: d2d,
-        floor_ms,
-        ttft_over_floor: pipelined / floor_ms,
-        sleep_wake_over_pipelined: wake / pipelined,
-        ttft_ms: ttft,
-        decode,
-        gemv_gbps,
-        two_resident_ttft_ms: two,
-        three_over_two_regions_ttft_ms: three,
-        tokens_batch1,
-        notes,
-    };
+    report.gemv_gbps = gemv_gbps;
+    report.two_resident_ttft_ms = two;
+    report.three_over_two_regions_ttft_ms = three;
+    report.notes = notes;
     log(&format!(
         "time to first token: pipelined {:.1} ms = {:.3} x the floor ({floor_ms:.1} ms); sleep-mode-like wake {:.1} ms = {:.1} x the pipelined switch",
         pipelined, report.ttft_over_floor, wake, report.sleep_wake_over_pipelined
     ));
-    std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(format!("creating {}", opts.out_dir.display()), e))?;
-    let slug = card_slug(&card);
-    let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?;
-    let path = opts.out_dir.join(format!("llm-{}-{slug}.json", opts.config));
-    std::fs::write(&path, json).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
-    let lpath = opts.out_dir.join(format!("llm-{}-{slug}-logits.f32", opts.config));
-    let bytes: Vec<u8> = logits1.iter().flat_map(|v| v.to_le_bytes()).collect();
-    std::fs::write(&lpath, bytes).map_err(|e| Error::io(format!("writing {}", lpath.display()), e))?;
-    log(&format!("wrote {} and {}", path.display(), lpath.display()));
+    write_report(&report)?;
+    log(&format!("wrote {}", path.display()));
     drop(lease);
     drop(b);
-    if opts.keep_store {
-        // A manifest for the PyTorch reference: where each tensor lies in
-        // the store's segment file.
-        let m = store.model(&names[0])?;
-        let tensors: Vec<serde_json::Value> = m
-            .tensors
-            .iter()
-            .map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype.name(), "shape": t.shape, "offset": m.segment_offset + t.offset, "bytes": t.bytes}))
-            .collect();
-        let manifest = serde_json::json!({
-            "segment": Store::segment_path(&opts.store_name)?.display().to_string(),
-            "config": llama::stored_config(&m)?,
-            "prompt": prompt_ids(1, opts.prompt, cfg.vocab),
-            "tensors": tensors,
-        });
-        let mpath = opts.out_dir.join("llm-manifest.json");
-        std::fs::write(&mpath, manifest.to_string()).map_err(|e| Error::io(format!("writing {}", mpath.display()), e))?;
-        log(&format!("kept store {:?}; manifest {}", opts.store_name, mpath.display()));
-    } else {
+    if !opts.keep_store {
         drop(store);
         let _ = Store::destroy(&opts.store_name);
     }
