@@ -2345,3 +2345,95 @@ fn worker_calls_refuse_null_and_foreign_handles() {
         ps_store_unlink(c"ffi-worker-handles".as_ptr())
     });
 }
+
+/// `ps_store_group_ranges` against the layer table, and
+/// `ps_store_model_host_ptr` against `ps_store_read`; bad arguments give a
+/// status and a message and leave the outputs alone.
+#[test]
+fn group_ranges_and_host_ptr() {
+    let st = create_store("ffi-group-ranges", 1 << 20, 4);
+    let m = small_model(11);
+    check(PS_OK, "ps_store_add_model", || m.add(st, "m"));
+    let model = c"m";
+    let info = model_info(st, model);
+    let layers: Vec<ps_layer_info> = (0..info.n_layers).map(|i| layer_info(st, model, i).0).collect();
+    let layer_end = |l: usize| layers[l].offset + layers[l].bytes;
+    let ranges = |plan: &[usize]| -> (Vec<u64>, Vec<u64>) {
+        let (mut s, mut e) = (vec![SENTINEL; plan.len()], vec![SENTINEL; plan.len()]);
+        check(PS_OK, "ps_store_group_ranges", || {
+            ps_store_group_ranges(st, model.as_ptr(), plan.as_ptr(), plan.len(), s.as_mut_ptr(), e.as_mut_ptr())
+        });
+        (s, e)
+    };
+    // Every plan of the three layers: each group runs from the previous
+    // group's end (0 first) to the end of its last layer's bytes.
+    for plan in [vec![0], vec![0, 1], vec![0, 2], vec![0, 1, 2]] {
+        let (s, e) = ranges(&plan);
+        for g in 0..plan.len() {
+            let last = plan.get(g + 1).map_or(layers.len(), |&n| n) - 1;
+            assert_eq!(e[g], layer_end(last), "plan {plan:?} group {g}");
+            assert_eq!(s[g], if g == 0 { 0 } else { e[g - 1] }, "plan {plan:?} group {g}");
+            assert!(s[g] <= layers[plan[g]].offset && e[g] > s[g], "plan {plan:?} group {g}");
+        }
+        assert!(*e.last().unwrap() <= info.bytes);
+    }
+
+    // Bad plans and arguments: a status, a message, untouched outputs.
+    let (mut s, mut e) = ([SENTINEL; 4], [SENTINEL; 4]);
+    for (plan, why) in [
+        (&[][..], "first group"),
+        (&[1][..], "first group"),
+        (&[0, 2, 1][..], "not increasing"),
+        (&[0, 0][..], "not increasing"),
+        (&[0, 3][..], "3 layers"),
+    ] {
+        let msg = check(PS_ERR_INVALID_ARGUMENT, "ps_store_group_ranges", || {
+            ps_store_group_ranges(st, model.as_ptr(), plan.as_ptr(), plan.len(), s.as_mut_ptr(), e.as_mut_ptr())
+        });
+        assert!(msg.contains(why), "plan {plan:?}: {msg:?}");
+    }
+    let plan = [0usize, 1];
+    check(PS_ERR_NOT_FOUND, "ps_store_group_ranges", || {
+        ps_store_group_ranges(st, c"nope".as_ptr(), plan.as_ptr(), 2, s.as_mut_ptr(), e.as_mut_ptr())
+    });
+    null_arg("ps_store_group_ranges", || {
+        ps_store_group_ranges(st, null(), plan.as_ptr(), 2, s.as_mut_ptr(), e.as_mut_ptr())
+    });
+    null_arg("ps_store_group_ranges", || {
+        ps_store_group_ranges(st, model.as_ptr(), null(), 2, s.as_mut_ptr(), e.as_mut_ptr())
+    });
+    null_arg("ps_store_group_ranges", || {
+        ps_store_group_ranges(st, model.as_ptr(), plan.as_ptr(), 2, null_mut(), e.as_mut_ptr())
+    });
+    null_arg("ps_store_group_ranges", || {
+        ps_store_group_ranges(st, model.as_ptr(), plan.as_ptr(), 2, s.as_mut_ptr(), null_mut())
+    });
+    null_arg("ps_store_group_ranges", || {
+        ps_store_group_ranges(null(), model.as_ptr(), plan.as_ptr(), 2, s.as_mut_ptr(), e.as_mut_ptr())
+    });
+    assert!(s.iter().chain(&e).all(|&v| v == SENTINEL), "outputs written on failure");
+
+    // The host address holds the model's bytes, as ps_store_read reads them.
+    let mut ptr = SENTINEL;
+    check(PS_ERR_NOT_FOUND, "ps_store_model_host_ptr", || {
+        ps_store_model_host_ptr(st, c"nope".as_ptr(), &mut ptr)
+    });
+    null_arg("ps_store_model_host_ptr", || ps_store_model_host_ptr(st, model.as_ptr(), null_mut()));
+    null_arg("ps_store_model_host_ptr", || ps_store_model_host_ptr(st, null(), &mut ptr));
+    null_arg("ps_store_model_host_ptr", || ps_store_model_host_ptr(null(), model.as_ptr(), &mut ptr));
+    assert_eq!(ptr, SENTINEL);
+    check(PS_OK, "ps_store_model_host_ptr", || ps_store_model_host_ptr(st, model.as_ptr(), &mut ptr));
+    assert!(ptr != 0 && ptr != SENTINEL);
+    let mut want = vec![0u8; info.bytes as usize];
+    check(PS_OK, "ps_store_read", || {
+        ps_store_read(st, model.as_ptr(), 0, want.as_mut_ptr().cast(), want.len())
+    });
+    // SAFETY: the store maps the model's bytes at ptr while it is stored
+    // and the store open (this test removes nothing).
+    let got = unsafe { std::slice::from_raw_parts(ptr as *const u8, info.bytes as usize) };
+    assert_eq!(got, &want[..]);
+    assert!(want.iter().any(|&b| b != 0));
+
+    check(PS_OK, "ps_store_free", || ps_store_free(st));
+    check(PS_OK, "ps_store_unlink", || ps_store_unlink(c"ffi-group-ranges".as_ptr()));
+}

@@ -485,6 +485,25 @@ class Store:
                                        _enc(tensor_name, "tensor name"), byref(out))
         return out.value
 
+    def group_ranges(self, name, group_starts) -> List[Tuple[int, int]]:
+        """The bytes ``[start, end)`` of each layer group of the plan
+        ``group_starts`` of model ``name``, relative to the model's first
+        byte, as :meth:`Switch.start` copies them (contiguous, in order; the
+        plan is checked as a switch checks it)."""
+        arr, n = _size_array(group_starts)
+        starts, ends = (c_uint64 * max(n, 1))(), (c_uint64 * max(n, 1))()
+        _c.lib().ps_store_group_ranges(self._handle(), _enc(name, "model name"), arr, n, starts, ends)
+        return [(int(starts[g]), int(ends[g])) for g in range(n)]
+
+    def model_host_ptr(self, name) -> int:
+        """Address of model ``name``'s first byte in this process's mapping
+        of the store (page-locked once :meth:`pin` ran). Not a lease: the
+        bytes there are the model's only while it stays stored, so check
+        :meth:`model_id` before each use."""
+        out = c_uint64()
+        _c.lib().ps_store_model_host_ptr(self._handle(), _enc(name, "model name"), byref(out))
+        return out.value
+
     def set_layer_exec_ms(self, name, exec_ms: Sequence[float]):
         """Stores measured per-layer execution times (ms, one per layer) with
         the model, for :func:`plan_model`."""
