@@ -999,7 +999,8 @@ class Worker:
                                            % (entry.name, device, entry.name))
                     return  # complete in its region
                 stream = torch.cuda.current_stream(device).cuda_stream
-                if entry.waited.get(stream, -1) >= group or (self._capturing is not entry and switch.group_ready(group)):
+                if entry.waited.get(stream, -1) >= group or \
+                        (self._capturing is not entry and switch.group_ready(group)):
                     return  # in the arena, in this stream's order (a capture never asks: it reads the host)
                 views = self._host_views(entry, layer, own)
                 if views is None:
