@@ -1088,6 +1088,31 @@ ps_status ps_store_model_host_ptr(const struct ps_store *store,
                                   uint64_t *ptr_out);
 
 /**
+ * The copies `ps_switch_start` makes for a plan of `model` with chunking
+ * `min_chunk`, `max_chunk` (as `ps_switch_set_chunking`; the defaults are
+ * 4 MiB and 64 MiB): copy i is bytes `[copy_ranges_out[2i],
+ * copy_ranges_out[2i+1])` relative to the model's first byte (consecutive
+ * small groups share a copy, large ones are split; a copy may be empty and
+ * carry only events), and group g's event follows copy `group_copy_out[g]`
+ * (`n_groups` values). `capacity` is the number of copies
+ * `copy_ranges_out` has room for (`2 * capacity` values); at most
+ * `n_groups + bytes / max_chunk + 1` copies come back. `n_copies_out`
+ * receives the number of copies, also with `PS_ERR_BUFFER_TOO_SMALL`;
+ * the arrays are written only on success. For callers that enqueue the
+ * switch's copies themselves (e.g. inside a CUDA graph).
+ */
+ps_status ps_store_copy_schedule(const struct ps_store *store,
+                                 const char *model,
+                                 const size_t *group_starts,
+                                 size_t n_groups,
+                                 uint64_t min_chunk,
+                                 uint64_t max_chunk,
+                                 uint64_t *copy_ranges_out,
+                                 size_t capacity,
+                                 size_t *n_copies_out,
+                                 size_t *group_copy_out);
+
+/**
  * A switch engine for `device`.
  */
 ps_status ps_switch_new(int32_t device, struct ps_switch **switch_out);

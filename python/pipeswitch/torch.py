@@ -85,8 +85,11 @@ ROOT_LAYER = "(root)"
 #: warning: PyTorch's cuBLAS workspace (32 MiB on Hopper) plus room to work.
 MIN_WORKSPACE_BYTES = 64 << 20
 
-#: Largest copy of a fused graph (:meth:`Worker.capture`): a group's bytes
-#: go in pieces of at most this many bytes, as :meth:`Switch.start` splits them.
+#: Chunking of a fused graph's copies (:meth:`Worker.capture`), the
+#: :class:`Switch`'s defaults: consecutive groups share a copy until it holds
+#: :data:`FUSED_MIN_COPY` bytes, no copy exceeds :data:`FUSED_MAX_COPY`
+#: (:meth:`Store.copy_schedule`).
+FUSED_MIN_COPY = 4 << 20
 FUSED_MAX_COPY = 64 << 20
 
 #: Smallest weight (bytes) of an ``nn.Embedding`` that :func:`register_module`
@@ -1213,14 +1216,15 @@ class Worker:
         ``fused=True`` captures a third graph, *fused*: the whole switch and
         the forward in one graph (:meth:`CapturedForward.switch_and_run`),
         so that one launch does what :meth:`switch_to` + a replay do, with
-        no host work between the copies and the forward. Its copies (one
-        per layer group of the plan, :meth:`Store.group_ranges`, split into
-        pieces of at most :data:`FUSED_MAX_COPY` bytes; small groups are not
-        merged as :meth:`Switch.start` merges them) run from the store's
-        pinned pages (:meth:`Store.model_host_ptr`) to the model's region
-        on a side stream of the capture, each group's last copy followed by
-        an event that the group's pre-hook waits on (an edge inside the
-        graph); moved token tables are read from the pinned store. The
+        no host work between the copies and the forward. Its copies (those
+        :meth:`Switch.start` makes for the plan with the default chunking,
+        :meth:`Store.copy_schedule` with :data:`FUSED_MIN_COPY` and
+        :data:`FUSED_MAX_COPY`) run from the store's pinned pages
+        (:meth:`Store.model_host_ptr`) to the model's region on a side
+        stream of the capture, each group's event recorded after the copy
+        that completes it and waited on by the group's pre-hook (an edge
+        inside the graph); moved token tables are read from the pinned
+        store. The
         graph reads the store without a lease: the model must stay stored
         while it is used (a replay checks the model's id).
 
@@ -1282,38 +1286,40 @@ class Worker:
         model_id = store.model_id(name)
         host = store.model_host_ptr(name)
         base = self.arena.base() + entry.offset
-        groups = []
-        for start, end in store.group_ranges(name, entry.plan):
-            pieces = []
-            for a in range(start, end, FUSED_MAX_COPY):
-                n = min(end, a + FUSED_MAX_COPY) - a
-                src = torch.frombuffer((ctypes.c_uint8 * n).from_address(host + a), dtype=torch.uint8)
-                with torch.cuda.device(self.device):
-                    dst = torch.as_tensor(_CudaMemory(base + a, n), device=self.device)
-                if dst.data_ptr() != base + a:
-                    raise RuntimeError("PyTorch mapped arena address %#x at %#x" % (base + a, dst.data_ptr()))
-                pieces.append((dst, src))
-            groups.append(pieces)
-        events = [torch.cuda.Event() for _ in groups]
+        copies, group_copy = store.copy_schedule(name, entry.plan, FUSED_MIN_COPY, FUSED_MAX_COPY)
+        pairs = []  # (arena tensor, pinned host tensor) per copy; None for an empty one
+        for a, b in copies:
+            if b == a:
+                pairs.append(None)
+                continue
+            src = torch.frombuffer((ctypes.c_uint8 * (b - a)).from_address(host + a), dtype=torch.uint8)
+            with torch.cuda.device(self.device):
+                dst = torch.as_tensor(_CudaMemory(base + a, b - a), device=self.device)
+            if dst.data_ptr() != base + a:
+                raise RuntimeError("PyTorch mapped arena address %#x at %#x" % (base + a, dst.data_ptr()))
+            pairs.append((dst, src))
+        events = [torch.cuda.Event() for _ in group_copy]
+        completes = [[g for g, c in enumerate(group_copy) if c == i] for i in range(len(copies))]
         side = torch.cuda.Stream(self.device)
         self.switch_to(name, resident=True)  # complete; the tables' host views are of this model
-        g = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         self._fusing = (entry, events)
         try:
             with torch.no_grad(), torch.cuda.device(self.device), \
-                    torch.cuda.graph(g, capture_error_mode="thread_local"):
+                    torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 capture_stream = torch.cuda.current_stream(self.device)
                 side.wait_stream(capture_stream)  # fork: the copies join the capture
                 with torch.cuda.stream(side):
-                    for ev, pieces in zip(events, groups):
-                        for dst, src in pieces:
-                            dst.copy_(src, non_blocking=True)
-                        ev.record(side)
+                    for pair, done in zip(pairs, completes):
+                        if pair is not None:
+                            pair[0].copy_(pair[1], non_blocking=True)
+                        for group in done:
+                            events[group].record(side)
                 out = _call(entry.module, static)  # group pre-hooks wait on the events
                 capture_stream.wait_stream(side)  # join: the graph ends after every copy
         finally:
             self._fusing = None
-        return (g, out), (model_id, host, (groups, events, side))
+        return (graph, out), (model_id, host, (pairs, events, side))
 
     def close(self):
         """Detaches every model and frees the switch engine."""

@@ -572,3 +572,54 @@ pub extern "C" fn ps_store_model_host_ptr(store: *const ps_store, model: *const 
         Ok(())
     })
 }
+
+/// The copies `ps_switch_start` makes for a plan of `model` with chunking
+/// `min_chunk`, `max_chunk` (as `ps_switch_set_chunking`; the defaults are
+/// 4 MiB and 64 MiB): copy i is bytes `[copy_ranges_out[2i],
+/// copy_ranges_out[2i+1])` relative to the model's first byte (consecutive
+/// small groups share a copy, large ones are split; a copy may be empty and
+/// carry only events), and group g's event follows copy `group_copy_out[g]`
+/// (`n_groups` values). `capacity` is the number of copies
+/// `copy_ranges_out` has room for (`2 * capacity` values); at most
+/// `n_groups + bytes / max_chunk + 1` copies come back. `n_copies_out`
+/// receives the number of copies, also with `PS_ERR_BUFFER_TOO_SMALL`;
+/// the arrays are written only on success. For callers that enqueue the
+/// switch's copies themselves (e.g. inside a CUDA graph).
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub extern "C" fn ps_store_copy_schedule(
+    store: *const ps_store,
+    model: *const c_char,
+    group_starts: *const usize,
+    n_groups: usize,
+    min_chunk: u64,
+    max_chunk: u64,
+    copy_ranges_out: *mut u64,
+    capacity: usize,
+    n_copies_out: *mut usize,
+    group_copy_out: *mut usize,
+) -> ps_status {
+    boundary("ps_store_copy_schedule", || {
+        let m = store_ref(store)?.model(str_arg(model, "model")?)?;
+        let starts = slice_arg(group_starts, n_groups, "group_starts")?;
+        crate::switch::check_plan(starts, m.layers.len())?;
+        let (group_ends, _) = crate::switch::group_layout(&crate::switch::layer_ends(&m)?, starts);
+        let copies = crate::switch::copy_schedule(&group_ends, crate::switch::Chunking { min_chunk, max_chunk })?;
+        let n_out = out(n_copies_out, "n_copies_out")?;
+        if copies.len() > capacity {
+            n_out.write(copies.len());
+            return Err(Error::BufferTooSmall { needed: copies.len(), capacity });
+        }
+        let ranges = slice_mut_arg(copy_ranges_out, 2 * copies.len(), "copy_ranges_out")?;
+        let group_copy = slice_mut_arg(group_copy_out, n_groups, "group_copy_out")?;
+        for (i, c) in copies.iter().enumerate() {
+            ranges[2 * i] = c.start;
+            ranges[2 * i + 1] = c.end;
+            for &g in &c.completes_groups {
+                group_copy[g] = i;
+            }
+        }
+        n_out.write(copies.len());
+        Ok(())
+    })
+}
