@@ -17,12 +17,12 @@ export PYTHONUNBUFFERED=1 PIPESWITCH_FUSED_TIMING=$OUT/fused-timing.json
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$log"
 fail=0
 echo "=== python GPU tests: fused graphs and captured graphs" | tee -a "$log"
-timeout --kill-after=5 "${PYTEST_TIMEOUT:-90}" python3 -m pytest python/tests/test_torch.py -q -rs -s -p no:cacheprovider \
+timeout --kill-after=5 "${PYTEST_TIMEOUT:-80}" python3 -m pytest python/tests/test_torch.py -q -rs -s -p no:cacheprovider \
   -k "fused or captured" >>"$log" 2>&1 || fail=1
 tail -n 15 "$log"
 echo "=== bench/plans.sh with fused graphs (GRAPHS=1 DEMO=0)" | tee -a "$log"
-GRAPHS=1 DEMO=0 PAPER_TIMEOUT_S="${PAPER_TIMEOUT_S:-250}" PAPER_BUDGET_S="${PAPER_BUDGET_S:-210}" \
-  timeout --kill-after=5 "${PLANS_TIMEOUT_S:-265}" bash bench/plans.sh .gpu "$OUT/plans" >>"$log" 2>&1 || fail=1
+GRAPHS=1 DEMO=0 PAPER_TIMEOUT_S="${PAPER_TIMEOUT_S:-255}" PAPER_BUDGET_S="${PAPER_BUDGET_S:-225}" \
+  timeout --kill-after=5 "${PLANS_TIMEOUT_S:-270}" bash bench/plans.sh .gpu "$OUT/plans" >>"$log" 2>&1 || fail=1
 tail -n 40 "$log"
 echo "overall fail=$fail" | tee -a "$log"
 exit $fail
