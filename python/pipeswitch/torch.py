@@ -1383,7 +1383,10 @@ class CapturedForward:
         switch of the worker's engine still in flight completes first; (2)
         the copies start after the work already enqueued. Afterwards the
         model is resident (models whose regions overlap its region are
-        not), so calls replay the *resident* graph. Raises if the model was
+        not), so calls replay the *resident* graph, and the worker's engine
+        holds the model as a resident switch ordered after the graph
+        (:meth:`Worker.synchronize` waits for the graph's copies; the
+        store's model stays leased until they are done). Raises if the model was
         rebound since the capture, or if the store's model is no longer the
         one captured (removed, or added again)."""
         import torch
@@ -1395,19 +1398,28 @@ class CapturedForward:
             raise RuntimeError("model %r was removed from the store or added again since its fused graph was "
                                "captured: capture it again" % entry.name)
         self._check(inputs)
+        stream = torch.cuda.current_stream(w.device)
         prev = w._current
         if prev is not None:
-            w.switch.wait_group(len(prev.plan) - 1, torch.cuda.current_stream(w.device).cuda_stream)
+            w.switch.wait_group(len(prev.plan) - 1, stream.cuda_stream)
         g, out = self.graphs["fused"]
         g.replay()
         for other in w._models.values():
             if other is not entry and other.overlaps(entry):
                 other.resident = False
-        w._current = None  # nothing of the engine in flight for it: its bytes come in this stream's order
+        w._current = None  # no group to wait for: its bytes come in this stream's order
         w._last = entry
         entry.waited = {}
         entry.resident = True
         self.last_kind = "fused"
+        # After the launch (off the path to the GPU): the engine's resident
+        # start of the model, ordered after the graph on the copy stream, so
+        # that the engine holds the store's model (a lease) until the graph's
+        # copies are done, and Worker.synchronize waits for them.
+        if w._copy_stream is None:
+            w._copy_stream = torch.cuda.ExternalStream(w.switch.copy_stream(), device=w.device)
+        w._copy_stream.wait_stream(stream)
+        w.switch.start_resident(w.store, entry.name, w.arena, entry.offset)
         return out
 
     def __call__(self, *inputs):

@@ -734,6 +734,8 @@ def test_fused_graph_switches_in_over_garbage(store):
             assert worker.current == "A" and entry.resident and worker._current is None
             assert torch.equal(y, y_res), fill
             assert torch.equal(cap(xc), y_res) and cap.last_kind == "resident"
+            worker.synchronize()  # the engine's resident start of A, after the graph's copies
+            assert worker.switch.n_groups() == 1
             torch.cuda.synchronize()
             assert_region_holds(store, "A", region, plan)
         y = cap.switch_and_run(x.cuda() * 1.0)  # another input tensor of the same shape
