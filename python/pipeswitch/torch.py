@@ -1224,10 +1224,12 @@ class Worker:
         stream of the capture, each group's event recorded after the copy
         that completes it and waited on by the group's pre-hook (an edge
         inside the graph); moved token tables are read from the pinned
-        store. The graph reads the store without a lease: the model must
-        stay stored while it is used (a replay checks the model's id). It
-        is off by default: a server whose store may drop models (the
-        daemon's Python worker) keeps :meth:`switch_to` + a replay.
+        store. A replay checks the store's model id before the launch and
+        leases the model right after it (until the copies are done), so a
+        model removed or added again is refused, but one removed in the
+        instant between the check and the lease is not. Off by default (a
+        third graph and its memory pool; the daemon's Python worker keeps
+        :meth:`switch_to` + a replay).
 
         The model is switched in (and waited for) first, so the warm-up
         forwards run on its real weights. The graphs hold this binding's
