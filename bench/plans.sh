@@ -14,7 +14,9 @@
 # PAPER_TIMEOUT_S (270) and PAPER_BUDGET_S (240) bound the two parts;
 # DEMO_REPS (20), CAL_REPS (5) and PAPER_MODELS (all) shorten a trial run;
 # GRAPHS=1 runs the PyTorch Worker variants as replayed CUDA graphs
-# (experiments.py --graphs); DEMO=0 leaves out the built-in worker.
+# (experiments.py --graphs), each switch as one replay of the fused switch +
+# forward graph (CapturedForward.switch_and_run; FUSED=0: switch_to + a
+# replay, --no-fused); DEMO=0 leaves out the built-in worker.
 # Writes OUT_DIR/{demo-<card>.json, demo-trace-<card>.json, plans-demo.log,
 # plans-paper.json, plans-paper.log, plans-table.md}.
 set -u -o pipefail
@@ -30,7 +32,7 @@ timeout "${DEMO_TIMEOUT_S:-240}" "$BIN/pipeswitch" demo --reps "${DEMO_REPS:-20}
 fi
 echo "== PyTorch: experiments.py --quick, grouping variants only"
 timeout "${PAPER_TIMEOUT_S:-270}" python3 "$ROOT/bench/paper/experiments.py" --quick --budget-s "${PAPER_BUDGET_S:-240}" --no-figures \
-    ${PAPER_MODELS:+--models $PAPER_MODELS} $([ "${GRAPHS:-0}" = 1 ] && echo --graphs) \
+    ${PAPER_MODELS:+--models $PAPER_MODELS} $([ "${GRAPHS:-0}" = 1 ] && echo --graphs) $([ "${FUSED:-1}" = 0 ] && echo --no-fused) \
     --skip model_to,pinned_py,pageable_py,mem_workspace,mem_caching,mem_caching_emptied,mps,two_process_no_mps,stop_and_start \
     --out "$OUT/plans-paper.json" 2>&1 | tee "$OUT/plans-paper.log" || status=1
 python3 "$ROOT/bench/paper/plans_table.py" $(ls "$OUT"/demo-nvidia*.json 2>/dev/null) "$OUT/plans-paper.json" | tee "$OUT/plans-table.md" || status=1

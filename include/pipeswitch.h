@@ -1057,6 +1057,62 @@ ps_status ps_store_safetensors_footprint(const char *path,
 ps_status ps_store_capacity_for(const uint64_t *footprints, size_t n, uint64_t *capacity_out);
 
 /**
+ * The bytes each layer group of a plan of `model` covers, as
+ * `ps_switch_start` copies them: group g (layers `[group_starts[g],
+ * group_starts[g+1])`, the last to the model's last layer) is bytes
+ * `[starts_out[g], ends_out[g])` relative to the model's first byte; the
+ * groups are contiguous and in order (`starts_out[0]` is 0). The plan is
+ * checked as `ps_switch_start` checks it (first start 0, increasing, below
+ * the model's layer count). `starts_out` and `ends_out` hold `n_groups`
+ * values each and are written only on success. For callers that enqueue
+ * the switch's copies themselves (e.g. inside a CUDA graph).
+ */
+ps_status ps_store_group_ranges(const struct ps_store *store,
+                                const char *model,
+                                const size_t *group_starts,
+                                size_t n_groups,
+                                uint64_t *starts_out,
+                                uint64_t *ends_out);
+
+/**
+ * The address of `model`'s first byte in this process's mapping of the
+ * store (`ps_model_info.bytes` bytes follow; page-locked once
+ * `ps_store_pin` ran, so that copies from it run asynchronously). For
+ * callers that copy the model themselves, e.g. inside a CUDA graph. The
+ * bytes there are the model's only while it stays in the store: the
+ * address is not a lease (a removed model's space is reused once no switch
+ * holds it), so check `ps_model_info.id` before each use.
+ */
+ps_status ps_store_model_host_ptr(const struct ps_store *store,
+                                  const char *model,
+                                  uint64_t *ptr_out);
+
+/**
+ * The copies `ps_switch_start` makes for a plan of `model` with chunking
+ * `min_chunk`, `max_chunk` (as `ps_switch_set_chunking`; the defaults are
+ * 4 MiB and 64 MiB): copy i is bytes `[copy_ranges_out[2i],
+ * copy_ranges_out[2i+1])` relative to the model's first byte (consecutive
+ * small groups share a copy, large ones are split; a copy may be empty and
+ * carry only events), and group g's event follows copy `group_copy_out[g]`
+ * (`n_groups` values). `capacity` is the number of copies
+ * `copy_ranges_out` has room for (`2 * capacity` values); at most
+ * `n_groups + bytes / max_chunk + 1` copies come back. `n_copies_out`
+ * receives the number of copies, also with `PS_ERR_BUFFER_TOO_SMALL`;
+ * the arrays are written only on success. For callers that enqueue the
+ * switch's copies themselves (e.g. inside a CUDA graph).
+ */
+ps_status ps_store_copy_schedule(const struct ps_store *store,
+                                 const char *model,
+                                 const size_t *group_starts,
+                                 size_t n_groups,
+                                 uint64_t min_chunk,
+                                 uint64_t max_chunk,
+                                 uint64_t *copy_ranges_out,
+                                 size_t capacity,
+                                 size_t *n_copies_out,
+                                 size_t *group_copy_out);
+
+/**
  * A switch engine for `device`.
  */
 ps_status ps_switch_new(int32_t device, struct ps_switch **switch_out);

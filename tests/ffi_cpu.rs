@@ -2345,3 +2345,182 @@ fn worker_calls_refuse_null_and_foreign_handles() {
         ps_store_unlink(c"ffi-worker-handles".as_ptr())
     });
 }
+
+/// `ps_store_group_ranges` against the layer table, and
+/// `ps_store_model_host_ptr` against `ps_store_read`; bad arguments give a
+/// status and a message and leave the outputs alone.
+#[test]
+fn group_ranges_and_host_ptr() {
+    let st = create_store("ffi-group-ranges", 1 << 20, 4);
+    let m = small_model(11);
+    check(PS_OK, "ps_store_add_model", || m.add(st, "m"));
+    let model = c"m";
+    let info = model_info(st, model);
+    let layers: Vec<ps_layer_info> = (0..info.n_layers).map(|i| layer_info(st, model, i).0).collect();
+    let layer_end = |l: usize| layers[l].offset + layers[l].bytes;
+    let ranges = |plan: &[usize]| -> (Vec<u64>, Vec<u64>) {
+        let (mut s, mut e) = (vec![SENTINEL; plan.len()], vec![SENTINEL; plan.len()]);
+        check(PS_OK, "ps_store_group_ranges", || {
+            ps_store_group_ranges(st, model.as_ptr(), plan.as_ptr(), plan.len(), s.as_mut_ptr(), e.as_mut_ptr())
+        });
+        (s, e)
+    };
+    // Every plan of the three layers: each group runs from the previous
+    // group's end (0 first) to the end of its last layer's bytes.
+    for plan in [vec![0], vec![0, 1], vec![0, 2], vec![0, 1, 2]] {
+        let (s, e) = ranges(&plan);
+        for g in 0..plan.len() {
+            let last = plan.get(g + 1).map_or(layers.len(), |&n| n) - 1;
+            assert_eq!(e[g], layer_end(last), "plan {plan:?} group {g}");
+            assert_eq!(s[g], if g == 0 { 0 } else { e[g - 1] }, "plan {plan:?} group {g}");
+            assert!(s[g] <= layers[plan[g]].offset && e[g] > s[g], "plan {plan:?} group {g}");
+        }
+        assert!(*e.last().unwrap() <= info.bytes);
+    }
+
+    // Bad plans and arguments: a status, a message, untouched outputs.
+    let (mut s, mut e) = ([SENTINEL; 4], [SENTINEL; 4]);
+    for (plan, why) in [
+        (&[][..], "first group"),
+        (&[1][..], "first group"),
+        (&[0, 2, 1][..], "not increasing"),
+        (&[0, 0][..], "not increasing"),
+        (&[0, 3][..], "3 layers"),
+    ] {
+        let msg = check(PS_ERR_INVALID_ARGUMENT, "ps_store_group_ranges", || {
+            ps_store_group_ranges(st, model.as_ptr(), plan.as_ptr(), plan.len(), s.as_mut_ptr(), e.as_mut_ptr())
+        });
+        assert!(msg.contains(why), "plan {plan:?}: {msg:?}");
+    }
+    let plan = [0usize, 1];
+    check(PS_ERR_NOT_FOUND, "ps_store_group_ranges", || {
+        ps_store_group_ranges(st, c"nope".as_ptr(), plan.as_ptr(), 2, s.as_mut_ptr(), e.as_mut_ptr())
+    });
+    null_arg("ps_store_group_ranges", || {
+        ps_store_group_ranges(st, null(), plan.as_ptr(), 2, s.as_mut_ptr(), e.as_mut_ptr())
+    });
+    null_arg("ps_store_group_ranges", || {
+        ps_store_group_ranges(st, model.as_ptr(), null(), 2, s.as_mut_ptr(), e.as_mut_ptr())
+    });
+    null_arg("ps_store_group_ranges", || {
+        ps_store_group_ranges(st, model.as_ptr(), plan.as_ptr(), 2, null_mut(), e.as_mut_ptr())
+    });
+    null_arg("ps_store_group_ranges", || {
+        ps_store_group_ranges(st, model.as_ptr(), plan.as_ptr(), 2, s.as_mut_ptr(), null_mut())
+    });
+    null_arg("ps_store_group_ranges", || {
+        ps_store_group_ranges(null(), model.as_ptr(), plan.as_ptr(), 2, s.as_mut_ptr(), e.as_mut_ptr())
+    });
+    assert!(s.iter().chain(&e).all(|&v| v == SENTINEL), "outputs written on failure");
+
+    // The host address holds the model's bytes, as ps_store_read reads them.
+    let mut ptr = SENTINEL;
+    check(PS_ERR_NOT_FOUND, "ps_store_model_host_ptr", || {
+        ps_store_model_host_ptr(st, c"nope".as_ptr(), &mut ptr)
+    });
+    null_arg("ps_store_model_host_ptr", || ps_store_model_host_ptr(st, model.as_ptr(), null_mut()));
+    null_arg("ps_store_model_host_ptr", || ps_store_model_host_ptr(st, null(), &mut ptr));
+    null_arg("ps_store_model_host_ptr", || ps_store_model_host_ptr(null(), model.as_ptr(), &mut ptr));
+    assert_eq!(ptr, SENTINEL);
+    check(PS_OK, "ps_store_model_host_ptr", || ps_store_model_host_ptr(st, model.as_ptr(), &mut ptr));
+    assert!(ptr != 0 && ptr != SENTINEL);
+    let mut want = vec![0u8; info.bytes as usize];
+    check(PS_OK, "ps_store_read", || {
+        ps_store_read(st, model.as_ptr(), 0, want.as_mut_ptr().cast(), want.len())
+    });
+    // SAFETY: the store maps the model's bytes at ptr while it is stored
+    // and the store open (this test removes nothing).
+    let got = unsafe { std::slice::from_raw_parts(ptr as *const u8, info.bytes as usize) };
+    assert_eq!(got, &want[..]);
+    assert!(want.iter().any(|&b| b != 0));
+
+    check(PS_OK, "ps_store_free", || ps_store_free(st));
+    check(PS_OK, "ps_store_unlink", || ps_store_unlink(c"ffi-group-ranges".as_ptr()));
+}
+
+/// `ps_store_copy_schedule`: the copies cover the groups' bytes in order,
+/// none past `max_chunk`, each group's event after the copy that completes
+/// it; the buffer-size protocol; bad arguments leave the outputs alone.
+#[test]
+fn copy_schedule_of_a_plan() {
+    let st = create_store("ffi-copy-schedule", 1 << 20, 4);
+    let m = small_model(12);
+    check(PS_OK, "ps_store_add_model", || m.add(st, "m"));
+    let model = c"m";
+    let schedule = |plan: &[usize], min: u64, max: u64| -> (Vec<(u64, u64)>, Vec<usize>) {
+        let mut n = usize::MAX;
+        check(PS_ERR_BUFFER_TOO_SMALL, "ps_store_copy_schedule", || {
+            ps_store_copy_schedule(st, model.as_ptr(), plan.as_ptr(), plan.len(), min, max, null_mut(), 0, &mut n, null_mut())
+        });
+        assert!((1..1000).contains(&n), "{n}");
+        let mut ranges = vec![SENTINEL; 2 * n];
+        let mut group_copy = vec![usize::MAX; plan.len()];
+        let mut n2 = 0usize;
+        check(PS_OK, "ps_store_copy_schedule", || {
+            ps_store_copy_schedule(st, model.as_ptr(), plan.as_ptr(), plan.len(), min, max, ranges.as_mut_ptr(), n,
+                                   &mut n2, group_copy.as_mut_ptr())
+        });
+        assert_eq!(n2, n);
+        (ranges.chunks(2).map(|r| (r[0], r[1])).collect(), group_copy)
+    };
+    for plan in [vec![0], vec![0, 1], vec![0, 2], vec![0, 1, 2]] {
+        let mut ends = vec![0u64; plan.len()];
+        let mut s = vec![0u64; plan.len()];
+        check(PS_OK, "ps_store_group_ranges", || {
+            ps_store_group_ranges(st, model.as_ptr(), plan.as_ptr(), plan.len(), s.as_mut_ptr(), ends.as_mut_ptr())
+        });
+        for (min, max) in [(4 << 20, 64 << 20), (1, 1 << 20), (1, 100), (200, 300)] {
+            let (copies, group_copy) = schedule(&plan, min, max);
+            assert_eq!(copies[0].0, 0);
+            assert!(copies.windows(2).all(|w| w[0].1 == w[1].0), "{copies:?}");
+            assert_eq!(copies.last().unwrap().1, *ends.last().unwrap());
+            assert!(copies.iter().all(|c| c.1 - c.0 <= max), "{copies:?}");
+            for (g, &c) in group_copy.iter().enumerate() {
+                assert!(copies[c].1 >= ends[g], "plan {plan:?} ({min}, {max}): group {g} before its bytes");
+                assert!(c == 0 || copies[c - 1].1 < ends[g], "plan {plan:?} ({min}, {max}): group {g} late");
+            }
+            if min == 1 {
+                // No merging: every group's event follows a copy that ends at its end.
+                assert!(group_copy.iter().enumerate().all(|(g, &c)| copies[c].1 == ends[g]));
+            }
+        }
+        // The default chunking: the tiny model is one copy.
+        assert_eq!(schedule(&plan, 4 << 20, 64 << 20).0.len(), 1);
+    }
+
+    let plan = [0usize, 1, 2];
+    let mut ranges = [SENTINEL; 8];
+    let mut group_copy = [77usize; 3];
+    let mut n = 55usize;
+    for (p, min, max) in [(&[0usize, 0][..], 1, 10), (&[1][..], 1, 10), (&plan[..], 0, 10), (&plan[..], 10, 1)] {
+        check(PS_ERR_INVALID_ARGUMENT, "ps_store_copy_schedule", || {
+            ps_store_copy_schedule(st, model.as_ptr(), p.as_ptr(), p.len(), min, max, ranges.as_mut_ptr(), 4, &mut n,
+                                   group_copy.as_mut_ptr())
+        });
+    }
+    check(PS_ERR_NOT_FOUND, "ps_store_copy_schedule", || {
+        ps_store_copy_schedule(st, c"nope".as_ptr(), plan.as_ptr(), 3, 1, 10, ranges.as_mut_ptr(), 4, &mut n,
+                               group_copy.as_mut_ptr())
+    });
+    null_arg("ps_store_copy_schedule", || {
+        ps_store_copy_schedule(st, model.as_ptr(), plan.as_ptr(), 3, 4 << 20, 64 << 20, ranges.as_mut_ptr(), 4,
+                               null_mut(), group_copy.as_mut_ptr())
+    });
+    null_arg("ps_store_copy_schedule", || {
+        ps_store_copy_schedule(st, model.as_ptr(), plan.as_ptr(), 3, 4 << 20, 64 << 20, ranges.as_mut_ptr(), 4, &mut n,
+                               null_mut())
+    });
+    null_arg("ps_store_copy_schedule", || {
+        ps_store_copy_schedule(st, model.as_ptr(), plan.as_ptr(), 3, 4 << 20, 64 << 20, null_mut(), 4, &mut n,
+                               group_copy.as_mut_ptr())
+    });
+    null_arg("ps_store_copy_schedule", || {
+        ps_store_copy_schedule(st, model.as_ptr(), null(), 3, 4 << 20, 64 << 20, ranges.as_mut_ptr(), 4, &mut n,
+                               group_copy.as_mut_ptr())
+    });
+    assert_eq!(n, 55);
+    assert!(ranges.iter().all(|&v| v == SENTINEL) && group_copy.iter().all(|&v| v == 77));
+
+    check(PS_OK, "ps_store_free", || ps_store_free(st));
+    check(PS_OK, "ps_store_unlink", || ps_store_unlink(c"ffi-copy-schedule".as_ptr()));
+}

@@ -86,7 +86,10 @@ VARIANTS = [
      "Worker.switch_to(model) with the planner's optimal plan (pipelined copy from the pinned "
      "shared-memory store into the model's arena region), then the forward, whose layer groups wait "
      "on the GPU for their bytes; host wall time from the switch_to call to synchronize() after the "
-     "forward. Every switch copies the whole model (the worker alternates between the models)."),
+     "forward. Every switch copies the whole model (the worker alternates between the models). With "
+     "--graphs (unless --no-fused) the switch and the forward are one replay of a fused CUDA graph "
+     "(CapturedForward.switch_and_run: the copies on a side stream inside the graph, the group waits "
+     "edges of it), timed from that call to synchronize()."),
     ("transfer_then_run", "total", "transfer then run",
      "The same Worker path with one group (plan=[0]): the forward waits until the whole model has "
      "arrived. Also the grouping ablation's 'one group'."),
@@ -317,8 +320,12 @@ def where_the_time_goes(model, variants, model_bytes, peak_gbps, plan_info=None)
                      "weights: %.2f ms spent waiting for groups" % (gpu, ready_gpu, gpu - ready_gpu))
     if gpu is not None:
         out["host_ms"] = tot - gpu
-        notes.append("host side not covered by the GPU forward: %.2f ms (switch_to call %.2f ms, "
-                     "launch and synchronize)" % (tot - gpu, call or 0.0))
+        if call is None:  # a fused replay: the graph spans the switch and the forward
+            notes.append("host side not covered by the fused graph on the compute stream: %.2f ms "
+                         "(launch and synchronize)" % (tot - gpu))
+        else:
+            notes.append("host side not covered by the GPU forward: %.2f ms (switch_to call %.2f ms, "
+                         "launch and synchronize)" % (tot - gpu, call))
     if enq is not None and gpu is not None and enq > 0.8 * gpu:
         notes.append("host-bound: Python took %.2f ms to issue the forward (GPU forward %.2f ms), so "
                      "the GPU waits for launches, not for bytes" % (enq, gpu))
@@ -861,6 +868,24 @@ def timed_switch(torch, worker, name, skel, inputs, ev0, ev1):
     rec = {"total_ms": (t3 - t0) * 1e3, "switch_call_ms": (t1 - t0) * 1e3,
            "enqueue_ms": (t2 - t1) * 1e3, "compute_stream_ms": ev0.elapsed_time(ev1),
            "copy_gpu_ms": worker.switch.elapsed_ms()}
+    return rec, y
+
+
+def timed_fused_switch(torch, cap, inputs, ev0, ev1):
+    """CapturedForward.switch_and_run (the switch and the forward as one
+    replay of the fused CUDA graph) + synchronize; returns (record, output).
+    compute_stream_ms spans the whole graph (copies included); the copies'
+    own GPU time is not measured (they run inside the graph)."""
+    stream = torch.cuda.current_stream()
+    t0 = time.perf_counter()
+    ev0.record(stream)
+    y = cap.switch_and_run(*inputs)
+    ev1.record(stream)
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    rec = {"total_ms": (t2 - t0) * 1e3, "enqueue_ms": (t1 - t0) * 1e3,
+           "compute_stream_ms": ev0.elapsed_time(ev1)}
     return rec, y
 
 
@@ -1503,14 +1528,17 @@ class Experiment:
         # every plan of the grouping ablation.
         if not args.no_calibrate:
             self.calibrate()
-        # CUDA graphs (--graphs): every Worker variant replays its captured forward.
+        # CUDA graphs (--graphs): every Worker variant replays its captured forward; the
+        # switch variants (all but "ready") also a fused graph, the switch and the forward in
+        # one launch (CapturedForward.switch_and_run), unless --no-fused.
         self.caps = {}
         if args.graphs:
             tc = time.perf_counter()
             for m in list(self.models):
                 try:
                     for k in ("ready", "optimal", "one_group", "per_layer", "hand"):
-                        self.caps[(k, m)] = self.workers[k].capture(m, self.inputs[m])
+                        self.caps[(k, m)] = self.workers[k].capture(m, self.inputs[m],
+                                                                    fused=args.fused and k != "ready")
                 except Exception as e:  # noqa: BLE001
                     self.drop_model(m, "capture", e)
             log("captured the CUDA graphs in %.1f s" % (time.perf_counter() - tc))
@@ -1553,6 +1581,7 @@ class Experiment:
                 self.drop_child(key)
         self.result["environment"]["skeletons"] = self.skel_kind
         self.result["environment"]["cuda_graphs"] = bool(self.args.graphs)
+        self.result["environment"]["fused_switch_graphs"] = bool(self.args.graphs and self.args.fused)
         self.result["timing_s"]["setup"] = time.perf_counter() - t0
         log("setup done in %.1f s" % (time.perf_counter() - t0))
 
@@ -1577,7 +1606,7 @@ class Experiment:
             try:
                 r = pst.calibrate_module(self.workers["optimal"], m, self.inputs[m], before=self.before_fn(m),
                                          reps=args.cal_reps, extra_plans=[self.plans[m]["hand"]], max_rounds=4,
-                                         graphs=args.graphs)
+                                         graphs=args.graphs, fused=args.fused)
             except Exception as e:  # noqa: BLE001
                 self.error("calibrate %s" % m, e)
                 continue
@@ -1633,7 +1662,11 @@ class Experiment:
                 if before is not None:  # as a server runs it: right after another model's forward
                     before()
                     torch.cuda.synchronize()
-                rec, y = timed_switch(torch, self.workers[kind], m, fwd(kind), self.inputs[m], *ev)
+                cap = self.caps.get((kind, m))
+                if cap is not None and cap.fused:
+                    rec, y = timed_fused_switch(torch, cap, self.inputs[m], *ev)
+                else:
+                    rec, y = timed_switch(torch, self.workers[kind], m, fwd(kind), self.inputs[m], *ev)
                 chk(v, y)
                 return rec
             return f
@@ -2006,6 +2039,9 @@ def parse_args(argv=None):
     p.add_argument("--graphs", action="store_true",
                    help="the libpipeswitch Worker variants replay CUDA graphs of the forward (Worker.capture; "
                         "per-layer times of the GPU alone), instead of eager PyTorch")
+    p.add_argument("--no-fused", dest="fused", action="store_false",
+                   help="with --graphs: time the switch variants as switch_to + a replay of the forward's graph, "
+                        "not as one replay of the fused switch + forward graph (nor calibrate that way)")
     p.add_argument("--no-server-order", dest="server_order", action="store_false",
                    help="do not run another model's forward before each timed switch")
     p.add_argument("--child", choices=["stop_and_start", "mps_standby", "mps_prev", "mem"], help=argparse.SUPPRESS)

@@ -333,3 +333,18 @@ def test_plans_table_reads_both_workers():
     assert "| built-in | resnet152 | 9.20 | 4.60 | 9.40 (9.30), 3 groups | - | 9.50 (9.60) | 13.70 (13.50) |" in lines[2]
     assert "**no**" in lines[2]
     assert lines[3].startswith("| PyTorch | bert_base | 7.60 | 7.90 | 8.20 (8.10), 14 groups | 8.24 (8.20) |")
+
+
+def test_where_the_time_goes_of_a_fused_replay():
+    # A fused replay (experiments.py --graphs) records no switch_to call and no copy time:
+    # the compute stream spans the whole graph, the host side is launch and synchronize.
+    def variant(**fields):
+        return {"stats": {k: {"median": v} for k, v in fields.items()}}
+    variants = {"pipeswitch": variant(total_ms=5.0, enqueue_ms=0.05, compute_stream_ms=4.8),
+                "ready_pipeswitch": variant(total_ms=4.5, enqueue_ms=0.03, compute_stream_ms=4.4),
+                "ready_torch": variant(total_ms=6.0)}
+    w = E.where_the_time_goes("resnet152", variants, BYTES["resnet152"], 54.8)
+    assert w["switch_call_ms"] is None and w["copy_gpu_ms"] is None
+    assert w["host_ms"] == pytest.approx(0.2) and w["stall_ms"] == pytest.approx(0.4)
+    assert any("fused graph" in n for n in w["notes"]) and not any("switch_to call" in n for n in w["notes"])
+    assert E.parse_args(["--graphs"]).fused and not E.parse_args(["--graphs", "--no-fused"]).fused

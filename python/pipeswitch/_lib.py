@@ -364,6 +364,10 @@ SIGNATURES = {
     "ps_store_model_footprint": (STATUS, [_store_p, c_char_p, _u64_p]),
     "ps_store_safetensors_footprint": (STATUS, [c_char_p, _P(c_char_p), c_size_t, _u64_p]),
     "ps_store_capacity_for": (STATUS, [_u64_p, c_size_t, _u64_p]),
+    "ps_store_group_ranges": (STATUS, [_store_p, c_char_p, _size_p, c_size_t, _u64_p, _u64_p]),
+    "ps_store_model_host_ptr": (STATUS, [_store_p, c_char_p, _u64_p]),
+    "ps_store_copy_schedule": (STATUS, [_store_p, c_char_p, _size_p, c_size_t, c_uint64, c_uint64, _u64_p,
+                                        c_size_t, _size_p, _size_p]),
     # switch
     "ps_switch_new": (STATUS, [c_int32, _P(_switch_p)]),
     "ps_switch_free": (STATUS, [_switch_p]),

@@ -485,6 +485,41 @@ class Store:
                                        _enc(tensor_name, "tensor name"), byref(out))
         return out.value
 
+    def group_ranges(self, name, group_starts) -> List[Tuple[int, int]]:
+        """The bytes ``[start, end)`` of each layer group of the plan
+        ``group_starts`` of model ``name``, relative to the model's first
+        byte, as :meth:`Switch.start` copies them (contiguous, in order; the
+        plan is checked as a switch checks it)."""
+        arr, n = _size_array(group_starts)
+        starts, ends = (c_uint64 * max(n, 1))(), (c_uint64 * max(n, 1))()
+        _c.lib().ps_store_group_ranges(self._handle(), _enc(name, "model name"), arr, n, starts, ends)
+        return [(int(starts[g]), int(ends[g])) for g in range(n)]
+
+    def copy_schedule(self, name, group_starts, min_chunk=4 << 20, max_chunk=64 << 20):
+        """The copies :meth:`Switch.start` makes for the plan
+        ``group_starts`` of model ``name`` with this chunking (see
+        :meth:`Switch.set_chunking`): ``(copies, group_copy)``, ``copies``
+        the bytes ``[start, end)`` of each copy relative to the model's
+        first byte, in order (consecutive small groups share a copy, large
+        ones are split; a copy may be empty), and ``group_copy[g]`` the
+        copy after which group ``g`` has arrived."""
+        arr, n = _size_array(group_starts)
+        cap = n + self._model_header(name).bytes // max(int(max_chunk), 1) + 1
+        ranges, group_copy, count = (c_uint64 * (2 * cap))(), (c_size_t * max(n, 1))(), c_size_t()
+        _c.lib().ps_store_copy_schedule(self._handle(), _enc(name, "model name"), arr, n, int(min_chunk),
+                                        int(max_chunk), ranges, cap, byref(count), group_copy)
+        copies = [(int(ranges[2 * i]), int(ranges[2 * i + 1])) for i in range(count.value)]
+        return copies, [int(group_copy[g]) for g in range(n)]
+
+    def model_host_ptr(self, name) -> int:
+        """Address of model ``name``'s first byte in this process's mapping
+        of the store (page-locked once :meth:`pin` ran). Not a lease: the
+        bytes there are the model's only while it stays stored, so check
+        :meth:`model_id` before each use."""
+        out = c_uint64()
+        _c.lib().ps_store_model_host_ptr(self._handle(), _enc(name, "model name"), byref(out))
+        return out.value
+
     def set_layer_exec_ms(self, name, exec_ms: Sequence[float]):
         """Stores measured per-layer execution times (ms, one per layer) with
         the model, for :func:`plan_model`."""

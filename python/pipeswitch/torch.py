@@ -85,6 +85,13 @@ ROOT_LAYER = "(root)"
 #: warning: PyTorch's cuBLAS workspace (32 MiB on Hopper) plus room to work.
 MIN_WORKSPACE_BYTES = 64 << 20
 
+#: Chunking of a fused graph's copies (:meth:`Worker.capture`), the
+#: :class:`Switch`'s defaults: consecutive groups share a copy until it holds
+#: :data:`FUSED_MIN_COPY` bytes, no copy exceeds :data:`FUSED_MAX_COPY`
+#: (:meth:`Store.copy_schedule`).
+FUSED_MIN_COPY = 4 << 20
+FUSED_MAX_COPY = 64 << 20
+
 #: Smallest weight (bytes) of an ``nn.Embedding`` that :func:`register_module`
 #: moves to the end of the stored order (see "Token tables" above).
 TABLE_MIN_BYTES = 1 << 20
@@ -474,7 +481,7 @@ def predict_plan(info, module, model, plan, bandwidth_gbps):
 
 
 def calibrate_module(worker, model_name, example_inputs, before=None, reps=5, extra_plans=(), max_rounds=4,
-                     tolerance=0.03, store_result=True, graphs=False):
+                     tolerance=0.03, store_result=True, graphs=False, fused=True):
     """Closed-loop planning of model ``model_name`` attached to ``worker``
     (issue 15), measured as a server runs it.
 
@@ -494,7 +501,10 @@ def calibrate_module(worker, model_name, example_inputs, before=None, reps=5, ex
     :class:`~pipeswitch.CostRecord` is stored with the model when
     ``store_result``. ``graphs``: the forward runs as a captured CUDA graph
     (:meth:`Worker.capture`, captured again for each plan measured), as a
-    server that replays graphs runs it. Returns a dict: ``plan``,
+    server that replays graphs runs it; with ``fused`` (the default) the
+    switch and the forward are one replay of the fused graph
+    (:meth:`CapturedForward.switch_and_run`), timed from the call to the
+    synchronize. Returns a dict: ``plan``,
     ``record``, ``ready_ms``, ``needed_layers``, ``bandwidth_gbps`` and,
     with ``graphs``, ``captured`` (the :class:`CapturedForward` of the
     chosen plan)."""
@@ -524,6 +534,10 @@ def calibrate_module(worker, model_name, example_inputs, before=None, reps=5, ex
             before()
         torch.cuda.synchronize(device)
         t0 = time.perf_counter()
+        if switch and graphs and fused:
+            cap["f"].switch_and_run()
+            torch.cuda.synchronize(device)
+            return (time.perf_counter() - t0) * 1e3
         if switch:
             worker.switch_to(model_name)
         elif graphs:
@@ -541,12 +555,12 @@ def calibrate_module(worker, model_name, example_inputs, before=None, reps=5, ex
     def measure(p):
         worker.set_plan(model_name, full(p))
         if graphs:
-            cap["f"] = worker.capture(model_name, inputs)
+            cap["f"] = worker.capture(model_name, inputs, fused=fused)
         once(True)  # warm: the first switch with new hooks
         return statistics.median(once(True) for _ in range(reps))
 
     if graphs:
-        cap["f"] = worker.capture(model_name, inputs)
+        cap["f"] = worker.capture(model_name, inputs, fused=fused)
     worker.switch_to(model_name)
     worker.synchronize()
     ready_ms = statistics.median(once(False) for _ in range(max(reps, 3)))
@@ -564,7 +578,7 @@ def calibrate_module(worker, model_name, example_inputs, before=None, reps=5, ex
     result = {"plan": full(plan), "record": rec, "ready_ms": ready_ms, "needed_layers": needed,
               "bandwidth_gbps": bw}
     if graphs:
-        result["captured"] = worker.capture(model_name, inputs)
+        result["captured"] = worker.capture(model_name, inputs, fused=fused)
     return result
 
 
@@ -734,6 +748,7 @@ class Worker:
         self._last = None  # the model of the last switch_to
         self._copy_stream = None
         self._capturing = None  # the model whose forward is being captured (capture())
+        self._fusing = None  # (entry, [event per group]) while its fused graph is captured
 
     # -- the workspace allocator ------------------------------------------
     @classmethod
@@ -946,6 +961,12 @@ class Worker:
         switch, device = self.switch, self.device
 
         def hook(mod, args):
+            fusing = self._fusing
+            if fusing is not None and fusing[0] is entry:
+                # Capturing the fused graph: wait for this group's copy,
+                # captured on a side stream of the same capture (a graph edge).
+                torch.cuda.current_stream(device).wait_event(fusing[1][group])
+                return
             if self._current is entry:
                 stream = torch.cuda.current_stream(device).cuda_stream
                 switch.wait_group(group, stream)
@@ -966,19 +987,29 @@ class Worker:
         saved = []
 
         def pre(mod, args):
-            if self._current is not entry:
-                if not entry.resident:
-                    raise RuntimeError("model %r is not loaded on %s: call worker.switch_to(%r) first"
-                                       % (entry.name, device, entry.name))
-                return  # complete in its region
-            stream = torch.cuda.current_stream(device).cuda_stream
-            if entry.waited.get(stream, -1) >= group or (self._capturing is not entry and switch.group_ready(group)):
-                return  # in the arena, in this stream's order (a capture never asks: it reads the host)
-            views = self._host_views(entry, layer, own)
-            if views is None:
-                switch.wait_group(group, stream)
-                entry.waited[stream] = max(group, entry.waited.get(stream, -1))
-                return
+            fusing = self._fusing
+            if fusing is not None and fusing[0] is entry:
+                # Capturing the fused graph: the table's copy is in the same
+                # graph; read the host (or, failing that, wait for the copy).
+                views = self._host_views(entry, layer, own)
+                if views is None:
+                    torch.cuda.current_stream(device).wait_event(fusing[1][group])
+                    return
+            else:
+                if self._current is not entry:
+                    if not entry.resident:
+                        raise RuntimeError("model %r is not loaded on %s: call worker.switch_to(%r) first"
+                                           % (entry.name, device, entry.name))
+                    return  # complete in its region
+                stream = torch.cuda.current_stream(device).cuda_stream
+                if entry.waited.get(stream, -1) >= group or \
+                        (self._capturing is not entry and switch.group_ready(group)):
+                    return  # in the arena, in this stream's order (a capture never asks: it reads the host)
+                views = self._host_views(entry, layer, own)
+                if views is None:
+                    switch.wait_group(group, stream)
+                    entry.waited[stream] = max(group, entry.waited.get(stream, -1))
+                    return
             for (attr, is_param, _), v in zip(own, views):
                 d = mod._parameters if is_param else mod._buffers
                 saved.append((d, attr, d[attr]))
@@ -1165,7 +1196,7 @@ class Worker:
         self.switch.synchronize()
 
     # -- CUDA graphs -----------------------------------------------------
-    def capture(self, model_name, example_inputs, warmup=3):
+    def capture(self, model_name, example_inputs, warmup=3, fused=False):
         """Captures the forward of attached model ``model_name`` on inputs of
         the shapes and dtypes of ``example_inputs`` as CUDA graphs, and
         returns a :class:`CapturedForward` that replays them.
@@ -1181,6 +1212,24 @@ class Worker:
           replay resolves against the groups of the switch started before
           it; moved token tables are read from the pinned store;
         - *resident*: the forward on the complete region, with no waits.
+
+        ``fused=True`` captures a third graph, *fused*: the whole switch and
+        the forward in one graph (:meth:`CapturedForward.switch_and_run`),
+        so that one launch does what :meth:`switch_to` + a replay do, with
+        no host work between the copies and the forward. Its copies (those
+        :meth:`Switch.start` makes for the plan with the default chunking,
+        :meth:`Store.copy_schedule` with :data:`FUSED_MIN_COPY` and
+        :data:`FUSED_MAX_COPY`) run from the store's pinned pages
+        (:meth:`Store.model_host_ptr`) to the model's region on a side
+        stream of the capture, each group's event recorded after the copy
+        that completes it and waited on by the group's pre-hook (an edge
+        inside the graph); moved token tables are read from the pinned
+        store. A replay checks the store's model id before the launch and
+        leases the model right after it (until the copies are done), so a
+        model removed or added again is refused, but one removed in the
+        instant between the check and the lease is not. Off by default (a
+        third graph and its memory pool; the daemon's Python worker keeps
+        :meth:`switch_to` + a replay).
 
         The model is switched in (and waited for) first, so the warm-up
         forwards run on its real weights. The graphs hold this binding's
@@ -1221,8 +1270,59 @@ class Worker:
             finally:
                 self._capturing = None
             graphs[kind] = (g, out)
+        source = None
+        if fused:
+            graphs["fused"], source = self._capture_fused(entry, static)
         torch.cuda.synchronize(self.device)
-        return CapturedForward(self, entry, static, graphs)
+        return CapturedForward(self, entry, static, graphs, source)
+
+    def _capture_fused(self, entry, static):
+        """The fused graph of ``entry`` (see :meth:`capture`): ``((graph,
+        outputs), (model id, host address, what the graph's copies use))``.
+        The model must be resident and the last switch (for the tables'
+        host views)."""
+        import ctypes
+        import torch
+
+        store, name = self.store, entry.name
+        store.pin(self.device.index)
+        model_id = store.model_id(name)
+        host = store.model_host_ptr(name)
+        base = self.arena.base() + entry.offset
+        copies, group_copy = store.copy_schedule(name, entry.plan, FUSED_MIN_COPY, FUSED_MAX_COPY)
+        pairs = []  # (arena tensor, pinned host tensor) per copy; None for an empty one
+        for a, b in copies:
+            if b == a:
+                pairs.append(None)
+                continue
+            src = torch.frombuffer((ctypes.c_uint8 * (b - a)).from_address(host + a), dtype=torch.uint8)
+            with torch.cuda.device(self.device):
+                dst = torch.as_tensor(_CudaMemory(base + a, b - a), device=self.device)
+            if dst.data_ptr() != base + a:
+                raise RuntimeError("PyTorch mapped arena address %#x at %#x" % (base + a, dst.data_ptr()))
+            pairs.append((dst, src))
+        events = [torch.cuda.Event() for _ in group_copy]
+        completes = [[g for g, c in enumerate(group_copy) if c == i] for i in range(len(copies))]
+        side = torch.cuda.Stream(self.device)
+        self.switch_to(name, resident=True)  # complete; the tables' host views are of this model
+        graph = torch.cuda.CUDAGraph()
+        self._fusing = (entry, events)
+        try:
+            with torch.no_grad(), torch.cuda.device(self.device), \
+                    torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                capture_stream = torch.cuda.current_stream(self.device)
+                side.wait_stream(capture_stream)  # fork: the copies join the capture
+                with torch.cuda.stream(side):
+                    for pair, done in zip(pairs, completes):
+                        if pair is not None:
+                            pair[0].copy_(pair[1], non_blocking=True)
+                        for group in done:
+                            events[group].record(side)
+                out = _call(entry.module, static)  # group pre-hooks wait on the events
+                capture_stream.wait_stream(side)  # join: the graph ends after every copy
+        finally:
+            self._fusing = None
+        return (graph, out), (model_id, host, (pairs, events, side))
 
     def close(self):
         """Detaches every model and frees the switch engine."""
@@ -1242,17 +1342,22 @@ class CapturedForward:
     the *resident* one, on the current stream, and returns the outputs:
     the graphs' static tensors, overwritten by the next call (copy what
     must outlive it). Raises if the model is not loaded or if its plan or
-    region changed since the capture."""
+    region changed since the capture.
 
-    def __init__(self, worker, entry, static_inputs, graphs):
+    :meth:`switch_and_run` (captured with ``fused=True``) is the switch and
+    the forward in one launch, instead of :meth:`Worker.switch_to` + a
+    call."""
+
+    def __init__(self, worker, entry, static_inputs, graphs, fused_source=None):
         self.worker = worker
         self.entry = entry
         self.inputs = static_inputs
         self.graphs = graphs
         self.version = entry.version
         self.last_kind = None
+        self._source = fused_source  # (model id, host address, what the fused graph's copies use)
 
-    def __call__(self, *inputs):
+    def _check(self, inputs):
         w, entry = self.worker, self.entry
         if w._models.get(entry.name) is not entry or entry.version != self.version:
             raise RuntimeError("model %r was rebound (plan or region) since its forward was captured: "
@@ -1264,6 +1369,64 @@ class CapturedForward:
                 _copy_into(self.inputs, inputs[0])
             else:
                 _copy_into(self.inputs, inputs)
+
+    @property
+    def fused(self):
+        """Whether it has a fused graph (:meth:`switch_and_run`)."""
+        return "fused" in self.graphs
+
+    def switch_and_run(self, *inputs):
+        """Switches its model in and runs the forward, as one replay of the
+        fused graph (:meth:`Worker.capture` with ``fused=True``) on the
+        current stream; returns the fused graph's static outputs
+        (overwritten by its next replay). Inputs as for a call.
+
+        Ordering on the current stream, as :meth:`Worker.switch_to`: (1) a
+        switch of the worker's engine still in flight completes first; (2)
+        the copies start after the work already enqueued. Afterwards the
+        model is resident (models whose regions overlap its region are
+        not), so calls replay the *resident* graph, and the worker's engine
+        holds the model as a resident switch ordered after the graph
+        (:meth:`Worker.synchronize` waits for the graph's copies; the
+        store's model stays leased until they are done). Raises if the model was
+        rebound since the capture, or if the store's model is no longer the
+        one captured (removed, or added again)."""
+        import torch
+
+        w, entry = self.worker, self.entry
+        if "fused" not in self.graphs:
+            raise RuntimeError("model %r: its forward was captured without fused=True" % entry.name)
+        if w.store.model_id(entry.name) != self._source[0]:
+            raise RuntimeError("model %r was removed from the store or added again since its fused graph was "
+                               "captured: capture it again" % entry.name)
+        self._check(inputs)
+        stream = torch.cuda.current_stream(w.device)
+        prev = w._current
+        if prev is not None:
+            w.switch.wait_group(len(prev.plan) - 1, stream.cuda_stream)
+        g, out = self.graphs["fused"]
+        g.replay()
+        for other in w._models.values():
+            if other is not entry and other.overlaps(entry):
+                other.resident = False
+        w._current = None  # no group to wait for: its bytes come in this stream's order
+        w._last = entry
+        entry.waited = {}
+        entry.resident = True
+        self.last_kind = "fused"
+        # After the launch (off the path to the GPU): the engine's resident
+        # start of the model, ordered after the graph on the copy stream, so
+        # that the engine holds the store's model (a lease) until the graph's
+        # copies are done, and Worker.synchronize waits for them.
+        if w._copy_stream is None:
+            w._copy_stream = torch.cuda.ExternalStream(w.switch.copy_stream(), device=w.device)
+        w._copy_stream.wait_stream(stream)
+        w.switch.start_resident(w.store, entry.name, w.arena, entry.offset)
+        return out
+
+    def __call__(self, *inputs):
+        w, entry = self.worker, self.entry
+        self._check(inputs)
         if w._current is entry and not w.switch.group_ready(len(entry.plan) - 1):
             kind = "switched"
         elif entry.resident:

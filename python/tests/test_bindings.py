@@ -492,6 +492,40 @@ def test_plan_model(store):
         ps.plan_model(store, "nope", 10.0)
 
 
+def test_group_ranges_and_model_host_ptr(store):
+    sizes = [4096, 300, 1 << 16, 512]
+    store.add_model("m", [("l%d" % i, [("w%d" % i, "U8", (n,), bytes([i + 1]) * n)]) for i, n in enumerate(sizes)])
+    info = store.model_info("m")
+    ends = [layer.offset + layer.bytes for layer in info.layers]
+    for plan in ([0], [0, 1], [0, 2, 3], [0, 1, 2, 3]):
+        ranges = store.group_ranges("m", plan)
+        bounds = plan[1:] + [len(sizes)]
+        assert ranges == [(0 if g == 0 else ends[plan[g] - 1], ends[b - 1]) for g, b in enumerate(bounds)]
+    for bad in ([], [1], [0, 0], [0, 2, 1], [0, 4]):
+        with pytest.raises(ps.ArgumentError):
+            store.group_ranges("m", bad)
+    with pytest.raises(ps.NotFound):
+        store.group_ranges("nope", [0])
+    # The switch's copies: with the default chunking the small model is one
+    # copy; without merging, one copy per group, split at max_chunk.
+    copies, group_copy = store.copy_schedule("m", [0, 1, 2, 3])
+    assert copies == [(0, ends[-1])] and group_copy == [0, 0, 0, 0]
+    copies, group_copy = store.copy_schedule("m", [0, 1, 2, 3], min_chunk=1, max_chunk=8192)
+    assert copies[0][0] == 0 and copies[-1][1] == ends[-1]
+    assert all(a[1] == b[0] for a, b in zip(copies, copies[1:])) and all(e - s <= 8192 for s, e in copies)
+    assert [copies[c][1] for c in group_copy] == ends
+    assert len(copies) > 4  # the 64 KiB layer in pieces
+    with pytest.raises(ps.ArgumentError):
+        store.copy_schedule("m", [0, 1], min_chunk=10, max_chunk=1)
+    with pytest.raises(ps.ArgumentError):
+        store.copy_schedule("m", [1])
+    # The model's bytes lie at the host address, as read() reads them.
+    ptr = store.model_host_ptr("m")
+    assert ctypes.string_at(ptr, info.bytes) == store.read("m", 0, info.bytes)
+    with pytest.raises(ps.NotFound):
+        store.model_host_ptr("nope")
+
+
 # ---------------------------------------------------------------------------
 # Without a CUDA driver; the workspace without an arena
 # ---------------------------------------------------------------------------

@@ -677,3 +677,260 @@ def test_layer_times_with_the_gpu_held_are_the_gpus(store):
     # The 20 ms host sleep before layer "2" lands in layer "0"'s stretch.
     assert eager[0] > 15.0, eager
     assert sum(held) < 5.0, held
+
+
+# ---------------------------------------------------------------------------
+# The fused switch + forward graph (Worker.capture(fused=True))
+# ---------------------------------------------------------------------------
+
+def region_bytes(arena, offset, nbytes):
+    """A uint8 CUDA tensor viewing ``nbytes`` of the arena at ``offset``."""
+    from pipeswitch.torch import _CudaMemory
+
+    t = torch.as_tensor(_CudaMemory(arena.base() + offset, nbytes), device="cuda:0")
+    assert t.data_ptr() == arena.base() + offset
+    return t
+
+
+def assert_region_holds(store, name, region, plan):
+    end = store.group_ranges(name, plan)[-1][1]
+    want = torch.frombuffer(bytearray(store.read(name, 0, end)), dtype=torch.uint8)
+    assert torch.equal(region[:end].cpu(), want)
+
+
+@gpu
+def test_fused_graph_switches_in_over_garbage(store):
+    """One replay of the fused graph copies the model into its region and
+    runs the forward: after the region was filled with garbage (late, on the
+    stream, right before the replay: the copies must come after it), the
+    output is the resident forward's, bit for bit, and the region holds the
+    model again."""
+    torch.manual_seed(21)
+    width = 1024
+    ma = mlp(width)
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        ra = ma(x)
+    info = register_module(store, "A", ma, (x,), measure=False)
+    assert len(info.layers) == 4
+    arena = ps.Arena.create(0, info.bytes + (8 << 20), 4 << 20)
+    worker = Worker(0, arena=arena, store=store)
+    plan = [0, 1, 3]
+    worker.attach(on_meta(lambda: mlp(width)), "A", plan=plan)
+    entry = worker._models["A"]
+    region = region_bytes(arena, entry.offset, info.bytes)
+    xc = x.cuda()
+    with torch.no_grad():
+        cap = worker.capture("A", (xc,), fused=True)
+        assert cap.fused
+        y_res = cap(xc).clone()
+        assert cap.last_kind == "resident"
+        torch.testing.assert_close(y_res.cpu(), ra, rtol=1e-4, atol=1e-4)
+        for fill in (0x7F, 0xFF, 0x00):
+            torch.cuda._sleep(20_000_000)
+            region.fill_(fill)
+            y = cap.switch_and_run(xc)
+            assert cap.last_kind == "fused"
+            assert worker.current == "A" and entry.resident and worker._current is None
+            assert torch.equal(y, y_res), fill
+            assert torch.equal(cap(xc), y_res) and cap.last_kind == "resident"
+            worker.synchronize()  # the engine's resident start of A, after the graph's copies
+            assert worker.switch.n_groups() == 1
+            torch.cuda.synchronize()
+            assert_region_holds(store, "A", region, plan)
+        y = cap.switch_and_run(x.cuda() * 1.0)  # another input tensor of the same shape
+        assert torch.equal(y, y_res)
+        with pytest.raises(ValueError, match="shape"):
+            cap.switch_and_run(torch.randn(8, 32, device="cuda"))
+    worker.close()
+    arena.close()
+
+
+@gpu
+def test_fused_graphs_alternate_two_models_in_one_region(store):
+    """Two models share a region and switch in by fused replays with no
+    host sync in between; a switch of the engine still in flight (held
+    back on the GPU) completes before a fused replay's copies (rule 1); the
+    other model is not resident afterwards; switch_to works as before."""
+    torch.manual_seed(22)
+    width = 1024
+    ma, mb = mlp(width), mlp(width)
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        ra, rb = ma(x), mb(x)
+    register_module(store, "A", ma, (x,), measure=False)
+    register_module(store, "B", mb, (x,), measure=False)
+    nbytes = store.model_info("A").bytes
+    arena = ps.Arena.create(0, nbytes + (8 << 20), 4 << 20)
+    region = arena.alloc(nbytes)
+    worker = Worker(0, arena=arena, store=store)
+    n = len(store.model_info("A").layers)
+    sa = worker.attach(on_meta(lambda: mlp(width)), "A", region, plan=list(range(n)))
+    sb = worker.attach(on_meta(lambda: mlp(width)), "B", region, plan=[0])
+    xc = x.cuda()
+    with torch.no_grad():
+        cap_a = worker.capture("A", (xc,), fused=True)
+        cap_b = worker.capture("B", (xc,), fused=True)
+        yb_res = cap_b(xc).clone()
+        torch.testing.assert_close(yb_res.cpu(), rb, rtol=1e-4, atol=1e-4)
+        ya_res = None
+        for _ in range(3):
+            ya = cap_a.switch_and_run(xc).clone()
+            if ya_res is None:
+                ya_res = cap_a(xc).clone()
+                assert cap_a.last_kind == "resident"
+            yb = cap_b.switch_and_run(xc).clone()
+            assert worker.current == "B"
+            assert not worker._models["A"].resident and worker._models["B"].resident
+            assert torch.equal(ya, ya_res) and torch.equal(yb, yb_res)
+        torch.testing.assert_close(ya_res.cpu(), ra, rtol=1e-4, atol=1e-4)
+        with pytest.raises(RuntimeError, match="not loaded"):
+            cap_a(xc)
+        with pytest.raises(RuntimeError, match="not loaded"):
+            sa(xc)
+        for _ in range(2):
+            switch_held_back(worker, "A")  # A's copies start ~25 ms from now
+            assert not worker.switch.group_ready(n - 1)
+            yb = cap_b.switch_and_run(xc)
+            assert torch.equal(yb, yb_res)
+            with pytest.raises(RuntimeError, match="not loaded"):
+                sa(xc)
+        worker.switch_to("A")  # the engine's path after a fused replay
+        torch.testing.assert_close(sa(xc).cpu(), ra, rtol=1e-4, atol=1e-4)
+        worker.synchronize()
+        assert torch.equal(cap_a.switch_and_run(xc), ya_res)
+        assert torch.equal(cap_b.switch_and_run(xc), yb_res)
+        # Resident after a fused replay: the eager module runs from the region, in the stream's order.
+        torch.testing.assert_close(sb(xc).cpu(), rb, rtol=1e-4, atol=1e-4)
+    worker.close()
+    arena.close()
+
+
+@gpu
+def test_fused_graph_refuses_stale_bindings_and_readded_models(store):
+    torch.manual_seed(23)
+    width = 256
+    ma = mlp(width)
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        ra = ma(x)
+    register_module(store, "A", ma, (x,), measure=False)
+    info = store.model_info("A")
+    arena = ps.Arena.create(0, info.bytes + (8 << 20), 4 << 20)
+    worker = Worker(0, arena=arena, store=store)
+    worker.attach(on_meta(lambda: mlp(width)), "A", plan=[0, 2])
+    xc = x.cuda()
+    with torch.no_grad():
+        plain = worker.capture("A", (xc,))
+        assert not plain.fused
+        with pytest.raises(RuntimeError, match="fused=True"):
+            plain.switch_and_run(xc)
+        cap = worker.capture("A", (xc,), fused=True)
+        torch.testing.assert_close(cap.switch_and_run(xc).cpu(), ra, rtol=1e-4, atol=1e-4)
+        worker.set_plan("A", [0])
+        with pytest.raises(RuntimeError, match="capture it again"):
+            cap.switch_and_run(xc)
+        cap = worker.capture("A", (xc,), fused=True)
+        torch.testing.assert_close(cap.switch_and_run(xc).cpu(), ra, rtol=1e-4, atol=1e-4)
+        # The store's model removed and added again (other bytes): refused.
+        torch.cuda.synchronize()
+        store.remove_model("A")
+        with pytest.raises(ps.NotFound):
+            cap.switch_and_run(xc)
+        register_module(store, "A", mlp(width), (x,), measure=False)
+        with pytest.raises(RuntimeError, match="added again"):
+            cap.switch_and_run(xc)
+    worker.close()
+    arena.close()
+
+
+@gpu
+def test_fused_graph_reads_token_tables_from_the_host(store):
+    torch.manual_seed(24)
+    ref_model = big_lm()
+    ids = tiny_ids(vocab=32768)
+    with torch.no_grad():
+        ref = ref_model(ids)
+    info = register_module(store, "lm", ref_model, (ids,), measure=False)
+    n = len(info.layers)
+    arena = ps.Arena.create(0, info.bytes + (8 << 20), 4 << 20)
+    worker = Worker(0, arena=arena, store=store)
+    plan = list(range(n))
+    skel = worker.attach(on_meta(big_lm), "lm", plan=plan)
+    entry = worker._models["lm"]
+    assert entry.tables == [n - 1]
+    region = region_bytes(arena, entry.offset, info.bytes)
+    x = ids.cuda()
+    with torch.no_grad():
+        cap = worker.capture("lm", (x,), fused=True)
+        y_res = cap(x).clone()
+        torch.testing.assert_close(y_res.cpu(), ref, rtol=1e-4, atol=1e-4)
+        torch.cuda._sleep(20_000_000)
+        region.fill_(0xFF)
+        y = cap.switch_and_run(x)
+        assert torch.equal(y, y_res)
+        torch.cuda.synchronize()
+        assert_region_holds(store, "lm", region, plan)
+    tok = info.tensor("tok.weight")
+    assert skel.tok.weight.data_ptr() == arena.base() + entry.offset + tok.offset
+    worker.close()
+    arena.close()
+
+
+@gpu
+def test_fused_replay_is_not_slower_than_switch_to_and_a_replay(store):
+    """Host wall time from the call to synchronize, medians of interleaved
+    runs (both copy the whole model every time); written to
+    $PIPESWITCH_FUSED_TIMING (JSON) when set."""
+    import json
+    import statistics
+    import time as _time
+
+    torch.manual_seed(25)
+    width = 2048
+    ma = mlp(width)
+    x = torch.randn(64, 32)
+    info = register_module(store, "A", ma, (x,), measure=False)
+    arena = ps.Arena.create(0, info.bytes + (8 << 20), 4 << 20)
+    worker = Worker(0, arena=arena, store=store)
+    n = len(info.layers)
+    worker.attach(on_meta(lambda: mlp(width)), "A", plan=list(range(n)))
+    xc = x.cuda()
+
+    def two_calls():
+        torch.cuda.synchronize()
+        t0 = _time.perf_counter()
+        worker.switch_to("A")
+        cap(xc)
+        torch.cuda.synchronize()
+        ms = (_time.perf_counter() - t0) * 1e3
+        worker.synchronize()
+        return ms
+
+    def fused():
+        torch.cuda.synchronize()
+        t0 = _time.perf_counter()
+        cap.switch_and_run(xc)
+        torch.cuda.synchronize()
+        return (_time.perf_counter() - t0) * 1e3
+
+    with torch.no_grad():
+        cap = worker.capture("A", (xc,), fused=True)
+        for _ in range(3):
+            two_calls(), fused()
+        a, b = [], []
+        for _ in range(40):
+            a.append(two_calls())
+            b.append(fused())
+    old, new = statistics.median(a), statistics.median(b)
+    result = {"model_bytes": info.bytes, "groups": n, "runs": len(a), "switch_to_and_replay_ms": old,
+              "fused_replay_ms": new, "switch_to_and_replay_p10_p90_ms": [sorted(a)[4], sorted(a)[35]],
+              "fused_replay_p10_p90_ms": [sorted(b)[4], sorted(b)[35]], "device": torch.cuda.get_device_name(0)}
+    print("fused timing:", json.dumps(result))
+    path = os.environ.get("PIPESWITCH_FUSED_TIMING")
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    assert new <= old * 1.02, result
+    worker.close()
+    arena.close()

@@ -4,7 +4,7 @@ use std::ffi::{c_char, c_void};
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{boundary, handles, out, ps_status, slice_arg, str_arg, write_str};
+use super::{boundary, handles, out, ps_status, slice_arg, slice_mut_arg, str_arg, write_str};
 use crate::cuda::Device;
 use crate::error::{Error, Result};
 use crate::store::{model::MAX_DIMS, Dtype, LayerSpec, ModelSpec, Store, TensorSpec};
@@ -515,6 +515,111 @@ pub extern "C" fn ps_store_capacity_for(footprints: *const u64, n: usize, capaci
     boundary("ps_store_capacity_for", || {
         let c = crate::store::capacity_for(slice_arg(footprints, n, "footprints")?)?;
         out(capacity_out, "capacity_out")?.write(c);
+        Ok(())
+    })
+}
+
+/// The bytes each layer group of a plan of `model` covers, as
+/// `ps_switch_start` copies them: group g (layers `[group_starts[g],
+/// group_starts[g+1])`, the last to the model's last layer) is bytes
+/// `[starts_out[g], ends_out[g])` relative to the model's first byte; the
+/// groups are contiguous and in order (`starts_out[0]` is 0). The plan is
+/// checked as `ps_switch_start` checks it (first start 0, increasing, below
+/// the model's layer count). `starts_out` and `ends_out` hold `n_groups`
+/// values each and are written only on success. For callers that enqueue
+/// the switch's copies themselves (e.g. inside a CUDA graph).
+#[no_mangle]
+pub extern "C" fn ps_store_group_ranges(
+    store: *const ps_store,
+    model: *const c_char,
+    group_starts: *const usize,
+    n_groups: usize,
+    starts_out: *mut u64,
+    ends_out: *mut u64,
+) -> ps_status {
+    boundary("ps_store_group_ranges", || {
+        let m = store_ref(store)?.model(str_arg(model, "model")?)?;
+        let starts = slice_arg(group_starts, n_groups, "group_starts")?;
+        crate::switch::check_plan(starts, m.layers.len())?;
+        let layer_ends = crate::switch::layer_ends(&m)?;
+        let (group_ends, _) = crate::switch::group_layout(&layer_ends, starts);
+        let so = slice_mut_arg(starts_out, n_groups, "starts_out")?;
+        let eo = slice_mut_arg(ends_out, n_groups, "ends_out")?;
+        let mut prev = 0u64;
+        for (g, &end) in group_ends.iter().enumerate() {
+            so[g] = prev;
+            eo[g] = end;
+            prev = end;
+        }
+        Ok(())
+    })
+}
+
+/// The address of `model`'s first byte in this process's mapping of the
+/// store (`ps_model_info.bytes` bytes follow; page-locked once
+/// `ps_store_pin` ran, so that copies from it run asynchronously). For
+/// callers that copy the model themselves, e.g. inside a CUDA graph. The
+/// bytes there are the model's only while it stays in the store: the
+/// address is not a lease (a removed model's space is reused once no switch
+/// holds it), so check `ps_model_info.id` before each use.
+#[no_mangle]
+pub extern "C" fn ps_store_model_host_ptr(store: *const ps_store, model: *const c_char, ptr_out: *mut u64) -> ps_status {
+    boundary("ps_store_model_host_ptr", || {
+        let s = store_ref(store)?;
+        let m = s.model(str_arg(model, "model")?)?;
+        let o = out(ptr_out, "ptr_out")?;
+        o.write(s.host_ptr(&m)? as u64);
+        Ok(())
+    })
+}
+
+/// The copies `ps_switch_start` makes for a plan of `model` with chunking
+/// `min_chunk`, `max_chunk` (as `ps_switch_set_chunking`; the defaults are
+/// 4 MiB and 64 MiB): copy i is bytes `[copy_ranges_out[2i],
+/// copy_ranges_out[2i+1])` relative to the model's first byte (consecutive
+/// small groups share a copy, large ones are split; a copy may be empty and
+/// carry only events), and group g's event follows copy `group_copy_out[g]`
+/// (`n_groups` values). `capacity` is the number of copies
+/// `copy_ranges_out` has room for (`2 * capacity` values); at most
+/// `n_groups + bytes / max_chunk + 1` copies come back. `n_copies_out`
+/// receives the number of copies, also with `PS_ERR_BUFFER_TOO_SMALL`;
+/// the arrays are written only on success. For callers that enqueue the
+/// switch's copies themselves (e.g. inside a CUDA graph).
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub extern "C" fn ps_store_copy_schedule(
+    store: *const ps_store,
+    model: *const c_char,
+    group_starts: *const usize,
+    n_groups: usize,
+    min_chunk: u64,
+    max_chunk: u64,
+    copy_ranges_out: *mut u64,
+    capacity: usize,
+    n_copies_out: *mut usize,
+    group_copy_out: *mut usize,
+) -> ps_status {
+    boundary("ps_store_copy_schedule", || {
+        let m = store_ref(store)?.model(str_arg(model, "model")?)?;
+        let starts = slice_arg(group_starts, n_groups, "group_starts")?;
+        crate::switch::check_plan(starts, m.layers.len())?;
+        let (group_ends, _) = crate::switch::group_layout(&crate::switch::layer_ends(&m)?, starts);
+        let copies = crate::switch::copy_schedule(&group_ends, crate::switch::Chunking { min_chunk, max_chunk })?;
+        let n_out = out(n_copies_out, "n_copies_out")?;
+        if copies.len() > capacity {
+            n_out.write(copies.len());
+            return Err(Error::BufferTooSmall { needed: copies.len(), capacity });
+        }
+        let ranges = slice_mut_arg(copy_ranges_out, 2 * copies.len(), "copy_ranges_out")?;
+        let group_copy = slice_mut_arg(group_copy_out, n_groups, "group_copy_out")?;
+        for (i, c) in copies.iter().enumerate() {
+            ranges[2 * i] = c.start;
+            ranges[2 * i + 1] = c.end;
+            for &g in &c.completes_groups {
+                group_copy[g] = i;
+            }
+        }
+        n_out.write(copies.len());
         Ok(())
     })
 }
