@@ -160,12 +160,12 @@ def main(argv=None):
                                E.CONFIG["inception_image"], E.CONFIG["inception_image"], E.CONFIG["seq_len"],
                                args.reps, args.warmup,
                                "replayed from CUDA graphs (Worker.capture)" if args.graphs else "eager")}
-    out = args.out or os.path.join(ROOT, "bench", "results", "serve-torch-%s.json" % E.card_slug(card))
+    out_path = args.out or os.path.join(ROOT, "bench", "results", "serve-torch-%s.json" % E.card_slug(card))
     report["complete"] = False
 
     def save():
         """Written after every part: a run cut short keeps what it measured."""
-        E.write_json(out, report)
+        E.write_json(out_path, report)
 
     try:
         with torch.no_grad():
@@ -313,7 +313,7 @@ def main(argv=None):
     print("|---|---|---|")
     for a in report["ablation"]:
         print("| %s | %s | %d |" % (a["mode"], f(a["switch_ms"]), a["workers_started"]))
-    print("wrote", out)
+    print("wrote", out_path)
     return 0
 
 
