@@ -60,6 +60,16 @@ pub struct LatencyRow {
     pub daemon_ready_ms: Stats,
     pub daemon_switch_ms: Stats,
     pub activation_ms: Stats,
+    /// Of a switched request, as the daemon reports it: waiting in its
+    /// queue; the worker from activation to its result; the daemon from the
+    /// request's arrival to its result leaving (the rest of the client's
+    /// wall time is the sockets and the tensor files).
+    pub switch_queued_ms: Stats,
+    pub switch_worker_ms: Stats,
+    pub switch_daemon_total_ms: Stats,
+    /// The same of a ready request (the model again, on the same worker).
+    pub ready_worker_ms: Stats,
+    pub ready_daemon_total_ms: Stats,
     /// daemon switch median minus in-process switch median (target <= 1 ms).
     pub daemon_overhead_ms: f64,
 }
@@ -272,21 +282,29 @@ pub fn run(opts: &ServeBenchOptions, log: &mut dyn FnMut(&str)) -> Result<ServeB
     let mut s = serve(opts, &store_name, &opts.workdir, largest + (1 << 20), 2, (false, false))?;
     let n = models.len();
     let (mut sw_ms, mut ready_ms, mut act_ms) = (vec![Vec::new(); n], vec![Vec::new(); n], vec![Vec::new(); n]);
+    // Per model: the daemon's timings of switched and ready requests.
+    let mut sw_t: Vec<Vec<pipeswitch::protocol::Timing>> = vec![Vec::new(); n];
+    let mut rd_t: Vec<Vec<pipeswitch::protocol::Timing>> = vec![Vec::new(); n];
     for r in 0..opts.reps + 1 {
         for (i, m) in models.iter().enumerate() {
             let t = Instant::now();
             let out = s.client.infer(&m.def.graph.name, &m.refs())?;
             let switch = ms_since(t);
             let t = Instant::now();
-            s.client.infer(&m.def.graph.name, &m.refs())?;
+            let again = s.client.infer(&m.def.graph.name, &m.refs())?;
             let ready = ms_since(t);
             if r > 0 {
                 sw_ms[i].push(switch);
                 ready_ms[i].push(ready);
                 act_ms[i].push(out.timing.activation_ms);
+                sw_t[i].push(out.timing);
+                rd_t[i].push(again.timing);
             }
         }
     }
+    let of = |v: &[pipeswitch::protocol::Timing], f: fn(&pipeswitch::protocol::Timing) -> f64| {
+        Stats::of(&v.iter().map(f).collect::<Vec<f64>>())
+    };
     s.daemon.stop()?;
     let latency: Vec<LatencyRow> = models
         .iter()
@@ -303,6 +321,11 @@ pub fn run(opts: &ServeBenchOptions, log: &mut dyn FnMut(&str)) -> Result<ServeB
                 daemon_ready_ms: Stats::of(&ready_ms[i]),
                 daemon_switch_ms,
                 activation_ms: Stats::of(&act_ms[i]),
+                switch_queued_ms: of(&sw_t[i], |t| t.queued_ms),
+                switch_worker_ms: of(&sw_t[i], |t| t.worker_ms),
+                switch_daemon_total_ms: of(&sw_t[i], |t| t.total_ms),
+                ready_worker_ms: of(&rd_t[i], |t| t.worker_ms),
+                ready_daemon_total_ms: of(&rd_t[i], |t| t.total_ms),
             }
         })
         .collect();
@@ -447,6 +470,20 @@ pub fn table(r: &ServeBenchReport) -> Vec<String> {
             f(&l.daemon_switch_ms),
             l.daemon_overhead_ms,
             l.activation_ms.median
+        ));
+    }
+    out.push(String::new());
+    out.push("| model | switch: queued | switch: worker | switch: in the daemon | ready: worker | ready: in the daemon |".into());
+    out.push("|---|---|---|---|---|---|".into());
+    for l in &r.latency {
+        out.push(format!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            l.model,
+            l.switch_queued_ms.median,
+            l.switch_worker_ms.median,
+            l.switch_daemon_total_ms.median,
+            l.ready_worker_ms.median,
+            l.ready_daemon_total_ms.median
         ));
     }
     out.push(String::new());
