@@ -119,6 +119,9 @@ class TorchTrainRun:
         self.host = {}  # index in _tensors() -> its pinned host copy, reused
         self._held = []
         self._ring = []
+        # The buffers (e.g. batch-norm statistics) as they were before the
+        # step in flight, put back when it is abandoned; reused every step.
+        self._buf_snap = None
         self._hooks = []
         # Events of a pipelined restore: module -> its parameters copied;
         # the buffers; the optimiser's state.
@@ -205,7 +208,7 @@ class TorchTrainRun:
             self._buf_ready = None
         self.stop = stop if self.abandon else None
         rng = self._rng() if self.abandon else None
-        bufs = [b.detach().clone() for b in self.model.buffers()] if self.abandon else None
+        bufs = self._snapshot_buffers() if self.abandon else None
         self._ring = []
         try:
             x, y = self.spec.data(iteration)
@@ -242,14 +245,28 @@ class TorchTrainRun:
             torch.cuda.current_stream(self.device).synchronize()
         return True
 
+    def _snapshot_buffers(self):
+        """The buffers copied into the snapshot kept for this (a few
+        multi-tensor copies, not one per buffer: ResNet-152 has 466); a new
+        snapshot when the buffers changed."""
+        torch = self.torch
+        bufs = [b.detach() for b in self.model.buffers()]
+        snap = self._buf_snap
+        if snap is None or len(snap) != len(bufs) or any(
+                s.shape != b.shape or s.dtype != b.dtype or s.device != b.device for s, b in zip(snap, bufs)):
+            self._buf_snap = [b.clone() for b in bufs]
+        else:
+            with torch.no_grad():
+                _copy_all(torch, snap, bufs)
+        return self._buf_snap
+
     def _undo(self, rng, bufs):
         torch = self.torch
         if self.cuda:
             self._wait_all()
         with torch.no_grad():
             self.optimizer.zero_grad(set_to_none=True)
-            for b, saved in zip(self.model.buffers(), bufs):
-                b.copy_(saved)
+            _copy_all(torch, [b.detach() for b in self.model.buffers()], bufs)
         self._set_rng(rng)
         if self.cuda:
             torch.cuda.current_stream(self.device).synchronize()
@@ -428,6 +445,24 @@ class TorchTrainRun:
             self.side.synchronize()
         self.host.clear()
         self._held = []
+
+
+def _copy_all(torch, dst, src):
+    """``d.copy_(s)`` for every pair, as one multi-tensor copy per dtype
+    and device (``torch._foreach_copy_``) where PyTorch has it."""
+    foreach = getattr(torch, "_foreach_copy_", None)
+    if foreach is None:
+        for d, s in zip(dst, src):
+            d.copy_(s)
+        return
+    groups = {}
+    for d, s in zip(dst, src):
+        groups.setdefault((d.dtype, d.device, s.dtype, s.device), ([], []))
+        g = groups[(d.dtype, d.device, s.dtype, s.device)]
+        g[0].append(d)
+        g[1].append(s)
+    for ds, ss in groups.values():
+        foreach(ds, ss)
 
 
 def _to_cpu(torch, obj):
