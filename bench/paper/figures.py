@@ -302,8 +302,9 @@ def cell(data, model, variant, spread=True, scale=1.0, digits=1):
     return f % med
 
 
-def main_table(data):
-    """The README's table: one row per model."""
+def main_table(data, llm=None, llm_ref=None):
+    """The README's table: one row per model (and the LLM's, from its own
+    run, when ``llm`` is given: :func:`llm_row`)."""
     head = ["model", "bytes", "bytes/peak", "ready", "libpipeswitch", "transfer-then-run", "model.to",
             "MPS", "stop-and-start", "target", "pass"]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -343,13 +344,64 @@ def main_table(data):
             "%.1f" % t["target_ms"] if t.get("target_ms") else "-",
             verdict,
         ]) + " |")
+    if llm is not None:
+        rows.append(llm_row(llm, llm_ref))
     notes = ["ms, median (p10-p90) of interleaved runs; stop-and-start in seconds. target = 1.08 x "
              "max(ready, bytes / H2D peak); pass = at or under the target and under TARGETS.md's "
              "pipelined column (PipeSwitch's mechanism in plain PyTorch)."]
+    if llm is not None:
+        notes.append("The LLM row is `pipeswitch bench llm` (its own run, %s): transfer-then-run = one copy "
+                     "of the whole model then the prefill; model.to = PyTorch loading the same weights from "
+                     "pinned memory, then its prefill; target = %.2f x max(ready, bytes / H2D peak)." % (llm.get("card", "?"), LLM_TARGET_FACTOR))
     if any_no_mps:
         notes.append("* MPS could not be started: two processes time-slicing the GPU without MPS "
                      "(see the JSON's mps.reason).")
     return "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n"
+
+
+#: The LLM row's target: at most this times max(ready, first-token bytes / peak) (issue 13).
+LLM_TARGET_FACTOR = 1.03
+
+
+def llm_row(llm, ref=None):
+    """The main table's row of an LLM from ``pipeswitch bench llm``'s report
+    ``llm`` (and ``scripts/llm_torch_ref.py``'s ``ref``, for PyTorch's load
+    of the same weights): time to first token of a 128-token prompt instead
+    of the first inference; bytes/peak is the whole model's, the floor of
+    the issue's target (``LLM_TARGET_FACTOR``; the first token waits for
+    less: an untied token table crosses last, its rows read from the
+    host). Its own run: no MPS and no stop-and-start."""
+    t = llm.get("ttft_ms") or {}
+
+    def c(key):
+        v = t.get(key)
+        if not v:
+            return "-"
+        return "%.1f (%.1f-%.1f)" % (v["median"], v["p10"], v["p90"])
+
+    nbytes = llm.get("model_bytes")
+    peak = llm.get("h2d_peak_gbps")
+    floor = llm.get("floor_ms") or (nbytes / (peak * 1e9) * 1e3 if nbytes and peak else None)
+    ready = (t.get("ready") or {}).get("median")
+    piped = (t.get("pipelined") or {}).get("median")
+    target = LLM_TARGET_FACTOR * max(x for x in (ready, floor) if x is not None) if (ready or floor) else None
+    verdict = "n/a" if target is None or piped is None else ("yes" if piped <= target else "**no** (> target)")
+    torch_load = ref.get("torch_plain_load_ttft_ms") if ref else None
+    label = "%s (bf16, built-in worker; time to first token)" % {"llama3-8b": "Llama-3-8B"}.get(
+        llm.get("config"), llm.get("config", "LLM"))
+    return "| " + " | ".join([
+        label,
+        "%.0f MB" % (nbytes / 1e6) if nbytes else "-",
+        "%.1f" % floor if floor else "-",
+        c("ready"),
+        c("pipelined"),
+        c("plain_load"),
+        "%.1f" % torch_load if torch_load else "-",
+        "-",
+        "-",
+        "%.1f" % target if target else "-",
+        verdict,
+    ]) + " |"
 
 
 def ablation_table(data, bars, first="model"):
@@ -379,8 +431,8 @@ def grouping_extra(data):
     return "\n".join(rows) + "\n"
 
 
-def markdown_tables(data):
-    parts = ["### Total latency (switch + first inference)", "", main_table(data),
+def markdown_tables(data, llm=None, llm_ref=None):
+    parts = ["### Total latency (switch + first inference)", "", main_table(data, llm, llm_ref),
              "### Grouping ablation (libpipeswitch, ms)", "", ablation_table(data, GROUPING_BARS),
              grouping_extra(data),
              "### Memory ablation (ms)", "", ablation_table(data, MEMORY_BARS)]
@@ -392,11 +444,20 @@ def main(argv=None):
     p.add_argument("json")
     p.add_argument("--out-dir")
     p.add_argument("--linear", action="store_true", help="linear y axis for the total-latency figure")
+    p.add_argument("--llm", help="`pipeswitch bench llm`'s JSON: the LLM's row in the main table")
+    p.add_argument("--llm-ref", help="scripts/llm_torch_ref.py's JSON (PyTorch's load of the same weights)")
     args = p.parse_args(argv)
     paths = write_all(args.json, args.out_dir, log=not args.linear)
     with open(args.json) as f:
         data = json.load(f)
-    print(markdown_tables(data))
+    llm = ref = None
+    if args.llm:
+        with open(args.llm) as f:
+            llm = json.load(f)
+    if args.llm_ref:
+        with open(args.llm_ref) as f:
+            ref = json.load(f)
+    print(markdown_tables(data, llm, ref))
     for path in paths:
         print("wrote", path, file=sys.stderr)
     return 0

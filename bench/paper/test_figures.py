@@ -348,3 +348,34 @@ def test_where_the_time_goes_of_a_fused_replay():
     assert w["host_ms"] == pytest.approx(0.2) and w["stall_ms"] == pytest.approx(0.4)
     assert any("fused graph" in n for n in w["notes"]) and not any("switch_to call" in n for n in w["notes"])
     assert E.parse_args(["--graphs"]).fused and not E.parse_args(["--graphs", "--no-fused"]).fused
+
+
+def test_the_llm_row_of_the_main_table(tmp_path):
+    """`pipeswitch bench llm`'s report becomes a row of the main table: time
+    to first token per variant, the whole model's bytes over the peak, the
+    1.03 x target and its verdict; PyTorch's load from the reference."""
+    def st(med):
+        return {"median": med, "p10": med - 1, "p90": med + 2}
+    llm = {"card": "Test GPU", "config": "llama3-8b", "model_bytes": 16_000_000_000, "h2d_peak_gbps": 50.0,
+           "floor_ms": 320.0, "ttft_ms": {"pipelined": st(325.0), "ready": st(150.0), "plain_load": st(480.0)}}
+    row = F.llm_row(llm, {"torch_plain_load_ttft_ms": 400.25})
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0].startswith("Llama-3-8B")
+    assert cells[1:5] == ["16000 MB", "320.0", "150.0 (149.0-152.0)", "325.0 (324.0-327.0)"]
+    assert cells[5] == "480.0 (479.0-482.0)" and cells[6] == "400.2" and cells[7:9] == ["-", "-"]
+    assert cells[9] == "329.6" and cells[10] == "yes"  # 1.03 x max(150, 320)
+    llm["ttft_ms"]["pipelined"] = st(330.0)
+    assert F.llm_row(llm).rstrip(" |").endswith("**no** (> target)")
+    # No floor in the report: the bytes over the peak.
+    del llm["floor_ms"]
+    assert "| 320.0 |" in F.llm_row(llm)
+    # In the table and through the command line.
+    data = {"models": {}}
+    assert "Llama-3-8B" in F.main_table(data, llm) and "its own run, Test GPU" in F.main_table(data, llm)
+    paper, lj = tmp_path / "paper.json", tmp_path / "llm.json"
+    paper.write_text(json.dumps({"models": {}}))
+    lj.write_text(json.dumps(llm))
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "figures.py"), str(paper),
+                          "--out-dir", str(tmp_path), "--llm", str(lj)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "| Llama-3-8B (bf16, built-in worker; time to first token) | 16000 MB | 320.0 |" in out.stdout
