@@ -975,8 +975,16 @@ impl Controller {
         if let Some(p) = self.plans.get(&m.id) {
             return p.clone();
         }
-        let plan = pipeswitch::cost::plan_for_stored(&self.store, m, self.gpu.h2d());
+        let (gbps, overhead_ms) = self.gpu.h2d();
+        let plan = pipeswitch::cost::plan_for_stored(&self.store, m, (gbps, overhead_ms));
         let plan: Vec<u32> = plan.into_iter().map(|s| s as u32).collect();
+        tracing::info!(
+            "model {:?}: {} groups of {} layers (H2D {gbps:.1} GB/s, {overhead_ms:.3} ms per copy{})",
+            m.name,
+            plan.len(),
+            m.layers.len(),
+            if self.store.cost(&m.name).ok().flatten().is_some() { "; its fitted cost model" } else { "" }
+        );
         self.plans.insert(m.id, plan.clone());
         plan
     }
