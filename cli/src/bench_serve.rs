@@ -57,6 +57,10 @@ pub struct LatencyRow {
     pub bytes_over_peak_ms: f64,
     pub in_process_ready_ms: Stats,
     pub in_process_switch_ms: Stats,
+    /// In process with the request's inputs set from host memory and its
+    /// outputs read back (what the daemon's requests carry too).
+    pub in_process_request_ready_ms: Stats,
+    pub in_process_request_switch_ms: Stats,
     pub daemon_ready_ms: Stats,
     pub daemon_switch_ms: Stats,
     pub activation_ms: Stats,
@@ -70,8 +74,11 @@ pub struct LatencyRow {
     /// The same of a ready request (the model again, on the same worker).
     pub ready_worker_ms: Stats,
     pub ready_daemon_total_ms: Stats,
-    /// daemon switch median minus in-process switch median (target <= 1 ms).
+    /// daemon switch median minus in-process switch median.
     pub daemon_overhead_ms: f64,
+    /// daemon switch median minus the in-process request's (inputs and
+    /// outputs included on both sides): what the daemon itself adds.
+    pub daemon_overhead_request_ms: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -271,7 +278,34 @@ pub fn run(opts: &ServeBenchOptions, log: &mut dyn FnMut(&str)) -> Result<ServeB
             sw.synchronize()?;
             switched.push(ms_since(t));
         }
-        in_process.push((Stats::of(&ready), Stats::of(&switched)));
+        // The same as a request of a server that links the library: its
+        // inputs from host memory first, its outputs read back to host
+        // memory at the end (what the daemon's requests carry too).
+        let mut outs: Vec<(String, Vec<u8>)> = Vec::new();
+        for n in &program.graph().outputs {
+            outs.push((n.clone(), vec![0u8; program.slot(n)?.bytes as usize]));
+        }
+        let (mut req_ready, mut req_switched) = (Vec::new(), Vec::new());
+        for _ in 0..opts.reps {
+            for resident in [true, false] {
+                let t = Instant::now();
+                for (n, _, _, b) in &m.inputs {
+                    worker.set_input(&program, n, b)?;
+                }
+                if resident {
+                    sw.start_resident(&store, name, &arena, region)?;
+                } else {
+                    sw.start(&store, name, &arena, region, &plan)?;
+                }
+                worker.run(&program, &sw, RunOptions::default())?;
+                for (n, buf) in outs.iter_mut() {
+                    worker.read(&program, n, buf)?;
+                }
+                sw.synchronize()?;
+                if resident { req_ready.push(ms_since(t)) } else { req_switched.push(ms_since(t)) }
+            }
+        }
+        in_process.push((Stats::of(&ready), Stats::of(&switched), Stats::of(&req_ready), Stats::of(&req_switched)));
     }
     drop(worker);
     drop(arena);
@@ -317,7 +351,10 @@ pub fn run(opts: &ServeBenchOptions, log: &mut dyn FnMut(&str)) -> Result<ServeB
                 bytes_over_peak_ms: m.bytes as f64 / (h2d.peak_gbps * 1e6),
                 in_process_ready_ms: in_process[i].0.clone(),
                 daemon_overhead_ms: daemon_switch_ms.median - in_process[i].1.median,
+                daemon_overhead_request_ms: daemon_switch_ms.median - in_process[i].3.median,
                 in_process_switch_ms: in_process[i].1.clone(),
+                in_process_request_ready_ms: in_process[i].2.clone(),
+                in_process_request_switch_ms: in_process[i].3.clone(),
                 daemon_ready_ms: Stats::of(&ready_ms[i]),
                 daemon_switch_ms,
                 activation_ms: Stats::of(&act_ms[i]),
@@ -473,12 +510,15 @@ pub fn table(r: &ServeBenchReport) -> Vec<String> {
         ));
     }
     out.push(String::new());
-    out.push("| model | switch: queued | switch: worker | switch: in the daemon | ready: worker | ready: in the daemon |".into());
-    out.push("|---|---|---|---|---|---|".into());
+    out.push("| model | request in process: ready | request in process: switch | daemon - request in process | switch: queued | switch: worker | switch: in the daemon | ready: worker | ready: in the daemon |".into());
+    out.push("|---|---|---|---|---|---|---|---|---|".into());
     for l in &r.latency {
         out.push(format!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} | {} | {:+.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
             l.model,
+            f(&l.in_process_request_ready_ms),
+            f(&l.in_process_request_switch_ms),
+            l.daemon_overhead_request_ms,
             l.switch_queued_ms.median,
             l.switch_worker_ms.median,
             l.switch_daemon_total_ms.median,
