@@ -572,15 +572,12 @@ def test_switch_to_a_given_region_plan_and_residency(store):
     arena.close()
 
 
-@gpu
-def test_captured_graphs_wait_for_each_later_switch(store):
-    """Worker.capture: the switched graph's group waits are external
-    event-wait nodes, so a replay right after a later switch (copies held
-    back on the GPU, the region overwritten by another model in between)
-    still computes on the model's own bytes; the resident graph runs with
-    no switch; a stale graph (plan changed) is refused."""
-    torch.manual_seed(11)
-    width = 1024
+def two_models_in_one_region(store, seed, width=1024):
+    """Models "A" and "B" (two MLPs of ``width``) registered and attached
+    to one region of a new arena: A one group per layer, B one group.
+    Returns their CPU outputs, the arena, the region, the worker, A's layer
+    count, the two skeletons and the CUDA input."""
+    torch.manual_seed(seed)
     ma, mb = mlp(width), mlp(width)
     x = torch.randn(64, 32)
     with torch.no_grad():
@@ -594,7 +591,17 @@ def test_captured_graphs_wait_for_each_later_switch(store):
     n = len(store.model_info("A").layers)
     sa = worker.attach(on_meta(lambda: mlp(width)), "A", region, plan=list(range(n)))
     sb = worker.attach(on_meta(lambda: mlp(width)), "B", region, plan=[0])
-    xc = x.cuda()
+    return ra, rb, arena, region, worker, n, sa, sb, x.cuda()
+
+
+@gpu
+def test_captured_graphs_wait_for_each_later_switch(store):
+    """Worker.capture: the switched graph's group waits are external
+    event-wait nodes, so a replay right after a later switch (copies held
+    back on the GPU, the region overwritten by another model in between)
+    still computes on the model's own bytes; the resident graph runs with
+    no switch; a stale graph (plan changed) is refused."""
+    ra, rb, arena, region, worker, n, sa, sb, xc = two_models_in_one_region(store, 11)
     with torch.no_grad():
         cap = worker.capture("A", (xc,))
         for _ in range(3):
@@ -606,7 +613,7 @@ def test_captured_graphs_wait_for_each_later_switch(store):
             assert cap.last_kind == "switched"
             torch.testing.assert_close(y.cpu(), ra, rtol=1e-4, atol=1e-4)
         worker.synchronize()
-        y = cap(x.cuda() * 1.0)  # other input tensor, same shape: copied into the graph's input
+        y = cap(xc * 1.0)  # other input tensor, same shape: copied into the graph's input
         assert cap.last_kind == "resident"
         torch.testing.assert_close(y.cpu(), ra, rtol=1e-4, atol=1e-4)
         worker.switch_to("A", resident=True)
@@ -752,22 +759,7 @@ def test_fused_graphs_alternate_two_models_in_one_region(store):
     host sync in between; a switch of the engine still in flight (held
     back on the GPU) completes before a fused replay's copies (rule 1); the
     other model is not resident afterwards; switch_to works as before."""
-    torch.manual_seed(22)
-    width = 1024
-    ma, mb = mlp(width), mlp(width)
-    x = torch.randn(64, 32)
-    with torch.no_grad():
-        ra, rb = ma(x), mb(x)
-    register_module(store, "A", ma, (x,), measure=False)
-    register_module(store, "B", mb, (x,), measure=False)
-    nbytes = store.model_info("A").bytes
-    arena = ps.Arena.create(0, nbytes + (8 << 20), 4 << 20)
-    region = arena.alloc(nbytes)
-    worker = Worker(0, arena=arena, store=store)
-    n = len(store.model_info("A").layers)
-    sa = worker.attach(on_meta(lambda: mlp(width)), "A", region, plan=list(range(n)))
-    sb = worker.attach(on_meta(lambda: mlp(width)), "B", region, plan=[0])
-    xc = x.cuda()
+    ra, rb, arena, region, worker, n, sa, sb, xc = two_models_in_one_region(store, 22)
     with torch.no_grad():
         cap_a = worker.capture("A", (xc,), fused=True)
         cap_b = worker.capture("B", (xc,), fused=True)
