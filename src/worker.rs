@@ -395,6 +395,18 @@ const PARALLEL_STAGE_BYTES: usize = 1 << 20;
 /// Staging is allocated in multiples of this.
 const STAGING_GRANULE: usize = 1 << 20;
 
+/// One run of a program captured as a CUDA graph ([`Worker::capture_run`]).
+#[derive(Debug)]
+pub struct RunGraph {
+    graph: crate::cuda::Graph,
+    model_id: u64,
+    /// The name of the program's graph.
+    program: String,
+    /// Where the model's bytes and the worker's buffer were when captured.
+    weights: CUdeviceptr,
+    buffer: CUdeviceptr,
+}
+
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker").field("device", &self.device.ordinal()).field("activation_bytes", &self.buffer_bytes()).finish()
@@ -701,6 +713,52 @@ impl Worker {
             self.events[n_ops].record(s)?;
         }
         self.profiled_ops = if opts.profile { n_ops } else { 0 };
+        self.last_model = Some(program.model.id);
+        Ok(())
+    }
+
+    /// Captures one run of `program` on the model `switch` holds as a CUDA
+    /// graph, for runs repeated on the same bytes (an LLM's decoding steps):
+    /// one launch instead of a launch per kernel. The model must have
+    /// arrived (every group ready) and stay where it is; the inputs are read
+    /// from the worker's buffer when the graph runs, so set them with
+    /// [`Worker::set_input`] before each [`Worker::run_graph`]. Nothing runs
+    /// now.
+    pub fn capture_run(&mut self, program: &Program, switch: &Switch) -> Result<RunGraph> {
+        let last = switch.n_groups()?.saturating_sub(1);
+        if !switch.group_ready(last)? {
+            return Err(Error::InvalidState(format!(
+                "model {:?} is still arriving: capture a run of it once it is complete",
+                program.model.name
+            )));
+        }
+        let weights = switch.model_base()?;
+        let buffer = self.buffer_ptr();
+        let stream = self.stream.raw();
+        let device = self.device;
+        let graph = crate::cuda::Graph::capture(device, stream, || self.run(program, switch, RunOptions::default()))?;
+        Ok(RunGraph { graph, model_id: program.model.id, program: program.graph.name.clone(), weights, buffer })
+    }
+
+    /// Enqueues one run of a captured graph of `program` on the compute
+    /// stream (as [`Worker::run`]; read its outputs with [`Worker::read`]).
+    /// Fails if the graph is of another model, or if the model or this
+    /// worker's buffer moved since the capture.
+    pub fn run_graph(&mut self, program: &Program, switch: &Switch, graph: &RunGraph) -> Result<()> {
+        if graph.model_id != program.model.id || graph.program != program.graph.name {
+            return Err(Error::invalid(format!(
+                "the graph is a run of {:?}, not of {:?} on model {:?}",
+                graph.program, program.graph.name, program.model.name
+            )));
+        }
+        if switch.model_base()? != graph.weights || self.buffer_ptr() != graph.buffer {
+            return Err(Error::InvalidState(format!(
+                "model {:?} or the worker's buffer moved since the run was captured: capture it again",
+                program.model.name
+            )));
+        }
+        graph.graph.launch(self.stream.raw())?;
+        self.profiled_ops = 0;
         self.last_model = Some(program.model.id);
         Ok(())
     }

@@ -118,6 +118,36 @@ fn run_model(cfg: LlamaConfig, tag: &str, batch: usize) {
         worker.run(&dec, &switch, RunOptions::default()).unwrap();
         assert!(worker.read_f32(&dec, "logits").is_err());
     }
+    // The decoding step captured once as a CUDA graph gives the eager
+    // steps' bits, step after step (the position and the token are inputs
+    // the graph reads where set_input puts them).
+    let prompt: Vec<i32> = (0..batch * seq).map(|i| ((i * 17 + 3) % cfg.vocab) as i32).collect();
+    let mut runs: Vec<Vec<(Vec<f32>, Vec<i32>)>> = vec![];
+    for captured in [false, true] {
+        worker.set_input(&pre, "input_ids", &le_i32(&prompt)).unwrap();
+        worker.set_input(&pre, "pos", &le_i32(&[0])).unwrap();
+        worker.run(&pre, &switch, RunOptions::default()).unwrap();
+        let mut next = worker.read_i32(&pre, "next").unwrap();
+        let graph = captured.then(|| worker.capture_run(&dec, &switch).unwrap());
+        if let Some(g) = &graph {
+            let e = worker.run_graph(&pre, &switch, g).unwrap_err().to_string();
+            assert!(e.contains("not of"), "{e}");
+        }
+        let mut seen = vec![];
+        for step in 0..5 {
+            worker.set_input(&dec, "input_ids", &le_i32(&next)).unwrap();
+            worker.set_input(&dec, "pos", &le_i32(&[(seq + step) as i32])).unwrap();
+            match &graph {
+                Some(g) => worker.run_graph(&dec, &switch, g).unwrap(),
+                None => worker.run(&dec, &switch, RunOptions::default()).unwrap(),
+            }
+            let logits = worker.read_f32(&dec, "logits").unwrap();
+            next = worker.read_i32(&dec, "next").unwrap();
+            seen.push((logits, next.clone()));
+        }
+        runs.push(seen);
+    }
+    assert!(runs[1] == runs[0], "{tag}: the captured decoding step differs from the eager one");
 }
 
 #[test]

@@ -92,6 +92,15 @@ pub struct DecodeResult {
     pub tokens_per_s: f64,
     pub roofline_tokens_per_s: f64,
     pub fraction_of_roofline: f64,
+    /// The same steps, each one launch of a CUDA graph of the decoding
+    /// step captured once (`Worker::capture_run`): step time, tokens/s and
+    /// fraction of the roofline, and whether its tokens equal the eager
+    /// steps'; or why it could not run.
+    pub graph_step_ms: Option<Stats>,
+    pub graph_tokens_per_s: Option<f64>,
+    pub graph_fraction_of_roofline: Option<f64>,
+    pub graph_same_tokens: Option<bool>,
+    pub graph_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -349,6 +358,8 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
             logits1 = b.worker.read_f32(pre, "logits")?;
             tokens_batch1.push(next[0]);
         }
+        let first = next.clone();
+        let mut eager_tokens = vec![];
         let mut steps = vec![];
         for step in 0..opts.decode_steps.saturating_sub(1) {
             let t = Instant::now();
@@ -357,6 +368,7 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
             b.worker.run(dec, &sw, RunOptions::default())?;
             next = b.worker.read_i32(dec, "next")?;
             steps.push(t.elapsed().as_secs_f64() * 1e3);
+            eager_tokens.push(next.clone());
             if batch == 1 {
                 tokens_batch1.push(next[0]);
             }
@@ -365,7 +377,59 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
         let tps = batch as f64 / (st.median * 1e-3);
         let roof = batch as f64 / (per_step_bytes as f64 / (d2d * 1e9));
         log(&format!("decode batch {batch}: {:.2} ms per step, {tps:.1} tokens/s; roofline {roof:.1} tokens/s ({:.0}%)", st.median, 100.0 * tps / roof));
-        decode.push(DecodeResult { batch, steps: steps.len(), step_ms: st, tokens_per_s: tps, roofline_tokens_per_s: roof, fraction_of_roofline: tps / roof });
+        // The same steps again from the same prompt's cache (the prefill
+        // wrote it; the steps overwrite the same positions), each step one
+        // launch of a graph captured once.
+        let mut graph_steps = vec![];
+        let graphed = (|| -> Result<bool> {
+            let g = b.worker.capture_run(dec, &sw)?;
+            let mut next = first.clone();
+            let mut same = true;
+            for (step, want) in eager_tokens.iter().enumerate() {
+                let t = Instant::now();
+                b.worker.set_input(dec, "input_ids", &le_i32(&next))?;
+                b.worker.set_input(dec, "pos", &le_i32(&[(b.prompt + step) as i32]))?;
+                b.worker.run_graph(dec, &sw, &g)?;
+                next = b.worker.read_i32(dec, "next")?;
+                graph_steps.push(t.elapsed().as_secs_f64() * 1e3);
+                same &= &next == want;
+            }
+            Ok(same)
+        })();
+        let mut r = DecodeResult {
+            batch,
+            steps: steps.len(),
+            step_ms: st,
+            tokens_per_s: tps,
+            roofline_tokens_per_s: roof,
+            fraction_of_roofline: tps / roof,
+            graph_step_ms: None,
+            graph_tokens_per_s: None,
+            graph_fraction_of_roofline: None,
+            graph_same_tokens: None,
+            graph_error: None,
+        };
+        match graphed {
+            Ok(same) => {
+                let gs = Stats::of(&graph_steps[1.min(graph_steps.len())..]);
+                let gtps = batch as f64 / (gs.median * 1e-3);
+                log(&format!(
+                    "decode batch {batch}, one CUDA graph per step: {:.2} ms per step, {gtps:.1} tokens/s ({:.0}% of the roofline); tokens {}",
+                    gs.median,
+                    100.0 * gtps / roof,
+                    if same { "the same as the eager steps'" } else { "DIFFER from the eager steps'" }
+                ));
+                r.graph_step_ms = Some(gs);
+                r.graph_tokens_per_s = Some(gtps);
+                r.graph_fraction_of_roofline = Some(gtps / roof);
+                r.graph_same_tokens = Some(same);
+            }
+            Err(e) => {
+                log(&format!("decode batch {batch}, one CUDA graph per step: FAILED: {e}"));
+                r.graph_error = Some(e.to_string());
+            }
+        }
+        decode.push(r);
     }
 
     // What the PyTorch reference needs (the report with the batch-1 tokens,
