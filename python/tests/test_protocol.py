@@ -216,6 +216,20 @@ def test_frames_and_memfd_tensors_cross_a_socket_pair():
         assert p.recv(b) == (p.StatsRequest(), None)
         # No shared tensors: no file.
         assert p.pack_tensors([("s", 1, [1], b"x")])[1] is None
+    # Large tensors are read in parallel ranges: every byte in its place,
+    # into a bytearray and into a buffer given by into().
+    n = p.PARALLEL_READ_BYTES + 12345
+    big = bytes((i * 31 + i // 4096) % 256 for i in range(n))
+    head = bytes(range(256)) * 17
+    tensors, fd = p.pack_tensors([("head", 1, [len(head)], head), ("big", 1, [n], big)])
+    try:
+        out = p.unpack_tensors(tensors, fd)
+        assert [bytes(x[1]) for x in out] == [head, big]
+        given = {}
+        out = p.unpack_tensors(tensors, fd, into=lambda i, k: given.setdefault(i, bytearray(k + 7)))
+        assert bytes(out[1][1]) == big and bytes(given[1][:n]) == big and given[1][n:] == bytearray(7)
+    finally:
+        os.close(fd)
     # A clean close between frames is None; in the middle of one, an error.
     a, b = socket.socketpair()
     with b:
