@@ -29,6 +29,7 @@ pub mod protocol;
 pub mod residency;
 pub mod store;
 pub mod switch;
+pub mod units;
 pub mod worker;
 
 pub use error::{Error, Result};

@@ -277,24 +277,13 @@ enum BenchCmd {
     },
 }
 
+/// A size on the command line (`pipeswitch::units::parse_size`: `512M`,
+/// `1.5G`, ...); at least one byte.
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let v: f64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        u => return Err(format!("unknown size unit {u:?} in {s:?}")),
-    };
-    let bytes = v * mult as f64;
-    if !(bytes.is_finite() && bytes >= 1.0) {
-        return Err(format!("bad size {s:?}"));
+    match pipeswitch::units::parse_size(s)? {
+        0 => Err(format!("{s:?}: a size of at least one byte")),
+        n => Ok(n),
     }
-    Ok(bytes as u64)
 }
 
 fn human(bytes: u64) -> String {

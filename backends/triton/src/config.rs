@@ -39,23 +39,7 @@ impl Default for BackendConfig {
     }
 }
 
-/// Parses a size: bytes, or a number with K, M, G or T (binary units, an
-/// optional trailing "B" or "iB").
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (bytes, or a number with K, M, G or T)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        u => return Err(format!("unknown size unit {u:?} in {s:?}")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} overflows 64 bits"))
-}
+pub use pipeswitch::units::parse_size;
 
 impl BackendConfig {
     /// From the backend configuration message Triton gives the backend:
