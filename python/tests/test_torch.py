@@ -635,17 +635,23 @@ def test_captured_graphs_wait_for_each_later_switch(store):
     arena.close()
 
 
-@gpu
-def test_captured_graph_reads_token_tables_from_the_host_while_in_flight(store):
-    torch.manual_seed(12)
+def lm_with_a_token_table(store, seed):
+    """big_lm registered as "lm" (its token table stored last) and a worker
+    on an arena with room for it. Returns the CPU output, the token ids,
+    the model's info, its layer count, the arena and the worker."""
+    torch.manual_seed(seed)
     ref_model = big_lm()
     ids = tiny_ids(vocab=32768)
     with torch.no_grad():
         ref = ref_model(ids)
     info = register_module(store, "lm", ref_model, (ids,), measure=False)
-    n = len(info.layers)
     arena = ps.Arena.create(0, info.bytes + (8 << 20), 4 << 20)
-    worker = Worker(0, arena=arena, store=store)
+    return ref, ids, info, len(info.layers), arena, Worker(0, arena=arena, store=store)
+
+
+@gpu
+def test_captured_graph_reads_token_tables_from_the_host_while_in_flight(store):
+    ref, ids, info, n, arena, worker = lm_with_a_token_table(store, 12)
     skel = worker.attach(on_meta(big_lm), "lm", plan=list(range(n)))
     x = ids.cuda()
     with torch.no_grad():
@@ -838,15 +844,7 @@ def test_fused_graph_refuses_stale_bindings_and_readded_models(store):
 
 @gpu
 def test_fused_graph_reads_token_tables_from_the_host(store):
-    torch.manual_seed(24)
-    ref_model = big_lm()
-    ids = tiny_ids(vocab=32768)
-    with torch.no_grad():
-        ref = ref_model(ids)
-    info = register_module(store, "lm", ref_model, (ids,), measure=False)
-    n = len(info.layers)
-    arena = ps.Arena.create(0, info.bytes + (8 << 20), 4 << 20)
-    worker = Worker(0, arena=arena, store=store)
+    ref, ids, info, n, arena, worker = lm_with_a_token_table(store, 24)
     plan = list(range(n))
     skel = worker.attach(on_meta(big_lm), "lm", plan=plan)
     entry = worker._models["lm"]
