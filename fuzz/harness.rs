@@ -757,13 +757,17 @@ fn unpack(m: pipeswitch::protocol::Message) {
         .iter()
         .map(|t| match &t.data {
             TensorData::Inline(b) => Some(b.clone()),
-            TensorData::Shared { offset, bytes } => offset
+            // Area 1 is the sealed file below, held by the views of
+            // `with_areas`; other areas are not held.
+            TensorData::Shared { offset, bytes } | TensorData::Area { area: 1, offset, bytes } => offset
                 .checked_add(*bytes)
                 .filter(|&e| e <= TENSOR_FILE_BYTES as u64)
                 .map(|_| (*offset..offset + bytes).map(|i| (i as usize * 7 % 251) as u8).collect()),
+            TensorData::Area { .. } => None,
         })
         .collect();
     let without_file = tensors.iter().all(|t| matches!(t.data, TensorData::Inline(_)));
+    let in_areas = tensors.iter().any(|t| matches!(t.data, TensorData::Area { .. }));
     match unpack_tensors(tensors.clone(), None) {
         Ok(v) => {
             assert!(without_file, "a shared tensor unpacked without its file");
@@ -775,9 +779,12 @@ fn unpack(m: pipeswitch::protocol::Message) {
         }
     }
     match unpack_tensors(tensors.clone(), Some(file)) {
-        Ok(v) => assert!(v.iter().zip(&expect).all(|((_, b), e)| Some(b) == e.as_ref()), "tensor bytes differ"),
+        Ok(v) => {
+            assert!(!in_areas, "a tensor in an input area unpacked without areas");
+            assert!(v.iter().zip(&expect).all(|((_, b), e)| Some(b) == e.as_ref()), "tensor bytes differ");
+        }
         Err(e) => {
-            assert!(expect.iter().any(Option::is_none), "tensors in range refused: {e}");
+            assert!(in_areas || expect.iter().any(Option::is_none), "tensors in range refused: {e}");
             clean(&e);
         }
     }
@@ -799,13 +806,32 @@ fn unpack(m: pipeswitch::protocol::Message) {
     for f in [file, sealed] {
         match pipeswitch::protocol::io::TensorViews::new(tensors.clone(), Some(f)) {
             Ok(v) => {
+                assert!(!in_areas, "a tensor in an input area viewed without areas");
                 assert!(v.iter().count() == expect.len(), "a view per tensor");
                 assert!(v.iter().zip(&expect).all(|((_, b), e)| Some(b) == e.as_deref()), "viewed tensor bytes differ");
             }
             Err(e) => {
-                assert!(expect.iter().any(Option::is_none), "tensors in range refused by TensorViews: {e}");
+                assert!(in_areas || expect.iter().any(Option::is_none), "tensors in range refused by TensorViews: {e}");
                 clean(&e);
             }
+        }
+    }
+    // A worker's views with its input areas: area 1 is the sealed file.
+    static AREAS: OnceLock<pipeswitch::protocol::area::Areas> = OnceLock::new();
+    let areas = AREAS.get_or_init(|| {
+        let mut a = pipeswitch::protocol::area::Areas::default();
+        a.insert(1, pipeswitch::protocol::area::AreaMap::open(sealed, TENSOR_FILE_BYTES as u64).expect("mapping the area"));
+        a
+    });
+    match pipeswitch::protocol::io::TensorViews::with_areas(tensors.clone(), Some(sealed), Some(areas)) {
+        Ok(v) => {
+            assert!(v.iter().zip(&expect).all(|((_, b), e)| Some(b) == e.as_deref()), "bytes viewed with areas differ");
+            let owned = v.into_owned();
+            assert!(owned.iter().zip(&expect).all(|((_, b), e)| Some(b) == e.as_ref()), "owned bytes with areas differ");
+        }
+        Err(e) => {
+            assert!(expect.iter().any(Option::is_none), "tensors in range refused by TensorViews::with_areas: {e}");
+            clean(&e);
         }
     }
 }

@@ -121,6 +121,19 @@ fn every_message() -> Vec<Message> {
         },
         // Appended: the save mode the daemon decides (the frames above keep their names).
         Message::TrainSubmit { request_id: 6, job: TrainJob { save: SaveMode::Auto, ..job() } },
+        // Appended: input areas.
+        Message::InputArea { request_id: 11, bytes: 32 << 20 },
+        Message::InputAreaReady { request_id: 11, area: 3, bytes: 32 << 20 },
+        Message::AreaAdd { area: 3, bytes: 32 << 20 },
+        Message::AreaDrop { area: 3 },
+        Message::Infer {
+            request_id: 12,
+            model: "resnet152".into(),
+            inputs: vec![
+                Tensor { name: "images".into(), dtype: 11, shape: vec![8, 3, 224, 224], data: TensorData::Area { area: 3, offset: 0, bytes: 4_816_896 } },
+                tensor("scale", 4),
+            ],
+        },
     ]
 }
 

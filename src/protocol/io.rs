@@ -11,6 +11,7 @@ use std::os::unix::net::UnixStream;
 use nix::errno::Errno;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
+use super::area::Areas;
 use super::{decode_frame, encode_frame, Header, Message, Tensor, TensorData, HEADER_BYTES, INLINE_LIMIT};
 use crate::error::{Error, Result};
 
@@ -164,10 +165,12 @@ pub fn unpack_tensors(tensors: Vec<Tensor>, file: Option<&OwnedFd>) -> Result<Ve
 /// ones from the frame, the others from one read-only mapping of the file
 /// that came with it (populated at once, so reading it takes no page
 /// faults). What a worker stages to the GPU straight from the client's
-/// file.
-pub struct TensorViews {
+/// file. Tensors in input areas are read from the receiver's mappings of
+/// them ([`TensorViews::with_areas`]).
+pub struct TensorViews<'a> {
     tensors: Vec<Tensor>,
     backing: Backing,
+    areas: Option<&'a Areas>,
 }
 
 enum Backing {
@@ -180,10 +183,29 @@ enum Backing {
     Copies(Vec<Vec<u8>>),
 }
 
-impl TensorViews {
+impl TensorViews<'static> {
     /// Checks that every shared tensor lies inside `file` (as
-    /// [`unpack_tensors`] does) and maps the file.
-    pub fn new(tensors: Vec<Tensor>, file: Option<&OwnedFd>) -> Result<TensorViews> {
+    /// [`unpack_tensors`] does) and maps the file. A tensor in an input
+    /// area is refused: see [`TensorViews::with_areas`].
+    pub fn new(tensors: Vec<Tensor>, file: Option<&OwnedFd>) -> Result<TensorViews<'static>> {
+        TensorViews::with_areas(tensors, file, None)
+    }
+}
+
+impl<'a> TensorViews<'a> {
+    /// As [`TensorViews::new`], and tensors in input areas are read from
+    /// `areas` (each area held and each range inside it, checked here).
+    pub fn with_areas(tensors: Vec<Tensor>, file: Option<&OwnedFd>, areas: Option<&'a Areas>) -> Result<TensorViews<'a>> {
+        for t in &tensors {
+            if matches!(t.data, TensorData::Area { .. }) {
+                match areas {
+                    Some(a) => {
+                        a.tensor_bytes(t)?;
+                    }
+                    None => return Err(Error::Protocol(format!("tensor {:?} is in an input area, and none is held here", t.name))),
+                }
+            }
+        }
         let size = match file {
             Some(f) => {
                 let st = nix::sys::stat::fstat(f.as_fd().as_raw_fd()).map_err(|e| Error::os("fstat of a tensor file", e))?;
@@ -216,7 +238,7 @@ impl TensorViews {
                     // now it cannot shrink.
                     let end = tensors.iter().filter_map(|t| match &t.data {
                         TensorData::Shared { offset, bytes } => Some(offset + bytes),
-                        TensorData::Inline(_) => None,
+                        TensorData::Inline(_) | TensorData::Area { .. } => None,
                     });
                     let end = end.max().unwrap_or(0);
                     let now = nix::sys::stat::fstat(f.as_raw_fd()).map_err(|e| Error::os("fstat of a tensor file", e))?.st_size as u64;
@@ -254,7 +276,12 @@ impl TensorViews {
             }
             _ => Backing::None,
         };
-        Ok(TensorViews { tensors, backing })
+        Ok(TensorViews { tensors, backing, areas })
+    }
+
+    /// Whether any tensor is read from an input area.
+    pub fn uses_areas(&self) -> bool {
+        self.tensors.iter().any(|t| matches!(t.data, TensorData::Area { .. }))
     }
 
     /// Each tensor with its bytes, owned (copies of an unsealed file are
@@ -270,13 +297,17 @@ impl TensorViews {
                             TensorData::Inline(b) => b.clone(),
                             // One copy per shared tensor, in order (new()).
                             TensorData::Shared { .. } => copies.next().unwrap_or_default(),
+                            // Checked by with_areas().
+                            TensorData::Area { .. } => {
+                                self.areas.and_then(|a| a.tensor_bytes(&t).ok().flatten()).map(<[u8]>::to_vec).unwrap_or_default()
+                            }
                         };
                         (t, b)
                     })
                     .collect()
             }
             backing => {
-                let views = TensorViews { tensors: self.tensors, backing };
+                let views = TensorViews { tensors: self.tensors, backing, areas: self.areas };
                 let bytes: Vec<Vec<u8>> = views.iter().map(|(_, b)| b.to_vec()).collect();
                 views.tensors.into_iter().zip(bytes).collect()
             }
@@ -297,6 +328,8 @@ impl TensorViews {
                 }
                 // A zero-byte file holds only empty tensors (checked by new()).
                 (TensorData::Shared { .. }, Backing::None) => &[],
+                // Held and in range: checked by with_areas().
+                (TensorData::Area { .. }, _) => self.areas.and_then(|a| a.tensor_bytes(t).ok().flatten()).unwrap_or(&[]),
             };
             (t, bytes)
         })

@@ -19,7 +19,24 @@
 //! later as new kinds only: the encodings of 1..=12 did not change, so the
 //! version stays 1 and a peer that predates training refuses a training
 //! frame as an unknown kind, with that message.
+//!
+//! Input areas (kinds 20..=23 and the tensor placement 2) came the same
+//! way. A client may give the daemon one shared-memory file of its own, its
+//! input area ([`Message::InputArea`], the file sealed against shrinking):
+//! the daemon passes it to every worker ([`Message::AreaAdd`]: to those
+//! connected when it accepts the area, and to each new worker right after
+//! its welcome), and each worker maps it once and page-locks it. The
+//! client's requests then name byte ranges of it
+//! ([`TensorData::Area`]): no new file per request, and a worker copies
+//! the inputs to the GPU straight from the area, without a host copy, so
+//! that its activation does not grow with the inputs' size. The area is
+//! the client's until it leaves or gives another (the daemon sends
+//! [`Message::AreaDrop`] after any task that names it): it must not write
+//! into bytes a request in flight names (the client libraries send one
+//! request at a time). The daemon bounds an area's bytes and the bytes of
+//! all areas; a client refused an area sends its tensors as before.
 
+pub mod area;
 pub mod codec;
 pub mod io;
 
@@ -54,6 +71,10 @@ pub enum TensorData {
     Inline(Vec<u8>),
     /// Bytes `[offset, offset + bytes)` of the file passed with the frame.
     Shared { offset: u64, bytes: u64 },
+    /// Bytes `[offset, offset + bytes)` of input area `area` (see the
+    /// module's text): the client's own area in an `Infer`, the same in
+    /// the `Activate` the daemon forwards.
+    Area { area: u64, offset: u64, bytes: u64 },
 }
 
 /// A named tensor of a request or a result.
@@ -346,6 +367,18 @@ pub enum Message {
         /// Writing the state back.
         save_ms: f64,
     },
+    /// A client gives the daemon its input area: the file passed with the
+    /// frame, sealed against shrinking, of at least `bytes` bytes. It
+    /// replaces the client's earlier area. Answered with `InputAreaReady`
+    /// or an `Error` of `request_id`.
+    InputArea { request_id: u64, bytes: u64 },
+    /// The area is accepted: requests name it as `area`.
+    InputAreaReady { request_id: u64, area: u64, bytes: u64 },
+    /// The daemon gives a worker a client's input area (the file passed
+    /// with the frame): map it and keep it until `AreaDrop`.
+    AreaAdd { area: u64, bytes: u64 },
+    /// The area's client left or replaced it: no later task names it.
+    AreaDrop { area: u64 },
 }
 
 impl Message {
@@ -371,6 +404,10 @@ impl Message {
             Message::Preempt { .. } => 17,
             Message::TrainProgress { .. } => 18,
             Message::TrainStopped { .. } => 19,
+            Message::InputArea { .. } => 20,
+            Message::InputAreaReady { .. } => 21,
+            Message::AreaAdd { .. } => 22,
+            Message::AreaDrop { .. } => 23,
         }
     }
 
@@ -444,6 +481,18 @@ impl Message {
             Message::TrainStopped { task_id, reason, iteration, checkpoint, status, message, stop_ms, save_ms } => {
                 w.u64(*task_id).u8(*reason as u8).u64(*iteration).u64(*checkpoint).u32(*status).str(message);
                 w.f64(*stop_ms).f64(*save_ms);
+            }
+            Message::InputArea { request_id, bytes } => {
+                w.u64(*request_id).u64(*bytes);
+            }
+            Message::InputAreaReady { request_id, area, bytes } => {
+                w.u64(*request_id).u64(*area).u64(*bytes);
+            }
+            Message::AreaAdd { area, bytes } => {
+                w.u64(*area).u64(*bytes);
+            }
+            Message::AreaDrop { area } => {
+                w.u64(*area);
             }
         }
         w.buf
@@ -591,6 +640,14 @@ impl Message {
                 stop_ms: r.f64("stop ms")?,
                 save_ms: r.f64("save ms")?,
             },
+            20 => Message::InputArea { request_id: r.u64("request id")?, bytes: area_bytes(r.u64("area bytes")?)? },
+            21 => Message::InputAreaReady {
+                request_id: r.u64("request id")?,
+                area: r.u64("area")?,
+                bytes: area_bytes(r.u64("area bytes")?)?,
+            },
+            22 => Message::AreaAdd { area: r.u64("area")?, bytes: area_bytes(r.u64("area bytes")?)? },
+            23 => Message::AreaDrop { area: r.u64("area")? },
             k => return Err(malformed(format!("unknown message kind {k}"))),
         };
         r.finish("message")?;
@@ -612,8 +669,19 @@ fn put_tensors(w: &mut Writer, ts: &[Tensor]) {
             TensorData::Shared { offset, bytes } => {
                 w.u8(1).u64(*offset).u64(*bytes);
             }
+            TensorData::Area { area, offset, bytes } => {
+                w.u8(2).u64(*area).u64(*offset).u64(*bytes);
+            }
         }
     }
+}
+
+/// An area's size as a message claims it: 1 byte to [`MAX_SHARED_TENSOR`].
+fn area_bytes(bytes: u64) -> Result<u64> {
+    if bytes == 0 || bytes > MAX_SHARED_TENSOR {
+        return Err(malformed(format!("an input area of {bytes} bytes (1 to {MAX_SHARED_TENSOR})")));
+    }
+    Ok(bytes)
 }
 
 fn get_tensors(r: &mut Reader<'_>) -> Result<Vec<Tensor>> {
@@ -640,6 +708,15 @@ fn get_tensors(r: &mut Reader<'_>) -> Result<Vec<Tensor>> {
                     return Err(malformed(format!("tensor {name:?}: [{offset}, +{bytes}) is out of range")));
                 }
                 TensorData::Shared { offset, bytes }
+            }
+            2 => {
+                let area = r.u64("tensor area")?;
+                let offset = r.u64("tensor offset")?;
+                let bytes = r.u64("tensor bytes")?;
+                if bytes > MAX_SHARED_TENSOR || offset.checked_add(bytes).is_none() {
+                    return Err(malformed(format!("tensor {name:?}: [{offset}, +{bytes}) of area {area} is out of range")));
+                }
+                TensorData::Area { area, offset, bytes }
             }
             v => return Err(malformed(format!("tensor {name:?}: unknown placement {v}"))),
         };
