@@ -610,10 +610,24 @@ ps_status ps_client_connect(const char *socket_path_or_null,
 ps_status ps_client_free(struct ps_client *client);
 
 /**
+ * Gives the daemon an input area of `bytes` bytes: shared memory of this
+ * connection that later requests' large inputs are written into and that
+ * every worker has mapped and page-locked beforehand, so that a worker
+ * copies them to the GPU without a host copy on its critical path. It
+ * replaces the connection's earlier area. Without this call, the first
+ * request with large inputs reserves one (16 MiB, or the next power of two
+ * of what it needs, up to 256 MiB). `PS_ERR_REFUSED` if the daemon's
+ * limits do not allow it (requests then send their inputs as before);
+ * `PS_ERR_INVALID_ARGUMENT` for 0 bytes.
+ */
+ps_status ps_client_reserve_inputs(struct ps_client *client, uint64_t bytes);
+
+/**
  * Runs `model` on `inputs` (`n_inputs` tensors; each `data` holds `bytes`
  * bytes, the element size of `dtype` times the product of `shape`) through
  * the daemon and waits for its result. Large tensors travel in shared
- * memory, not through the socket. A failure of the request (unknown model,
+ * memory, not through the socket: the connection's input area (see
+ * `ps_client_reserve_inputs`) where they fit. A failure of the request (unknown model,
  * a model larger than the GPU's room, a worker that died) is this call's
  * status; the connection stays usable.
  */

@@ -201,6 +201,8 @@ fn serve(opts: &ServeBenchOptions, store: &str, dir: &Path, residency: u64, stan
         max_queue: 1024,
         hello_timeout: Duration::from_secs(5),
         worker_start_timeout: Duration::from_secs(120),
+        max_input_area: crate::serve::DEFAULT_MAX_INPUT_AREA,
+        input_areas_bytes: crate::serve::DEFAULT_INPUT_AREAS_BYTES,
     };
     let gpu = CudaGpu::new(opts.device, residency + (standbys as u64 + 2) * worker_region + (64 << 20))?;
     let daemon = Daemon::start(cfg, Box::new(gpu))?;

@@ -404,6 +404,7 @@ SIGNATURES = {
     "ps_client_connect": (STATUS, [c_char_p, c_int32, c_uint64, _P(_client_p)]),
     "ps_client_free": (STATUS, [_client_p]),
     "ps_client_infer": (STATUS, [_client_p, c_char_p, _P(ps_tensor_desc), c_size_t, _P(_result_p)]),
+    "ps_client_reserve_inputs": (STATUS, [_client_p, c_uint64]),
     "ps_client_get_stats": (STATUS, [_client_p, _P(ps_daemon_stats)]),
     "ps_result_count": (STATUS, [_result_p, _size_p]),
     "ps_result_tensor": (STATUS, [_result_p, c_size_t, _P(ps_tensor_view)]),
