@@ -630,12 +630,24 @@ fn the_c_client_abi_talks_to_the_daemon() {
     assert!(t.total_ms > 0.0);
     assert_eq!(ps_result_free(result), PS_OK);
     assert_ne!(ps_result_free(result), PS_OK, "a freed result is not live");
+    // An input area reserved explicitly; the same bytes come back through it.
+    use pipeswitch::ffi::{PS_ERR_INVALID_ARGUMENT, PS_ERR_INVALID_HANDLE};
+    assert_eq!(ps_client_reserve_inputs(client, 0), PS_ERR_INVALID_ARGUMENT);
+    assert_eq!(ps_client_reserve_inputs(std::ptr::null_mut(), 1 << 20), PS_ERR_NULL_ARGUMENT);
+    assert_eq!(ps_client_reserve_inputs(8 as *mut ps_client, 1 << 20), PS_ERR_INVALID_HANDLE);
+    assert_eq!(ps_client_reserve_inputs(client, 2 << 20), PS_OK);
+    assert_eq!(ps_client_infer(client, model.as_ptr(), &input, 1, &mut result), PS_OK);
+    let mut v = std::mem::MaybeUninit::<ps_tensor_view>::uninit();
+    assert_eq!(ps_result_tensor(result, 0, v.as_mut_ptr()), PS_OK);
+    let v = unsafe { v.assume_init() };
+    assert!(unsafe { std::slice::from_raw_parts(v.data.cast::<u8>(), v.bytes as usize) } == &data[..]);
+    assert_eq!(ps_result_free(result), PS_OK);
     let unknown = CString::new("nope").unwrap();
     assert_eq!(ps_client_infer(client, unknown.as_ptr(), std::ptr::null(), 0, &mut result), PS_ERR_NOT_FOUND);
     assert_eq!(ps_client_infer(client, std::ptr::null(), std::ptr::null(), 0, &mut result), PS_ERR_NULL_ARGUMENT);
     let mut st = ps_daemon_stats::default();
     assert_eq!(ps_client_get_stats(client, &mut st), PS_OK);
-    assert_eq!((st.requests, st.failed, st.misses), (2, 1, 1));
+    assert_eq!((st.requests, st.failed, st.misses), (3, 1, 1));
     assert_eq!(ps_client_free(client), PS_OK);
 }
 
@@ -1280,7 +1292,7 @@ fn input_areas_reach_every_worker_carry_the_inputs_and_go_with_their_client() {
     }
     // A larger area replaces the old one: every worker drops the old.
     assert_eq!(c.reserve_inputs(32 * MIB).unwrap(), 32 * MIB);
-    wait_for(&s, "the old area was never dropped", |_| lines_with(&log, &format!("area- ")).len() == 3);
+    wait_for(&s, "the old area was never dropped", |_| lines_with(&log, "area- ").len() == 3);
     assert!(lines_with(&log, "area-").iter().all(|l| l.ends_with(&format!(" {area}"))), "{:?}", log.lines());
     infer(&mut c, "a", 9).unwrap();
     // The client leaves: its area goes from every worker; c2's stays.
