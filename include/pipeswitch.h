@@ -78,6 +78,13 @@ typedef struct ps_arena ps_arena;
 typedef struct ps_client ps_client;
 
 /**
+ * A lease on a stored model (`ps_store_lease`): while it lives, the
+ * model's bytes stay where they are and are not reused, in every process,
+ * even if the model is removed meanwhile. Thread-safe (it does not change).
+ */
+typedef struct ps_model_lease ps_model_lease;
+
+/**
  * One use of a model placed by a residency manager; ends with
  * `ps_model_use_free`. Thread-safe (it does not change).
  */
@@ -1100,6 +1107,28 @@ ps_status ps_store_group_ranges(const struct ps_store *store,
 ps_status ps_store_model_host_ptr(const struct ps_store *store,
                                   const char *model,
                                   uint64_t *ptr_out);
+
+/**
+ * Leases `model`: `lease_out` receives the lease, `id_out` the model's id
+ * and `host_ptr_out` the address of its first byte in this process's
+ * mapping of the store (as `ps_store_model_host_ptr`; page-locked once
+ * `ps_store_pin` ran). The bytes at that address are the model's until the
+ * lease is freed: for callers that copy the model themselves (e.g. a CUDA
+ * graph's copies), take the lease before the copies start and free it
+ * after they have completed. `PS_ERR_NOT_FOUND` for an unknown or removed
+ * model.
+ */
+ps_status ps_store_lease(const struct ps_store *store,
+                         const char *model,
+                         uint64_t *id_out,
+                         uint64_t *host_ptr_out,
+                         struct ps_model_lease **lease_out);
+
+/**
+ * Ends a lease (after the GPU work that reads the leased bytes has
+ * completed). NULL does nothing.
+ */
+ps_status ps_model_lease_free(struct ps_model_lease *lease);
 
 /**
  * The copies `ps_switch_start` makes for a plan of `model` with chunking
