@@ -155,3 +155,69 @@ fn requests_through_the_daemon_match_the_cpu_reference() {
     daemon.stop().unwrap();
     Store::destroy(&store_name).unwrap();
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn large_inputs_come_through_the_clients_input_area() {
+    // A 1.2 MB image batch: the client reserves its input area at the first
+    // request, the worker maps and page-locks it and copies the input from
+    // it; every request's output is its own input's CPU reference.
+    use pipeswitch::model::reference::{resnet, ResNetConfig};
+    let shm = tempfile::tempdir_in("/dev/shm").expect("a tmpfs for stores");
+    std::env::set_var(pipeswitch::store::shm::DIR_ENV, shm.path());
+    let sockets = tempfile::tempdir().unwrap();
+    let store_name = format!("serve-gpu-area-{}", std::process::id());
+    let d = resnet("area-resnet", ResNetConfig { blocks: [1, 1, 1, 1], width: 8, image: 160, classes: 10 }, 4);
+    let store = Store::create(&store_name, d.n_params() as u64 * 4 + (8 << 20), 4).unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let path = files.path().join("area-resnet.safetensors");
+    write_model_file(&d, &path, SEED, &mut |_, _| {}).unwrap();
+    store.add_safetensors(&d.graph.name, &path, None, &mut |_, _| {}).unwrap();
+    let weights = reference_weights(&d, SEED);
+    let bytes = store.model(&d.graph.name).unwrap().bytes;
+    let config = ServeConfig {
+        device: 0,
+        store: store_name.clone(),
+        socket_dir: sockets.path().join("s"),
+        residency_bytes: bytes.next_multiple_of(1 << 20),
+        worker_region_bytes: 64 << 20,
+        standbys: 2,
+        single_worker: false,
+        process_per_task: false,
+        worker_cmd: vec![exe().into_os_string(), "worker".into()],
+        max_queue: 64,
+        hello_timeout: Duration::from_secs(5),
+        worker_start_timeout: Duration::from_secs(120),
+        max_input_area: pipeswitch_cli::serve::DEFAULT_MAX_INPUT_AREA,
+        input_areas_bytes: pipeswitch_cli::serve::DEFAULT_INPUT_AREAS_BYTES,
+    };
+    let gpu = CudaGpu::new(0, bytes.next_multiple_of(1 << 20) + 4 * (64 << 20) + (8 << 20)).unwrap();
+    let daemon = Daemon::start(config, Box::new(gpu)).unwrap();
+    let mut c = Client::connect(daemon.socket(), Some(Duration::from_secs(60))).unwrap();
+    wait_for_standbys(&mut c, 2);
+    let mut activations = Vec::new();
+    for k in 0..6u64 {
+        let ins = example_inputs(&d.graph, SEED + 1 + k, d.vocab());
+        let expect = run_graph_cpu(&d.graph, &weights, &ins).unwrap().remove(&d.graph.outputs[0]).unwrap();
+        let owned: Vec<(String, Vec<u64>, Vec<u8>)> = d
+            .graph
+            .inputs
+            .iter()
+            .map(|(name, decl)| (name.clone(), decl.shape.iter().map(|&x| x as u64).collect(), ins[name].to_le_bytes()))
+            .collect();
+        assert!(owned.iter().any(|(_, _, b)| b.len() > 1 << 20), "the test needs an input over 1 MiB");
+        let refs: Vec<TensorRef<'_>> = owned.iter().map(|(n, s, b)| TensorRef { name: n, dtype: 11, shape: s, data: b }).collect();
+        let out = c.infer(&d.graph.name, &refs).unwrap();
+        assert!(c.input_area_bytes() >= 16 << 20, "the first large request reserved an input area");
+        let (_, data) = out.outputs.iter().find(|(t, _)| t.name == d.graph.outputs[0]).expect("the model's output");
+        let got: Vec<f32> = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let err = rel_err(&got, &expect);
+        assert!(err <= 1e-4, "request {k}: relative error {err:e} vs its own input's CPU reference");
+        activations.push(out.timing.activation_ms);
+        eprintln!("request {k}: rel err {err:.1e}, timing {:?}", out.timing);
+    }
+    activations.sort_by(f64::total_cmp);
+    eprintln!("activation ms with a 1.2 MB input from the area: median {:.3}", activations[activations.len() / 2]);
+    daemon.stop().unwrap();
+    Store::destroy(&store_name).unwrap();
+}
