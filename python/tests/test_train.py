@@ -648,9 +648,10 @@ def test_the_write_back_pins_one_buffer_once_and_frees_the_gpu_copy():
     buf = None
     for n in range(3):
         before = _state(torch, run)
+        params = sum(p.numel() * p.element_size() for p in run.model.parameters())
         run.save(P.SAVE_HOST)
         s = run.last_save
-        assert s["pinned_new"] == (n == 0) and s["bytes"] >= run.state_bytes() // 3 and s["total_ms"] >= 0
+        assert s["pinned_new"] == (n == 0) and s["bytes"] >= 2 * params and s["total_ms"] >= 0  # and momentum
         assert run._image.buf.is_pinned()
         assert buf is None or run._image.buf.data_ptr() == buf
         buf = run._image.buf.data_ptr()
