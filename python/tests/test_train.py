@@ -485,11 +485,12 @@ def test_the_reference_data_is_a_function_of_the_iteration_made_on_the_device():
     devs = [torch.device("cpu")] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else [])
     for dev in devs:
         data = _synthetic(torch, dev, (3, 5, 5), 10, 4, 7)
-        before = torch.get_rng_state()
+        rng = lambda: (torch.get_rng_state(),) + ((torch.cuda.get_rng_state(dev),) if dev.type == "cuda" else ())  # noqa: E731
+        before = rng()
         x1, y1 = data(1)
         x2, y2 = data(2)
         again = data(1)
-        assert torch.equal(torch.get_rng_state(), before), "the data function drew from the job's RNG"
+        assert all(torch.equal(a, b) for a, b in zip(rng(), before)), "the data function drew from the job's RNG"
         assert x1.device.type == dev.type and y1.device.type == dev.type
         assert (tuple(x1.shape), tuple(y1.shape), x1.dtype, y1.dtype) == ((4, 3, 5, 5), (4,), torch.float32, torch.int64)
         assert torch.equal(x1, again[0]) and torch.equal(y1, again[1])
