@@ -23,9 +23,10 @@ daemon's log) and ``save_ms``. Variants, to show what each change gives:
 
 And for the first model, preemptions that write the state back to pinned
 host memory (``SAVE_HOST``): ``save_ms`` and ``TorchTrainRun.last_save``
-(pinning, copy launches, the copies' wait, the freeing), and the resume's
-first step (the restore pipelined with it). Also each model's step time
-and the host time of each variant's data function. One JSON file.
+(the preparation, the pinning at the first included; the copies' launches;
+their wait; the freeing), and the resume's first step (the restore
+pipelined with it). Also each model's step time and the host time of each
+variant's data function. One JSON file.
 
     python bench/train/stop_bench.py --out $OUT [--models resnet152] [--trials 20]
 """
@@ -264,7 +265,7 @@ def main():
                     "stop_ms": stats([x["stop_ms"] for x in trials]), "save_ms": stats([x["save_ms"] for x in trials]),
                     "save_ms_after_the_first": stats([x["save_ms"] for x in trials[1:]]),
                     "parts_after_the_first_ms": {k: stats([s[k] for s in ls[1:]])
-                                                 for k in ("pin_ms", "launch_ms", "copy_wait_ms", "free_ms")},
+                                                 for k in ("prepare_ms", "launch_ms", "copy_wait_ms", "free_ms")},
                     "bytes": ls[0]["bytes"] if ls else None, "tensors": ls[0]["tensors"] if ls else None,
                     "resume_first_step_ms": stats([x["next_resume_first_step_ms"] for x in trials]),
                     "trials": trials}

@@ -377,11 +377,12 @@ class TorchTrainRun:
                 holder[key] = h
             self._held.append((holder, key, h, group))
         del items, srcs, t
+        self._buf_snap = None  # made again by the next step
         torch.cuda.empty_cache()
         t4 = time.perf_counter()
         self.on_gpu = False
         self.last_save = {"bytes": img.nbytes, "tensors": len(img.views), "pinned_new": new,
-                          "pin_ms": (t1 - t0) * 1e3, "launch_ms": (t2 - t1) * 1e3, "copy_wait_ms": (t3 - t2) * 1e3,
+                          "prepare_ms": (t1 - t0) * 1e3, "launch_ms": (t2 - t1) * 1e3, "copy_wait_ms": (t3 - t2) * 1e3,
                           "free_ms": (t4 - t3) * 1e3, "total_ms": (t4 - t0) * 1e3}
 
     def restore_held(self):
