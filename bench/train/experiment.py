@@ -272,6 +272,8 @@ def main():
                                       "(pipeswitch.train), random weights",
                           "inference_worker": "python -m pipeswitch.worker %s" % (
                               "--graphs (forwards replayed from CUDA graphs)" if a.graphs else "(eager forwards)"),
+                          "dedicated_inference": "plain.py infer%s" % (" --graphs (a CUDA graph per model)" if a.graphs
+                                                                       else " (eager)"),
                           "left_out": sorted(skip),
                           "shortened": "runs of %.0f s (the 30 s cycle: one cycle, first model only) "
                                        "to fit the 8-minute budget of one GPU session" % a.seconds},
@@ -291,6 +293,7 @@ def main():
 
     # --- baselines without the daemon: dedicated, MPS, cold starts -------
     plain = os.path.join(HERE, "plain.py")
+    graphs = ["--graphs"] if a.graphs else []  # the dedicated inference as the workers run it
 
     def plain_run(*args, env=None, timeout=120):
         p = subprocess.run([sys.executable, plain, *args], capture_output=True, text=True, timeout=timeout, env=env)
@@ -310,7 +313,7 @@ def main():
             log(m, "dedicated inference")
             with Util() as u:
                 r["dedicated_infer"] = plain_run("infer", "--model", m, "--rate", str(a.rate), "--seconds",
-                                                 str(a.seconds / 2))
+                                                 str(a.seconds / 2), *graphs)
             r["dedicated_infer"]["gpu_util"] = u.mean()
             log(m, "cold starts (stop-and-start)")
             t = time.monotonic()
@@ -352,7 +355,7 @@ def main():
                                                   stderr=subprocess.PIPE, text=True)
                             time.sleep(4)  # its model built and warm before the requests start
                             pi = plain_run("infer", "--model", m, "--rate", str(a.rate), "--seconds",
-                                           str(a.seconds / 2), env=menv)
+                                           str(a.seconds / 2), *graphs, env=menv)
                             o, e = pt.communicate(timeout=120)
                         if pt.returncode != 0:
                             raise RuntimeError(e[-800:])
