@@ -103,9 +103,9 @@ class Bench:
         from pipeswitch import worker as W
 
         self.torch, self.run, self.model, self.P = torch, run, model, P
-        self.daemon, sock = socket.socketpair()
+        self.daemon, self.sock = socket.socketpair()
         self.daemon.settimeout(60)
-        self.training = W._Training(sock, Backend(run), 1)
+        self.training = W._Training(self.sock, Backend(run), 1)
         self.job = P.TrainJob(model, "bench:" + model, preempt=P.PREEMPT_ABANDON, save=P.SAVE_RESIDENT)
         self.training.runner, self.training.job_id = run, 1  # the job of every task here
         self.task_id = 0
@@ -156,6 +156,7 @@ class Bench:
         P.send(self.daemon, P.Shutdown())
         self.daemon.close()
         self.training.drop()
+        self.sock.close()
 
 
 def sync(torch, dev):
