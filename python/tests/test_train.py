@@ -663,3 +663,28 @@ def test_the_write_back_pins_one_buffer_once_and_frees_the_gpu_copy():
         assert all(torch.equal(after[k], before[k]) for k in before)
         assert run.step(3 + n, never)
     run.close()
+
+
+def test_the_stop_bench_runs_through_the_workers_loop(tmp_path):
+    """bench/train/stop_bench.py (run on the GPU machine) on the CPU with the
+    small job: every variant's preemptions are answered by the worker's
+    loop, stopped, with the iteration kept."""
+    _torch()
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.path.join(root, "python"))
+    p = subprocess.run([sys.executable, os.path.join(root, "bench", "train", "stop_bench.py"), "--device", "cpu",
+                        "--models", "tiny", "--trials", "3", "--host-trials", "2", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    with open(tmp_path / "train-stop.json") as f:
+        r = json.load(f)["models"]["tiny"]
+    assert "error" not in r, r.get("error")
+    for name in ("cpu-data/5ms", "device-data/5ms", "device-data/quick", "host-save"):
+        trials = r[name]["trials"]
+        assert len(trials) == (2 if name == "host-save" else 3)
+        assert all(0 <= t["stop_ms"] < 1000 and t["iteration"] >= 3 for t in trials), trials
+    its = [t["iteration"] for t in r["device-data/quick"]["trials"]]
+    assert its == sorted(its), "the iterations went back"
