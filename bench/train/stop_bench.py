@@ -12,7 +12,9 @@ preemptions land in every phase of a step, unlike the fixed-rate requests
 of experiment.py, whose arrivals fall in about the same phase every time),
 and reads the worker's ``TrainStopped``: ``stop_ms`` (the Preempt's
 decision to the step given way, measured by the worker, the figure of the
-daemon's log) and ``save_ms``. Variants, to show what each change gives:
+daemon's log), of which ``notice_ms`` (the decision to the watcher's
+event: the socket and the GIL), and ``save_ms``. Variants, to show what
+each change gives:
 
 - ``cpu-data/5ms``: the reference data as it was (made by a CPU generator,
   copied synchronously from pageable memory) and Python's 5 ms switch
@@ -84,6 +86,33 @@ def former_data(torch, device, model, batch=32):
     return data
 
 
+class _SeenEvent(threading.Event):
+    """The watcher's event, with the moment it was set."""
+
+    set_ns = None
+
+    def set(self):
+        if self.set_ns is None:
+            from pipeswitch import protocol as P
+
+            self.set_ns = P.monotonic_ns()
+        super().set()
+
+
+def timed_watcher(W):
+    """pipeswitch.worker's watcher, its event timed (the last one made is
+    ``cls.last``): the Preempt's decision to the event splits the stop into
+    the notice (the socket and the GIL) and the step's giving way."""
+    class Watcher(W._Watcher):
+        last = None
+
+        def __init__(self, sock):
+            super().__init__(sock)
+            self.preempt = _SeenEvent()  # before any Preempt: the bench sends it later
+            Watcher.last = self
+    return Watcher
+
+
 class Backend:
     """The worker's backend, holding one run."""
 
@@ -105,6 +134,7 @@ class Bench:
         self.torch, self.run, self.model, self.P = torch, run, model, P
         self.daemon, self.sock = socket.socketpair()
         self.daemon.settimeout(60)
+        self.watcher = W._Watcher = timed_watcher(W)  # the training loop makes one per task
         self.training = W._Training(self.sock, Backend(run), 1)
         self.job = P.TrainJob(model, "bench:" + model, preempt=P.PREEMPT_ABANDON, save=P.SAVE_RESIDENT)
         self.training.runner, self.training.job_id = run, 1  # the job of every task here
@@ -138,7 +168,8 @@ class Bench:
                 first = time.monotonic() - started
                 break
         time.sleep(delay_s)
-        P.send(self.daemon, P.Preempt(self.task_id, P.PREEMPT_ABANDON, save, P.monotonic_ns()))
+        decided = P.monotonic_ns()
+        P.send(self.daemon, P.Preempt(self.task_id, P.PREEMPT_ABANDON, save, decided))
         while True:
             m = self.recv()
             if isinstance(m, P.TrainStopped):
@@ -147,7 +178,10 @@ class Bench:
         if m.reason != P.STOP_PREEMPTED:
             raise RuntimeError("the job stopped with %s" % (m,))
         self.iteration = m.iteration
+        w = self.watcher.last
+        seen = w.preempt.set_ns if w is not None else None
         return {"delay_ms": delay_s * 1e3, "stop_ms": m.stop_ms, "save_ms": m.save_ms,
+                "notice_ms": (seen - decided) / 1e6 if seen is not None else None,
                 "resume_first_step_ms": first * 1e3, "iteration": m.iteration}
 
     def close(self):
@@ -246,8 +280,11 @@ def main():
                 log(m, name, "step %.1f ms" % (step_s * 1e3))
                 trials = [b.trial(rnd.uniform(0, step_s), P.SAVE_RESIDENT) for _ in range(a.trials)]
                 r[name] = {"step_ms": stats(steps), "stop_ms": stats([x["stop_ms"] for x in trials]),
+                           "notice_ms": stats([x["notice_ms"] for x in trials if x["notice_ms"] is not None]),
                            "save_ms": stats([x["save_ms"] for x in trials]), "trials": trials}
-                log(m, name, "stop mean %.2f p99 %.2f ms" % (r[name]["stop_ms"]["mean"], r[name]["stop_ms"]["p99"]))
+                log(m, name, "stop mean %.2f p99 %.2f ms, of which the watcher's notice %s ms" % (
+                    r[name]["stop_ms"]["mean"], r[name]["stop_ms"]["p99"],
+                    "%.2f" % r[name]["notice_ms"]["mean"] if r[name]["notice_ms"] else "-"))
                 save()
             if mi == 0 and a.host_trials:
                 run.spec.data, run.switch_interval = device_data, T.SWITCH_INTERVAL_S

@@ -686,5 +686,7 @@ def test_the_stop_bench_runs_through_the_workers_loop(tmp_path):
         trials = r[name]["trials"]
         assert len(trials) == (2 if name == "host-save" else 3)
         assert all(0 <= t["stop_ms"] < 1000 and t["iteration"] >= 3 for t in trials), trials
+        # The watcher's notice is a part of the stop (the same clock).
+        assert all(t["notice_ms"] is None or 0 <= t["notice_ms"] <= t["stop_ms"] for t in trials), trials
     its = [t["iteration"] for t in r["device-data/quick"]["trials"]]
     assert its == sorted(its), "the iterations went back"
