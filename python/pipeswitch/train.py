@@ -235,6 +235,8 @@ class TorchTrainRun:
 
     def _step(self, iteration, stop):
         torch = self.torch
+        if self.abandon and stop.is_set():
+            return False  # preempted before it began: nothing to undo, no data made
         if self._buf_ready is not None:
             torch.cuda.current_stream(self.device).wait_event(self._buf_ready)
             self._buf_ready = None

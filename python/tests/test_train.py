@@ -550,7 +550,13 @@ def test_a_step_switches_threads_quickly_and_puts_the_interval_back():
     assert run.step(1, stop) and seen[-1] == SWITCH_INTERVAL_S < old
     assert sys.getswitchinterval() == old
     stop.set()
+    made = []
+    data = run.spec.data
+    run.spec.data = lambda i: made.append(i) or data(i)
+    rng = torch.get_rng_state()
     assert not run.step(2, stop) and sys.getswitchinterval() == old
+    assert made == [] and torch.equal(torch.get_rng_state(), rng), "a step preempted before it began made its data"
+    run.spec.data = data
     bad = run.spec.data
     run.spec.data = lambda i: (_ for _ in ()).throw(ValueError("bad batch"))
     with pytest.raises(ValueError):
@@ -567,6 +573,8 @@ def test_a_preemption_seen_by_another_thread_ends_the_step_within_one_block():
     event while a block of the forward runs (blocks that hold the GIL, as
     kernel launches do); the next block's check ends the step, which
     leaves nothing of it (the same numbers as a run never preempted)."""
+    import sys
+
     torch = _torch()
     from pipeswitch.train import TorchTrainRun
 
@@ -622,7 +630,9 @@ def test_a_preemption_seen_by_another_thread_ends_the_step_within_one_block():
     entered.clear()
     del ran[:]
     threading.Thread(target=lambda: entered.wait(5) and a.send(b"P")).start()
+    interval = sys.getswitchinterval()
     assert not run.step(2, stop), "the step was not abandoned"
+    assert sys.getswitchinterval() == interval, "an abandoned step kept its quick switch interval"
     t.join(5)
     a.close()
     b.close()
