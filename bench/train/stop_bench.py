@@ -234,7 +234,7 @@ def main():
     rnd = random.Random(a.seed)
     res = {"card": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-           "conditions": {"batch": 32, "trials_per_variant": a.trials, "preempt": "abandon",
+           "conditions": {"trials_per_variant": a.trials, "preempt": "abandon",
                           "delay": "uniform in [0, one step's time) after the resume's first step",
                           "python_switch_interval_s": sys.getswitchinterval(),
                           "quick_switch_interval_s": T.SWITCH_INTERVAL_S,
@@ -258,6 +258,7 @@ def main():
             spec = getattr(T, JOBS[m])(dev)
             run = T.TorchTrainRun(spec, dev, abandon=True)
             device_data, cpu_data = spec.data, former_data(torch, dev, m, spec.samples)
+            r["batch"] = spec.samples
             never = threading.Event()
             for i in range(1, 4):
                 run.step(i, never)
