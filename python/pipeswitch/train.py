@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 __all__ = ["TrainSpec", "TorchTrainRun", "Abandoned", "resnet152_job", "inception_v3_job", "bert_base_job",
-           "tiny_job", "CHUNK_BYTES"]
+           "tiny_job", "CHUNK_BYTES", "SWITCH_INTERVAL_S"]
 
 #: Bytes per copy of the chunked write-back and restore.
 CHUNK_BYTES = 8 << 20
