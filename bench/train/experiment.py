@@ -151,7 +151,7 @@ STOP_RE = re.compile(r"training job (\d+) stopped at iteration (\d+): stop ([0-9
 
 
 class Daemon:
-    def __init__(self, binary, store, models, log_path):
+    def __init__(self, binary, store, models, log_path, graphs=True):
         self.dir = tempfile.mkdtemp(prefix="ps-train-")
         self.path = os.path.join(self.dir, "gpu0.sock")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.path.join(ROOT, "python"),
@@ -162,7 +162,8 @@ class Daemon:
         self.logf = open(log_path, "a")
         self.p = subprocess.Popen([binary, "serve", "--store", store, "--device", "0", "--arena-size", "6G",
                                    "--worker-region", "64M", "--standbys", "2", "--socket-dir", self.dir,
-                                   "--worker-cmd", sys.executable, "-m", "pipeswitch.worker", "--models", *specs],
+                                   "--worker-cmd", sys.executable, "-m", "pipeswitch.worker",
+                                   *(["--graphs"] if graphs else []), "--models", *specs],
                                   env=env, stdout=self.logf, stderr=subprocess.STDOUT)
 
     def wait_ready(self, standbys=2, timeout=150):
@@ -238,7 +239,16 @@ def main():
     ap.add_argument("--rate", type=float, default=5.0, help="requests per second")
     ap.add_argument("--idle-ms", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new parts after this")
+    ap.add_argument("--no-graphs", dest="graphs", action="store_false",
+                    help="the inference workers run eager forwards (default: --graphs, forwards replayed from "
+                         "CUDA graphs, for the idle-GPU baseline and the shared runs alike)")
+    ap.add_argument("--skip", default="",
+                    help="parts left out, comma-separated: baselines (dedicated, cold starts), host-save, cycles, mps")
     a = ap.parse_args()
+    skip = {x for x in a.skip.split(",") if x}
+    unknown = skip - {"baselines", "host-save", "cycles", "mps"}
+    if unknown:
+        ap.error("--skip: unknown parts %s" % ", ".join(sorted(unknown)))
     os.makedirs(a.out, exist_ok=True)
 
     import torch
@@ -258,7 +268,13 @@ def main():
                           "time_share": 0.5, "idle_ms": a.idle_ms, "preempt": "abandon",
                           "save": "resident (the H100 has room); one run with the state written back to "
                                   "pinned host memory for the first model",
-                          "training": "SGD momentum 0.9, lr 0.01, synthetic data, random weights",
+                          "training": "SGD momentum 0.9, lr 0.01, synthetic data made on the GPU "
+                                      "(pipeswitch.train), random weights",
+                          "inference_worker": "python -m pipeswitch.worker %s" % (
+                              "--graphs (forwards replayed from CUDA graphs)" if a.graphs else "(eager forwards)"),
+                          "dedicated_inference": "plain.py infer%s" % (" --graphs (a CUDA graph per model)" if a.graphs
+                                                                       else " (eager)"),
+                          "left_out": sorted(skip),
                           "shortened": "runs of %.0f s (the 30 s cycle: one cycle, first model only) "
                                        "to fit the 8-minute budget of one GPU session" % a.seconds},
            "models": {}, "skipped": [], "notes": []}
@@ -277,6 +293,7 @@ def main():
 
     # --- baselines without the daemon: dedicated, MPS, cold starts -------
     plain = os.path.join(HERE, "plain.py")
+    graphs = ["--graphs"] if a.graphs else []  # the dedicated inference as the workers run it
 
     def plain_run(*args, env=None, timeout=120):
         p = subprocess.run([sys.executable, plain, *args], capture_output=True, text=True, timeout=timeout, env=env)
@@ -286,7 +303,7 @@ def main():
 
     for m in models:
         r = res["models"].setdefault(m, {})
-        if over("%s baselines" % m):
+        if "baselines" in skip or over("%s baselines" % m):
             continue
         try:
             log(m, "dedicated training")
@@ -296,7 +313,7 @@ def main():
             log(m, "dedicated inference")
             with Util() as u:
                 r["dedicated_infer"] = plain_run("infer", "--model", m, "--rate", str(a.rate), "--seconds",
-                                                 str(a.seconds / 2))
+                                                 str(a.seconds / 2), *graphs)
             r["dedicated_infer"]["gpu_util"] = u.mean()
             log(m, "cold starts (stop-and-start)")
             t = time.monotonic()
@@ -318,6 +335,8 @@ def main():
     # --- PipeSwitch ----------------------------------------------------------
     def run_mps():
         # MPS: both plain processes side by side.
+        if "mps" in skip:
+            return
         mps_dir = tempfile.mkdtemp(prefix="ps-mps-")
         menv = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=mps_dir, CUDA_MPS_LOG_DIRECTORY=mps_dir)
         mps = subprocess.run(["nvidia-cuda-mps-control", "-d"], env=menv, capture_output=True, text=True)
@@ -336,7 +355,7 @@ def main():
                                                   stderr=subprocess.PIPE, text=True)
                             time.sleep(4)  # its model built and warm before the requests start
                             pi = plain_run("infer", "--model", m, "--rate", str(a.rate), "--seconds",
-                                           str(a.seconds / 2), env=menv)
+                                           str(a.seconds / 2), *graphs, env=menv)
                             o, e = pt.communicate(timeout=120)
                         if pt.returncode != 0:
                             raise RuntimeError(e[-800:])
@@ -384,7 +403,7 @@ def main():
             inputs[m] = {("x%d" % i): t.numpy() for i, t in enumerate(ex)}
             del mod
         torch.cuda.empty_cache()
-        daemon = Daemon(a.bin, store_name, factories, os.path.join(a.out, "train-daemon.log"))
+        daemon = Daemon(a.bin, store_name, factories, os.path.join(a.out, "train-daemon.log"), a.graphs)
         daemon.wait_ready()
         log("daemon ready")
         for mi, m in enumerate(models):
@@ -447,7 +466,7 @@ def main():
                             json.dump({"traceEvents": ev, "displayTimeUnit": "ms",
                                        "otherData": {"model": m, "card": card}}, f)
                 save()
-                if mi == 0 and not over("%s inference first, host save" % m):
+                if mi == 0 and "host-save" not in skip and not over("%s inference first, host save" % m):
                     log(m, "inference first, state written back to host memory")
                     n0 = len(daemon.stops())
                     load, b, e, el, util = job_run(daemon.path, entry, "%s-train" % m, "inference-first", 0, m,
@@ -459,6 +478,17 @@ def main():
                         "preemptions": e.preemptions - b.preemptions, "gpu_util": util,
                         "stop_ms_mean": mean([s[1] for s in stops]), "save_ms_mean": mean([s[2] for s in stops])}
                     save()
+            except Exception as e:  # noqa: BLE001 - recorded
+                r["pipeswitch_error"] = repr(e)
+                log(m, "PipeSwitch run failed:", e)
+                save()
+        # The time-share cycles, after every model's inference-first run
+        # (the figures the budget must not cut first).
+        for mi, m in enumerate([] if "cycles" in skip else models):
+            r = res["models"][m]
+            entry = train_models.MODELS[m][1]
+            batch = r.get("dedicated_train", {}).get("batch", 32)
+            try:
                 for cyc in cycles + ([a.long_cycle] if mi == 0 and a.long_cycle else []):
                     if over("%s cycle %g s" % (m, cyc)):
                         continue
@@ -473,8 +503,8 @@ def main():
                         "preemptions": e.preemptions - b.preemptions, "gpu_util": util}
                     save()
             except Exception as e:  # noqa: BLE001 - recorded
-                r["pipeswitch_error"] = repr(e)
-                log(m, "PipeSwitch run failed:", e)
+                r["pipeswitch_cycles_error"] = repr(e)
+                log(m, "time-share run failed:", e)
                 save()
         with Client(socket=daemon.path, timeout=30) as c:
             s = c.stats()

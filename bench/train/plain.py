@@ -4,7 +4,7 @@ fixed rate (both also run side by side under MPS), and cold starts (the
 stop-and-start baseline: a new process per task).
 
     python bench/train/plain.py train --model resnet152 --seconds 10
-    python bench/train/plain.py infer --model resnet152 --rate 20 --seconds 10
+    python bench/train/plain.py infer --model resnet152 --rate 20 --seconds 10 [--graphs]
     python bench/train/plain.py cold-infer --model resnet152
     python bench/train/plain.py cold-train --model resnet152
 
@@ -59,7 +59,33 @@ def train(model, seconds, warm=3):
             "batch": spec.samples, "startup_s": t_first - T0, "build_s": t_built - T0}
 
 
-def infer(model, rate, seconds):
+def _graphed(torch, m, xs):
+    """``run(xs)``: the forward replayed from a CUDA graph (the request's
+    inputs copied into the captured ones first), as the daemon's workers
+    run it with --graphs; None where the forward cannot be captured."""
+    static = [x.clone() for x in xs]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                m(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            m(*static)
+    except Exception:  # noqa: BLE001 - eager instead, said in the result
+        torch.cuda.synchronize()
+        return None
+
+    def run(inputs):
+        for s, x in zip(static, inputs):
+            s.copy_(x, non_blocking=True)
+        g.replay()
+    return run
+
+
+def infer(model, rate, seconds, graphs=False):
     import torch
 
     import train_models
@@ -71,6 +97,14 @@ def infer(model, rate, seconds):
         for _ in range(3):
             m(*xs)
         torch.cuda.synchronize()
+        run = _graphed(torch, m, xs) if graphs else None
+        graphed = run is not None
+        if run is None:
+            def run(inputs):
+                m(*inputs)
+        for _ in range(2):
+            run(xs)
+        torch.cuda.synchronize()
         lat = []
         start = time.monotonic()
         k = 0
@@ -81,11 +115,11 @@ def infer(model, rate, seconds):
                 break
             if due > now:
                 time.sleep(due - now)
-            m(*[x for x in xs])
+            run(xs)
             torch.cuda.synchronize()
             lat.append((time.monotonic() - due) * 1e3)
             k += 1
-    return {"mode": "infer", "model": model, "rate": rate, "requests": len(lat),
+    return {"mode": "infer", "model": model, "rate": rate, "requests": len(lat), "graphs": graphed,
             "mean_ms": sum(lat) / len(lat), "p99_ms": _pct(lat, 99), "p50_ms": _pct(lat, 50)}
 
 
@@ -126,11 +160,12 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rate", type=float, default=20.0)
+    ap.add_argument("--graphs", action="store_true", help="infer: replay the forward from a CUDA graph")
     a = ap.parse_args()
     if a.mode == "train":
         r = train(a.model, a.seconds)
     elif a.mode == "infer":
-        r = infer(a.model, a.rate, a.seconds)
+        r = infer(a.model, a.rate, a.seconds, a.graphs)
     elif a.mode == "cold-infer":
         r = cold_infer(a.model)
     else:

@@ -10,7 +10,13 @@ A job is a factory, ``module:function``, called with the CUDA device (or
 - ``data(iteration)``: the batch ``(inputs, targets)`` of an iteration
   (1, 2, ...), on the device. A batch depends on its iteration only, so that
   an abandoned iteration is redone with the same data (a data loader is
-  wrapped by indexing into it, e.g. a seeded sampler per epoch);
+  wrapped by indexing into it, e.g. a seeded sampler per epoch). It runs at
+  the start of the step, before the step's first check for a preemption:
+  the time it holds the host is added to the stop of a preemption that
+  lands in it. It should return quickly: make synthetic data on the device
+  (as the reference jobs do, with a generator seeded by the iteration),
+  and have a real loader prefetch (its worker processes, pinned memory,
+  ``non_blocking`` copies) rather than decode and copy synchronously here;
 - ``loss(outputs, targets)``: a scalar tensor;
 - ``samples``: samples per iteration (for throughput figures).
 
@@ -23,12 +29,16 @@ the blocks' inputs), with the host kept at most two blocks ahead of the
 GPU; the step checks again while the backward's last kernels finish,
 before the optimiser's step. A preempted step is abandoned (gradients
 dropped, the buffers, e.g. batch-norm statistics, and the RNG put back) and
-redone on resume. With ``PREEMPT_BOUNDARY`` the step completes.
+redone on resume. With ``PREEMPT_BOUNDARY`` the step completes. The
+preemption is seen by another thread of the worker, which must take the GIL
+from the training thread: while a step runs, Python switches threads every
+:data:`SWITCH_INTERVAL_S` (0.5 ms) instead of its default 5 ms.
 
 The state of a job is its parameters, buffers, optimiser state, RNG
 (CPU and CUDA) and iteration. When preempted it either stays in GPU memory
-(``SAVE_RESIDENT``) or is written back to pinned host memory in chunked
-copies on a side stream and freed on the GPU (``SAVE_HOST``); with
+(``SAVE_RESIDENT``) or is written back to pinned host memory (one buffer
+pinned at the first write-back and reused) in chunked multi-tensor copies
+on a side stream and freed on the GPU (``SAVE_HOST``); with
 ``SAVE_AUTO`` (the default) the daemon picks one of the two at each
 preemption, from the state's size the worker reports; resuming
 copies it back the same way, pipelined with the first step: buffers first,
@@ -54,10 +64,17 @@ from dataclasses import dataclass
 from typing import Callable
 
 __all__ = ["TrainSpec", "TorchTrainRun", "Abandoned", "resnet152_job", "inception_v3_job", "bert_base_job",
-           "tiny_job", "CHUNK_BYTES"]
+           "tiny_job", "CHUNK_BYTES", "SWITCH_INTERVAL_S"]
 
 #: Bytes per copy of the chunked write-back and restore.
 CHUNK_BYTES = 8 << 20
+
+#: Python's thread switch interval while a step runs (seconds; the
+#: interpreter's default is 5 ms). The preemption is seen by a thread of the
+#: worker that must take the GIL from the training thread, which holds it
+#: while it launches kernels: with the default it waits up to 5 ms for it,
+#: twice (the socket, then the event), before the step can see the stop.
+SWITCH_INTERVAL_S = 0.0005
 
 
 class Abandoned(Exception):
@@ -111,12 +128,14 @@ class TorchTrainRun:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.abandon = bool(abandon)
+        self.switch_interval = SWITCH_INTERVAL_S  # None: Python's own
         self.model = self.spec.model
         self.optimizer = self.spec.optimizer
         self.model.train()
         self.stop = None  # a threading.Event while a step runs
         self.on_gpu = True  # False: the state is in pinned host memory
-        self.host = {}  # index in _tensors() -> its pinned host copy, reused
+        self._image = None  # the pinned host buffer of the write-back, reused
+        self.last_save = None  # the last write-back's times (save())
         self._held = []
         self._ring = []
         # The buffers (e.g. batch-norm statistics) as they were before the
@@ -201,8 +220,23 @@ class TorchTrainRun:
 
     def step(self, iteration, stop):
         """Runs iteration ``iteration``; False if abandoned (nothing of it
-        kept), True when done (its kernels finished)."""
+        kept), True when done (its kernels finished). While it runs, Python
+        switches threads every :data:`SWITCH_INTERVAL_S` at most (the
+        interpreter's own interval is put back after)."""
+        old = sys.getswitchinterval()
+        quick = self.switch_interval is not None and 0 < self.switch_interval < old
+        if quick:
+            sys.setswitchinterval(self.switch_interval)
+        try:
+            return self._step(iteration, stop)
+        finally:
+            if quick:
+                sys.setswitchinterval(old)
+
+    def _step(self, iteration, stop):
         torch = self.torch
+        if self.abandon and stop.is_set():
+            return False  # preempted before it began: nothing to undo, no data made
         if self._buf_ready is not None:
             torch.cuda.current_stream(self.device).wait_event(self._buf_ready)
             self._buf_ready = None
@@ -304,57 +338,54 @@ class TorchTrainRun:
             total += n
         return total
 
-    def _host_copy(self, i, t):
-        torch = self.torch
-        h = self.host.get(i)
-        if h is None or h.shape != t.shape or h.dtype != t.dtype:
-            h = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
-            self.host[i] = h
-        return h
-
-    def _chunked(self, dst, src):
-        """dst.copy_(src) in CHUNK_BYTES pieces (asynchronous on the side
-        stream where one side is pinned host memory)."""
-        n = src.numel()
-        if n == 0:
-            return
-        d, s = dst.reshape(-1), src.reshape(-1)
-        per = max(1, CHUNK_BYTES // max(1, src.element_size()))
-        for i in range(0, n, per):
-            d[i:i + per].copy_(s[i:i + per], non_blocking=self.cuda)
-
     def save(self, mode):
         """After a stop: ``SAVE_RESIDENT`` keeps the state where it is,
         ``SAVE_HOST`` writes it back to pinned host memory and frees it on
-        the GPU."""
+        the GPU. The state goes into one pinned buffer (:class:`_HostImage`,
+        allocated at the first write-back and reused while the state's
+        layout stays the same) with multi-tensor copies on the side stream
+        and one wait; the GPU memory, the cached activations included, is
+        then given back to the driver for the other workers.
+        ``last_save`` tells where the time went."""
         from . import protocol as P
 
         if mode != P.SAVE_HOST or not self.cuda or not self.on_gpu:
             return
         torch = self.torch
+        t0 = time.perf_counter()
         self._wait_all()
         # Gradients are recomputed by every step: dropped, not saved.
         self.optimizer.zero_grad(set_to_none=True)
         items = self._tensors()
+        srcs = [t for _, _, t, _ in items]
+        img = self._image
+        new = img is None or not img.fits(srcs)
+        if new:
+            self._image = img = None  # the old buffer goes before a new one is pinned
+            img = self._image = _HostImage(torch, srcs, pin=True)
+        t1 = time.perf_counter()
         self.side.wait_stream(torch.cuda.current_stream(self.device))
-        hosts = []
         with torch.cuda.stream(self.side):
-            for i, (holder, key, t, group) in enumerate(items):
-                h = self._host_copy(i, t)
-                self._chunked(h, t)
-                hosts.append(h)
+            _copy_pieces(torch, img.views, srcs, non_blocking=True)
+        t2 = time.perf_counter()
         self.side.synchronize()
+        t3 = time.perf_counter()
         self._held = []
         t = None
-        for (holder, key, t, group), h in zip(items, hosts):
+        for (holder, key, t, group), h in zip(items, img.views):
             if key is None:
                 holder.data = torch.empty(0, dtype=t.dtype, device=self.device)
             else:
                 holder[key] = h
             self._held.append((holder, key, h, group))
-        del items, hosts, t
+        del items, srcs, t
+        self._buf_snap = None  # made again by the next step
         torch.cuda.empty_cache()
+        t4 = time.perf_counter()
         self.on_gpu = False
+        self.last_save = {"bytes": img.nbytes, "tensors": len(img.views), "pinned_new": new,
+                          "prepare_ms": (t1 - t0) * 1e3, "launch_ms": (t2 - t1) * 1e3, "copy_wait_ms": (t3 - t2) * 1e3,
+                          "free_ms": (t4 - t3) * 1e3, "total_ms": (t4 - t0) * 1e3}
 
     def restore_held(self):
         """Starts copying a written-back state to the GPU (nothing if
@@ -363,19 +394,22 @@ class TorchTrainRun:
         if self.on_gpu:
             return
         torch = self.torch
-        # Allocated on the stream that uses them; copied on the side stream
-        # (the pinned host copies stay in self.host until the next save).
+        # Allocated on the stream that uses them; copied on the side stream,
+        # a group at a time (the image stays pinned for the next save,
+        # which the side stream orders after these copies).
         gpu = [torch.empty(h.shape, dtype=h.dtype, device=self.device) for _, _, h, _ in self._held]
         self.side.wait_stream(torch.cuda.current_stream(self.device))
         held = self._held
+        first = 0  # of the group being copied
         with torch.cuda.stream(self.side):
             for i, ((holder, key, h, group), g) in enumerate(zip(held, gpu)):
-                self._chunked(g, h)
                 if key is None:
                     holder.data = g
                 else:
                     holder[key] = g
                 if i + 1 == len(held) or held[i + 1][3] is not group:
+                    _copy_pieces(torch, gpu[first:i + 1], [x[2] for x in held[first:i + 1]], non_blocking=True)
+                    first = i + 1
                     ev = torch.cuda.Event()
                     ev.record(self.side)
                     if group == "buffers":
@@ -443,8 +477,8 @@ class TorchTrainRun:
         if self.cuda:
             self._wait_all()
             self.side.synchronize()
-        self.host.clear()
         self._held = []
+        self._image = None
 
 
 def _copy_all(torch, dst, src):
@@ -465,6 +499,62 @@ def _copy_all(torch, dst, src):
         foreach(ds, ss)
 
 
+class _HostImage:
+    """The tensors of a state back to back in one host buffer (each at a
+    256-byte boundary), pinned where ``pin``: one allocation instead of
+    one per tensor, reused by every write-back of the same layout."""
+
+    ALIGN = 256
+
+    def __init__(self, torch, tensors, pin):
+        self.layout = _layout(tensors)
+        offsets, end = [], 0
+        for t in tensors:
+            end = -(-end // self.ALIGN) * self.ALIGN
+            offsets.append(end)
+            end += t.numel() * t.element_size()
+        self.nbytes = end
+        self.buf = torch.empty(max(end, 1), dtype=torch.uint8, device="cpu", pin_memory=pin)
+        self.views = [self.buf[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                      for o, t in zip(offsets, tensors)]
+
+    def fits(self, tensors):
+        """Whether ``tensors`` have the layout of this image."""
+        return _layout(tensors) == self.layout
+
+
+def _layout(tensors):
+    return [(tuple(t.shape), t.dtype) for t in tensors]
+
+
+def _copy_pieces(torch, dst, src, non_blocking):
+    """``d.copy_(s)`` for every pair, tensors of more than CHUNK_BYTES in
+    pieces of that size, as one multi-tensor copy (``torch._foreach_copy_``,
+    which copies pair by pair in C++ where the devices differ) where
+    PyTorch has it, else one call per piece."""
+    ds, ss = [], []
+    for d, s in zip(dst, src):
+        n = s.numel()
+        if n * s.element_size() <= CHUNK_BYTES:
+            ds.append(d)
+            ss.append(s)
+            continue
+        fd, fs = d.reshape(-1), s.reshape(-1)
+        per = max(1, CHUNK_BYTES // s.element_size())
+        for i in range(0, n, per):
+            ds.append(fd[i:i + per])
+            ss.append(fs[i:i + per])
+    foreach = getattr(torch, "_foreach_copy_", None)
+    if foreach is not None and ds:
+        try:
+            foreach(ds, ss, non_blocking=non_blocking)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass  # an older PyTorch without the cross-device case: pair by pair
+    for d, s in zip(ds, ss):
+        d.copy_(s, non_blocking=non_blocking)
+
+
 def _to_cpu(torch, obj):
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
@@ -479,12 +569,33 @@ def _to_cpu(torch, obj):
 # Reference jobs (synthetic data: a batch is a function of its iteration)
 # ---------------------------------------------------------------------------
 
+def _seeded(torch, device):
+    """A generator on ``device`` of the data function's own (the job's
+    default RNG, which dropout draws from, is left alone) and its seeding
+    per iteration: on CUDA the numbers are drawn by kernels, so making a
+    batch costs the host a few launches, not tens of milliseconds of
+    uninterruptible CPU work and a synchronous copy."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator(device=device)
+
+    def seed(value):
+        g.manual_seed(int(value))  # also resets a CUDA generator's offset
+        return g
+    return device, seed
+
+
 def _synthetic(torch, device, shape, classes, batch, seed):
+    """``data(iteration)``: a batch of normal images and class labels made on
+    ``device``, the same for the same iteration (a pure function of it)."""
+    device, seeded = _seeded(torch, device)
+
     def data(iteration):
-        g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + int(iteration))
-        x = torch.randn((batch,) + tuple(shape), generator=g)
-        y = torch.randint(0, classes, (batch,), generator=g)
-        return x.to(device, non_blocking=False), y.to(device, non_blocking=False)
+        g = seeded(seed * 1_000_003 + int(iteration))
+        x = torch.randn((batch,) + tuple(shape), generator=g, device=device)
+        y = torch.randint(0, classes, (batch,), generator=g, device=device)
+        return x, y
     return data
 
 
@@ -532,11 +643,13 @@ def bert_base_job(device, name="bert_base", batch=32, seq=128):
     model = transformers.BertForSequenceClassification(cfg).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
+    device, seeded = _seeded(torch, device)
+
     def data(iteration):
-        g = torch.Generator(device="cpu").manual_seed(1_000_003 + int(iteration))
-        ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
-        y = torch.randint(0, 2, (batch,), generator=g)
-        return ids.to(device), y.to(device)
+        g = seeded(1_000_003 + int(iteration))
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g, device=device)
+        y = torch.randint(0, 2, (batch,), generator=g, device=device)
+        return ids, y
 
     ce = torch.nn.CrossEntropyLoss()
     return TrainSpec(model, opt, data, lambda out, y: ce(out.logits, y), batch)

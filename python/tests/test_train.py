@@ -472,3 +472,231 @@ def test_a_preemption_while_the_state_is_written_cuts_the_checkpoint_short(tmp_p
     run = made[0].runs[0]
     assert (run.checkpoints_cut, run.steps_abandoned) == (3, 0)
     assert not os.path.exists(path + ".tmp")
+
+
+def test_the_reference_data_is_a_function_of_the_iteration_made_on_the_device():
+    """A batch is the same at every call for its iteration (an abandoned
+    step is redone with the same data), differs between iterations, is
+    made on the job's device, and leaves the job's own RNG (dropout's)
+    alone."""
+    torch = _torch()
+    from pipeswitch.train import _synthetic, tiny_job
+
+    devs = [torch.device("cpu")] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else [])
+    for dev in devs:
+        data = _synthetic(torch, dev, (3, 5, 5), 10, 4, 7)
+        rng = lambda: (torch.get_rng_state(),) + ((torch.cuda.get_rng_state(dev),) if dev.type == "cuda" else ())  # noqa: E731
+        before = rng()
+        x1, y1 = data(1)
+        x2, y2 = data(2)
+        again = data(1)
+        assert all(torch.equal(a, b) for a, b in zip(rng(), before)), "the data function drew from the job's RNG"
+        assert x1.device.type == dev.type and y1.device.type == dev.type
+        assert (tuple(x1.shape), tuple(y1.shape), x1.dtype, y1.dtype) == ((4, 3, 5, 5), (4,), torch.float32, torch.int64)
+        assert torch.equal(x1, again[0]) and torch.equal(y1, again[1])
+        assert not torch.equal(x1, x2)
+        assert int(y1.min()) >= 0 and int(y1.max()) < 10
+        # Another job's data (another seed) differs; the same job made twice does not.
+        assert not torch.equal(_synthetic(torch, dev, (3, 5, 5), 10, 4, 8)(1)[0], x1)
+        assert torch.equal(tiny_job(dev).data(3)[0], tiny_job(dev).data(3)[0])
+
+
+def test_the_write_back_image_holds_every_tensor_apart_and_bit_for_bit(monkeypatch):
+    """The write-back's host buffer: each tensor of the state (dtypes and
+    shapes mixed, empty and scalar ones, one bigger than a copy's chunk)
+    at its own aligned place, copied in and out bit for bit; the image is
+    reused only for the same layout."""
+    torch = _torch()
+    from pipeswitch import train as T
+
+    monkeypatch.setattr(T, "CHUNK_BYTES", 64)  # the 40-float tensor goes in 3 pieces
+    g = torch.Generator().manual_seed(3)
+    state = [torch.randn(40, generator=g), torch.randint(-9, 9, (3, 2), generator=g), torch.zeros(0),
+             torch.tensor(5, dtype=torch.int64), torch.randn(2, 3, generator=g).double(),
+             torch.tensor([True, False, True]), torch.randn(7, generator=g).half()]
+    img = T._HostImage(torch, state, pin=False)
+    assert img.fits(state) and not img.fits(state[:-1])
+    assert not img.fits(state[:-1] + [torch.randn(8).half()]) and not img.fits(state[:-1] + [state[-1].float()])
+    ptrs = [v.data_ptr() for v in img.views if v.numel()]
+    assert all((p - img.buf.data_ptr()) % T._HostImage.ALIGN == 0 for p in ptrs)
+    assert img.nbytes >= sum(t.numel() * t.element_size() for t in state)
+    T._copy_pieces(torch, img.views, state, non_blocking=False)
+    for v, t in zip(img.views, state):
+        assert v.dtype == t.dtype and v.shape == t.shape and torch.equal(v, t)
+    # Apart: every byte of the buffer belongs to one tensor at most.
+    ends = sorted((v.data_ptr(), v.data_ptr() + v.numel() * v.element_size()) for v in img.views if v.numel())
+    assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))
+    back = [torch.empty_like(t) for t in state]
+    T._copy_pieces(torch, back, img.views, non_blocking=False)
+    assert all(torch.equal(b, t) for b, t in zip(back, state))
+
+
+def test_a_step_switches_threads_quickly_and_puts_the_interval_back():
+    """While a step runs (done, abandoned or raising), Python's switch
+    interval is SWITCH_INTERVAL_S, so that the thread that sees the
+    preemption gets the GIL from the training thread within it; the
+    interpreter's own is back after; ``switch_interval = None`` leaves it."""
+    import sys
+
+    torch = _torch()
+    from pipeswitch.train import SWITCH_INTERVAL_S, TorchTrainRun, tiny_job
+
+    seen = []
+    dev = torch.device("cpu")
+    run = TorchTrainRun(tiny_job(dev), dev, abandon=True)
+    run.model[1].register_forward_pre_hook(lambda m, a: seen.append(sys.getswitchinterval()))
+    old = sys.getswitchinterval()
+    stop = threading.Event()
+    assert run.step(1, stop) and seen[-1] == SWITCH_INTERVAL_S < old
+    assert sys.getswitchinterval() == old
+    stop.set()
+    made = []
+    data = run.spec.data
+    run.spec.data = lambda i: made.append(i) or data(i)
+    rng = torch.get_rng_state()
+    assert not run.step(2, stop) and sys.getswitchinterval() == old
+    assert made == [] and torch.equal(torch.get_rng_state(), rng), "a step preempted before it began made its data"
+    run.spec.data = data
+    bad = run.spec.data
+    run.spec.data = lambda i: (_ for _ in ()).throw(ValueError("bad batch"))
+    with pytest.raises(ValueError):
+        run.step(2, threading.Event())
+    assert sys.getswitchinterval() == old
+    run.spec.data = bad
+    run.switch_interval = None
+    assert run.step(2, threading.Event()) and seen[-1] == old
+    run.close()
+
+
+def test_a_preemption_seen_by_another_thread_ends_the_step_within_one_block():
+    """The worker's way: a thread woken by the daemon's socket sets the
+    event while a block of the forward runs (blocks that hold the GIL, as
+    kernel launches do); the next block's check ends the step, which
+    leaves nothing of it (the same numbers as a run never preempted)."""
+    import sys
+
+    torch = _torch()
+    from pipeswitch.train import TorchTrainRun
+
+    nn = torch.nn
+    ran = []
+    entered = threading.Event()
+
+    class Busy(nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.k = k
+            self.lin = nn.Linear(6, 6)
+
+        def forward(self, x):
+            ran.append(self.k)
+            if self.k == 2:
+                entered.set()
+            end = time.perf_counter() + 0.03
+            while time.perf_counter() < end:  # Python work, the GIL held
+                pass
+            return torch.relu(self.lin(x))
+
+    def make():
+        torch.manual_seed(1)
+        model = nn.Sequential(*[Busy(k) for k in range(6)])
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        g = torch.Generator()
+
+        def data(i):
+            g.manual_seed(i)
+            return torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+        return {"model": model, "optimizer": opt, "data": data, "loss": nn.functional.mse_loss}
+
+    dev = torch.device("cpu")
+    ref = TorchTrainRun(make(), dev, abandon=True)
+    for i in (1, 2):
+        assert ref.step(i, threading.Event())
+    run = TorchTrainRun(make(), dev, abandon=True)
+    assert run.step(1, threading.Event())
+    a, b = socket.socketpair()
+    stop = threading.Event()
+
+    def watch():  # as pipeswitch.worker's watcher: poll the socket, set the event
+        import select
+
+        p = select.poll()
+        p.register(b.fileno(), select.POLLIN)
+        p.poll(5000)
+        stop.set()
+
+    t = threading.Thread(target=watch)
+    t.start()
+    entered.clear()
+    del ran[:]
+    threading.Thread(target=lambda: entered.wait(5) and a.send(b"P")).start()
+    interval = sys.getswitchinterval()
+    assert not run.step(2, stop), "the step was not abandoned"
+    assert sys.getswitchinterval() == interval, "an abandoned step kept its quick switch interval"
+    t.join(5)
+    a.close()
+    b.close()
+    assert ran == [0, 1, 2], "the step went on %d blocks past the one the preemption landed in" % (ran[-1] - 2)
+    assert run.step(2, threading.Event())
+    for (k, v), w in zip(run.model.state_dict().items(), ref.model.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_the_write_back_pins_one_buffer_once_and_frees_the_gpu_copy():
+    """SAVE_HOST on CUDA: the state goes into one pinned buffer, pinned at
+    the first write-back and reused by the next ones; the parameters' GPU
+    memory is freed; the state comes back bit for bit."""
+    torch = _torch()
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    from pipeswitch.train import TorchTrainRun, tiny_job
+
+    dev = torch.device("cuda", 0)
+    run = TorchTrainRun(tiny_job(dev), dev, abandon=True)
+    never = threading.Event()
+    for i in (1, 2):
+        assert run.step(i, never)
+    buf = None
+    for n in range(3):
+        before = _state(torch, run)
+        params = sum(p.numel() * p.element_size() for p in run.model.parameters())
+        run.save(P.SAVE_HOST)
+        s = run.last_save
+        assert s["pinned_new"] == (n == 0) and s["bytes"] >= 2 * params and s["total_ms"] >= 0  # and momentum
+        assert run._image.buf.is_pinned()
+        assert buf is None or run._image.buf.data_ptr() == buf
+        buf = run._image.buf.data_ptr()
+        assert all(p.numel() == 0 and p.device.type == "cuda" for p in run.model.parameters())
+        run.restore_held()
+        run._wait_all()
+        after = _state(torch, run)
+        assert all(torch.equal(after[k], before[k]) for k in before)
+        assert run.step(3 + n, never)
+    run.close()
+
+
+def test_the_stop_bench_runs_through_the_workers_loop(tmp_path):
+    """bench/train/stop_bench.py (run on the GPU machine) on the CPU with the
+    small job: every variant's preemptions are answered by the worker's
+    loop, stopped, with the iteration kept."""
+    _torch()
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.path.join(root, "python"))
+    p = subprocess.run([sys.executable, os.path.join(root, "bench", "train", "stop_bench.py"), "--device", "cpu",
+                        "--models", "tiny", "--trials", "3", "--host-trials", "2", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    with open(tmp_path / "train-stop.json") as f:
+        r = json.load(f)["models"]["tiny"]
+    assert "error" not in r, r.get("error")
+    for name in ("cpu-data/5ms", "device-data/5ms", "device-data/quick", "host-save"):
+        trials = r[name]["trials"]
+        assert len(trials) == (2 if name == "host-save" else 3)
+        assert all(0 <= t["stop_ms"] < 1000 and t["iteration"] >= 3 for t in trials), trials
+        # The watcher's notice is a part of the stop (the same clock).
+        assert all(t["notice_ms"] is None or 0 <= t["notice_ms"] <= t["stop_ms"] for t in trials), trials
+    its = [t["iteration"] for t in r["device-data/quick"]["trials"]]
+    assert its == sorted(its), "the iterations went back"
