@@ -978,8 +978,9 @@ def test_the_torch_worker_process_serves_a_fake_daemon(tmp_path):
         lst.settimeout(120)
         env = dict(os.environ, PIPESWITCH_SOCKET=path,
                    PYTHONPATH=os.pathsep.join([str(tmp_path), PKG_ROOT, os.environ.get("PYTHONPATH", "")]))
+        worker_log = open(tmp_path / "worker.log", "wb")
         proc = subprocess.Popen([sys.executable, "-m", "pipeswitch.worker", "--models", "mlp=psw_models:mlp",
-                                 "two=psw_models:two_heads"], env=env)
+                                 "two=psw_models:two_heads"], env=env, stderr=worker_log)
         conn, _ = lst.accept()
         conn.settimeout(120)
         hello = P.recv(conn)[0]
@@ -1044,10 +1045,51 @@ def test_the_torch_worker_process_serves_a_fake_daemon(tmp_path):
             done, outs = activate(8, "mlp", [("x", x)], region, [0, 3])
             assert done.status == 0, done.message
             torch.testing.assert_close(outs["out0"], ref, rtol=1e-5, atol=1e-5)
+
+            # An input area: mapped and page-locked once; tasks' inputs copied from it to the GPU.
+            afd, aw = P.create_area(4 << 20)
+            try:
+                P.send(conn, P.AreaAdd(11, 4 << 20), afd)
+
+                def activate_area(task_id, xs, resident, area=11):
+                    raw = xs.contiguous().numpy().tobytes()
+                    aw[256:256 + len(raw)] = raw
+                    ts = [P.Tensor("x", pipeswitch.PS_DTYPE_F32, list(xs.shape), P.Area(area, 256, len(raw)))]
+                    P.send(conn, P.Activate(P.Task(task_id, P.TASK_INFERENCE, "mlp", mlp_info.id, region, resident,
+                                                   [0, 2], ts, P.monotonic_ns())))
+                    done, fd = P.recv(conn)
+                    assert done.task_id == task_id
+                    out = None
+                    if done.status == 0:
+                        [(t, data)] = P.unpack_tensors(done.outputs, fd)
+                        out = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(t.shape)
+                    if fd is not None:
+                        os.close(fd)
+                    return done, out
+
+                for i in range(3):
+                    xa = torch.randn(2048, 32)  # 256 KiB, rewritten in place each time
+                    done, out = activate_area(20 + i, xa, resident=i > 0)
+                    assert done.status == 0, done.message
+                    torch.testing.assert_close(out, ref_mlp(xa), rtol=1e-5, atol=1e-5)
+                done, _ = activate_area(23, x, True, area=12)
+                assert done.status == 700 and "not held here" in done.message
+                P.send(conn, P.AreaDrop(11))
+                done, _ = activate_area(24, x, True)
+                assert done.status == 700 and "not held here" in done.message
+                done, outs = activate(25, "mlp", [("x", x)], region, [0], resident=True)
+                assert done.status == 0, done.message
+            finally:
+                aw.close()
+                os.close(afd)
         P.send(conn, P.Deactivate())
         assert P.recv(conn) == (P.Standby(4), None)
         P.send(conn, P.Shutdown())
         assert proc.wait(60) == 0
+        worker_log.close()
+        text = (tmp_path / "worker.log").read_text()
+        sys.stderr.write(text)
+        assert "not page-locked" not in text, "the input area could not be page-locked on this GPU"
         conn.close()
         lst.close()
     finally:
@@ -1125,14 +1167,18 @@ def test_serve_with_torch_workers_and_the_python_client(tmp_path):
                 r = ref_two(x8, y8)
                 torch.testing.assert_close(as_tensor(out["logits"]), r["logits"], rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(as_tensor(out["extra.0"]), r["extra"][0], rtol=1e-5, atol=1e-5)
-            xb = torch.randn(4096, 32)  # 512 KiB: in a memfd both ways
+            xb = torch.randn(4096, 32)  # 512 KiB: in the client's input area (reserved now), the result in a memfd
             out = c.infer("mlp", {"x": xb})
             torch.testing.assert_close(as_tensor(out["out0"]), ref_mlp(xb), rtol=1e-4, atol=1e-4)
+            assert c.input_area_bytes == 16 << 20 and c.area_refusal is None, c.area_refusal
+            xb2 = torch.randn(4096, 32)  # written over the first in the area
+            out = c.infer("mlp", {"x": xb2})
+            torch.testing.assert_close(as_tensor(out["out0"]), ref_mlp(xb2), rtol=1e-4, atol=1e-4)
             with pytest.raises(pipeswitch.NotFound):
                 c.infer("absent", {"x": x})
             s = c.stats()
             # "absent" counts as a request and a failure.
-            assert s.requests == 6 and s.failed == 1 and s.workers >= 2 and s.workers_lost == 0, s
+            assert s.requests == 7 and s.failed == 1 and s.workers >= 2 and s.workers_lost == 0, s
             assert s.hits >= 2 and s.misses >= 2 and s.evictions == 0, s
     finally:
         sys.path.remove(str(tmp_path))
