@@ -468,12 +468,13 @@ def test_the_area_is_not_written_while_a_request_that_names_it_may_be_read():
     next requests send their inputs in files, so the daemon's worker never
     reads bytes of a later request; an area accepted after its reservation
     timed out replaced the client's at the daemon: the old one is dropped."""
-    h = AreaDaemon(delay={"slow": 0.6, 32 << 20: 0.6})
+    h = AreaDaemon(delay={"slow": 1.0, 32 << 20: 1.0})
     d = FakeDaemon(h)
     try:
-        c = Client(socket=d.path, timeout=0.3, numpy=False)
+        c = Client(socket=d.path, timeout=10, numpy=False)
         a, a2 = pattern(P.INLINE_LIMIT + 1, 5), pattern(P.INLINE_LIMIT + 1, 6)
         c.infer("m", {"a": (a, "U8", [len(a)])})
+        c._sock.settimeout(0.3)
         with pytest.raises(pipeswitch.Disconnected, match="timed out"):
             c.infer("slow", {"a": (a, "U8", [len(a)])})
         c._sock.settimeout(10)
@@ -497,4 +498,20 @@ def test_the_area_is_not_written_while_a_request_that_names_it_may_be_read():
     finally:
         d.close()
         h.close()
+    assert not d.errors
+
+
+def test_an_area_answer_that_does_not_fit_what_was_asked_is_a_protocol_error():
+    def handler(conn, msg, fd):
+        P.send(conn, P.InputAreaReady(msg.request_id, 1, 2 * msg.bytes))
+
+    d = FakeDaemon(handler)
+    try:
+        c = Client(socket=d.path, timeout=10, numpy=False)
+        with pytest.raises(pipeswitch.ProtocolError, match="accepted an input area of 4096 bytes as 8192"):
+            c.reserve_inputs(4096)
+        assert c.input_area_bytes == 0
+        c.close()
+    finally:
+        d.close()
     assert not d.errors
