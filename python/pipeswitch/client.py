@@ -293,9 +293,9 @@ class Client:
             while True:
                 msg = self._no_file(self._recv())
                 if isinstance(msg, P.InputAreaReady) and msg.request_id == request_id:
-                    if msg.bytes > n:
-                        raise P.protocol_error("the daemon accepted an input area of %d bytes as %d"
-                                               % (n, msg.bytes))
+                    if msg.bytes != n or msg.area == 0:
+                        raise P.protocol_error("the daemon accepted an input area of %d bytes as area %d of %d"
+                                               % (n, msg.area, msg.bytes))
                     break
                 if isinstance(msg, P.Error) and msg.request_id in (request_id, 0):
                     self._refused(n, msg.message)

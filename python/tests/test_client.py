@@ -502,15 +502,19 @@ def test_the_area_is_not_written_while_a_request_that_names_it_may_be_read():
 
 
 def test_an_area_answer_that_does_not_fit_what_was_asked_is_a_protocol_error():
+    answers = iter([(1, 2), (1, 0.5), (0, 1)])
+
     def handler(conn, msg, fd):
-        P.send(conn, P.InputAreaReady(msg.request_id, 1, 2 * msg.bytes))
+        area, times = next(answers)
+        P.send(conn, P.InputAreaReady(msg.request_id, area, int(times * msg.bytes)))
 
     d = FakeDaemon(handler)
     try:
         c = Client(socket=d.path, timeout=10, numpy=False)
-        with pytest.raises(pipeswitch.ProtocolError, match="accepted an input area of 4096 bytes as 8192"):
-            c.reserve_inputs(4096)
-        assert c.input_area_bytes == 0
+        for what in ("area 1 of 8192", "area 1 of 2048", "area 0 of 4096"):
+            with pytest.raises(pipeswitch.ProtocolError, match="accepted an input area of 4096 bytes as " + what):
+                c.reserve_inputs(4096)
+            assert c.input_area_bytes == 0
         c.close()
     finally:
         d.close()
