@@ -78,6 +78,13 @@ typedef struct ps_arena ps_arena;
 typedef struct ps_client ps_client;
 
 /**
+ * A lease on a stored model (`ps_store_lease`): while it lives, the
+ * model's bytes stay where they are and are not reused, in every process,
+ * even if the model is removed meanwhile. Thread-safe (it does not change).
+ */
+typedef struct ps_model_lease ps_model_lease;
+
+/**
  * One use of a model placed by a residency manager; ends with
  * `ps_model_use_free`. Thread-safe (it does not change).
  */
@@ -610,10 +617,24 @@ ps_status ps_client_connect(const char *socket_path_or_null,
 ps_status ps_client_free(struct ps_client *client);
 
 /**
+ * Gives the daemon an input area of `bytes` bytes: shared memory of this
+ * connection that later requests' large inputs are written into and that
+ * every worker has mapped and page-locked beforehand, so that a worker
+ * copies them to the GPU without a host copy on its critical path. It
+ * replaces the connection's earlier area. Without this call, the first
+ * request with large inputs reserves one (16 MiB, or the next power of two
+ * of what it needs, up to 256 MiB). `PS_ERR_REFUSED` if the daemon's
+ * limits do not allow it (requests then send their inputs as before);
+ * `PS_ERR_INVALID_ARGUMENT` for 0 bytes.
+ */
+ps_status ps_client_reserve_inputs(struct ps_client *client, uint64_t bytes);
+
+/**
  * Runs `model` on `inputs` (`n_inputs` tensors; each `data` holds `bytes`
  * bytes, the element size of `dtype` times the product of `shape`) through
  * the daemon and waits for its result. Large tensors travel in shared
- * memory, not through the socket. A failure of the request (unknown model,
+ * memory, not through the socket: the connection's input area (see
+ * `ps_client_reserve_inputs`) where they fit. A failure of the request (unknown model,
  * a model larger than the GPU's room, a worker that died) is this call's
  * status; the connection stays usable.
  */
@@ -1086,6 +1107,28 @@ ps_status ps_store_group_ranges(const struct ps_store *store,
 ps_status ps_store_model_host_ptr(const struct ps_store *store,
                                   const char *model,
                                   uint64_t *ptr_out);
+
+/**
+ * Leases `model`: `lease_out` receives the lease, `id_out` the model's id
+ * and `host_ptr_out` the address of its first byte in this process's
+ * mapping of the store (as `ps_store_model_host_ptr`; page-locked once
+ * `ps_store_pin` ran). The bytes at that address are the model's until the
+ * lease is freed: for callers that copy the model themselves (e.g. a CUDA
+ * graph's copies), take the lease before the copies start and free it
+ * after they have completed. `PS_ERR_NOT_FOUND` for an unknown or removed
+ * model.
+ */
+ps_status ps_store_lease(const struct ps_store *store,
+                         const char *model,
+                         uint64_t *id_out,
+                         uint64_t *host_ptr_out,
+                         struct ps_model_lease **lease_out);
+
+/**
+ * Ends a lease (after the GPU work that reads the leased bytes has
+ * completed). NULL does nothing.
+ */
+ps_status ps_model_lease_free(struct ps_model_lease *lease);
 
 /**
  * The copies `ps_switch_start` makes for a plan of `model` with chunking

@@ -1,5 +1,12 @@
 //! A client of `pipeswitch serve`: connects to the daemon of a GPU and sends
 //! inference requests for stored models, as an application would.
+//!
+//! Large inputs go through the client's input area (see
+//! [`crate::protocol`]): reserved with [`Client::reserve_inputs`], or
+//! automatically by the first request that needs one (16 MiB, or the next
+//! power of two of what it needs, up to [`AUTO_AREA_MAX`]). A daemon that
+//! refuses an area of some size is not asked for one as large again; such
+//! requests send their inputs in a file of their own.
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -7,8 +14,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::protocol::area::{area_bytes_for, ClientArea};
 use crate::protocol::io::{pack_tensors, recv, send, unpack_tensors, TensorRef};
 use crate::protocol::{Message, Role, Stats, Tensor, Timing};
+
+/// The smallest input area reserved automatically.
+pub const AUTO_AREA_MIN: u64 = 16 << 20;
+/// The largest input area reserved automatically.
+pub const AUTO_AREA_MAX: u64 = 256 << 20;
 
 /// The result of a request: its output tensors with their bytes, and where
 /// the time went.
@@ -41,6 +54,12 @@ pub struct Client {
     /// Set when a frame was cut short or malformed: the stream's position
     /// is lost, so the connection is not used again.
     broken: Option<String>,
+    /// The input area the daemon accepted.
+    area: Option<ClientArea>,
+    /// Reserve an input area when a request needs one.
+    pub auto_area: bool,
+    /// The smallest area size the daemon refused.
+    refused_area: Option<u64>,
     pub daemon_pid: u32,
     pub device: i32,
     pub store: String,
@@ -62,7 +81,7 @@ impl Client {
         send(&stream, &Message::Hello { role: Role::Client, pid: std::process::id(), worker_kind: String::new() }, None)?;
         match recv(&stream)? {
             Some((Message::Welcome { daemon_pid, device, store, .. }, _)) => {
-                Ok(Client { stream, next_id: 1, broken: None, daemon_pid, device, store })
+                Ok(Client { stream, next_id: 1, broken: None, area: None, auto_area: true, refused_area: None, daemon_pid, device, store })
             }
             Some((Message::Error { status, message, .. }, _)) => Err(error_of(status, message)),
             Some((m, _)) => Err(Error::Protocol(format!("the daemon answered hello with {m:?}"))),
@@ -83,11 +102,69 @@ impl Client {
         })
     }
 
-    /// Runs `model` on `inputs` through the daemon and waits for the result.
-    pub fn infer(&mut self, model: &str, inputs: &[TensorRef<'_>]) -> Result<InferOutput> {
+    /// Gives the daemon an input area of `bytes` bytes for the inputs of
+    /// later requests (replacing the one before, if the daemon accepts
+    /// it; kept otherwise). Returns its size.
+    pub fn reserve_inputs(&mut self, bytes: u64) -> Result<u64> {
+        let mut area = ClientArea::create(bytes)?;
         let request_id = self.next_id;
         self.next_id += 1;
-        let (tensors, file) = pack_tensors(inputs)?;
+        send(&self.stream, &Message::InputArea { request_id, bytes }, Some(area.fd()))?;
+        loop {
+            match self.recv()? {
+                Some((Message::InputAreaReady { request_id: id, area: area_id, bytes: b }, _)) if id == request_id => {
+                    if b != bytes || area_id == 0 {
+                        return Err(Error::Protocol(format!("the daemon accepted an input area of {bytes} bytes as area {area_id} of {b}")));
+                    }
+                    area.id = area_id;
+                    self.area = Some(area);
+                    return Ok(bytes);
+                }
+                Some((Message::Error { request_id: id, status, message }, _)) if id == request_id || id == 0 => {
+                    return Err(error_of(status, message));
+                }
+                Some((Message::InferResult { .. } | Message::Error { .. }, _)) => continue,
+                Some((m, _)) => return Err(Error::Protocol(format!("unexpected message {m:?}"))),
+                None => return Err(Error::Disconnected("the daemon closed the connection".into())),
+            }
+        }
+    }
+
+    /// The size of the input area the daemon accepted (0: none).
+    pub fn input_area_bytes(&self) -> u64 {
+        self.area.as_ref().map_or(0, |a| a.bytes())
+    }
+
+    /// The message tensors of `inputs`: in the input area where they fit
+    /// (reserving one if allowed), else with a file of their own.
+    fn pack(&mut self, inputs: &[TensorRef<'_>]) -> Result<(Vec<Tensor>, Option<std::os::fd::OwnedFd>)> {
+        let need = area_bytes_for(inputs);
+        if need > 0 && need > self.input_area_bytes() && self.auto_area {
+            let size = need.next_power_of_two().max(AUTO_AREA_MIN);
+            if size <= AUTO_AREA_MAX && self.refused_area.is_none_or(|r| size < r) {
+                match self.reserve_inputs(size) {
+                    Ok(_) => {}
+                    Err(e @ (Error::Refused(_) | Error::InvalidArgument(_) | Error::Os { .. } | Error::Io { .. })) if self.broken.is_none() => {
+                        tracing::debug!("no input area of {size} bytes: {e}");
+                        self.refused_area = Some(self.refused_area.map_or(size, |r| r.min(size)));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if need > 0 {
+            if let Some(tensors) = self.area.as_mut().and_then(|a| a.pack(inputs)) {
+                return Ok((tensors, None));
+            }
+        }
+        pack_tensors(inputs)
+    }
+
+    /// Runs `model` on `inputs` through the daemon and waits for the result.
+    pub fn infer(&mut self, model: &str, inputs: &[TensorRef<'_>]) -> Result<InferOutput> {
+        let (tensors, file) = self.pack(inputs)?;
+        let request_id = self.next_id;
+        self.next_id += 1;
         send(&self.stream, &Message::Infer { request_id, model: model.to_string(), inputs: tensors }, file.as_ref().map(|f| f.as_fd()))?;
         loop {
             match self.recv()? {

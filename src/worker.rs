@@ -551,23 +551,8 @@ impl Worker {
     /// after the worker's previous run and before its next one; `data` may
     /// be reused as soon as this returns.
     pub fn set_input(&mut self, program: &Program, name: &str, data: &[u8]) -> Result<()> {
-        self.check_prepared(program)?;
-        if !program.graph.inputs.iter().any(|(n, _)| n == name) {
-            return Err(Error::NotFound(format!("model {:?} has no input {name:?}", program.model.name)));
-        }
+        let Some(_) = self.input_slot(program, name, data.len())? else { return Ok(()) };
         let slot = program.slot(name)?;
-        if data.len() as u64 != slot.bytes {
-            return Err(Error::invalid(format!(
-                "input {name:?} is {} {:?}: {} bytes, got {}",
-                slot.dtype.name(),
-                slot.shape,
-                slot.bytes,
-                data.len()
-            )));
-        }
-        if data.is_empty() {
-            return Ok(());
-        }
         let at = self.stage(data)?;
         let staging = self.staging.as_ref().expect("stage allocated it");
         // SAFETY: the slot lies inside the buffer (checked by check_prepared,
@@ -575,6 +560,42 @@ impl Worker {
         // staging, which is not written again before this copy completes
         // (`stage` waits for the stream before reusing bytes).
         unsafe { memory::copy_htod_async(self.buffer_ptr() + slot.offset, staging.as_ptr().add(at), data.len(), self.stream.raw()) }
+    }
+
+    /// As [`Worker::set_input`], from page-locked host memory (a client's
+    /// input area registered with CUDA): one asynchronous DMA on the
+    /// compute stream, no host copy.
+    ///
+    /// # Safety
+    /// `data` must be page-locked for this process (e.g. by
+    /// [`memory::HostRegistration::new_read_only`]), and stay mapped,
+    /// registered and unchanged until the next run that reads it completes
+    /// (`read`, `synchronize`).
+    pub unsafe fn set_input_pinned(&mut self, program: &Program, name: &str, data: &[u8]) -> Result<()> {
+        let Some(offset) = self.input_slot(program, name, data.len())? else { return Ok(()) };
+        // SAFETY: the slot lies inside the buffer (input_slot); the source
+        // is page-locked and stays valid until the copy completes (the
+        // caller's contract).
+        unsafe { memory::copy_htod_async(self.buffer_ptr() + offset, data.as_ptr(), data.len(), self.stream.raw()) }
+    }
+
+    /// Checks that `program` is prepared and has input `name` of `len`
+    /// bytes; its slot's offset in the buffer (None: an empty input).
+    fn input_slot(&self, program: &Program, name: &str, len: usize) -> Result<Option<u64>> {
+        self.check_prepared(program)?;
+        if !program.graph.inputs.iter().any(|(n, _)| n == name) {
+            return Err(Error::NotFound(format!("model {:?} has no input {name:?}", program.model.name)));
+        }
+        let slot = program.slot(name)?;
+        if len as u64 != slot.bytes {
+            return Err(Error::invalid(format!(
+                "input {name:?} is {} {:?}: {} bytes, got {len}",
+                slot.dtype.name(),
+                slot.shape,
+                slot.bytes,
+            )));
+        }
+        Ok((len > 0).then_some(slot.offset))
     }
 
     /// Copies `data` into pinned staging and returns its offset there:

@@ -2434,6 +2434,22 @@ fn group_ranges_and_host_ptr() {
     assert_eq!(got, &want[..]);
     assert!(want.iter().any(|&b| b != 0));
 
+    // A lease: the same address and the model's id; bad arguments write
+    // nothing; a freed lease is no longer a handle.
+    let (mut id, mut lptr, mut lease) = (SENTINEL, SENTINEL, null_mut::<ps_model_lease>());
+    check(PS_ERR_NOT_FOUND, "ps_store_lease", || ps_store_lease(st, c"nope".as_ptr(), &mut id, &mut lptr, &mut lease));
+    null_arg("ps_store_lease", || ps_store_lease(null(), model.as_ptr(), &mut id, &mut lptr, &mut lease));
+    null_arg("ps_store_lease", || ps_store_lease(st, null(), &mut id, &mut lptr, &mut lease));
+    null_arg("ps_store_lease", || ps_store_lease(st, model.as_ptr(), null_mut(), &mut lptr, &mut lease));
+    null_arg("ps_store_lease", || ps_store_lease(st, model.as_ptr(), &mut id, null_mut(), &mut lease));
+    null_arg("ps_store_lease", || ps_store_lease(st, model.as_ptr(), &mut id, &mut lptr, null_mut()));
+    assert!(id == SENTINEL && lptr == SENTINEL && lease.is_null(), "outputs written on failure");
+    check(PS_OK, "ps_store_lease", || ps_store_lease(st, model.as_ptr(), &mut id, &mut lptr, &mut lease));
+    assert_eq!((id, lptr), (info.id, ptr));
+    check(PS_OK, "ps_model_lease_free", || ps_model_lease_free(lease));
+    check(PS_ERR_INVALID_HANDLE, "ps_model_lease_free", || ps_model_lease_free(lease));
+    check(PS_OK, "ps_model_lease_free", || ps_model_lease_free(null_mut()));
+
     check(PS_OK, "ps_store_free", || ps_store_free(st));
     check(PS_OK, "ps_store_unlink", || ps_store_unlink(c"ffi-group-ranges".as_ptr()));
 }

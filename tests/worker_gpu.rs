@@ -151,6 +151,57 @@ fn inputs_staged_while_runs_are_in_flight_reach_their_own_runs() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn inputs_copied_from_a_page_locked_input_area_reach_their_run() {
+    // A client's input area as a worker holds it: a sealed memfd the client
+    // writes, mapped read-only here and page-locked READ_ONLY; the input is
+    // copied from it with one DMA (set_input_pinned), no staging.
+    use pipeswitch::cuda::memory::HostRegistration;
+    use pipeswitch::protocol::area::{AreaMap, ClientArea};
+    use pipeswitch::protocol::io::TensorRef;
+    let d = resnet("area-input", ResNetConfig { blocks: [1, 1, 1, 1], width: 8, image: 160, classes: 10 }, 4);
+    let mut s = setup("area", &[&d]);
+    let p = Program::from_store(&s.store.0, &d.graph.name).unwrap();
+    s.worker.prepare(&p).unwrap();
+    let weights = reference_weights(&d, SEED);
+    let inputs: Vec<_> = (0..2).map(|k| example_inputs(&d.graph, SEED + 7 + k, d.vocab())).collect();
+    let expect: Vec<Vec<f32>> =
+        inputs.iter().map(|i| run_graph_cpu(&d.graph, &weights, i).unwrap().remove(&d.graph.outputs[0]).unwrap()).collect();
+    let mut client = ClientArea::create(8 << 20).unwrap();
+    client.id = 1;
+    let fd = client.fd().try_clone_to_owned().unwrap();
+    let map = AreaMap::open(&fd, client.bytes()).unwrap();
+    let reg = unsafe { HostRegistration::new_read_only(s.arena.device(), map.as_ptr(), map.bytes() as usize) }.unwrap();
+    s.switch.start_whole(&s.store.0, &d.graph.name, &s.arena, s.region).unwrap();
+    for (k, input) in inputs.iter().enumerate() {
+        let bytes: Vec<(String, Vec<u8>)> = input.iter().map(|(n, v)| (n.clone(), v.to_le_bytes())).collect();
+        let refs: Vec<TensorRef<'_>> = bytes.iter().map(|(n, b)| TensorRef { name: n, dtype: 11, shape: &[], data: b }).collect();
+        // The client writes the request into its area (the last run is done:
+        // read_f32 below waited for it).
+        let tensors = client.pack(&refs).expect("the input fits the area");
+        let mut in_area = 0;
+        for t in &tensors {
+            match &t.data {
+                pipeswitch::protocol::TensorData::Area { offset, bytes, .. } => {
+                    in_area += 1;
+                    let data = map.range(*offset, *bytes).unwrap();
+                    unsafe { s.worker.set_input_pinned(&p, &t.name, data).unwrap() };
+                }
+                pipeswitch::protocol::TensorData::Inline(b) => s.worker.set_input(&p, &t.name, b).unwrap(),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(in_area >= 1, "the 1.2 MB image comes from the area");
+        s.worker.run(&p, &s.switch, RunOptions::default()).unwrap();
+        let got = s.worker.read_f32(&p, &d.graph.outputs[0]).unwrap();
+        let err = rel_err(&got, &expect[k]);
+        assert!(err <= 1e-4, "run {k}: relative error {err:e} against its own input's reference");
+    }
+    drop(reg);
+    drop(map);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn full_size_structures_match_the_cpu_reference_on_small_inputs() {
     // The real layer structure and parameter sizes, small inputs (the CPU
     // reference has to run them too).

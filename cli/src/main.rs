@@ -103,6 +103,14 @@ enum Command {
         /// Requests queued at most.
         #[arg(long, default_value_t = 1024)]
         max_queue: usize,
+        /// The largest input area a client may give (its shared memory for
+        /// requests' inputs, page-locked by every worker).
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        max_input_area: u64,
+        /// The bytes of all clients' input areas together; a client refused
+        /// an area sends its inputs with each request.
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        input_areas_size: u64,
     },
     /// A built-in worker process for `pipeswitch serve` (the daemon starts
     /// these itself; the socket comes in PIPESWITCH_SOCKET).
@@ -391,9 +399,24 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Serve { store, device, arena_size, residency_size, worker_region, standbys, single_worker, process_per_task, worker_cmd, socket_dir, max_queue } => {
+        Command::Serve {
+            store,
+            device,
+            arena_size,
+            residency_size,
+            worker_region,
+            standbys,
+            single_worker,
+            process_per_task,
+            worker_cmd,
+            socket_dir,
+            max_queue,
+            max_input_area,
+            input_areas_size,
+        } => {
             let mode = (single_worker, process_per_task);
-            serve_cmd(store, device, arena_size, residency_size, worker_region, standbys, mode, worker_cmd, socket_dir, max_queue)
+            let areas = (max_input_area, input_areas_size);
+            serve_cmd(store, device, arena_size, residency_size, worker_region, standbys, mode, worker_cmd, socket_dir, max_queue, areas)
         }
         Command::Worker { socket } => {
             init_logging();
@@ -526,6 +549,7 @@ fn serve_cmd(
     worker_cmd: Option<Vec<String>>,
     socket_dir: Option<PathBuf>,
     max_queue: usize,
+    (max_input_area, input_areas_bytes): (u64, u64),
 ) -> Result<()> {
     use pipeswitch_cli::serve::{CudaGpu, Daemon, ServeConfig};
     if !pipeswitch::cuda::driver_available() {
@@ -562,6 +586,8 @@ fn serve_cmd(
         max_queue,
         hello_timeout: std::time::Duration::from_secs(5),
         worker_start_timeout: std::time::Duration::from_secs(120),
+        max_input_area,
+        input_areas_bytes,
     };
     let daemon = Daemon::start(config, Box::new(gpu))?;
     println!("pipeswitch: serving GPU {device} on {} (stop with Ctrl-C or SIGTERM)", daemon.socket().display());

@@ -40,6 +40,15 @@
 //! file that outlives the worker), or fails with a clear error if it has
 //! none; so does one that does not stop in time.
 //!
+//! Input areas: a client may give its own shared-memory file for its
+//! requests' inputs (`InputArea`; see [`pipeswitch::protocol`]). The daemon
+//! checks it (sealed against shrinking, big enough, within the per-area and
+//! total limits), passes it to every worker (`AreaAdd`; a new worker gets
+//! every area right after its welcome), checks that each request's area
+//! tensors name the client's current area and lie inside it, and tells the
+//! workers to drop it (`AreaDrop`) when the client leaves or replaces it;
+//! a queued request that names a replaced area fails.
+//!
 //! Faults: a worker that dies (its socket closes) fails its request with a
 //! clear error, its model is no longer resident if it was being copied, its
 //! region is reclaimed and a replacement standby is started. A client that
@@ -64,10 +73,11 @@ use pipeswitch::arena::allocator::OffsetAllocator;
 use pipeswitch::arena::REGION_ALIGN;
 use pipeswitch::error::{Error, Result};
 use pipeswitch::ffi::status::{status_of, PS_ERR_REFUSED};
+use pipeswitch::protocol::area;
 use pipeswitch::protocol::io::{recv, send};
 use pipeswitch::protocol::{
-    monotonic_ns, socket_path, JobState, Message, Progress, Role, SaveMode, Stats, StopReason, Task, TaskKind, Tensor, Timing, TrainJob,
-    TrainTask,
+    monotonic_ns, socket_path, JobState, Message, Progress, Role, SaveMode, Stats, StopReason, Task, TaskKind, Tensor, TensorData, Timing,
+    TrainJob, TrainTask,
 };
 use pipeswitch::residency::{Acquire, ResidencyPolicy, Ticket};
 use pipeswitch::store::{Model, Store};
@@ -121,7 +131,17 @@ pub struct ServeConfig {
     pub hello_timeout: Duration,
     /// How long a worker may take to start and report standby.
     pub worker_start_timeout: Duration,
+    /// The largest input area a client may give (bytes).
+    pub max_input_area: u64,
+    /// The bytes of all clients' input areas together (each worker maps
+    /// and page-locks every area).
+    pub input_areas_bytes: u64,
 }
+
+/// Default of [`ServeConfig::max_input_area`].
+pub const DEFAULT_MAX_INPUT_AREA: u64 = 256 << 20;
+/// Default of [`ServeConfig::input_areas_bytes`].
+pub const DEFAULT_INPUT_AREAS_BYTES: u64 = 1 << 30;
 
 /// A running daemon (see [`Daemon::start`]).
 pub struct Daemon {
@@ -486,6 +506,13 @@ impl ModelId {
     }
 }
 
+/// A client's input area.
+struct AreaRec {
+    client: ConnId,
+    bytes: u64,
+    file: OwnedFd,
+}
+
 struct Request {
     client: ConnId,
     request_id: u64,
@@ -541,6 +568,10 @@ struct Controller {
     epoch: Instant,
     /// This daemon's number in its process (checkpoint file names).
     nonce: Option<u64>,
+    /// Clients' input areas by id, and each client's current one.
+    areas: HashMap<u64, AreaRec>,
+    client_area: HashMap<ConnId, u64>,
+    next_area: u64,
 }
 
 impl Controller {
@@ -572,6 +603,9 @@ impl Controller {
             next_job: 1,
             epoch: Instant::now(),
             nonce: None,
+            areas: HashMap::new(),
+            client_area: HashMap::new(),
+            next_area: 1,
         })
     }
 
@@ -649,7 +683,16 @@ impl Controller {
                 self.workers[idx].kind = kind;
                 let w = welcome(self.workers[idx].id, self.workers[idx].region, self.gpu.arena_handle(), &self.cfg);
                 if !self.send_to(conn, &w, None) {
-                    self.worker_lost(idx, "could not be welcomed");
+                    return self.worker_lost(idx, "could not be welcomed");
+                }
+                // Every client's input area, before any task names one.
+                let mut ids: Vec<u64> = self.areas.keys().copied().collect();
+                ids.sort_unstable();
+                for id in ids {
+                    if !self.send_area(conn, id) {
+                        let i = self.worker_index(conn).unwrap_or(idx);
+                        return self.worker_lost(i, "could not be given the input areas");
+                    }
                 }
             }
         }
@@ -763,6 +806,9 @@ impl Controller {
                 if self.stopping {
                     return self.reply_error(conn, request_id, &Error::Refused("the daemon is stopping".into()));
                 }
+                if let Err(e) = self.check_area_tensors(conn, &inputs) {
+                    return self.reply_error(conn, request_id, &e);
+                }
                 if self.queue.len() >= self.cfg.max_queue {
                     return self.reply_error(conn, request_id, &Error::Refused(format!("the queue is full ({} requests)", self.cfg.max_queue)));
                 }
@@ -797,6 +843,7 @@ impl Controller {
             (Some(Role::Worker), Message::TaskDone { task_id, status, message, outputs, timing }) => {
                 self.task_done(conn, task_id, status, message, outputs, timing, file);
             }
+            (Some(Role::Client), Message::InputArea { request_id, bytes }) => self.input_area(conn, request_id, bytes, file),
             (Some(Role::Client), Message::TrainSubmit { request_id, job }) => self.train_submit(conn, request_id, job),
             (Some(Role::Client), Message::TrainQuery { request_id, job_id, cancel }) => self.train_query(conn, request_id, job_id, cancel),
             (Some(Role::Worker), Message::TrainProgress { task_id, event, iteration, checkpoint, state_bytes }) => {
@@ -892,6 +939,9 @@ impl Controller {
                 self.queue.retain(|r| r.client != conn);
                 if let Some(r) = self.running.as_mut().filter(|r| r.client == Some(conn)) {
                     r.client = None;
+                }
+                if let Some(id) = self.client_area.remove(&conn) {
+                    self.drop_area(id);
                 }
                 tracing::debug!("client {conn} {why}");
             }
@@ -996,6 +1046,14 @@ impl Controller {
         }
         while self.running.is_none() && !self.stopping {
             let Some(req) = self.queue.pop_front() else { return };
+            if let Some(gone) = req.inputs.iter().find_map(|t| match t.data {
+                TensorData::Area { area, .. } if !self.areas.contains_key(&area) => Some(area),
+                _ => None,
+            }) {
+                let e = Error::invalid(format!("the request names input area {gone}, which its client replaced while it was queued"));
+                self.reply_error(req.client, req.request_id, &e);
+                continue;
+            }
             let m = match self.store.model(&req.model) {
                 Ok(m) => m,
                 Err(e) => {
@@ -1106,6 +1164,92 @@ impl Controller {
             self.worker_lost(i, "could not be activated");
         }
         Ok(true)
+    }
+
+    /// A client gives its input area (`file`, `bytes`): checked, recorded
+    /// as the client's (replacing its earlier one), passed to every worker.
+    fn input_area(&mut self, conn: ConnId, request_id: u64, bytes: u64, file: Option<OwnedFd>) {
+        let Some(file) = file else {
+            return self.refuse(conn, request_id, &Error::Protocol("an input area came without its file".into()));
+        };
+        if let Err(e) = area::check_file(file.as_fd(), bytes) {
+            return self.refuse(conn, request_id, &e);
+        }
+        if bytes > self.cfg.max_input_area {
+            let e = Error::Refused(format!("an input area of {bytes} bytes exceeds this daemon's limit of {} per client", self.cfg.max_input_area));
+            return self.refuse(conn, request_id, &e);
+        }
+        let old = self.client_area.get(&conn).copied();
+        let others: u64 = self.areas.iter().filter(|(id, _)| Some(**id) != old).map(|(_, a)| a.bytes).sum();
+        if others + bytes > self.cfg.input_areas_bytes {
+            let e = Error::Refused(format!(
+                "an input area of {bytes} bytes does not fit: {others} of the {} bytes for all clients' areas are taken",
+                self.cfg.input_areas_bytes
+            ));
+            return self.refuse(conn, request_id, &e);
+        }
+        if let Some(old) = old {
+            self.drop_area(old);
+        }
+        let id = self.next_area;
+        self.next_area += 1;
+        self.areas.insert(id, AreaRec { client: conn, bytes, file });
+        self.client_area.insert(conn, id);
+        tracing::debug!("client {conn}: input area {id} of {bytes} bytes");
+        let conns: Vec<ConnId> = self.workers.iter().filter_map(|w| w.conn).collect();
+        for c in conns {
+            if !self.send_area(c, id) {
+                if let Some(i) = self.worker_index(c) {
+                    self.worker_lost(i, "could not be given an input area");
+                }
+            }
+        }
+        self.send_to(conn, &Message::InputAreaReady { request_id, area: id, bytes }, None);
+    }
+
+    /// An error answer that is no failed request (a refused area).
+    fn refuse(&mut self, conn: ConnId, request_id: u64, e: &Error) {
+        let _ = self.send_to(conn, &Message::Error { request_id, status: status_of(e), message: e.to_string() }, None);
+    }
+
+    /// Sends area `id` to the worker on `conn`.
+    fn send_area(&mut self, conn: ConnId, id: u64) -> bool {
+        let Some(a) = self.areas.get(&id) else { return true };
+        let (bytes, file) = match a.file.try_clone() {
+            Ok(f) => (a.bytes, f),
+            Err(e) => {
+                tracing::error!("duplicating input area {id}: {e}");
+                return false;
+            }
+        };
+        self.send_to(conn, &Message::AreaAdd { area: id, bytes }, Some(&file))
+    }
+
+    /// Forgets area `id` and tells every worker to drop it (after any task
+    /// that names it: messages to a worker go in order).
+    fn drop_area(&mut self, id: u64) {
+        let Some(a) = self.areas.remove(&id) else { return };
+        tracing::debug!("client {}: input area {id} dropped", a.client);
+        let conns: Vec<ConnId> = self.workers.iter().filter_map(|w| w.conn).collect();
+        for c in conns {
+            self.send_to(c, &Message::AreaDrop { area: id }, None);
+        }
+    }
+
+    /// A request's tensors in input areas must name the client's current
+    /// area and lie inside it.
+    fn check_area_tensors(&self, conn: ConnId, inputs: &[Tensor]) -> Result<()> {
+        for t in inputs {
+            let TensorData::Area { area, offset, bytes } = t.data else { continue };
+            let Some(mine) = self.client_area.get(&conn).filter(|&&id| id == area) else {
+                return Err(Error::invalid(format!("input {:?} names input area {area}, which is not this client's", t.name)));
+            };
+            let size = self.areas.get(mine).map_or(0, |a| a.bytes);
+            if offset.checked_add(bytes).is_none_or(|end| end > size) {
+                return Err(Error::invalid(format!("input {:?}: [{offset}, +{bytes}) lies outside the {size}-byte input area", t.name)));
+            }
+        }
+        Ok(())
     }
 
     fn now_ms(&self) -> u64 {

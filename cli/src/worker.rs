@@ -7,6 +7,11 @@
 //! kernels waiting on the GPU for that group's copy. It answers with the
 //! outputs and goes on serving the same model until the daemon deactivates
 //! it, then answers standby again.
+//!
+//! Clients' input areas (`AreaAdd`) are mapped and page-locked when they
+//! come, off the critical path; a task's inputs in an area are copied to
+//! the GPU straight from it (one DMA each, no host copy), the others
+//! through the worker's pinned staging.
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -16,10 +21,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pipeswitch::arena::{Arena, ArenaIpcHandle};
+use pipeswitch::cuda::memory::HostRegistration;
 use pipeswitch::error::{Error, Result};
 use pipeswitch::ffi::status::status_of;
 use pipeswitch::protocol::io::{pack_tensors, recv, send, TensorRef, TensorViews};
-use pipeswitch::protocol::{monotonic_ns, Message, Role, Task, Timing};
+use pipeswitch::protocol::area::{AreaMap, Areas};
+use pipeswitch::protocol::{monotonic_ns, Message, Role, Task, TensorData, Timing};
 use pipeswitch::store::Store;
 use pipeswitch::switch::Switch;
 use pipeswitch::worker::{Program, RunOptions, Worker};
@@ -34,6 +41,10 @@ struct Ready {
     switch: Switch,
     programs: HashMap<u64, Program>,
     worker_id: u32,
+    /// Clients' input areas, and the page-locking of those registered
+    /// (dropped before their mappings).
+    pinned: HashMap<u64, HostRegistration>,
+    areas: Areas,
 }
 
 /// Runs a worker until the daemon shuts it down or goes away.
@@ -62,7 +73,7 @@ pub fn run(socket: &Path) -> Result<()> {
     // (a batch of 8 ImageNet images is 4.8 MB; larger inputs grow it).
     worker.reserve_input_staging(INPUT_STAGING_BYTES)?;
     let switch = Switch::new(arena.device().ordinal())?;
-    let mut me = Ready { store, arena, worker, switch, programs: HashMap::new(), worker_id };
+    let mut me = Ready { store, arena, worker, switch, programs: HashMap::new(), worker_id, pinned: HashMap::new(), areas: Areas::default() };
     tracing::info!("worker {worker_id}: ready in {:.0} ms", t0.elapsed().as_secs_f64() * 1e3);
     send(&stream, &Message::Standby { worker_id }, None)?;
     loop {
@@ -89,6 +100,8 @@ pub fn run(socket: &Path) -> Result<()> {
                     }
                 }
             }
+            Some((Message::AreaAdd { area, bytes }, file)) => me.add_area(area, bytes, file)?,
+            Some((Message::AreaDrop { area }, _)) => me.drop_area(area)?,
             Some((Message::Deactivate, _)) => {
                 me.worker.synchronize()?;
                 send(&stream, &Message::Standby { worker_id: me.worker_id }, None)?;
@@ -100,6 +113,47 @@ pub fn run(socket: &Path) -> Result<()> {
 }
 
 impl Ready {
+    /// Maps a client's input area and page-locks it. A failure is logged:
+    /// an area not mapped fails the tasks that name it; one not
+    /// page-locked has its inputs staged as the others.
+    fn add_area(&mut self, area: u64, bytes: u64, file: Option<std::os::fd::OwnedFd>) -> Result<()> {
+        self.drop_area(area)?;
+        let map = match file.ok_or_else(|| Error::Protocol("an input area came without its file".into())).and_then(|f| AreaMap::open(&f, bytes)) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("worker {}: input area {area} not mapped: {e}", self.worker_id);
+                return Ok(());
+            }
+        };
+        let t0 = Instant::now();
+        // SAFETY: the mapping is owned by self.areas and dropped only after
+        // this registration (drop_area).
+        match unsafe { HostRegistration::new_read_only(self.arena.device(), map.as_ptr(), map.bytes() as usize) } {
+            Ok(r) => {
+                tracing::debug!("worker {}: input area {area} of {bytes} bytes page-locked in {:.2} ms", self.worker_id, t0.elapsed().as_secs_f64() * 1e3);
+                self.pinned.insert(area, r);
+            }
+            Err(e) => tracing::warn!("worker {}: input area {area} not page-locked (its inputs are staged): {e}", self.worker_id),
+        }
+        self.areas.insert(area, map);
+        Ok(())
+    }
+
+    /// Ends the page-locking of an area, after the copies from it.
+    fn drop_registration(&mut self, area: u64) -> Result<()> {
+        if self.pinned.contains_key(&area) {
+            self.worker.synchronize()?;
+            self.pinned.remove(&area);
+        }
+        Ok(())
+    }
+
+    fn drop_area(&mut self, area: u64) -> Result<()> {
+        self.drop_registration(area)?;
+        self.areas.remove(area);
+        Ok(())
+    }
+
     /// Runs one task; returns its outputs, the file that carries the large
     /// ones, and the activation time (decision to first kernel, ms).
     fn run(
@@ -120,12 +174,22 @@ impl Ready {
         }
         let program = &self.programs[&model.id];
         self.worker.prepare(program)?;
-        let inputs = TensorViews::new(task.inputs, file)?;
+        let inputs = TensorViews::with_areas(task.inputs, file, Some(&self.areas))?;
         // The inputs first: the model's copies share the host-to-device
         // copy engine with them, and the first kernel needs both (inputs
         // staged after the switch waited behind the whole model).
         for (t, bytes) in inputs.iter() {
-            self.worker.set_input(program, &t.name, bytes)?;
+            match t.data {
+                TensorData::Area { area, .. } if self.pinned.contains_key(&area) => {
+                    // SAFETY: the area is page-locked (self.pinned) and stays
+                    // mapped and registered until an AreaDrop, which this
+                    // worker handles after the task (after reading the
+                    // outputs, which waits for the run); the client does not
+                    // write into it while its request is in flight.
+                    unsafe { self.worker.set_input_pinned(program, &t.name, bytes)? }
+                }
+                _ => self.worker.set_input(program, &t.name, bytes)?,
+            }
         }
         if task.resident {
             self.switch.start_resident(&self.store, &task.model, &self.arena, task.region_offset)?;

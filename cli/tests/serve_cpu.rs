@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,9 +16,10 @@ use std::time::Duration;
 use pipeswitch::client::Client;
 use pipeswitch::error::{Error, Result};
 use pipeswitch::model::synthetic::{add_synthetic, Shape};
-use pipeswitch::protocol::io::{pack_tensors, recv, send, unpack_tensors, TensorRef};
+use pipeswitch::protocol::area::{AreaMap, Areas};
+use pipeswitch::protocol::io::{pack_tensors, recv, send, TensorRef, TensorViews};
 use pipeswitch::protocol::{
-    encode_frame, JobState, Message, PreemptMode, Progress, Role, SaveMode, SharePolicy, StopReason, Timing, TrainJob, TrainTask,
+    encode_frame, JobState, Message, PreemptMode, Progress, Role, SaveMode, SharePolicy, StopReason, TensorData, Timing, TrainJob, TrainTask,
 };
 use pipeswitch::store::{Dtype, Store};
 use pipeswitch_cli::serve::{Daemon, Gpu, ServeConfig};
@@ -95,6 +97,8 @@ fn config(w: &World, residency: u64) -> ServeConfig {
         max_queue: 64,
         hello_timeout: Duration::from_millis(500),
         worker_start_timeout: Duration::from_secs(10),
+        max_input_area: pipeswitch_cli::serve::DEFAULT_MAX_INPUT_AREA,
+        input_areas_bytes: pipeswitch_cli::serve::DEFAULT_INPUT_AREAS_BYTES,
     }
 }
 
@@ -217,6 +221,7 @@ fn fake_worker_of_kind(socket: &Path, kind: &str, seen: Seen, die_on: Arc<Mutex<
     let kind = kind.to_string();
     std::thread::spawn(move || {
         let mut training: Option<FakeTraining> = None;
+        let mut areas = Areas::default();
         send(&s, &Message::Hello { role: Role::Worker, pid: std::process::id(), worker_kind: kind }, None).unwrap();
         let id = match recv(&s).unwrap() {
             Some((Message::Welcome { worker_id, arena_handle, activation_bytes, .. }, _)) => {
@@ -286,8 +291,19 @@ fn fake_worker_of_kind(socket: &Path, kind: &str, seen: Seen, die_on: Arc<Mutex<
                     };
                     send(&s, &stop, None).unwrap();
                 }
+                Ok(Some((Message::AreaAdd { area, bytes }, file))) => {
+                    log.push(format!("area+ {id} {area} {bytes}"));
+                    let map = AreaMap::open(file.as_ref().expect("an area comes with its file"), bytes).unwrap();
+                    assert!(areas.insert(area, map).is_none(), "area {area} added twice");
+                }
+                Ok(Some((Message::AreaDrop { area }, _))) => {
+                    log.push(format!("area- {id} {area}"));
+                    assert!(areas.remove(area).is_some(), "area {area} dropped but never added");
+                }
                 Ok(Some((Message::Activate(t), file))) => {
                     log.push(format!("infer {}", t.model));
+                    let in_area = t.inputs.iter().filter(|t| matches!(t.data, TensorData::Area { .. })).count();
+                    log.push(format!("inputs {id} {} {in_area}", t.model));
                     seen.0.lock().unwrap().push((id, t.model.clone(), t.resident, t.region_offset));
                     if die_on.lock().unwrap().as_deref() == Some(t.model.as_str()) {
                         return; // the socket closes as if the process were killed
@@ -295,7 +311,7 @@ fn fake_worker_of_kind(socket: &Path, kind: &str, seen: Seen, die_on: Arc<Mutex<
                     if slow.load(Ordering::Relaxed) {
                         std::thread::sleep(Duration::from_millis(300));
                     }
-                    let ins = unpack_tensors(t.inputs, file.as_ref()).unwrap();
+                    let ins = TensorViews::with_areas(t.inputs, file.as_ref(), Some(&areas)).unwrap().into_owned();
                     let refs: Vec<TensorRef<'_>> =
                         ins.iter().map(|(t, b)| TensorRef { name: &t.name, dtype: t.dtype, shape: &t.shape, data: b }).collect();
                     let (outputs, file) = pack_tensors(&refs).unwrap();
@@ -614,12 +630,24 @@ fn the_c_client_abi_talks_to_the_daemon() {
     assert!(t.total_ms > 0.0);
     assert_eq!(ps_result_free(result), PS_OK);
     assert_ne!(ps_result_free(result), PS_OK, "a freed result is not live");
+    // An input area reserved explicitly; the same bytes come back through it.
+    use pipeswitch::ffi::{PS_ERR_INVALID_ARGUMENT, PS_ERR_INVALID_HANDLE};
+    assert_eq!(ps_client_reserve_inputs(client, 0), PS_ERR_INVALID_ARGUMENT);
+    assert_eq!(ps_client_reserve_inputs(std::ptr::null_mut(), 1 << 20), PS_ERR_NULL_ARGUMENT);
+    assert_eq!(ps_client_reserve_inputs(8 as *mut ps_client, 1 << 20), PS_ERR_INVALID_HANDLE);
+    assert_eq!(ps_client_reserve_inputs(client, 2 << 20), PS_OK);
+    assert_eq!(ps_client_infer(client, model.as_ptr(), &input, 1, &mut result), PS_OK);
+    let mut v = std::mem::MaybeUninit::<ps_tensor_view>::uninit();
+    assert_eq!(ps_result_tensor(result, 0, v.as_mut_ptr()), PS_OK);
+    let v = unsafe { v.assume_init() };
+    assert!(unsafe { std::slice::from_raw_parts(v.data.cast::<u8>(), v.bytes as usize) } == &data[..]);
+    assert_eq!(ps_result_free(result), PS_OK);
     let unknown = CString::new("nope").unwrap();
     assert_eq!(ps_client_infer(client, unknown.as_ptr(), std::ptr::null(), 0, &mut result), PS_ERR_NOT_FOUND);
     assert_eq!(ps_client_infer(client, std::ptr::null(), std::ptr::null(), 0, &mut result), PS_ERR_NULL_ARGUMENT);
     let mut st = ps_daemon_stats::default();
     assert_eq!(ps_client_get_stats(client, &mut st), PS_OK);
-    assert_eq!((st.requests, st.failed, st.misses), (2, 1, 1));
+    assert_eq!((st.requests, st.failed, st.misses), (3, 1, 1));
     assert_eq!(ps_client_free(client), PS_OK);
 }
 
@@ -1193,4 +1221,207 @@ fn a_starting_daemon_sweeps_checkpoints_of_daemons_that_are_gone() {
     assert!(!s, "the dead daemon's checkpoint was left");
     assert!(l, "a running daemon's checkpoint was removed");
     assert!(o, "another GPU's checkpoint was removed");
+}
+
+/// A raw client connection (hello answered).
+fn raw_client(socket: &Path) -> UnixStream {
+    let raw = UnixStream::connect(socket).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    send(&raw, &Message::Hello { role: Role::Client, pid: 1, worker_kind: String::new() }, None).unwrap();
+    assert!(matches!(recv(&raw).unwrap(), Some((Message::Welcome { .. }, _))));
+    raw
+}
+
+/// Gives the daemon `area` over `raw`; its id.
+fn raw_area(raw: &UnixStream, area: &pipeswitch::protocol::area::ClientArea, request_id: u64) -> Result<u64> {
+    send(raw, &Message::InputArea { request_id, bytes: area.bytes() }, Some(area.fd())).unwrap();
+    match recv(raw).unwrap() {
+        Some((Message::InputAreaReady { request_id: id, area: a, bytes }, _)) => {
+            assert_eq!((id, bytes), (request_id, area.bytes()));
+            Ok(a)
+        }
+        Some((Message::Error { request_id: id, status, message }, _)) => {
+            assert_eq!(id, request_id);
+            Err(pipeswitch::client::error_of(status, message))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+fn lines_with(log: &Log, prefix: &str) -> Vec<String> {
+    log.lines().into_iter().filter(|l| l.starts_with(prefix)).collect()
+}
+
+#[test]
+fn input_areas_reach_every_worker_carry_the_inputs_and_go_with_their_client() {
+    let w = world("areas");
+    let s = setup(&w, 8 * MIB, 0);
+    let log = Log::default();
+    for _ in 0..2 {
+        fake_worker_logged(&s.socket, s.seen.clone(), s.die_on.clone(), s.slow.clone(), log.clone());
+    }
+    wait_for(&s, "fake workers never became standbys", |c| c.stats().unwrap().standbys == 2);
+    let mut c = client(&s);
+    assert_eq!(c.input_area_bytes(), 0);
+    // The first request with a large input reserves an area (16 MiB): both
+    // workers map it before the task, whose large input comes from it.
+    infer(&mut c, "a", 1).unwrap();
+    assert_eq!(c.input_area_bytes(), 16 * MIB);
+    let added = lines_with(&log, "area+");
+    assert_eq!(added.len(), 2, "{:?}", log.lines());
+    let area: u64 = added[0].split(' ').nth(2).unwrap().parse().unwrap();
+    assert!(added.iter().all(|l| l.ends_with(&format!(" {area} {}", 16 * MIB))), "{added:?}");
+    assert_eq!(lines_with(&log, "inputs"), vec![format!("inputs {} a 1", last(&s.seen).0)], "the 200 kB input is in the area");
+    // Bytes of every request come through, whatever was in the area before.
+    for i in 2..6 {
+        infer(&mut c, if i % 2 == 0 { "b" } else { "a" }, i).unwrap();
+    }
+    assert!(lines_with(&log, "inputs").iter().all(|l| l.ends_with(" 1")), "{:?}", log.lines());
+    // Small inputs only: no area needed, none asked for.
+    let mut small = client(&s);
+    small.infer("a", &[TensorRef { name: "x", dtype: 1, shape: &[8], data: &[3; 8] }]).unwrap();
+    assert_eq!(small.input_area_bytes(), 0);
+    // A worker that joins later gets every area before its first task.
+    let mut c2 = client(&s);
+    assert_eq!(c2.reserve_inputs(MIB).unwrap(), MIB);
+    fake_worker_logged(&s.socket, s.seen.clone(), s.die_on.clone(), s.slow.clone(), log.clone());
+    wait_for(&s, "the third worker never got the areas", |_| lines_with(&log, "area+").len() == 6);
+    for wid in 1..=3u32 {
+        let mine: Vec<String> = lines_with(&log, &format!("area+ {wid} "));
+        assert_eq!(mine.len(), 2, "two areas to each of three workers: {:?}", log.lines());
+    }
+    // A larger area replaces the old one: every worker drops the old.
+    assert_eq!(c.reserve_inputs(32 * MIB).unwrap(), 32 * MIB);
+    wait_for(&s, "the old area was never dropped", |_| lines_with(&log, "area- ").len() == 3);
+    assert!(lines_with(&log, "area-").iter().all(|l| l.ends_with(&format!(" {area}"))), "{:?}", log.lines());
+    infer(&mut c, "a", 9).unwrap();
+    // The client leaves: its area goes from every worker; c2's stays.
+    drop(c);
+    wait_for(&s, "the area of a client that left was never dropped", |_| lines_with(&log, "area-").len() == 6);
+    infer(&mut c2, "b", 10).unwrap();
+    assert_eq!(lines_with(&log, "inputs").last().map(|l| l.ends_with(" 1")), Some(true), "{:?}", log.lines());
+    let st = c2.stats().unwrap();
+    assert_eq!(st.failed, 0);
+}
+
+#[test]
+fn input_areas_are_checked_bounded_and_a_refused_client_sends_its_inputs_as_before() {
+    let w = world("arealimits");
+    let mut cfg = config(&w, 8 * MIB);
+    cfg.max_input_area = 4 * MIB;
+    cfg.input_areas_bytes = 6 * MIB;
+    let daemon = Daemon::start(cfg, Box::new(FakeGpu { moves: Moves::default() })).unwrap();
+    let socket = daemon.socket().to_path_buf();
+    let (seen, die_on, slow, log) = (Seen::default(), Arc::new(Mutex::new(None)), Arc::new(AtomicBool::new(false)), Log::default());
+    fake_worker_logged(&socket, seen.clone(), die_on.clone(), slow.clone(), log.clone());
+    fake_worker_logged(&socket, seen.clone(), die_on.clone(), slow.clone(), log.clone());
+    let mut c = Client::connect(&socket, Some(Duration::from_secs(10))).unwrap();
+    let t0 = std::time::Instant::now();
+    while c.stats().unwrap().standbys < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Automatic: 16 MiB is over the limit; the request goes with its own
+    // file, and the next one does not ask again.
+    infer(&mut c, "a", 1).unwrap();
+    infer(&mut c, "a", 2).unwrap();
+    assert_eq!(c.input_area_bytes(), 0);
+    assert!(lines_with(&log, "area+").is_empty());
+    assert!(lines_with(&log, "inputs").iter().all(|l| l.ends_with(" 0")), "{:?}", log.lines());
+    // Explicitly: over the per-client limit, refused; within, accepted.
+    let e = c.reserve_inputs(5 * MIB).unwrap_err();
+    assert!(matches!(e, Error::Refused(_)) && e.to_string().contains("limit"), "{e}");
+    assert_eq!(c.reserve_inputs(4 * MIB).unwrap(), 4 * MIB);
+    infer(&mut c, "a", 3).unwrap();
+    assert!(lines_with(&log, "inputs").last().unwrap().ends_with(" 1"), "{:?}", log.lines());
+    // The total: 4 + 2 fit, 4 + 2 + 1 do not; replacing one's own area
+    // counts only the new one.
+    let mut c2 = Client::connect(&socket, Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(c2.reserve_inputs(2 * MIB).unwrap(), 2 * MIB);
+    let mut c3 = Client::connect(&socket, Some(Duration::from_secs(10))).unwrap();
+    let e = c3.reserve_inputs(MIB).unwrap_err();
+    assert!(matches!(e, Error::Refused(_)) && e.to_string().contains("do"), "{e}");
+    assert_eq!(c.reserve_inputs(2 * MIB).unwrap(), 2 * MIB);
+    assert_eq!(c3.reserve_inputs(MIB).unwrap(), MIB);
+    // 5 of 6 MiB taken: room for the raw peer's small areas below.
+    // A refused replacement keeps the area the client had.
+    assert!(c2.reserve_inputs(5 * MIB).is_err());
+    assert_eq!(c2.input_area_bytes(), 2 * MIB);
+    infer(&mut c2, "b", 4).unwrap();
+
+    // Raw peers: a file that could shrink, one too small, no file.
+    let raw = raw_client(&socket);
+    let unsealed = tempfile::tempfile().unwrap();
+    unsealed.set_len(MIB).unwrap();
+    send(&raw, &Message::InputArea { request_id: 7, bytes: MIB }, Some(unsealed.as_fd())).unwrap();
+    match recv(&raw).unwrap() {
+        Some((Message::Error { request_id: 7, status, message }, _)) => assert!(status == 101 && message.contains("sealed"), "{status} {message}"),
+        other => panic!("{other:?}"),
+    }
+    let small = pipeswitch::protocol::area::ClientArea::create(4096).unwrap();
+    send(&raw, &Message::InputArea { request_id: 8, bytes: MIB }, Some(small.fd())).unwrap();
+    match recv(&raw).unwrap() {
+        Some((Message::Error { request_id: 8, status, message }, _)) => assert!(status == 101 && message.contains("file of 4096"), "{status} {message}"),
+        other => panic!("{other:?}"),
+    }
+    send(&raw, &Message::InputArea { request_id: 9, bytes: MIB }, None).unwrap();
+    match recv(&raw).unwrap() {
+        Some((Message::Error { request_id: 9, .. }, _)) => {}
+        other => panic!("{other:?}"),
+    }
+    // Requests that name another's area, or bytes outside their own.
+    let mine = pipeswitch::protocol::area::ClientArea::create(64 << 10).unwrap();
+    let id = raw_area(&raw, &mine, 10).unwrap();
+    let tensor = |area, offset, bytes| pipeswitch::protocol::Tensor {
+        name: "y".into(),
+        dtype: 1,
+        shape: vec![bytes],
+        data: TensorData::Area { area, offset, bytes },
+    };
+    for (rid, t, want) in [(11, tensor(id + 100, 0, 16), "not this client's"), (12, tensor(id, 60 << 10, 8 << 10), "outside")] {
+        send(&raw, &Message::Infer { request_id: rid, model: "a".into(), inputs: vec![t] }, None).unwrap();
+        match recv(&raw).unwrap() {
+            Some((Message::Error { request_id, status, message }, _)) => {
+                assert_eq!(request_id, rid);
+                assert!(status == 101 && message.contains(want), "{status} {message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // In range: served from the area.
+    send(&raw, &Message::Infer { request_id: 13, model: "a".into(), inputs: vec![tensor(id, 256, 1000)] }, None).unwrap();
+    match recv(&raw).unwrap() {
+        Some((Message::InferResult { request_id: 13, outputs, .. }, _)) => assert_eq!(outputs.len(), 1),
+        other => panic!("{other:?}"),
+    }
+    // A request queued behind a slow one, whose area its client replaces
+    // meanwhile: it fails clearly; the client's next request is served.
+    slow.store(true, Ordering::Relaxed);
+    let busy = std::thread::spawn({
+        let socket = socket.clone();
+        move || {
+            let mut other = Client::connect(&socket, Some(Duration::from_secs(10))).unwrap();
+            other.infer("b", &[]).unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    send(&raw, &Message::Infer { request_id: 14, model: "a".into(), inputs: vec![tensor(id, 0, 100)] }, None).unwrap();
+    let next = pipeswitch::protocol::area::ClientArea::create(64 << 10).unwrap();
+    send(&raw, &Message::InputArea { request_id: 15, bytes: next.bytes() }, Some(next.fd())).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        match recv(&raw).unwrap() {
+            Some((Message::InputAreaReady { request_id: 15, area, .. }, _)) => got.push(format!("ready {}", area > id)),
+            Some((Message::Error { request_id: 14, message, .. }, _)) => {
+                assert!(message.contains("replaced"), "{message}");
+                got.push("failed".into());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    got.sort();
+    assert_eq!(got, vec!["failed".to_string(), "ready true".to_string()]);
+    busy.join().unwrap();
+    slow.store(false, Ordering::Relaxed);
+    drop(daemon);
 }

@@ -112,6 +112,8 @@ fn requests_through_the_daemon_match_the_cpu_reference() {
         max_queue: 64,
         hello_timeout: Duration::from_secs(5),
         worker_start_timeout: Duration::from_secs(120),
+        max_input_area: pipeswitch_cli::serve::DEFAULT_MAX_INPUT_AREA,
+        input_areas_bytes: pipeswitch_cli::serve::DEFAULT_INPUT_AREAS_BYTES,
     };
     let gpu = CudaGpu::new(0, residency + 4 * (64 << 20) + (8 << 20)).unwrap();
     let daemon = Daemon::start(config, Box::new(gpu)).unwrap();

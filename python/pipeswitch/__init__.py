@@ -28,6 +28,7 @@ from .core import (
     CostRecord,
     LayerInfo,
     ModelInfo,
+    ModelLease,
     Store,
     StoreUsage,
     Switch,
@@ -82,7 +83,7 @@ __version__ = "0.2.0"
 globals().update(CONSTANTS)
 
 __all__ = [
-    "Store", "Arena", "Switch", "ModelInfo", "LayerInfo", "TensorInfo", "StoreUsage",
+    "Store", "Arena", "Switch", "ModelInfo", "ModelLease", "LayerInfo", "TensorInfo", "StoreUsage",
     "plan_groups", "plan_makespan", "plan_model", "plan_groups_cost", "plan_makespan_cost",
     "plan_closed_loop", "CostModel", "CostRecord", "measure_h2d", "driver_available",
     "device_count", "version", "version_number", "status_str", "last_error_message",

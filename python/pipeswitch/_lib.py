@@ -151,6 +151,10 @@ class ps_model_use(Structure):
     """Opaque: one use of a model placed by a residency manager."""
 
 
+class ps_model_lease(Structure):
+    """Opaque: a lease on a stored model (its bytes stay put while it lives)."""
+
+
 class ps_tensor_view(Structure):
     _fields_ = [
         ("name", c_char_p),
@@ -280,8 +284,8 @@ STRUCTS = {
     c.__name__: c
     for c in (ps_arena, ps_store, ps_switch, ps_program, ps_worker, ps_arena_ipc_handle, ps_layer_desc, ps_tensor_desc,
               ps_model_info, ps_layer_info, ps_tensor_info, ps_store_usage, ps_cost_model, ps_cost_record,
-              ps_client, ps_result, ps_residency, ps_model_use, ps_tensor_view, ps_timing, ps_daemon_stats,
-              ps_residency_stats)
+              ps_client, ps_result, ps_residency, ps_model_use, ps_model_lease, ps_tensor_view, ps_timing,
+              ps_daemon_stats, ps_residency_stats)
 }
 
 #: ``ps_measure_plan_fn``: (user, group starts, number of groups, out ms) -> 0 or an error code.
@@ -298,6 +302,7 @@ _client_p = _P(ps_client)
 _result_p = _P(ps_result)
 _residency_p = _P(ps_residency)
 _use_p = _P(ps_model_use)
+_lease_p = _P(ps_model_lease)
 _u64_p = _P(c_uint64)
 _size_p = _P(c_size_t)
 _f64_p = _P(c_double)
@@ -366,6 +371,8 @@ SIGNATURES = {
     "ps_store_capacity_for": (STATUS, [_u64_p, c_size_t, _u64_p]),
     "ps_store_group_ranges": (STATUS, [_store_p, c_char_p, _size_p, c_size_t, _u64_p, _u64_p]),
     "ps_store_model_host_ptr": (STATUS, [_store_p, c_char_p, _u64_p]),
+    "ps_store_lease": (STATUS, [_store_p, c_char_p, _u64_p, _u64_p, _P(_lease_p)]),
+    "ps_model_lease_free": (STATUS, [_lease_p]),
     "ps_store_copy_schedule": (STATUS, [_store_p, c_char_p, _size_p, c_size_t, c_uint64, c_uint64, _u64_p,
                                         c_size_t, _size_p, _size_p]),
     # switch
@@ -404,6 +411,7 @@ SIGNATURES = {
     "ps_client_connect": (STATUS, [c_char_p, c_int32, c_uint64, _P(_client_p)]),
     "ps_client_free": (STATUS, [_client_p]),
     "ps_client_infer": (STATUS, [_client_p, c_char_p, _P(ps_tensor_desc), c_size_t, _P(_result_p)]),
+    "ps_client_reserve_inputs": (STATUS, [_client_p, c_uint64]),
     "ps_client_get_stats": (STATUS, [_client_p, _P(ps_daemon_stats)]),
     "ps_result_count": (STATUS, [_result_p, _size_p]),
     "ps_result_tensor": (STATUS, [_result_p, c_size_t, _P(ps_tensor_view)]),

@@ -520,6 +520,14 @@ class Store:
         _c.lib().ps_store_model_host_ptr(self._handle(), _enc(name, "model name"), byref(out))
         return out.value
 
+    def lease(self, name) -> "ModelLease":
+        """Leases model ``name``: while the lease lives (until its
+        :meth:`ModelLease.release`), the model's bytes stay where they are in
+        every process, even if the model is removed meanwhile. For copies
+        made from :attr:`ModelLease.host_ptr` outside the library (e.g. a
+        CUDA graph's): release it once they have completed."""
+        return ModelLease(self, name)
+
     def set_layer_exec_ms(self, name, exec_ms: Sequence[float]):
         """Stores measured per-layer execution times (ms, one per layer) with
         the model, for :func:`plan_model`."""
@@ -567,6 +575,48 @@ class Store:
 # ---------------------------------------------------------------------------
 # Arena
 # ---------------------------------------------------------------------------
+
+class ModelLease:
+    """A lease on a stored model (:meth:`Store.lease`): ``model_id`` and
+    ``host_ptr`` (its first byte in this process's mapping of the store) are
+    the model's until :meth:`release`."""
+
+    def __init__(self, store, name):
+        h = ctypes.POINTER(_c.ps_model_lease)()
+        mid, ptr = c_uint64(), c_uint64()
+        self._h = None
+        _c.lib().ps_store_lease(store._handle(), _enc(name, "model name"), byref(mid), byref(ptr), byref(h))
+        self._h = h
+        self.name = name
+        self.model_id = mid.value
+        self.host_ptr = ptr.value
+
+    @property
+    def released(self):
+        return self._h is None
+
+    def release(self):
+        """Ends the lease (once); call it after the copies from the leased
+        bytes have completed."""
+        h, self._h = self._h, None
+        if h is not None:
+            _c.lib().ps_model_lease_free(h)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return "ModelLease(%r, id %d%s)" % (self.name, self.model_id, ", released" if self.released else "")
+
 
 class Arena:
     """A device arena: one device allocation holding model regions and, at its

@@ -749,6 +749,7 @@ class Worker:
         self._copy_stream = None
         self._capturing = None  # the model whose forward is being captured (capture())
         self._fusing = None  # (entry, [event per group]) while its fused graph is captured
+        self._leases = []  # (event, store lease): fused replays' copies in flight, the lease held until the event
 
     # -- the workspace allocator ------------------------------------------
     @classmethod
@@ -1194,6 +1195,20 @@ class Worker:
     def synchronize(self):
         """Blocks until the current model has arrived completely."""
         self.switch.synchronize()
+        self._reap_leases(wait=True)
+
+    def _reap_leases(self, wait=False):
+        """Releases the store leases of fused replays whose graphs have run
+        (all of them with ``wait``, after waiting for each)."""
+        keep = []
+        for ev, lease in self._leases:
+            if wait:
+                ev.synchronize()
+            if wait or ev.query():
+                lease.release()
+            else:
+                keep.append((ev, lease))
+        self._leases = keep
 
     # -- CUDA graphs -----------------------------------------------------
     def capture(self, model_name, example_inputs, warmup=3, fused=False):
@@ -1224,12 +1239,12 @@ class Worker:
         stream of the capture, each group's event recorded after the copy
         that completes it and waited on by the group's pre-hook (an edge
         inside the graph); moved token tables are read from the pinned
-        store. A replay checks the store's model id before the launch and
-        leases the model right after it (until the copies are done), so a
-        model removed or added again is refused, but one removed in the
-        instant between the check and the lease is not. Off by default (a
-        third graph and its memory pool; the daemon's Python worker keeps
-        :meth:`switch_to` + a replay).
+        store. A replay leases the store's model before the launch
+        (:meth:`Store.lease`) and checks that it is the model captured (the
+        same id and host address), and the lease is held until the graph
+        has run: a model removed or added again is refused, and the bytes
+        the copies read stay the model's. Off by default (a third graph and
+        its memory pool).
 
         The model is switched in (and waited for) first, so the warm-up
         forwards run on its real weights. The graphs hold this binding's
@@ -1286,8 +1301,10 @@ class Worker:
 
         store, name = self.store, entry.name
         store.pin(self.device.index)
-        model_id = store.model_id(name)
-        host = store.model_host_ptr(name)
+        # The id and the address of one and the same model (a lease; each
+        # replay leases it again and checks both).
+        with store.lease(name) as lease:
+            model_id, host = lease.model_id, lease.host_ptr
         base = self.arena.base() + entry.offset
         copies, group_copy = store.copy_schedule(name, entry.plan, FUSED_MIN_COPY, FUSED_MAX_COPY)
         pairs = []  # (arena tensor, pinned host tensor) per copy; None for an empty one
@@ -1326,6 +1343,7 @@ class Worker:
 
     def close(self):
         """Detaches every model and frees the switch engine."""
+        self._reap_leases(wait=True)
         for name in list(self._models):
             self.detach(name)
         self.switch.close()
@@ -1388,24 +1406,36 @@ class CapturedForward:
         not), so calls replay the *resident* graph, and the worker's engine
         holds the model as a resident switch ordered after the graph
         (:meth:`Worker.synchronize` waits for the graph's copies; the
-        store's model stays leased until they are done). Raises if the model was
-        rebound since the capture, or if the store's model is no longer the
-        one captured (removed, or added again)."""
+        store's model is leased from before the launch until the graph has
+        run). Raises if the model was rebound since the capture, if the
+        store's model is gone (NotFound), or if it is no longer the one
+        captured (added again)."""
         import torch
 
         w, entry = self.worker, self.entry
         if "fused" not in self.graphs:
             raise RuntimeError("model %r: its forward was captured without fused=True" % entry.name)
-        if w.store.model_id(entry.name) != self._source[0]:
+        w._reap_leases()
+        lease = w.store.lease(entry.name)  # NotFound once removed
+        if (lease.model_id, lease.host_ptr) != tuple(self._source[:2]):
+            lease.release()
             raise RuntimeError("model %r was removed from the store or added again since its fused graph was "
                                "captured: capture it again" % entry.name)
-        self._check(inputs)
+        try:
+            self._check(inputs)
+        except BaseException:
+            lease.release()
+            raise
         stream = torch.cuda.current_stream(w.device)
         prev = w._current
         if prev is not None:
             w.switch.wait_group(len(prev.plan) - 1, stream.cuda_stream)
         g, out = self.graphs["fused"]
         g.replay()
+        # The copies read the leased bytes: the lease ends once the graph has run.
+        done = torch.cuda.Event()
+        done.record(stream)
+        w._leases.append((done, lease))
         for other in w._models.values():
             if other is not entry and other.overlaps(entry):
                 other.resident = False

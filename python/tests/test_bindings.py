@@ -526,6 +526,37 @@ def test_group_ranges_and_model_host_ptr(store):
         store.model_host_ptr("nope")
 
 
+def test_a_lease_keeps_a_removed_models_bytes_until_it_is_released(store):
+    n = 1 << 20
+    store.add_model("m", [("l0", [("w", "U8", (n,), bytes([7]) * n)])])
+    lease = store.lease("m")
+    assert lease.model_id == store.model_id("m") and not lease.released
+    assert ctypes.string_at(lease.host_ptr, 64) == bytes([7]) * 64
+    used = store.usage().used_bytes
+    # Removed while leased: gone from lookups at once, its bytes kept.
+    store.remove_model("m")
+    with pytest.raises(ps.NotFound):
+        store.model_id("m")
+    with pytest.raises(ps.NotFound):
+        store.lease("m")
+    store.add_model("n", [("l0", [("w", "U8", (n,), bytes([9]) * n)])])
+    assert store.model_host_ptr("n") != lease.host_ptr, "a leased model's space is not reused"
+    assert ctypes.string_at(lease.host_ptr, n) == bytes([7]) * n
+    assert store.usage().used_bytes > used
+    # Released: the space comes back.
+    lease.release()
+    lease.release()  # once
+    assert lease.released
+    store.remove_model("n")
+    assert store.usage().used_bytes == 0
+    store.add_model("k", [("l0", [("w", "U8", (64,), bytes(64))])])
+    with store.lease("k") as held:
+        assert held.model_id == store.model_id("k")
+    assert held.released
+    with pytest.raises(ps.NotFound):
+        store.lease("nope")
+
+
 # ---------------------------------------------------------------------------
 # Without a CUDA driver; the workspace without an arena
 # ---------------------------------------------------------------------------

@@ -216,11 +216,30 @@ impl HostRegistration {
         }
         Ok(HostRegistration { device, ptr, bytes, device_ptr })
     }
+
+    /// Page-locks a range this process may only read (a read-only mapping
+    /// of someone else's shared memory, e.g. a client's input area), for
+    /// copies from it (PORTABLE | READ_ONLY; no device address for kernels).
+    ///
+    /// # Safety
+    /// As [`HostRegistration::new`].
+    pub unsafe fn new_read_only(device: &'static Device, ptr: *const u8, bytes: usize) -> Result<Self> {
+        device.bind()?;
+        cu!(cuMemHostRegister_v2(
+            ptr.cast_mut().cast(),
+            bytes,
+            cudarc::driver::sys::CU_MEMHOSTREGISTER_PORTABLE | cudarc::driver::sys::CU_MEMHOSTREGISTER_READ_ONLY
+        ))?;
+        Ok(HostRegistration { device, ptr: ptr.cast_mut(), bytes, device_ptr: 0 })
+    }
     pub fn bytes(&self) -> usize {
         self.bytes
     }
     /// The address kernels use to read `ptr + offset` over PCIe.
     pub fn device_ptr(&self, offset: usize) -> Result<CUdeviceptr> {
+        if self.device_ptr == 0 {
+            return Err(crate::error::Error::invalid("a read-only registration has no device address"));
+        }
         if offset > self.bytes {
             return Err(crate::error::Error::invalid(format!("offset {offset} outside {} registered bytes", self.bytes)));
         }

@@ -110,10 +110,31 @@ pub extern "C" fn ps_client_free(client: *mut ps_client) -> ps_status {
     boundary("ps_client_free", || handles::free(client, "client"))
 }
 
+/// Gives the daemon an input area of `bytes` bytes: shared memory of this
+/// connection that later requests' large inputs are written into and that
+/// every worker has mapped and page-locked beforehand, so that a worker
+/// copies them to the GPU without a host copy on its critical path. It
+/// replaces the connection's earlier area. Without this call, the first
+/// request with large inputs reserves one (16 MiB, or the next power of two
+/// of what it needs, up to 256 MiB). `PS_ERR_REFUSED` if the daemon's
+/// limits do not allow it (requests then send their inputs as before);
+/// `PS_ERR_INVALID_ARGUMENT` for 0 bytes.
+#[no_mangle]
+pub extern "C" fn ps_client_reserve_inputs(client: *mut ps_client, bytes: u64) -> ps_status {
+    boundary("ps_client_reserve_inputs", || {
+        if bytes == 0 {
+            return Err(Error::invalid("an input area of 0 bytes"));
+        }
+        handles::write(client, "client")?.reserve_inputs(bytes)?;
+        Ok(())
+    })
+}
+
 /// Runs `model` on `inputs` (`n_inputs` tensors; each `data` holds `bytes`
 /// bytes, the element size of `dtype` times the product of `shape`) through
 /// the daemon and waits for its result. Large tensors travel in shared
-/// memory, not through the socket. A failure of the request (unknown model,
+/// memory, not through the socket: the connection's input area (see
+/// `ps_client_reserve_inputs`) where they fit. A failure of the request (unknown model,
 /// a model larger than the GPU's room, a worker that died) is this call's
 /// status; the connection stays usable.
 #[no_mangle]

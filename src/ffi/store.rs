@@ -573,6 +573,50 @@ pub extern "C" fn ps_store_model_host_ptr(store: *const ps_store, model: *const 
     })
 }
 
+/// A lease on a stored model (`ps_store_lease`): while it lives, the
+/// model's bytes stay where they are and are not reused, in every process,
+/// even if the model is removed meanwhile. Thread-safe (it does not change).
+pub struct ps_model_lease {
+    // Held for its drop: the lease ends with the handle.
+    _lease: crate::store::ModelLease,
+}
+
+/// Leases `model`: `lease_out` receives the lease, `id_out` the model's id
+/// and `host_ptr_out` the address of its first byte in this process's
+/// mapping of the store (as `ps_store_model_host_ptr`; page-locked once
+/// `ps_store_pin` ran). The bytes at that address are the model's until the
+/// lease is freed: for callers that copy the model themselves (e.g. a CUDA
+/// graph's copies), take the lease before the copies start and free it
+/// after they have completed. `PS_ERR_NOT_FOUND` for an unknown or removed
+/// model.
+#[no_mangle]
+pub extern "C" fn ps_store_lease(
+    store: *const ps_store,
+    model: *const c_char,
+    id_out: *mut u64,
+    host_ptr_out: *mut u64,
+    lease_out: *mut *mut ps_model_lease,
+) -> ps_status {
+    boundary("ps_store_lease", || {
+        let s = store_ref(store)?;
+        let name = str_arg(model, "model")?;
+        let (id_o, ptr_o, lease_o) = (out(id_out, "id_out")?, out(host_ptr_out, "host_ptr_out")?, out(lease_out, "lease_out")?);
+        let lease = s.lease(name)?;
+        let ptr = s.leased_host_ptr(&lease)? as u64;
+        id_o.write(lease.id);
+        ptr_o.write(ptr);
+        lease_o.write(handles::register(ps_model_lease { _lease: lease }));
+        Ok(())
+    })
+}
+
+/// Ends a lease (after the GPU work that reads the leased bytes has
+/// completed). NULL does nothing.
+#[no_mangle]
+pub extern "C" fn ps_model_lease_free(lease: *mut ps_model_lease) -> ps_status {
+    boundary("ps_model_lease_free", || handles::free(lease, "model lease"))
+}
+
 /// The copies `ps_switch_start` makes for a plan of `model` with chunking
 /// `min_chunk`, `max_chunk` (as `ps_switch_set_chunking`; the defaults are
 /// 4 MiB and 64 MiB): copy i is bytes `[copy_ranges_out[2i],
