@@ -1086,9 +1086,7 @@ def test_the_torch_worker_process_serves_a_fake_daemon(tmp_path):
         assert P.recv(conn) == (P.Standby(4), None)
         P.send(conn, P.Shutdown())
         assert proc.wait(60) == 0
-        worker_log.close()
         text = (tmp_path / "worker.log").read_text()
-        sys.stderr.write(text)
         assert "not page-locked" not in text, "the input area could not be page-locked on this GPU"
         conn.close()
         lst.close()
@@ -1097,6 +1095,9 @@ def test_the_torch_worker_process_serves_a_fake_daemon(tmp_path):
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+        if proc is not None:
+            worker_log.close()
+            sys.stderr.write((tmp_path / "worker.log").read_text())  # the worker's log, in pytest's report
         arena.close()
         store.close()
         pipeswitch.Store.unlink(name)
