@@ -1116,12 +1116,9 @@ def _area_size(nbytes):
     if n <= 0 or n > MAX_SHARED_TENSOR:
         raise ArgumentError(101, "PS_ERR_INVALID_ARGUMENT",
                             "an input area of %d bytes (1 to %d)" % (n, MAX_SHARED_TENSOR))
-    if n > _MAX_MAP:
-        raise ArgumentError(101, "PS_ERR_INVALID_ARGUMENT", "an input area of %d bytes does not fit this machine" % n)
     return n
 
 
-_MAX_MAP = (1 << 63) - 1
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
