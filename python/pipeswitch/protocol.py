@@ -1130,6 +1130,14 @@ def create_area(nbytes):
     first request. Returns ``(fd, mapping)``: pass the fd with
     :class:`InputArea`, then close it (the mapping keeps the file)."""
     n = _area_size(nbytes)
+    try:
+        phys = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        phys = None
+    if phys and n > phys:
+        # Its pages are populated now: refused here rather than left to the OOM killer.
+        raise ArgumentError(101, "PS_ERR_INVALID_ARGUMENT",
+                            "an input area of %d bytes is more than this machine's memory (%d bytes)" % (n, phys))
     fd = None
     try:
         try:
