@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Input areas on the Python side (issue 10) on the GPU machine, from the
-# repository root, with .gpu/ built by scripts/build-gpu-bundle.sh (DEPS=""
-# is enough: only the CLI and libpipeswitch.so are used; the daemon must be
-# one that serves input areas, kinds 20-23). Writes under $OUT:
+# repository root, with .gpu/ built by scripts/build-gpu-bundle.sh (only
+# the CLI and libpipeswitch.so are used: DEPS=none leaves the test binaries
+# out; the daemon must be one that serves input areas). Writes under $OUT:
 #   pytest-areas.log    python/tests/test_{protocol,client,worker}.py with
 #                       torch and CUDA: the PyTorch worker against a fake
 #                       daemon (an area page-locked, tasks reading from it,
