@@ -344,6 +344,64 @@ def test_tasks_read_their_inputs_from_input_areas(caplog):
         os.close(fd2)
 
 
+def test_the_python_client_and_worker_share_an_area_through_a_relaying_daemon():
+    """The client's area, passed on as the daemon does (its file in AreaAdd
+    to the worker; Infer forwarded as Activate with the same tensors): the
+    worker reads each request's inputs from its own mapping of the client's
+    file, at the offsets the client wrote them to."""
+    from test_client import FakeDaemon
+
+    from pipeswitch.client import Client
+
+    worker, t, made, result = start_worker()
+    P.recv(worker)
+    P.send(worker, P.Welcome(99, 0, "models", 7, HANDLE, 1 << 30, 64 << 20))
+    assert P.recv(worker) == (P.Standby(7), None)
+    areas = []
+
+    def relay(conn, msg, fd):
+        if isinstance(msg, P.InputArea):
+            P.check_area_file(fd, msg.bytes)
+            areas.append(msg.bytes)
+            if len(areas) > 1:
+                P.send(worker, P.AreaDrop(len(areas) - 1))
+            P.send(worker, P.AreaAdd(len(areas), msg.bytes), fd)
+            P.send(conn, P.InputAreaReady(msg.request_id, len(areas), msg.bytes))
+            return
+        assert isinstance(msg, P.Infer)
+        P.send(worker, P.Activate(task(msg.request_id, msg.model, msg.inputs)), fd)
+        done, ofd = P.recv(worker)
+        try:
+            if done.status:
+                P.send(conn, P.Error(msg.request_id, done.status, done.message))
+            else:
+                P.send(conn, P.InferResult(msg.request_id, done.outputs, done.timing), ofd)
+        finally:
+            if ofd is not None:
+                os.close(ofd)
+
+    d = FakeDaemon(relay)
+    try:
+        with Client(socket=d.path, timeout=10, numpy=False) as c:
+            for i in range(3):
+                a, b = os.urandom(P.INLINE_LIMIT + 1 + i), os.urandom(300_000)
+                out = c.infer("m", [("a", a, "U8", [len(a)]), ("s", b"\1\2", "U8", [2]), ("b", b, "U8", [len(b)])])
+                assert [out["out%d" % k][0] for k in range(3)] == [b[::-1], b"\2\1", a[::-1]]
+            big = os.urandom((16 << 20) + 1)  # a larger area replaces the first
+            out = c.infer("m", {"big": (big, "U8", [len(big)])})
+            assert out["out0"][0] == big[::-1]
+            assert areas == [16 << 20, 32 << 20] and c.input_area_id == 2
+            assert [tk.inputs[0].data for tk in made[0].tasks[-2:]] == [P.Area(1, 0, P.INLINE_LIMIT + 3),
+                                                                       P.Area(2, 0, len(big))]
+        P.send(worker, P.Shutdown())
+        t.join(10)
+    finally:
+        d.close()
+        worker.close()
+    assert not d.errors and result == {"ok": True}
+    assert made[0].areas == [("add", 1, 16 << 20), ("drop", 1), ("add", 2, 32 << 20), ("drop", 2)]
+
+
 class _Steps:
     """A training run of counted steps, 2 ms each."""
 
