@@ -10,7 +10,11 @@ forwards (``Worker.capture``; the workers run with ``--graphs``), else eager
 PyTorch. Every switched request is for another model than the last, and the daemon's
 residency area holds one model, so each of them copies the whole model
 (pipelined). The worker ablation (active-standby, one worker set up per
-task, a new process per task) runs the same alternating requests.
+task, a new process per task) runs the same alternating requests. Each
+client reserves its input area when it connects (``Client.reserve_inputs``:
+the workers map and page-lock it then, not in a measured request), so the
+image batches are copied to the GPU straight from it (``--no-input-area``:
+a new file per request, as before areas).
 
 Run on a GPU machine from the repository root::
 
@@ -75,7 +79,9 @@ class Daemon:
     """``pipeswitch serve`` with PyTorch workers, as a child process."""
 
     def __init__(self, store, models, factories_dir, residency, region, standbys=2, mode=None, log_path=None,
-                 graphs=False):
+                 graphs=False, area_bytes=0):
+        self.area_bytes = area_bytes
+        self.area_refusal = None
         self.dir = tempfile.mkdtemp(prefix="ps-serve-torch-")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([factories_dir, os.path.join(ROOT, "python"),
                                                            os.environ.get("PYTHONPATH", "")]))
@@ -101,11 +107,21 @@ class Daemon:
             if time.monotonic() > deadline:
                 raise RuntimeError("no socket after %d s" % timeout)
             time.sleep(0.1)
-        c = Client(socket=self.path, timeout=600)
+        c = Client(socket=self.path, timeout=600, input_area=self.area_bytes > 0)
         while c.stats().standbys < want_standbys:
             if time.monotonic() > deadline:
                 raise RuntimeError("the workers did not come up in %d s" % timeout)
             time.sleep(0.2)
+        if self.area_bytes:
+            from pipeswitch import PipeSwitchError
+            try:
+                c.reserve_inputs(self.area_bytes)
+            except PipeSwitchError as e:
+                # Refused (or a daemon without areas): files per request, said in the JSON.
+                self.area_refusal = str(e)
+                E.log("input area of %d bytes refused: %s" % (self.area_bytes, e))
+            else:
+                time.sleep(0.5)  # the workers map and page-lock it (AreaAdd) before the first request
         return c
 
     def stop(self):
@@ -124,9 +140,12 @@ def main(argv=None):
     p.add_argument("--out", help="JSON output (default bench/results/serve-torch-<card>.json)")
     p.add_argument("--reps", type=int, default=10, help="recorded alternating rounds (default 10)")
     p.add_argument("--ablation-reps", type=int, default=2, help="rounds per ablation mode (default 2)")
+    p.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the worker ablation")
     p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     p.add_argument("--log", help="the daemons' log file")
     p.add_argument("--eager", dest="graphs", action="store_false", help="eager forwards (default: CUDA graphs)")
+    p.add_argument("--no-input-area", dest="input_area", action="store_false",
+                   help="no input area: every request's large inputs in a new file (as before areas)")
     p.add_argument("--warmup", type=int, default=3,
                    help="unrecorded rounds through the daemon (each worker process meets each model; default 3)")
     args = p.parse_args(argv)
@@ -222,10 +241,21 @@ def main(argv=None):
             host_in = {m: [("in%d" % i, x.cpu(), None, None) for i, x in enumerate(inputs[m])] for m in args.models}
             largest = max(store.model_info(m).bytes for m in args.models)
             region = 2 << 30
+            # The input area: room for the largest request's inputs (as the client
+            # would reserve it by itself: at least 16 MiB, a power of two).
+            from pipeswitch import protocol as P
+            from pipeswitch.client import AUTO_AREA_MIN
+            need = max(P.area_layout([x.numel() * x.element_size() for x in inputs[m]])[1] for m in args.models)
+            area_bytes = max(AUTO_AREA_MIN, 1 << max(need - 1, 0).bit_length()) if args.input_area and need else 0
+            report["input_area"] = {"reserved_at_connect": area_bytes > 0, "bytes": area_bytes, "inputs_bytes": need,
+                                    "refused": None}
+            report["conditions"] += ("; each client reserves a %d MiB input area when it connects (inputs copied "
+                                     "to the GPU from it)" % (area_bytes >> 20) if area_bytes else
+                                     "; no input area (every request's inputs in a new file)")
 
             # Through the daemon: an area for one model, so every request switches.
             d = Daemon(name, args.models, factories_dir, largest + (1 << 20), region, 2, log_path=args.log,
-                       graphs=args.graphs)
+                       graphs=args.graphs, area_bytes=area_bytes)
             try:
                 c = d.client(2)
                 lat = {m: {"switch": [], "ready": [], "activation": [], "worker": []} for m in args.models}
@@ -253,6 +283,8 @@ def main(argv=None):
                         lat[m]["activation"].append(out.timing.activation_ms)
                         lat[m]["worker"].append(out.timing.worker_ms)
                 st = c.stats()
+                report["input_area"]["refused"] = d.area_refusal
+                report["input_area"]["used"] = c.input_area_bytes > 0
                 c.close()
             finally:
                 rc = d.stop()
@@ -270,10 +302,11 @@ def main(argv=None):
             save()
 
             # Worker ablation.
-            for label, standbys, mode in (("active-standby", 2, None), ("single worker", 0, "--single-worker"),
-                                          ("process per task", 0, "--process-per-task")):
+            modes = (("active-standby", 2, None), ("single worker", 0, "--single-worker"),
+                     ("process per task", 0, "--process-per-task"))
+            for label, standbys, mode in modes if args.ablation else ():
                 d = Daemon(name, args.models, factories_dir, largest + (1 << 20), region, standbys, mode,
-                           log_path=args.log, graphs=args.graphs)
+                           log_path=args.log, graphs=args.graphs, area_bytes=area_bytes)
                 try:
                     c = d.client(standbys if mode is None else (1 if mode == "--single-worker" else 0))
                     v = []
@@ -290,7 +323,8 @@ def main(argv=None):
                 finally:
                     d.stop()
                 report["ablation"].append({"mode": label, "switch_ms": stats(v),
-                                           "workers_started": st.workers_started, "failed": st.failed})
+                                           "workers_started": st.workers_started, "failed": st.failed,
+                                           "input_area_refused": d.area_refusal})
                 E.log("ablation %s: median %.1f ms" % (label, report["ablation"][-1]["switch_ms"]["median"]))
                 save()
     finally:

@@ -10,6 +10,15 @@ inference requests for stored models, as an application would.
         logits = out["out0"]
         print(out.timing.activation_ms, out.timing.total_ms)
 
+Inputs larger than :data:`~pipeswitch.protocol.INLINE_LIMIT` are written
+into the client's *input area*: one sealed shared-memory file given to the
+daemon once (:meth:`Client.reserve_inputs`), which every worker maps and
+page-locks, so that a worker copies a request's inputs to the GPU straight
+from it. By default the client reserves one when a request first needs it
+(``input_area=False`` turns that off; a size the daemon refused is not
+asked for again, and requests then send their inputs in a new file each, as
+without areas).
+
 Standard library only; numpy is used when it is importable (inputs may be
 numpy arrays, outputs come back as numpy arrays), and CPU torch tensors are
 accepted as inputs. Failures raise :mod:`pipeswitch.errors` classes by the
@@ -26,9 +35,14 @@ import socket as _socket
 from . import protocol as P
 from ._lib import DTYPE_SIZES
 from .core import dtype_code, dtype_name
-from .errors import ArgumentError, Disconnected
+from .errors import ArgumentError, Disconnected, PipeSwitchError
 
-__all__ = ["Client", "Outputs", "to_bytes", "from_bytes"]
+__all__ = ["Client", "Outputs", "to_bytes", "from_bytes", "AUTO_AREA_MIN", "AUTO_AREA_MAX"]
+
+#: The smallest input area a client reserves by itself (a power of two).
+AUTO_AREA_MIN = 16 << 20
+#: The largest input area a client reserves by itself.
+AUTO_AREA_MAX = 256 << 20
 
 _NUMPY_NAMES = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
@@ -115,12 +129,30 @@ class Client:
     ``socket``, default :func:`pipeswitch.protocol.socket_path` in
     :func:`pipeswitch.protocol.default_socket_dir`, as the Rust side).
     ``timeout``: seconds a request may wait for its answer (None: forever).
+    ``input_area``: reserve an input area when a request first needs one or
+    a larger one (:meth:`reserve_inputs`: max(:data:`AUTO_AREA_MIN`, the next
+    power of two of the bytes needed), never over :data:`AUTO_AREA_MAX` and
+    never a size the daemon refused, or a larger one); False: only
+    :meth:`reserve_inputs` reserves one.
     One request at a time; not for sharing between threads."""
 
-    def __init__(self, socket=None, device=0, timeout=None, numpy=True):
+    def __init__(self, socket=None, device=0, timeout=None, numpy=True, input_area=True):
         path = socket if socket is not None else P.socket_path(P.default_socket_dir(), device)
         self.socket_path = os.fspath(path)
         self.use_numpy = numpy
+        self.auto_area = bool(input_area)
+        #: Why the daemon last refused an input area (None if it never did).
+        self.area_refusal = None
+        # The input area: (id, bytes usable, mapping), or None.
+        self._area = None
+        # The request id of a request that names the area and whose answer
+        # has not come (it timed out here): the daemon may still be reading
+        # its bytes, so nothing is written into the area until it comes.
+        self._area_busy = None
+        # The smallest area size refused (or that could not be made): not
+        # asked for again by the automatic reservation, nor anything larger.
+        self._refused_area = None
+        self._sock = None
         self._next_id = 1
         s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
@@ -194,9 +226,14 @@ class Client:
                 name, data, dtype, shape = item
             packed.append((str(name),) + _reorder(to_bytes(data, dtype, shape)))
         sock = self._conn()
+        tensors = self._pack_in_area(packed)
+        fd = None
+        if tensors is None:
+            tensors, fd = P.pack_tensors(packed)
         request_id = self._next_id
         self._next_id += 1
-        tensors, fd = P.pack_tensors(packed)
+        if fd is None and any(isinstance(t.data, P.Area) for t in tensors):
+            self._area_busy = request_id  # until its answer comes
         try:
             P.send(sock, P.Infer(request_id, str(model), tensors), fd)
         finally:
@@ -206,17 +243,134 @@ class Client:
             msg, fd = self._recv()
             try:
                 if isinstance(msg, P.InferResult) and msg.request_id == request_id:
+                    self._answered(msg)
                     outs = P.unpack_tensors(msg.outputs, fd)
                     return Outputs([(t.name, from_bytes(b, t.dtype, t.shape, self.use_numpy)) for t, b in outs],
                                    msg.timing, request_id)
                 if isinstance(msg, P.Error) and msg.request_id in (request_id, 0):
+                    self._answered(msg)
                     raise P.error_of(msg.status, msg.message)
-                if isinstance(msg, (P.InferResult, P.Error)):
-                    continue  # an answer to an earlier request that timed out here
+                if self._stale(msg):
+                    continue
                 raise P.protocol_error("unexpected message %s" % type(msg).__name__)
             finally:
                 if fd is not None:
                     os.close(fd)
+
+    # -- input areas ---------------------------------------------------------
+
+    @property
+    def input_area_bytes(self):
+        """The bytes of the client's input area (0: none)."""
+        return self._area[1] if self._area is not None else 0
+
+    @property
+    def input_area_id(self):
+        """The daemon's id of the client's input area (None: none)."""
+        return self._area[0] if self._area is not None else None
+
+    def reserve_inputs(self, nbytes):
+        """Gives the daemon a new input area of ``nbytes`` bytes (a sealed
+        memfd, mapped here for writing), which replaces the client's earlier
+        one once the daemon accepted it: the daemon passes it to every
+        worker, each maps it once and page-locks it, and later requests
+        write their inputs larger than :data:`~pipeswitch.protocol.INLINE_LIMIT`
+        into it (from offset 0, each at a multiple of 256 bytes) instead of
+        into a new file each. Reserve it before the requests whose latency
+        counts: the workers page-lock it when it is given. Returns its
+        bytes. A refusal (over the daemon's limits: :class:`~pipeswitch.Refused`)
+        raises the daemon's error and keeps the earlier area."""
+        sock = self._conn()
+        fd, m = P.create_area(nbytes)
+        n = len(m)
+        try:
+            request_id = self._next_id
+            self._next_id += 1
+            try:
+                P.send(sock, P.InputArea(request_id, n), fd)
+            finally:
+                os.close(fd)
+            while True:
+                msg = self._no_file(self._recv())
+                if isinstance(msg, P.InputAreaReady) and msg.request_id == request_id:
+                    if msg.bytes != n or msg.area == 0:
+                        raise P.protocol_error("the daemon accepted an input area of %d bytes as area %d of %d"
+                                               % (n, msg.area, msg.bytes))
+                    break
+                if isinstance(msg, P.Error) and msg.request_id in (request_id, 0):
+                    self._refused(n, msg.message)
+                    raise P.error_of(msg.status, msg.message)
+                if self._stale(msg):
+                    continue
+                raise P.protocol_error("unexpected message %s" % type(msg).__name__)
+        except BaseException:
+            m.close()
+            raise
+        old, self._area = self._area, (msg.area, msg.bytes, m)
+        self._area_busy = None  # the new area: nothing in flight names it
+        if old is not None:
+            old[2].close()
+        return msg.bytes
+
+    def _refused(self, n, why):
+        self.area_refusal = why
+        if self._refused_area is None or n < self._refused_area:
+            self._refused_area = n
+
+    def _answered(self, msg):
+        """``msg`` answers a request: if that one named the area, the area
+        is free again."""
+        if self._area_busy is not None and msg.request_id == self._area_busy:
+            self._area_busy = None
+
+    def _stale(self, msg):
+        """Whether ``msg`` answers an earlier request that timed out here (it
+        is skipped; an input area accepted after its request timed out
+        replaced the client's area at the daemon, so the one held here is
+        not used again)."""
+        if isinstance(msg, P.InputAreaReady):
+            if self._area is not None:
+                old, self._area = self._area, None
+                old[2].close()
+            return True
+        if isinstance(msg, (P.InferResult, P.TrainStatus)) or (isinstance(msg, P.Error) and msg.request_id != 0):
+            self._answered(msg)
+            return True
+        return False
+
+    def _pack_in_area(self, packed):
+        """The request's tensors with the large ones written into the input
+        area, or None where they go in a file of their own (none large, no
+        area and none reserved, or the area still read by a request that
+        timed out)."""
+        offsets, need = P.area_layout([len(data) for _, _, _, data in packed])
+        if need == 0 or self._area_busy is not None:
+            return None
+        if self._area is None or need > self._area[1]:
+            if not self.auto_area:
+                return None
+            size = max(AUTO_AREA_MIN, 1 << (need - 1).bit_length())
+            if size > AUTO_AREA_MAX or (self._refused_area is not None and size >= self._refused_area):
+                return None
+            try:
+                self.reserve_inputs(size)
+            except Disconnected:
+                raise  # gone, or no answer in time
+            except PipeSwitchError as e:
+                if self.closed:
+                    raise  # the daemon's answer was malformed: the connection is out of step
+                # Refused (or not known to the daemon, or no memory here): files as before.
+                self._refused(size, e.message)
+                return None
+        area_id, _, m = self._area
+        out = []
+        for (name, code, shape, data), off in zip(packed, offsets):
+            if off is None:
+                out.append(P.Tensor(name, code, shape, P.Inline(bytes(data))))
+            else:
+                m[off:off + len(data)] = data
+                out.append(P.Tensor(name, code, shape, P.Area(area_id, off, len(data))))
+        return out
 
     def stats(self):
         """The daemon's counters (a :class:`pipeswitch.protocol.Stats`)."""
@@ -225,7 +379,7 @@ class Client:
             msg = self._no_file(self._recv())
             if isinstance(msg, P.StatsReply):
                 return msg.stats
-            if isinstance(msg, P.InferResult) or (isinstance(msg, P.Error) and msg.request_id != 0):
+            if self._stale(msg):
                 continue
             if isinstance(msg, P.Error):
                 raise P.error_of(msg.status, msg.message)
@@ -276,15 +430,18 @@ class Client:
                 return msg
             if isinstance(msg, P.Error) and msg.request_id in (request_id, 0):
                 raise P.error_of(msg.status, msg.message)
-            if isinstance(msg, (P.InferResult, P.Error, P.TrainStatus)):
+            if self._stale(msg):
                 continue
             raise P.protocol_error("unexpected message %s" % type(msg).__name__)
 
     def close(self):
-        """Closes the connection (again: a no-op)."""
+        """Closes the connection and unmaps the input area (again: a no-op)."""
         s, self._sock = getattr(self, "_sock", None), None
         if s is not None:
             s.close()
+        area, self._area = getattr(self, "_area", None), None
+        if area is not None:
+            area[2].close()
 
     @property
     def closed(self):

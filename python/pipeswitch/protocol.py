@@ -8,7 +8,9 @@ A frame is a 16-byte header then a body::
 Everything is little-endian. Bodies are at most :data:`MAX_BODY` bytes;
 tensors larger than :data:`INLINE_LIMIT` travel in one shared-memory file (a
 memfd) passed beside the frame with ``SCM_RIGHTS`` (``fds`` = 1), each naming
-its byte range in it. Decoding checks every length against the bytes present
+its byte range in it, or in the client's *input area* (kinds 20..23: a sealed
+memfd the client gives once, that the daemon passes to every worker; requests
+name byte ranges of it, :class:`Area`). Decoding checks every length against the bytes present
 and a limit before it allocates; anything malformed raises
 :class:`pipeswitch.ProtocolError` (status 700), never another exception.
 
@@ -16,10 +18,13 @@ Standard library only. Messages are plain dataclasses; :func:`encode_frame`
 and :func:`decode_frame` turn them into bytes and back; :func:`send` and
 :func:`recv` move them over a Unix stream socket with at most one file;
 :func:`pack_tensors` / :func:`unpack_tensors` put tensor bytes inline or in a
-memfd and read them back (ranges checked against the file's size).
+memfd and read them back (ranges checked against the file's size, areas
+read from the receiver's mappings); :func:`create_area`, :func:`map_area` and
+:func:`area_layout` are the input areas' two sides (as ``src/protocol/area.rs``).
 """
 
 import fcntl
+import mmap
 import os
 import socket
 import struct
@@ -32,15 +37,16 @@ from .errors import ArgumentError, Disconnected, OsError, ProtocolError, from_st
 __all__ = [
     "MAGIC", "VERSION", "HEADER_BYTES", "MAX_BODY", "INLINE_LIMIT", "MAX_DIMS", "MAX_SHARED_TENSOR",
     "MAX_STR", "MAX_LIST", "ROLE_CLIENT", "ROLE_WORKER", "TASK_INFERENCE", "TASK_TRAINING",
-    "Inline", "Shared", "Tensor", "Timing", "Stats", "Task",
+    "Inline", "Shared", "Area", "Tensor", "Timing", "Stats", "Task",
     "Hello", "Welcome", "Error", "Infer", "InferResult", "Standby", "Activate", "TaskDone",
-    "StatsRequest", "StatsReply", "Shutdown", "Deactivate",
+    "StatsRequest", "StatsReply", "Shutdown", "Deactivate", "InputArea", "InputAreaReady", "AreaAdd", "AreaDrop",
     "PREEMPT_ABANDON", "PREEMPT_BOUNDARY", "SAVE_RESIDENT", "SAVE_HOST", "SAVE_AUTO", "POLICY_INFERENCE_FIRST",
     "POLICY_TIME_SHARE", "JOB_STATES", "PROGRESS_ITERATION", "PROGRESS_CHECKPOINT", "PROGRESS_RESUMED",
     "STOP_PREEMPTED", "STOP_FINISHED", "STOP_FAILED", "TrainJob", "TrainTask",
     "TrainSubmit", "TrainStatus", "TrainQuery", "TrainStart", "Preempt", "TrainProgress", "TrainStopped",
     "Header", "encode_body", "decode_body", "encode_frame", "decode_frame", "send", "recv",
-    "pack_tensors", "unpack_tensors", "monotonic_ns", "default_socket_dir", "socket_path",
+    "pack_tensors", "unpack_tensors", "AREA_ALIGN", "area_layout", "create_area", "check_area_file", "map_area",
+    "monotonic_ns", "default_socket_dir", "socket_path",
     "protocol_error", "error_of",
 ]
 
@@ -134,9 +140,18 @@ class Shared:
 
 
 @dataclass
+class Area:
+    """Bytes ``[offset, offset + bytes)`` of input area ``area``: the client's
+    own area in an ``Infer``, the same in the ``Activate`` the daemon forwards."""
+    area: int
+    offset: int
+    bytes: int
+
+
+@dataclass
 class Tensor:
     """A named tensor of a request or a result: ``dtype`` is a ``PS_DTYPE_*``
-    code, ``data`` an :class:`Inline` or a :class:`Shared`."""
+    code, ``data`` an :class:`Inline`, a :class:`Shared` or an :class:`Area`."""
     name: str
     dtype: int
     shape: List[int]
@@ -368,9 +383,48 @@ class TrainStopped:
     save_ms: float = 0.0
 
 
+# Input areas (kinds 20..23, and the tensor placement 2: added the same way).
+
+@dataclass
+class InputArea:
+    """A client gives the daemon its input area: the file passed with the
+    frame, sealed against shrinking, of at least ``bytes`` bytes. It replaces
+    the client's earlier area. Answered with :class:`InputAreaReady` or an
+    :class:`Error` of ``request_id``."""
+    KIND = 20
+    request_id: int
+    bytes: int
+
+
+@dataclass
+class InputAreaReady:
+    """The area is accepted: requests name it as ``area``."""
+    KIND = 21
+    request_id: int
+    area: int
+    bytes: int
+
+
+@dataclass
+class AreaAdd:
+    """The daemon gives a worker a client's input area (the file passed with
+    the frame): map it and keep it until :class:`AreaDrop`."""
+    KIND = 22
+    area: int
+    bytes: int
+
+
+@dataclass
+class AreaDrop:
+    """The area's client left or replaced it: no later task names it."""
+    KIND = 23
+    area: int
+
+
 _KINDS = {c.KIND: c for c in (Hello, Welcome, Error, Infer, InferResult, Standby, Activate, TaskDone,
                               StatsRequest, StatsReply, Shutdown, Deactivate, TrainSubmit, TrainStatus,
-                              TrainQuery, TrainStart, Preempt, TrainProgress, TrainStopped)}
+                              TrainQuery, TrainStart, Preempt, TrainProgress, TrainStopped, InputArea,
+                              InputAreaReady, AreaAdd, AreaDrop)}
 
 
 # ---------------------------------------------------------------------------
@@ -434,8 +488,10 @@ def _put_tensors(w, ts):
             w.u8(0).bytes(t.data.data, "tensor bytes")
         elif isinstance(t.data, Shared):
             w.u8(1).u64(t.data.offset, "tensor offset").u64(t.data.bytes, "tensor bytes")
+        elif isinstance(t.data, Area):
+            w.u8(2).u64(t.data.area, "tensor area").u64(t.data.offset, "tensor offset").u64(t.data.bytes, "tensor bytes")
         else:
-            raise protocol_error("tensor %r: data must be Inline or Shared, not %s"
+            raise protocol_error("tensor %r: data must be Inline, Shared or Area, not %s"
                                  % (t.name, type(t.data).__name__))
 
 
@@ -507,6 +563,14 @@ def encode_body(msg):
     elif isinstance(msg, TrainStopped):
         w.u64(msg.task_id).u8(msg.reason, "stop reason").u64(msg.iteration).u64(msg.checkpoint)
         w.u32(msg.status).str(msg.message).f64(msg.stop_ms).f64(msg.save_ms)
+    elif isinstance(msg, InputArea):
+        w.u64(msg.request_id).u64(msg.bytes, "area bytes")
+    elif isinstance(msg, InputAreaReady):
+        w.u64(msg.request_id).u64(msg.area, "area").u64(msg.bytes, "area bytes")
+    elif isinstance(msg, AreaAdd):
+        w.u64(msg.area, "area").u64(msg.bytes, "area bytes")
+    elif isinstance(msg, AreaDrop):
+        w.u64(msg.area, "area")
     else:
         raise protocol_error("not a protocol message: %r" % (msg,))
     return w.body()
@@ -594,10 +658,25 @@ def _get_tensors(r):
             if nbytes > MAX_SHARED_TENSOR or offset + nbytes > _U64:
                 raise _malformed("tensor %r: [%d, +%d) is out of range" % (name, offset, nbytes))
             data = Shared(offset, nbytes)
+        elif placement == 2:
+            area = r.u64("tensor area")
+            offset = r.u64("tensor offset")
+            nbytes = r.u64("tensor bytes")
+            if nbytes > MAX_SHARED_TENSOR or offset + nbytes > _U64:
+                raise _malformed("tensor %r: [%d, +%d) of area %d is out of range" % (name, offset, nbytes, area))
+            data = Area(area, offset, nbytes)
         else:
             raise _malformed("tensor %r: unknown placement %d" % (name, placement))
         out.append(Tensor(name, dtype, shape, data))
     return out
+
+
+def _area_bytes(r):
+    """An area's size as a message claims it: 1 byte to :data:`MAX_SHARED_TENSOR`."""
+    n = r.u64("area bytes")
+    if n == 0 or n > MAX_SHARED_TENSOR:
+        raise _malformed("an input area of %d bytes (1 to %d)" % (n, MAX_SHARED_TENSOR))
+    return n
 
 
 def _get_timing(r):
@@ -688,6 +767,14 @@ def decode_body(kind, body):
         m = TrainStopped(r.u64("task id"), _get_code(r, "stop reason", (1, 2, 3)), r.u64("iteration"),
                          r.u64("checkpoint"), r.u32("status"), r.str("message"), r.f64("stop ms"),
                          r.f64("save ms"))
+    elif kind == 20:
+        m = InputArea(r.u64("request id"), _area_bytes(r))
+    elif kind == 21:
+        m = InputAreaReady(r.u64("request id"), r.u64("area"), _area_bytes(r))
+    elif kind == 22:
+        m = AreaAdd(r.u64("area"), _area_bytes(r))
+    elif kind == 23:
+        m = AreaDrop(r.u64("area"))
     else:
         raise _malformed("unknown message kind %r" % (kind,))
     r.finish("message")
@@ -900,14 +987,22 @@ def pack_tensors(tensors):
     return out, fd
 
 
-def unpack_tensors(tensors, fd=None, into=None):
+def unpack_tensors(tensors, fd=None, into=None, areas=None):
     """The tensors of a received message with their bytes: ``[(Tensor, data)]``;
     shared ones are read from ``fd``, each range checked against its size.
     ``data`` is ``bytes`` for an inline tensor and a ``bytearray`` (read once,
     not copied again: writable, for ``torch.frombuffer``) for a shared one.
     ``into(i, n)``, when given, may return a writable buffer of at least
     ``n`` bytes for shared tensor ``i`` (e.g. pinned memory): the bytes are
-    read straight into it, and ``data`` is a memoryview of its first ``n``."""
+    read straight into it, and ``data`` is a memoryview of its first ``n``.
+    A tensor in an input area is read from ``areas`` (area id -> its
+    mapping, e.g. from :func:`map_area`): ``data`` is a memoryview of the
+    mapping's range, not a copy (``into`` is not asked for it); an area not
+    in ``areas`` or a range outside it raises :class:`ProtocolError`,
+    before any byte is read."""
+    for t in tensors:
+        if isinstance(t.data, Area):
+            _area_range(areas, t)
     size = None
     if fd is not None:
         try:
@@ -918,6 +1013,9 @@ def unpack_tensors(tensors, fd=None, into=None):
     for i, t in enumerate(tensors):
         if isinstance(t.data, Inline):
             out.append((t, t.data.data))
+            continue
+        if isinstance(t.data, Area):
+            out.append((t, _area_range(areas, t)))
             continue
         off, n = t.data.offset, t.data.bytes
         if size is None:
@@ -949,6 +1047,21 @@ def unpack_tensors(tensors, fd=None, into=None):
     return out
 
 
+def _area_range(areas, t):
+    """The memoryview of area tensor ``t``'s bytes in ``areas``, checked."""
+    a, off, n = t.data.area, t.data.offset, t.data.bytes
+    m = None if areas is None else areas.get(a)
+    if m is None:
+        raise protocol_error("tensor %r names input area %d, which is not held here" % (t.name, a))
+    view = memoryview(m)
+    size = view.nbytes
+    if off + n > size:
+        raise protocol_error("tensor %r: [%d, +%d) lies outside input area %d of %d bytes" % (t.name, off, n, a, size))
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view[off:off + n]
+
+
 #: A shared tensor at least this large is read by :data:`READ_THREADS` threads.
 PARALLEL_READ_BYTES = 4 << 20
 READ_THREADS = 4
@@ -971,6 +1084,112 @@ def _read_range(fd, view, off, a, b, name):
         if got == 0:
             raise protocol_error("tensor %r: the file ended early" % name)
         done += got
+
+
+# ---------------------------------------------------------------------------
+# Input areas
+# ---------------------------------------------------------------------------
+
+#: Where tensors start in an input area: a multiple of this.
+AREA_ALIGN = 256
+
+
+def area_layout(sizes):
+    """Where tensors of ``sizes`` bytes go in an input area, as Rust's
+    ``ClientArea::pack`` puts them: ``(offsets, end)``, the offset of each
+    tensor larger than :data:`INLINE_LIMIT` (None for one that travels
+    inline), each at the next multiple of :data:`AREA_ALIGN` from 0, and
+    the bytes they take."""
+    offsets, end = [], 0
+    for n in sizes:
+        if n > INLINE_LIMIT:
+            at = -(-end // AREA_ALIGN) * AREA_ALIGN
+            offsets.append(at)
+            end = at + n
+        else:
+            offsets.append(None)
+    return offsets, end
+
+
+def _area_size(nbytes):
+    n = int(nbytes)
+    if n <= 0 or n > MAX_SHARED_TENSOR:
+        raise ArgumentError(101, "PS_ERR_INVALID_ARGUMENT",
+                            "an input area of %d bytes (1 to %d)" % (n, MAX_SHARED_TENSOR))
+    return n
+
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def create_area(nbytes):
+    """A new input area (the client's side): a memfd of ``nbytes`` bytes (1
+    to :data:`MAX_SHARED_TENSOR`) sealed against shrinking and growing (a
+    worker's mapping of it can never fault) and against further seals,
+    mapped shared for writing, its pages populated now rather than by the
+    first request. Returns ``(fd, mapping)``: pass the fd with
+    :class:`InputArea`, then close it (the mapping keeps the file)."""
+    n = _area_size(nbytes)
+    try:
+        phys = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        phys = None
+    if phys and n > phys:
+        # Its pages are populated now: refused here rather than left to the OOM killer.
+        raise ArgumentError(101, "PS_ERR_INVALID_ARGUMENT",
+                            "an input area of %d bytes is more than this machine's memory (%d bytes)" % (n, phys))
+    fd = None
+    try:
+        try:
+            fd = os.memfd_create("pipeswitch-input-area", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            os.ftruncate(fd, n)
+        except OSError as e:
+            raise _os_error("a memfd for an input area of %d bytes" % n, e) from None
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        except OSError as e:
+            raise _os_error("sealing an input area", e) from None
+        try:
+            m = mmap.mmap(fd, n, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError, OverflowError) as e:
+            raise _os_error("mapping an input area of %d bytes" % n, e) from None
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    return fd, m
+
+
+def check_area_file(fd, nbytes):
+    """What the daemon checks of the file a client gives as its input area
+    (as Rust's ``area::check_file``): sealed against shrinking, so that a
+    mapping of it cannot fault, and at least ``nbytes`` long. Raises
+    :class:`pipeswitch.ArgumentError`."""
+    try:
+        seals = fcntl.fcntl(_fileno(fd), fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise ArgumentError(101, "PS_ERR_INVALID_ARGUMENT",
+                            "an input area must be a memfd sealed against shrinking (F_SEAL_SHRINK)")
+    try:
+        size = os.fstat(_fileno(fd)).st_size
+    except OSError as e:
+        raise _os_error("fstat of an input area", e) from None
+    if size < nbytes:
+        raise ArgumentError(101, "PS_ERR_INVALID_ARGUMENT", "an input area of %d bytes in a file of %d" % (nbytes, size))
+
+
+def map_area(fd, nbytes):
+    """A receiver's (worker's) read-only mapping of the first ``nbytes``
+    bytes of an input area's file, checked as :func:`check_area_file` does
+    and populated (reading inputs from it takes no page faults)."""
+    n = _area_size(nbytes)
+    check_area_file(fd, n)
+    try:
+        return mmap.mmap(_fileno(fd), n, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+    except (OSError, ValueError, OverflowError) as e:
+        raise _os_error("mapping an input area of %d bytes" % n, e) from None
 
 
 # ---------------------------------------------------------------------------

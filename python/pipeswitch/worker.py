@@ -43,6 +43,15 @@ reading it) so that a preemption is seen within the step; the frames are
 read between steps. Inference tasks are read as before, with no thread
 between the socket and the task.
 
+Input areas (``AreaAdd`` / ``AreaDrop``, in both loops): the worker maps
+each client's area read-only once (its seals and size checked as the
+daemon checks them) and page-locks it (``cuMemHostRegister``, portable and
+read-only); a task's inputs in an area are then copied to the GPU straight
+from it, without a host copy and without waiting (an area that could not be
+page-locked is logged once, and its inputs go through the pinned staging as
+a file's do). A task naming an area the worker does not hold, or a range
+outside it, fails with that message; the worker goes on.
+
 The protocol loop (:func:`serve`) is separate from the framework
 (:class:`TorchBackend`), so the loop can be tested with a fake backend.
 """
@@ -139,7 +148,8 @@ def serve(sock, make_backend, kind="torch"):
     worker_id = msg.worker_id
     t0 = time.monotonic()
     backend = make_backend(msg)
-    training = _Training(sock, backend, worker_id)
+    areas = _InputAreas(backend, worker_id)
+    training = _Training(sock, backend, worker_id, areas)
     try:
         log.info("worker %d: ready in %.0f ms", worker_id, (time.monotonic() - t0) * 1e3)
         P.send(sock, P.Standby(worker_id))
@@ -150,7 +160,9 @@ def serve(sock, make_backend, kind="torch"):
             msg, fd = got
             try:
                 if isinstance(msg, P.Activate):
-                    _task(sock, backend, msg.task, fd, worker_id)
+                    _task(sock, backend, msg.task, fd, worker_id, areas)
+                elif areas.handle(msg, fd):
+                    pass
                 elif isinstance(msg, P.TrainStart):
                     if not training.run(msg.task):
                         return
@@ -171,7 +183,74 @@ def serve(sock, make_backend, kind="torch"):
                     os.close(fd)
     finally:
         training.drop()
-        backend.close()
+        try:
+            areas.close()
+        finally:
+            backend.close()
+
+
+class _InputAreas:
+    """A worker's input areas: id -> its read-only mapping
+    (:func:`protocol.map_area`), each offered to the backend to page-lock
+    (``add_area``) and taken back before it is unmapped (``drop_area``)."""
+
+    def __init__(self, backend, worker_id):
+        self.backend = backend
+        self.worker_id = worker_id
+        self.maps = {}
+
+    def handle(self, msg, fd):
+        """Handles ``AreaAdd`` / ``AreaDrop``; False for other messages."""
+        if isinstance(msg, P.AreaAdd):
+            self.add(msg.area, msg.bytes, fd)
+        elif isinstance(msg, P.AreaDrop):
+            self.drop(msg.area)
+        else:
+            return False
+        return True
+
+    def add(self, area_id, nbytes, fd):
+        """Maps the area (replacing one of the same id). A file that is
+        missing, not sealed or too short is logged and not held: tasks that
+        name the area fail with that."""
+        self.drop(area_id)
+        if fd is None:
+            log.warning("worker %d: input area %d came without its file; tasks naming it will fail",
+                        self.worker_id, area_id)
+            return
+        try:
+            m = P.map_area(fd, nbytes)
+        except PipeSwitchError as e:
+            log.warning("worker %d: input area %d not held: %s", self.worker_id, area_id, e.message)
+            return
+        self.maps[area_id] = m
+        add = getattr(self.backend, "add_area", None)
+        if add is not None:
+            try:
+                add(area_id, m)
+            except Exception as e:  # noqa: BLE001 - the area is read as it is (no page-locking)
+                log.warning("worker %d: input area %d: %s", self.worker_id, area_id, _message_of(e))
+        log.debug("worker %d: input area %d of %d bytes", self.worker_id, area_id, nbytes)
+
+    def drop(self, area_id):
+        m = self.maps.pop(area_id, None)
+        if m is None:
+            return
+        drop = getattr(self.backend, "drop_area", None)
+        if drop is not None:
+            try:
+                drop(area_id)
+            except Exception as e:  # noqa: BLE001 - unmapped anyway
+                log.warning("worker %d: dropping input area %d: %s", self.worker_id, area_id, _message_of(e))
+        try:
+            m.close()
+        except BufferError:
+            # A view of it is still alive somewhere: it is unmapped with the last one.
+            log.warning("worker %d: input area %d is still in use; unmapped when released", self.worker_id, area_id)
+
+    def close(self):
+        for a in list(self.maps):
+            self.drop(a)
 
 
 class _Watcher:
@@ -228,10 +307,11 @@ class _Training:
     """The worker's side of a training job: runs steps until preempted,
     finished or failed, and holds the job's state between its tasks."""
 
-    def __init__(self, sock, backend, worker_id):
+    def __init__(self, sock, backend, worker_id, areas=None):
         self.sock = sock
         self.backend = backend
         self.worker_id = worker_id
+        self.areas = areas if areas is not None else _InputAreas(backend, worker_id)
         self.job_id = None
         self.runner = None
         self.held = None  # the iteration whose state the runner holds
@@ -321,8 +401,12 @@ class _Training:
                 if got is None:
                     return False
                 msg, fd = got
-                if fd is not None:
-                    os.close(fd)
+                try:
+                    if self.areas.handle(msg, fd):
+                        continue
+                finally:
+                    if fd is not None:
+                        os.close(fd)
                 if isinstance(msg, P.Preempt):
                     return self._preempt(task, msg, it)
                 if isinstance(msg, P.Shutdown):
@@ -388,11 +472,13 @@ def _same_memory(view, tensor):
     return addr == tensor.data_ptr()
 
 
-def _task(sock, backend, task, fd, worker_id):
+def _task(sock, backend, task, fd, worker_id, areas=None):
     started = time.monotonic()
     try:
-        inputs = P.unpack_tensors(task.inputs, fd, into=getattr(backend, "input_buffer", None))
+        inputs = P.unpack_tensors(task.inputs, fd, into=getattr(backend, "input_buffer", None),
+                                  areas=areas.maps if areas is not None else None)
         outputs, activation_ms = backend.run(task, inputs)
+        del inputs  # views of input areas: not kept past the task
         tensors, ofd = P.pack_tensors(outputs)
     except Exception as e:  # answered; the worker keeps serving
         log.warning("worker %d: task %d failed: %s", worker_id, task.task_id, e)
@@ -489,8 +575,11 @@ class TorchBackend:
         # per model and input signature, captured on the first request.
         self.graphs = graphs
         self.captured = {}
-        # Per input position: (pinned host buffer, device buffer), bytes.
+        # Per input position: (pinned host buffer or None, device buffer), bytes.
         self._staging = {}
+        # Input areas: id -> (a CPU uint8 tensor over the whole mapping, page-locked?).
+        self._areas = {}
+        self._area_warned = False
         dev = welcome.device if device is None else device
         self.device = torch.device("cuda", dev)
         torch.cuda.set_device(self.device)
@@ -581,18 +670,80 @@ class TorchBackend:
             cpu = [(n, t.detach().contiguous().to("cpu")) for n, t in outs]
         return [(n, _dtype_code(t.dtype), list(t.shape), _tensor_bytes(t)) for n, t in cpu], activation_ms
 
-    def _buffers(self, i, n):
+    def _buffers(self, i, n, pinned=True):
         """(pinned host, device) buffers of at least ``n`` bytes for input
-        position ``i``, kept for later requests and grown as needed."""
+        position ``i``, kept for later requests and grown as needed; with
+        ``pinned`` False (an input copied from a page-locked input area) the
+        device one only (the pinned one is None unless made before)."""
         torch = self._torch
-        pinned, dev = self._staging.get(i, (None, None))
-        if pinned is None or pinned.numel() < n:
+        host, dev = self._staging.get(i, (None, None))
+        grow_host = pinned and (host is None or host.numel() < n)
+        grow_dev = dev is None or dev.numel() < n
+        if grow_host or grow_dev:
             # The stream may still read the old ones.
             torch.cuda.current_stream(self.device).synchronize()
-            pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-            dev = torch.empty(n, dtype=torch.uint8, device=self.device)
-            self._staging[i] = (pinned, dev)
-        return pinned, dev
+            if grow_host:
+                host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+            if grow_dev:
+                dev = torch.empty(n, dtype=torch.uint8, device=self.device)
+            self._staging[i] = (host, dev)
+        return host, dev
+
+    # -- input areas -----------------------------------------------------------
+
+    def add_area(self, area_id, mapping):
+        """Page-locks an input area (the worker's read-only mapping), so that
+        inputs in it are copied to the GPU straight from it without a wait.
+        A failure is logged once (later ones at debug level) and the area is
+        read as it is: its inputs go through the pinned staging."""
+        torch = self._torch
+        with _quiet_readonly():
+            whole = torch.frombuffer(mapping, dtype=torch.uint8)
+        why = self._page_lock(whole)
+        self._areas[area_id] = (whole, why is None)
+        if why is not None:
+            (log.debug if self._area_warned else log.warning)(
+                "input area %d is not page-locked (%s): its inputs go through the pinned staging", area_id, why)
+            self._area_warned = True
+        return why is None
+
+    def _page_lock(self, whole):
+        """Registers the tensor's bytes with CUDA: None, or why not."""
+        n = whole.numel()
+        try:
+            err = self._cu_register(whole.data_ptr(), n, _HOST_REGISTER_PORTABLE | _HOST_REGISTER_READ_ONLY)
+        except (OSError, AttributeError) as e:  # no driver library
+            return "the CUDA driver: %s" % e
+        if err != 0:
+            return "cuMemHostRegister of %d bytes failed with CUresult %d" % (n, err)
+        if not whole.is_pinned():
+            self._cu_unregister(whole.data_ptr())
+            return "registered, but PyTorch does not see the %d bytes as pinned" % n
+        return None
+
+    def drop_area(self, area_id):
+        """Unregisters an input area (after the copies out of it are done)."""
+        entry = self._areas.pop(area_id, None)
+        if entry is None:
+            return
+        whole, registered = entry
+        if registered:
+            self._torch.cuda.current_stream(self.device).synchronize()
+            err = self._cu_unregister(whole.data_ptr())
+            if err != 0:
+                log.warning("input area %d: cuMemHostUnregister failed with CUresult %d", area_id, err)
+
+    @staticmethod
+    def _cu_register(ptr, nbytes, flags):
+        """``cuMemHostRegister``: the driver API, which keeps no "last error"
+        (a failed ``cudaHostRegister`` would be reported again by PyTorch's
+        check after the next kernel launch). PyTorch's primary context is
+        current on this thread."""
+        return _driver().cuMemHostRegister_v2(ptr, nbytes, flags)
+
+    @staticmethod
+    def _cu_unregister(ptr):
+        return _driver().cuMemHostUnregister(ptr)
 
     def input_buffer(self, i, n):
         """For :func:`protocol.unpack_tensors`: shared input ``i`` is read
@@ -623,11 +774,25 @@ class TorchBackend:
             if len(data) == 0:
                 args.append(torch.empty(shape, dtype=dt, device=self.device))
                 continue
+            area = self._areas.get(t.data.area) if isinstance(t.data, P.Area) else None
+            if area is not None and area[1]:
+                # Straight from the page-locked area: one DMA, no host copy.
+                _, dev = self._buffers(i, want, pinned=False)
+                dev[:want].copy_(area[0][t.data.offset:t.data.offset + want], non_blocking=True)
+                args.append(dev[:want].view(dt).reshape(shape))
+                continue
             pinned, dev = self._buffers(i, want)
-            if not (isinstance(data, memoryview) and data.obj is not None
-                    and _same_memory(data, pinned)):
-                buf = data if isinstance(data, bytearray) else bytearray(data)
-                pinned[:want].copy_(torch.frombuffer(buf, dtype=torch.uint8))
+            if area is not None:
+                src = area[0][t.data.offset:t.data.offset + want]
+            elif isinstance(data, memoryview) and data.obj is not None and _same_memory(data, pinned):
+                src = None  # read from its file into the pinned buffer already
+            elif isinstance(data, memoryview) and data.readonly:
+                with _quiet_readonly():
+                    src = torch.frombuffer(data, dtype=torch.uint8)
+            else:
+                src = torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8)
+            if src is not None:
+                pinned[:want].copy_(src)
             dev[:want].copy_(pinned[:want], non_blocking=True)
             args.append(dev[:want].view(dt).reshape(shape))
         return args
@@ -681,6 +846,39 @@ class TorchBackend:
             self._torch.cuda.synchronize(self.device)
         finally:
             self.worker.close()
+
+
+# cuMemHostRegister flags (CU_MEMHOSTREGISTER_*; the same values as cudaHostRegister*).
+_HOST_REGISTER_PORTABLE = 1
+_HOST_REGISTER_READ_ONLY = 8
+_DRIVER = []
+
+
+def _driver():
+    """libcuda (loaded by PyTorch already), with the two calls declared."""
+    if not _DRIVER:
+        lib = ctypes.CDLL("libcuda.so.1")
+        lib.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        lib.cuMemHostRegister_v2.restype = ctypes.c_int
+        lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+        lib.cuMemHostUnregister.restype = ctypes.c_int
+        _DRIVER.append(lib)
+    return _DRIVER[0]
+
+
+class _quiet_readonly:
+    """Silences PyTorch's warning that a tensor over a read-only buffer (an
+    input area, mapped read-only) is writable: nothing writes through it."""
+
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+    def __exit__(self, *exc):
+        return self._w.__exit__(*exc)
 
 
 def _dtype_name(code):

@@ -53,6 +53,13 @@ def every_message():
         p.TrainProgress(80, p.PROGRESS_CHECKPOINT, 110, 110, 480 << 20),
         p.TrainStopped(80, p.STOP_PREEMPTED, 111, 110, 0, "", 1.5, 12.25),
         p.TrainSubmit(6, dataclasses.replace(job(), save=p.SAVE_AUTO)),
+        # Appended: input areas.
+        p.InputArea(11, 32 << 20),
+        p.InputAreaReady(11, 3, 32 << 20),
+        p.AreaAdd(3, 32 << 20),
+        p.AreaDrop(3),
+        p.Infer(12, "resnet152", [p.Tensor("images", 11, [8, 3, 224, 224], p.Area(3, 0, 4_816_896)),
+                                  tensor("scale", 4)]),
     ]
 
 
@@ -155,7 +162,7 @@ def test_hostile_headers_and_lengths_are_refused():
             p.decode_frame(p.encode_frame(p.Infer(1, "m", [t])))
     # Unknown placement, role, task kind; bad boolean; bad arena handle.
     f = bytearray(p.encode_frame(p.Infer(1, "m", [tensor("x", 4)])))
-    f[-(4 + 4 + 1)] = 2
+    f[-(4 + 4 + 1)] = 3
     with pytest.raises(ProtocolError, match="placement"):
         p.decode_frame(bytes(f))
     f = bytearray(p.encode_frame(p.Hello(p.ROLE_CLIENT, 1, "")))
@@ -367,3 +374,130 @@ def test_damaged_frames_over_a_socket_raise_protocol_errors_only():
                     pass
             except ProtocolError:
                 pass
+
+
+def test_hostile_area_messages_are_refused():
+    # Area sizes of 0 or over MAX_SHARED_TENSOR, in each of the three messages that carry one.
+    for n in (0, p.MAX_SHARED_TENSOR + 1, (1 << 64) - 1):
+        for m in (p.InputArea(1, n), p.InputAreaReady(1, 2, n), p.AreaAdd(2, n)):
+            with pytest.raises(ProtocolError, match="input area of %d bytes" % n):
+                p.decode_frame(p.encode_frame(m))
+    for m in (p.InputArea(1, 1), p.InputAreaReady(1, 0, p.MAX_SHARED_TENSOR), p.AreaAdd((1 << 64) - 1, 1),
+              p.AreaDrop(0)):
+        assert p.decode_frame(p.encode_frame(m))[1] == m
+    # Area tensors whose range overflows or is too large.
+    for off, n in [((1 << 64) - 1, 2), (0, p.MAX_SHARED_TENSOR + 1), (1, (1 << 64) - 1)]:
+        t = p.Tensor("x", 1, [], p.Area(3, off, n))
+        with pytest.raises(ProtocolError, match="of area 3 is out of range"):
+            p.decode_frame(p.encode_frame(p.Infer(1, "m", [t])))
+    t = p.Tensor("x", 1, [], p.Area(3, 0, p.MAX_SHARED_TENSOR))
+    assert p.decode_frame(p.encode_frame(p.Infer(1, "m", [t])))[1].inputs == [t]
+    # Values that do not fit a u64 are not encoded.
+    for m in (p.InputArea(-1, 5), p.AreaAdd(1 << 64, 5), p.AreaDrop(-3)):
+        with pytest.raises(ProtocolError, match="cannot encode"):
+            p.encode_frame(m)
+    with pytest.raises(ProtocolError, match="cannot encode"):
+        p.encode_frame(p.Infer(1, "m", [p.Tensor("x", 1, [], p.Area(-1, 0, 0))]))
+
+
+def test_area_layout_is_the_rust_one():
+    small, big = p.INLINE_LIMIT, p.INLINE_LIMIT + 1
+    assert p.area_layout([]) == ([], 0)
+    assert p.area_layout([small, 0, 5]) == ([None, None, None], 0)
+    # From 0, each larger tensor at the next multiple of 256, in order.
+    assert p.area_layout([big, small, big, 300, 4_816_896]) == (
+        [0, None, 65_792, None, 131_584], 131_584 + 4_816_896)
+    assert p.area_layout([4_816_896, 8_582_496]) == ([0, 4_816_896], 4_816_896 + 8_582_496)
+    assert p.AREA_ALIGN == 256
+
+
+def test_areas_are_created_sealed_and_mapped_read_only():
+    fd, w = p.create_area(1 << 20)
+    try:
+        import fcntl
+
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW and seals & fcntl.F_SEAL_SEAL
+        assert not seals & fcntl.F_SEAL_WRITE, "the client writes every request's inputs into it"
+        assert os.fstat(fd).st_size == 1 << 20 and len(w) == 1 << 20
+        assert os.get_inheritable(fd) is False
+        with pytest.raises(OSError):
+            os.ftruncate(fd, 1 << 19)
+        p.check_area_file(fd, 1 << 20)
+        r = p.map_area(fd, 4096)
+        assert len(r) == 4096
+        w[100:104] = b"abcd"
+        assert r[100:104] == b"abcd", "the reader sees the writer's bytes (one shared file)"
+        with pytest.raises(TypeError):
+            r[0:1] = b"x"  # read-only
+        with pytest.raises(ArgumentError, match="in a file of"):
+            p.map_area(fd, (1 << 20) + 1)
+        r.close()
+    finally:
+        w.close()
+        os.close(fd)
+    # A file not sealed against shrinking is refused, as the daemon refuses it.
+    fd = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 4096)
+        with pytest.raises(ArgumentError, match="F_SEAL_SHRINK") as e:
+            p.map_area(fd, 4096)
+        assert e.value.status == 101
+    finally:
+        os.close(fd)
+    phys = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    more_than_memory = [phys + 4096] if phys + 4096 <= p.MAX_SHARED_TENSOR else []
+    for n in [0, -1, p.MAX_SHARED_TENSOR + 1] + more_than_memory:
+        with pytest.raises(ArgumentError, match="input area of"):
+            p.create_area(n)
+
+
+def test_area_tensors_are_read_from_the_mappings_without_a_copy():
+    fd, w = p.create_area(1 << 20)
+    a, b = socket.socketpair()
+    try:
+        big = bytes(i * 7 % 251 for i in range(p.INLINE_LIMIT + 1000))
+        offsets, end = p.area_layout([len(big), 4])
+        w[offsets[0]:offsets[0] + len(big)] = big
+        tensors = [p.Tensor("big", 1, [len(big)], p.Area(5, offsets[0], len(big))),
+                   p.Tensor("s", 1, [4], p.Inline(b"\1\2\3\4"))]
+        # The area's file crosses a socket with AreaAdd; the worker maps it.
+        p.send(a, p.AreaAdd(5, 1 << 20), fd)
+        msg, got = p.recv(b)
+        assert msg == p.AreaAdd(5, 1 << 20) and got is not None
+        r = p.map_area(got, msg.bytes)
+        os.close(got)
+        p.send(a, p.Infer(9, "m", tensors))
+        msg, none = p.recv(b)
+        assert none is None
+        asked = []
+        out = p.unpack_tensors(msg.inputs, None, into=lambda i, n: asked.append(i), areas={5: r})
+        assert [bytes(d) for _, d in out] == [big, b"\1\2\3\4"] and asked == []
+        view = out[0][1]
+        assert isinstance(view, memoryview) and view.readonly
+        w[offsets[0]] = 0xEE  # a view, not a copy
+        assert view[0] == 0xEE
+        del view, out
+        # An area not held, a range outside it, no areas at all: errors before anything is read.
+        for ts, areas, what in [
+            ([p.Tensor("x", 1, [1], p.Area(6, 0, 1))], {5: r}, "names input area 6, which is not held here"),
+            ([p.Tensor("x", 1, [1], p.Area(5, 1 << 20, 1))], {5: r}, "lies outside input area 5 of 1048576 bytes"),
+            ([p.Tensor("x", 1, [1], p.Area(5, 0, (1 << 20) + 1))], {5: r}, "lies outside"),
+            ([p.Tensor("x", 1, [1], p.Area(5, 0, 1))], None, "not held here"),
+        ]:
+            given = []
+            with pytest.raises(ProtocolError, match=what):
+                p.unpack_tensors([p.Tensor("f", 1, [4], p.Shared(0, 4))] + ts, None, into=lambda i, n: given.append(i),
+                                 areas=areas)
+            assert given == []
+        # The whole area, and an empty range at its end.
+        out = p.unpack_tensors([p.Tensor("all", 1, [1 << 20], p.Area(5, 0, 1 << 20)),
+                                p.Tensor("none", 1, [0], p.Area(5, 1 << 20, 0))], None, areas={5: r})
+        assert len(out[0][1]) == 1 << 20 and bytes(out[1][1]) == b""
+        del out
+        r.close()
+    finally:
+        a.close()
+        b.close()
+        w.close()
+        os.close(fd)

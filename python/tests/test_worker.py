@@ -3,7 +3,10 @@
 CPU, no torch: the protocol loop (pipeswitch.worker.serve) against a fake
 daemon on a socket pair with a fake backend (hello, welcome, standby, tasks
 with inline and memfd tensors, failed tasks answered and survived,
-deactivate, shutdown, EOF), and the command line.
+deactivate, shutdown, EOF), input areas (added, read by tasks, replaced,
+dropped; unknown ones and bad files refused with the worker serving on; in
+the training loop too), the command line, and the PyTorch backend's
+decisions with a fake torch (staging, page-locked input areas).
 
 GPU (skipped without torch, CUDA and the driver): the real worker process
 against a fake daemon that owns a real store and arena: pipelined and
@@ -43,6 +46,7 @@ class FakeBackend:
         self.tasks = []
         self.deactivated = 0
         self.closed = False
+        self.areas = []  # ("add", id, bytes) / ("drop", id)
 
     def run(self, task, inputs):
         self.tasks.append(task)
@@ -50,8 +54,14 @@ class FakeBackend:
             raise pipeswitch.NotFound(200, "PS_ERR_NOT_FOUND", "no model named 'bad'")
         if task.model == "boom":
             raise RuntimeError("boom")
-        outs = [("out%d" % i, t.dtype, t.shape, data[::-1]) for i, (t, data) in enumerate(reversed(inputs))]
+        outs = [("out%d" % i, t.dtype, t.shape, bytes(data)[::-1]) for i, (t, data) in enumerate(reversed(inputs))]
         return outs, 1.5
+
+    def add_area(self, area_id, mapping):
+        self.areas.append(("add", area_id, len(mapping)))
+
+    def drop_area(self, area_id):
+        self.areas.append(("drop", area_id))
 
     def deactivate(self):
         self.deactivated += 1
@@ -243,6 +253,219 @@ def test_the_command_line():
 
 
 # ---------------------------------------------------------------------------
+# Input areas in the protocol loops
+# ---------------------------------------------------------------------------
+
+def run_task(daemon, task_id, inputs, fd=None, model="m"):
+    P.send(daemon, P.Activate(task(task_id, model, inputs)), fd)
+    done, ofd = P.recv(daemon)
+    assert isinstance(done, P.TaskDone) and done.task_id == task_id, done
+    outs = P.unpack_tensors(done.outputs, ofd) if done.status == 0 else []
+    if ofd is not None:
+        os.close(ofd)
+    return done, [bytes(d) for _, d in outs]
+
+
+def test_tasks_read_their_inputs_from_input_areas(caplog):
+    daemon, t, made, result = start_worker()
+    fd, w = P.create_area(1 << 20)
+    fd2, w2 = P.create_area(256 << 10)
+    try:
+        with daemon:
+            P.recv(daemon)
+            P.send(daemon, P.Welcome(99, 0, "models", 7, HANDLE, 1 << 30, 64 << 20))
+            assert P.recv(daemon) == (P.Standby(7), None)
+            # The area comes once; tasks name ranges of it, beside inline and memfd tensors.
+            P.send(daemon, P.AreaAdd(3, 1 << 20), fd)
+            a, b = os.urandom(P.INLINE_LIMIT + 1), os.urandom(200_000)
+            offs, _ = P.area_layout([len(a), 4, len(b)])
+            w[offs[0]:offs[0] + len(a)] = a
+            w[offs[2]:offs[2] + len(b)] = b
+            shared = bytes(range(256)) * 300
+            f_tensors, f_fd = P.pack_tensors([("f", 1, [len(shared)], shared)])
+            inputs = [P.Tensor("a", 1, [len(a)], P.Area(3, offs[0], len(a))), P.Tensor("s", 1, [4], P.Inline(b"wxyz")),
+                      P.Tensor("b", 1, [len(b)], P.Area(3, offs[2], len(b)))] + f_tensors
+            done, outs = run_task(daemon, 1, inputs, f_fd)
+            os.close(f_fd)
+            assert done.status == 0 and outs == [shared[::-1], b[::-1], b"zyxw", a[::-1]]
+            assert made[0].areas == [("add", 3, 1 << 20)]
+            # The client writes the next request's bytes into the same area: the worker reads them.
+            a2 = os.urandom(len(a))
+            w[offs[0]:offs[0] + len(a2)] = a2
+            done, outs = run_task(daemon, 2, inputs[:1])
+            assert done.status == 0 and outs == [a2[::-1]]
+            # An area it does not hold, a range outside it: the task fails with that; the worker serves on.
+            done, _ = run_task(daemon, 3, [P.Tensor("x", 1, [4], P.Area(4, 0, 4))])
+            assert (done.status, done.outputs) == (700, []) and "names input area 4, which is not held here" in done.message
+            done, _ = run_task(daemon, 4, [P.Tensor("x", 1, [8], P.Area(3, (1 << 20) - 4, 8))])
+            assert done.status == 700 and "lies outside input area 3 of 1048576 bytes" in done.message
+            # Another area beside it; then the first is replaced under the same id (a new file).
+            P.send(daemon, P.AreaAdd(5, 256 << 10), fd2)
+            w2[0:len(a)] = a
+            done, outs = run_task(daemon, 5, [P.Tensor("x", 1, [len(a)], P.Area(5, 0, len(a))),
+                                              P.Tensor("y", 1, [len(b)], P.Area(3, offs[2], len(b)))])
+            assert done.status == 0 and outs == [b[::-1], a[::-1]]
+            P.send(daemon, P.AreaAdd(3, 128 << 10), fd2)
+            done, outs = run_task(daemon, 6, [P.Tensor("x", 1, [len(a)], P.Area(3, 0, len(a)))])
+            assert done.status == 0 and outs == [a[::-1]]
+            done, _ = run_task(daemon, 7, [P.Tensor("y", 1, [len(b)], P.Area(3, offs[2], len(b)))])
+            assert done.status == 700 and "outside input area 3 of 131072 bytes" in done.message
+            assert made[0].areas == [("add", 3, 1 << 20), ("add", 5, 256 << 10), ("drop", 3), ("add", 3, 128 << 10)]
+            # Dropped: no longer read; dropping one it does not hold is nothing.
+            P.send(daemon, P.AreaDrop(5))
+            P.send(daemon, P.AreaDrop(42))
+            done, _ = run_task(daemon, 8, [P.Tensor("x", 1, [4], P.Area(5, 0, 4))])
+            assert done.status == 700 and "not held here" in done.message
+            # Bad files are not held (logged); tasks naming them fail; the worker goes on.
+            unsealed = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+            os.ftruncate(unsealed, 4096)
+            with caplog.at_level("WARNING", logger="pipeswitch.worker"):
+                P.send(daemon, P.AreaAdd(6, 4096), unsealed)
+                P.send(daemon, P.AreaAdd(7, 2 << 20), fd)  # larger than its file
+                P.send(daemon, P.AreaAdd(8, 4096))  # no file
+                done, _ = run_task(daemon, 9, [P.Tensor("x", 1, [4], P.Area(6, 0, 4))])
+            os.close(unsealed)
+            assert done.status == 700 and "not held here" in done.message
+            text = caplog.text
+            assert "input area 6 not held" in text and "F_SEAL_SHRINK" in text
+            assert "input area 7 not held" in text and "in a file of 1048576" in text
+            assert "input area 8 came without its file" in text
+            done, outs = run_task(daemon, 10, inputs[1:2])
+            assert done.status == 0 and outs == [b"zyxw"]
+            P.send(daemon, P.Shutdown())
+            t.join(10)
+        assert result == {"ok": True} and made[0].closed
+        # The areas still held were given back before the backend closed.
+        assert made[0].areas[-1] == ("drop", 3)
+    finally:
+        w.close()
+        w2.close()
+        os.close(fd)
+        os.close(fd2)
+
+
+def test_the_python_client_and_worker_share_an_area_through_a_relaying_daemon():
+    """The client's area, passed on as the daemon does (its file in AreaAdd
+    to the worker; Infer forwarded as Activate with the same tensors): the
+    worker reads each request's inputs from its own mapping of the client's
+    file, at the offsets the client wrote them to."""
+    from test_client import FakeDaemon
+
+    from pipeswitch.client import Client
+
+    worker, t, made, result = start_worker()
+    P.recv(worker)
+    P.send(worker, P.Welcome(99, 0, "models", 7, HANDLE, 1 << 30, 64 << 20))
+    assert P.recv(worker) == (P.Standby(7), None)
+    areas = []
+
+    def relay(conn, msg, fd):
+        if isinstance(msg, P.InputArea):
+            P.check_area_file(fd, msg.bytes)
+            areas.append(msg.bytes)
+            if len(areas) > 1:
+                P.send(worker, P.AreaDrop(len(areas) - 1))
+            P.send(worker, P.AreaAdd(len(areas), msg.bytes), fd)
+            P.send(conn, P.InputAreaReady(msg.request_id, len(areas), msg.bytes))
+            return
+        assert isinstance(msg, P.Infer)
+        P.send(worker, P.Activate(task(msg.request_id, msg.model, msg.inputs)), fd)
+        done, ofd = P.recv(worker)
+        try:
+            if done.status:
+                P.send(conn, P.Error(msg.request_id, done.status, done.message))
+            else:
+                P.send(conn, P.InferResult(msg.request_id, done.outputs, done.timing), ofd)
+        finally:
+            if ofd is not None:
+                os.close(ofd)
+
+    d = FakeDaemon(relay)
+    try:
+        with Client(socket=d.path, timeout=10, numpy=False) as c:
+            for i in range(3):
+                a, b = os.urandom(P.INLINE_LIMIT + 1 + i), os.urandom(300_000)
+                out = c.infer("m", [("a", a, "U8", [len(a)]), ("s", b"\1\2", "U8", [2]), ("b", b, "U8", [len(b)])])
+                assert [out["out%d" % k][0] for k in range(3)] == [b[::-1], b"\2\1", a[::-1]]
+            big = os.urandom((16 << 20) + 1)  # a larger area replaces the first
+            out = c.infer("m", {"big": (big, "U8", [len(big)])})
+            assert out["out0"][0] == big[::-1]
+            assert areas == [16 << 20, 32 << 20] and c.input_area_id == 2
+            assert [tk.inputs[0].data for tk in made[0].tasks[-2:]] == [P.Area(1, 0, P.INLINE_LIMIT + 3),
+                                                                       P.Area(2, 0, len(big))]
+        P.send(worker, P.Shutdown())
+        t.join(10)
+    finally:
+        d.close()
+        worker.close()
+    assert not d.errors and result == {"ok": True}
+    assert made[0].areas == [("add", 1, 16 << 20), ("drop", 1), ("add", 2, 32 << 20), ("drop", 2)]
+
+
+class _Steps:
+    """A training run of counted steps, 2 ms each."""
+
+    def __init__(self):
+        self.it = 0
+
+    def step(self, i, stop):
+        stop.wait(0.002)
+        self.it = i
+        return True
+
+    def state_bytes(self):
+        return 8
+
+    def restore_held(self):
+        pass
+
+    def save(self, mode):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_areas_come_and_go_while_a_training_task_runs():
+    class Backend(FakeBackend):
+        def train_job(self, task):
+            return _Steps()
+
+    daemon, t, made, result = start_worker(Backend)
+    fd, w = P.create_area(1 << 16)
+    try:
+        with daemon:
+            P.recv(daemon)
+            P.send(daemon, P.Welcome(99, 0, "models", 7, HANDLE, 1 << 30, 64 << 20))
+            assert P.recv(daemon) == (P.Standby(7), None)
+            j = P.TrainJob("steps", "x:y", iterations=0)
+            P.send(daemon, P.TrainStart(P.TrainTask(20, 1, j, "/nonexistent", 0, P.monotonic_ns())))
+            assert P.recv(daemon)[0].event == P.PROGRESS_RESUMED
+            P.recv(daemon)  # a step done: the loop runs
+            P.send(daemon, P.AreaAdd(9, 1 << 16), fd)
+            P.send(daemon, P.AreaDrop(9))
+            P.send(daemon, P.AreaAdd(10, 1 << 16), fd)
+            P.send(daemon, P.Preempt(20, P.PREEMPT_BOUNDARY, P.SAVE_RESIDENT, P.monotonic_ns()))
+            while True:
+                m = P.recv(daemon)[0]
+                if isinstance(m, P.TrainStopped):
+                    break
+                assert isinstance(m, P.TrainProgress), m
+            assert m.reason == P.STOP_PREEMPTED, m
+            assert made[0].areas == [("add", 9, 1 << 16), ("drop", 9), ("add", 10, 1 << 16)]
+            # The inference loop reads from the area the training loop took.
+            w[0:4] = b"abcd"
+            done, outs = run_task(daemon, 21, [P.Tensor("x", 1, [4], P.Area(10, 0, 4))])
+            assert done.status == 0 and outs == [b"dcba"]
+            P.send(daemon, P.Shutdown())
+            t.join(10)
+        assert result == {"ok": True}
+    finally:
+        w.close()
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------
 # TorchBackend.run's decisions with a fake torch and a fake pipeswitch.torch.Worker
 # ---------------------------------------------------------------------------
 
@@ -256,35 +479,53 @@ class _DType:
 
 class _FakeTensor:
     """Bytes with a dtype and a shape; ``device`` records where it went.
-    ``share``: ``data`` (a writable buffer) is used, not copied, as torch's
-    slices, views and ``frombuffer`` share memory."""
+    ``share``: ``data`` (a buffer) is used, not copied, as torch's slices,
+    views and ``frombuffer`` share memory. A read-only buffer (an input
+    area's mapping) gets a made-up address; ``registered`` (the fake
+    torch's list of page-locked ``(address, bytes)``) makes ``is_pinned``
+    true inside them, as CUDA's registration does."""
 
-    def __init__(self, data, dtype, shape, device="cpu", share=False, log=None, pinned=False):
+    _next_addr = [1 << 44]
+
+    def __init__(self, data, dtype, shape, device="cpu", share=False, log=None, pinned=False, addr=None,
+                 registered=None):
         self.buf = data if share else bytearray(data)
         self.dtype, self.shape, self.device = dtype, list(shape), device
-        self.log, self.pinned = log, pinned
-        self._c = (ctypes.c_char * max(len(self.buf), 1)).from_buffer(self.buf) if len(self.buf) else None
+        self.log, self.pinned, self.registered = log, pinned, registered
+        self._c = None
+        if addr is None and len(self.buf) and memoryview(self.buf).readonly:
+            addr = self._next_addr[0]
+            self._next_addr[0] += 1 << 32
+        elif addr is None and len(self.buf):
+            self._c = (ctypes.c_char * len(self.buf)).from_buffer(self.buf)
+        self._addr = addr
 
-    def _like(self, buf, dtype, shape):
-        return _FakeTensor(buf, dtype, shape, self.device, share=True, log=self.log, pinned=self.pinned)
+    def _like(self, buf, dtype, shape, addr=None):
+        return _FakeTensor(buf, dtype, shape, self.device, share=True, log=self.log, pinned=self.pinned, addr=addr,
+                           registered=self.registered)
 
     def view(self, dtype):
-        return self._like(self.buf, dtype, [len(self.buf) // dtype.size])
+        return self._like(self.buf, dtype, [len(self.buf) // dtype.size], self._addr)
 
     def reshape(self, shape):
-        return self._like(self.buf, self.dtype, shape)
+        return self._like(self.buf, self.dtype, shape, self._addr)
 
     def __getitem__(self, sl):
-        assert isinstance(sl, slice) and self.dtype.size == 1
+        assert isinstance(sl, slice) and self.dtype.size == 1 and sl.step is None
         mv = memoryview(self.buf)[sl]
-        return self._like(mv, self.dtype, [len(mv)])
+        start = sl.indices(len(self.buf))[0]
+        return self._like(mv, self.dtype, [len(mv)], None if self._addr is None else self._addr + start)
+
+    def is_pinned(self):
+        p = self.data_ptr()
+        return self.pinned or any(a <= p < a + n for a, n in (self.registered or []))
 
     def copy_(self, src, non_blocking=False):
         assert len(src.buf) == len(self.buf), "copy_ of %d bytes into %d" % (len(src.buf), len(self.buf))
         self.buf[:] = bytes(src.buf)
         if self.log is not None:
-            self.log.append(("copy", src.device, "pinned" if src.pinned else "", self.device,
-                             "pinned" if self.pinned else "", non_blocking))
+            self.log.append(("copy", src.device, "pinned" if src.is_pinned() else "", self.device,
+                             "pinned" if self.is_pinned() else "", non_blocking))
         return self
 
     def numpy(self):
@@ -306,6 +547,8 @@ class _FakeTensor:
         return self.dtype.size
 
     def data_ptr(self):
+        if self._addr is not None:
+            return self._addr
         return ctypes.addressof(self._c) if self._c is not None else 0
 
 
@@ -319,12 +562,18 @@ class _FakeTorch:
         self.synced = 0
         self.stream_synced = 0
         self.log = []
+        self.registered = []
 
     def inference_mode(self):
         return contextlib.nullcontext()
 
     def frombuffer(self, buf, dtype):
-        return _FakeTensor(memoryview(buf), dtype, [len(buf)], share=True, log=self.log)
+        mv = memoryview(buf)
+        if mv.readonly:
+            import warnings
+
+            warnings.warn("The given buffer is not writable, and PyTorch does not support non-writable tensors.")
+        return _FakeTensor(mv, dtype, [mv.nbytes], share=True, log=self.log, registered=self.registered)
 
     def empty(self, shape, dtype, device=None, pin_memory=False):
         shape = [shape] if isinstance(shape, int) else list(shape)
@@ -344,6 +593,7 @@ class _FakeTorch:
             @staticmethod
             def synchronize():
                 fake.stream_synced += 1
+                fake.log.append(("stream synchronize",))
 
         class Cuda:
             @staticmethod
@@ -456,6 +706,8 @@ def fake_backend(monkeypatch, ids, modules):
     b.arena = types.SimpleNamespace(size=lambda: 1 << 30)
     b.graphs, b.captured = False, {}
     b._staging = {}
+    b._areas, b._area_warned = {}, False
+    b._cu_register = b._cu_unregister = None  # no driver: set by the tests that page-lock
     return b, torch
 
 
@@ -576,6 +828,127 @@ def test_inputs_are_staged_through_pinned_memory_before_the_switch(monkeypatch):
         os.close(fd)
 
 
+def test_inputs_in_a_page_locked_area_are_copied_straight_to_the_device(monkeypatch, caplog):
+    """An input area is page-locked once (portable, read-only) when it comes;
+    a task's input in it is one copy to the device from the area itself (no
+    pinned staging buffer, no host copy), before the switch; dropped, it is
+    unregistered after the stream's copies. An area that cannot be
+    page-locked is logged once and its inputs are staged as a file's are."""
+    import warnings
+
+    seen = []
+
+    def module(x, y):
+        seen.append((x.device, bytes(x.buf), bytes(y.buf)))
+        return x
+
+    b, torch = fake_backend(monkeypatch, {"m": 7}, {"m": module})
+    calls = []
+    result = {"register": 0, "track": True}
+
+    def register(ptr, n, flags):
+        calls.append(("register", ptr, n, flags))
+        if result["register"] == 0 and result["track"]:
+            torch.registered.append((ptr, n))
+        return result["register"]
+
+    def unregister(ptr):
+        calls.append(("unregister", ptr))
+        torch.registered[:] = [r for r in torch.registered if r[0] != ptr]
+        return 0
+
+    b._cu_register, b._cu_unregister = register, unregister
+    switch_to = b.worker.switch_to
+
+    def logged_switch_to(*a, **k):
+        torch.log.append(("switch_to",))
+        return switch_to(*a, **k)
+    b.worker.switch_to = logged_switch_to
+
+    fd, w = P.create_area(1 << 20)
+    try:
+        m = P.map_area(fd, 1 << 20)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the read-only warning is silenced
+            assert b.add_area(3, m) is True
+        ptr = b._areas[3][0].data_ptr()
+        assert calls == [("register", ptr, 1 << 20, 1 | 8)]
+        x = os.urandom(P.INLINE_LIMIT + 4)
+        y = struct.pack("<2q", 5, -6)
+        offs, _ = P.area_layout([len(x), len(y)])
+        w[offs[0]:offs[0] + len(x)] = x
+        tensors = [P.Tensor("x", pipeswitch.PS_DTYPE_U8, [len(x)], P.Area(3, offs[0], len(x))),
+                   P.Tensor("y", pipeswitch.PS_DTYPE_I64, [2], P.Inline(y))]
+        inputs = P.unpack_tensors(tensors, None, areas={3: m})
+        b.run(ftask("m", 7, inputs), inputs)
+        assert seen == [("cuda:0", x, y)]
+        kinds = [e[0] for e in torch.log]
+        assert kinds.index("switch_to") > max(i for i, k in enumerate(kinds) if k == "copy"), torch.log
+        # x: one copy, from page-locked memory (the area: no pinned buffer was made for it);
+        # y (inline): into pinned memory, then to the device.
+        assert [e for e in torch.log if e[0] == "copy"] == [("copy", "cpu", "pinned", "cuda:0", "", True),
+                                                           ("copy", "cpu", "", "cpu", "pinned", False),
+                                                           ("copy", "cpu", "pinned", "cuda:0", "", True)], torch.log
+        assert [e for e in torch.log if e[0] == "alloc"] == [("alloc", "cuda:0", len(x)), ("alloc", "pinned", 16),
+                                                            ("alloc", "cuda:0", 16)]
+        # The next request's bytes, written by the client into the area, are what the module gets.
+        x2 = os.urandom(len(x))
+        w[offs[0]:offs[0] + len(x2)] = x2
+        torch.log.clear()
+        b.run(ftask("m", 7, inputs), inputs)
+        assert seen[-1] == ("cuda:0", x2, y) and [e for e in torch.log if e[0] == "alloc"] == []
+        # Dropped: the stream's copies are waited for, then it is unregistered.
+        torch.log.clear()
+        b.drop_area(3)
+        assert calls[-1] == ("unregister", ptr) and torch.log == [("stream synchronize",)]
+        assert 3 not in b._areas
+        del inputs
+        m.close()  # nothing of the backend's keeps a view of it
+
+        # Registration fails: logged once, read as it is through the pinned staging.
+        result["register"] = 1
+        m = P.map_area(fd, 1 << 20)
+        with caplog.at_level("DEBUG", logger="pipeswitch.worker"):
+            assert b.add_area(4, m) is False
+            assert b.add_area(5, m) is False
+        warned = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warned) == 1 and "input area 4 is not page-locked" in warned[0].getMessage()
+        assert "CUresult 1" in warned[0].getMessage()
+        assert any("input area 5 is not page-locked" in r.getMessage() for r in caplog.records if r.levelname == "DEBUG")
+        tensors[0].data.area = 4
+        inputs = P.unpack_tensors(tensors, None, areas={4: m})
+        torch.log.clear()
+        b.run(ftask("m", 7, inputs), inputs)
+        assert seen[-1] == ("cuda:0", x2, y)
+        assert [e for e in torch.log if e[0] == "copy"][:2] == [("copy", "cpu", "", "cpu", "pinned", False),
+                                                                ("copy", "cpu", "pinned", "cuda:0", "", True)]
+        assert [e for e in torch.log if e[0] == "alloc"] == [("alloc", "pinned", len(x))], "a pinned buffer for x now"
+        n_calls = len(calls)
+        b.drop_area(4)
+        b.drop_area(5)
+        assert len(calls) == n_calls, "nothing to unregister"
+        # Registered, but PyTorch does not see it pinned: unregistered again, not used as page-locked.
+        result["register"], result["track"] = 0, False
+        assert b.add_area(6, m) is False
+        assert calls[-2:] == [("register", b._areas[6][0].data_ptr(), 1 << 20, 9), ("unregister", b._areas[6][0].data_ptr())]
+        b.drop_area(6)
+        # No driver library: the same.
+        def no_driver(ptr, n, flags):
+            raise OSError("libcuda.so.1: cannot open shared object file")
+        b._cu_register = no_driver
+        caplog.clear()
+        b._area_warned = False
+        with caplog.at_level("WARNING", logger="pipeswitch.worker"):
+            assert b.add_area(7, m) is False
+        assert "the CUDA driver: libcuda.so.1" in caplog.text
+        b.drop_area(7)
+        del inputs
+        m.close()
+    finally:
+        w.close()
+        os.close(fd)
+
+
 def test_outputs_are_named_like_the_forward_returns_them(monkeypatch):
     torch = _FakeTorch()
     monkeypatch.setitem(sys.modules, "torch", torch)
@@ -663,8 +1036,9 @@ def test_the_torch_worker_process_serves_a_fake_daemon(tmp_path):
         lst.settimeout(120)
         env = dict(os.environ, PIPESWITCH_SOCKET=path,
                    PYTHONPATH=os.pathsep.join([str(tmp_path), PKG_ROOT, os.environ.get("PYTHONPATH", "")]))
+        worker_log = open(tmp_path / "worker.log", "wb")
         proc = subprocess.Popen([sys.executable, "-m", "pipeswitch.worker", "--models", "mlp=psw_models:mlp",
-                                 "two=psw_models:two_heads"], env=env)
+                                 "two=psw_models:two_heads"], env=env, stderr=worker_log)
         conn, _ = lst.accept()
         conn.settimeout(120)
         hello = P.recv(conn)[0]
@@ -729,10 +1103,49 @@ def test_the_torch_worker_process_serves_a_fake_daemon(tmp_path):
             done, outs = activate(8, "mlp", [("x", x)], region, [0, 3])
             assert done.status == 0, done.message
             torch.testing.assert_close(outs["out0"], ref, rtol=1e-5, atol=1e-5)
+
+            # An input area: mapped and page-locked once; tasks' inputs copied from it to the GPU.
+            afd, aw = P.create_area(4 << 20)
+            try:
+                P.send(conn, P.AreaAdd(11, 4 << 20), afd)
+
+                def activate_area(task_id, xs, resident, area=11):
+                    raw = xs.contiguous().numpy().tobytes()
+                    aw[256:256 + len(raw)] = raw
+                    ts = [P.Tensor("x", pipeswitch.PS_DTYPE_F32, list(xs.shape), P.Area(area, 256, len(raw)))]
+                    P.send(conn, P.Activate(P.Task(task_id, P.TASK_INFERENCE, "mlp", mlp_info.id, region, resident,
+                                                   [0, 2], ts, P.monotonic_ns())))
+                    done, fd = P.recv(conn)
+                    assert done.task_id == task_id
+                    out = None
+                    if done.status == 0:
+                        [(t, data)] = P.unpack_tensors(done.outputs, fd)
+                        out = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(t.shape)
+                    if fd is not None:
+                        os.close(fd)
+                    return done, out
+
+                for i in range(3):
+                    xa = torch.randn(2048, 32)  # 256 KiB, rewritten in place each time
+                    done, out = activate_area(20 + i, xa, resident=i > 0)
+                    assert done.status == 0, done.message
+                    torch.testing.assert_close(out, ref_mlp(xa), rtol=1e-5, atol=1e-5)
+                done, _ = activate_area(23, x, True, area=12)
+                assert done.status == 700 and "not held here" in done.message
+                P.send(conn, P.AreaDrop(11))
+                done, _ = activate_area(24, x, True)
+                assert done.status == 700 and "not held here" in done.message
+                done, outs = activate(25, "mlp", [("x", x)], region, [0], resident=True)
+                assert done.status == 0, done.message
+            finally:
+                aw.close()
+                os.close(afd)
         P.send(conn, P.Deactivate())
         assert P.recv(conn) == (P.Standby(4), None)
         P.send(conn, P.Shutdown())
         assert proc.wait(60) == 0
+        text = (tmp_path / "worker.log").read_text()
+        assert "not page-locked" not in text, "the input area could not be page-locked on this GPU"
         conn.close()
         lst.close()
     finally:
@@ -740,6 +1153,9 @@ def test_the_torch_worker_process_serves_a_fake_daemon(tmp_path):
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+        if proc is not None:
+            worker_log.close()
+            sys.stderr.write((tmp_path / "worker.log").read_text())  # the worker's log, in pytest's report
         arena.close()
         store.close()
         pipeswitch.Store.unlink(name)
@@ -810,14 +1226,18 @@ def test_serve_with_torch_workers_and_the_python_client(tmp_path):
                 r = ref_two(x8, y8)
                 torch.testing.assert_close(as_tensor(out["logits"]), r["logits"], rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(as_tensor(out["extra.0"]), r["extra"][0], rtol=1e-5, atol=1e-5)
-            xb = torch.randn(4096, 32)  # 512 KiB: in a memfd both ways
+            xb = torch.randn(4096, 32)  # 512 KiB: in the client's input area (reserved now), the result in a memfd
             out = c.infer("mlp", {"x": xb})
             torch.testing.assert_close(as_tensor(out["out0"]), ref_mlp(xb), rtol=1e-4, atol=1e-4)
+            assert c.input_area_bytes == 16 << 20 and c.area_refusal is None, c.area_refusal
+            xb2 = torch.randn(4096, 32)  # written over the first in the area
+            out = c.infer("mlp", {"x": xb2})
+            torch.testing.assert_close(as_tensor(out["out0"]), ref_mlp(xb2), rtol=1e-4, atol=1e-4)
             with pytest.raises(pipeswitch.NotFound):
                 c.infer("absent", {"x": x})
             s = c.stats()
             # "absent" counts as a request and a failure.
-            assert s.requests == 6 and s.failed == 1 and s.workers >= 2 and s.workers_lost == 0, s
+            assert s.requests == 7 and s.failed == 1 and s.workers >= 2 and s.workers_lost == 0, s
             assert s.hits >= 2 and s.misses >= 2 and s.evictions == 0, s
     finally:
         sys.path.remove(str(tmp_path))
