@@ -79,7 +79,7 @@ class Daemon:
     """``pipeswitch serve`` with PyTorch workers, as a child process."""
 
     def __init__(self, store, models, factories_dir, residency, region, standbys=2, mode=None, log_path=None,
-                 graphs=False, area_bytes=0):
+                 graphs=False, area_bytes=0, fused=True):
         self.area_bytes = area_bytes
         self.area_refusal = None
         self.dir = tempfile.mkdtemp(prefix="ps-serve-torch-")
@@ -91,7 +91,8 @@ class Daemon:
                "--socket-dir", self.dir]
         if mode:
             cmd.append(mode)
-        cmd += ["--worker-cmd", sys.executable, "-m", "pipeswitch.worker"] + (["--graphs"] if graphs else []) + ["--models"]
+        cmd += ["--worker-cmd", sys.executable, "-m", "pipeswitch.worker"] + (["--graphs"] if graphs else [])
+        cmd += ([] if fused else ["--no-fused"]) + ["--models"]
         cmd += ["%s=serve_models:%s" % (m, m) for m in models]
         self.log = open(log_path or os.devnull, "ab")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=self.log)
@@ -144,6 +145,9 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     p.add_argument("--log", help="the daemons' log file")
     p.add_argument("--eager", dest="graphs", action="store_false", help="eager forwards (default: CUDA graphs)")
+    p.add_argument("--no-fused", dest="fused", action="store_false",
+                   help="with graphs: a switch is switch_to + a replay, in process and in the workers (default: "
+                        "one replay of the fused graph, the plan's copies and the forward)")
     p.add_argument("--no-input-area", dest="input_area", action="store_false",
                    help="no input area: every request's large inputs in a new file (as before areas)")
     p.add_argument("--warmup", type=int, default=3,
@@ -214,11 +218,20 @@ def main(argv=None):
                           % (m, rec.groups, rec.predicted_ms, rec.measured_ms))
                     skel[m] = cal["captured"]
             inproc = {m: {"switch": [], "ready": []} for m in args.models}
+            # The fused switch where every model has its fused graph.
+            fused = args.graphs and args.fused and all(getattr(skel[m], "fused", False) for m in args.models)
+            report["fused"] = fused
+            report["conditions"] += ("; a switch is one replay of the fused graph (the plan's copies and the "
+                                     "forward), in process and in the workers" if fused else
+                                     "; a switch is switch_to + a replay of the forward")
             for r in range(args.reps + 1):
                 for m in args.models:
                     t = time.perf_counter()
-                    worker.switch_to(m)
-                    out = skel[m](*inputs[m])
+                    if fused:
+                        out = skel[m].switch_and_run(*inputs[m])
+                    else:
+                        worker.switch_to(m)
+                        out = skel[m](*inputs[m])
                     torch.cuda.synchronize()
                     sw = (time.perf_counter() - t) * 1e3
                     t = time.perf_counter()
@@ -255,7 +268,7 @@ def main(argv=None):
 
             # Through the daemon: an area for one model, so every request switches.
             d = Daemon(name, args.models, factories_dir, largest + (1 << 20), region, 2, log_path=args.log,
-                       graphs=args.graphs, area_bytes=area_bytes)
+                       graphs=args.graphs, area_bytes=area_bytes, fused=args.fused)
             try:
                 c = d.client(2)
                 lat = {m: {"switch": [], "ready": [], "activation": [], "worker": []} for m in args.models}
@@ -306,7 +319,7 @@ def main(argv=None):
                      ("process per task", 0, "--process-per-task"))
             for label, standbys, mode in modes if args.ablation else ():
                 d = Daemon(name, args.models, factories_dir, largest + (1 << 20), region, standbys, mode,
-                           log_path=args.log, graphs=args.graphs, area_bytes=area_bytes)
+                           log_path=args.log, graphs=args.graphs, area_bytes=area_bytes, fused=args.fused)
                 try:
                     c = d.client(standbys if mode is None else (1 if mode == "--single-worker" else 0))
                     v = []

@@ -563,7 +563,7 @@ class TorchBackend:
     """The PyTorch side of a worker: store, arena, a
     :class:`pipeswitch.torch.Worker` and the ``--models`` modules."""
 
-    def __init__(self, welcome, models, device=None, warm_bytes=64 << 20, graphs=False):
+    def __init__(self, welcome, models, device=None, warm_bytes=64 << 20, graphs=False, fused=True):
         import torch
 
         from . import core
@@ -574,6 +574,11 @@ class TorchBackend:
         # --graphs: forwards replayed from CUDA graphs (Worker.capture), one
         # per model and input signature, captured on the first request.
         self.graphs = graphs
+        # With graphs: a switch is one replay of the fused graph (the plan's
+        # copies and the forward, CapturedForward.switch_and_run) rather
+        # than switch_to + a replay; a forward that cannot be fused falls
+        # back to the latter.
+        self.fused = bool(graphs and fused)
         self.captured = {}
         # Per input position: (pinned host buffer or None, device buffer), bytes.
         self._staging = {}
@@ -658,6 +663,18 @@ class TorchBackend:
         # the model's, and the first kernel needs both (staged after the
         # switch, they waited behind the whole model).
         args = self._stage_inputs(inputs)
+        if self.fused and not task.resident:
+            # The region and plan the daemon chose, bound without a switch:
+            # the fused graph's replay makes it.
+            self.worker.rebind(task.model, task.region_offset, task.plan)
+            cap = self._captured(task.model, args)
+            if cap is not None and cap.fused and self.worker._models[task.model].version == cap.version:
+                with torch.inference_mode():
+                    activation_ms = (P.monotonic_ns() - task.decided_ns) / 1e6
+                    result = cap.switch_and_run(*args)
+                    outs = outputs_of(result)
+                    cpu = [(n, t.detach().contiguous().to("cpu")) for n, t in outs]
+                return [(n, _dtype_code(t.dtype), list(t.shape), _tensor_bytes(t)) for n, t in cpu], activation_ms
         # A resident model waits for no group: its plan does not matter, and
         # keeping the bound one spares a rebind on every hit.
         self.worker.switch_to(task.model, region_offset=task.region_offset,
@@ -808,8 +825,17 @@ class TorchBackend:
         if cap is False:
             return None
         if cap is None or cap.version != entry.version:
+            cap = None
+            if self.fused:
+                try:
+                    cap = self.worker.capture(model, tuple(args), fused=True)
+                except Exception as e:  # noqa: BLE001 - not fusable: switch_to + a replay
+                    log.warning("model %r: its switch and forward could not be captured as one graph (%s); "
+                                "switches replay its forward after switch_to", model, e)
+                    self._torch.cuda.synchronize(self.device)
             try:
-                cap = self.worker.capture(model, tuple(args))
+                if cap is None:
+                    cap = self.worker.capture(model, tuple(args))
             except Exception as e:  # noqa: BLE001 - not capturable: eager from now on
                 log.warning("model %r: its forward could not be captured as a CUDA graph (%s); it runs eagerly",
                             model, e)
@@ -913,6 +939,9 @@ def main(argv=None):
     ap.add_argument("--graphs", action="store_true",
                     help="replay each model's forward from CUDA graphs, captured on its first request per input "
                          "shape (for forwards without data-dependent control flow)")
+    ap.add_argument("--no-fused", dest="fused", action="store_false",
+                    help="with --graphs: a switch is switch_to + a replay of the forward, not one replay of the "
+                         "fused graph (the plan's copies and the forward)")
     args = ap.parse_args(argv)
     level = os.environ.get("PIPESWITCH_LOG", "info").upper()
     logging.basicConfig(level=level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO", format="pipeswitch.worker[%(process)d] %(levelname)s %(message)s")
@@ -929,7 +958,7 @@ def main(argv=None):
         log.error("connecting to %s: %s", args.socket, e)
         return 1
     try:
-        serve(sock, lambda w: TorchBackend(w, models, args.device, args.warm_bytes, args.graphs))
+        serve(sock, lambda w: TorchBackend(w, models, args.device, args.warm_bytes, args.graphs, args.fused))
     except PipeSwitchError as e:
         if isinstance(e, Disconnected):
             return 0  # the daemon went away

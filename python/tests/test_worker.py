@@ -635,6 +635,9 @@ class _FakeTorchWorker:
         self.calls.append(("switch_to", name, region_offset, plan, resident))
         self._current = None if resident else name
 
+    def rebind(self, name, region_offset=None, plan=None):
+        self.calls.append(("rebind", name, region_offset, plan))
+
     def synchronize(self):
         self.calls.append(("synchronize",))
 
@@ -692,6 +695,62 @@ def test_graphs_are_captured_once_per_signature_and_again_after_a_rebind(monkeyp
     assert captures.count("bad") == 1 and len(eager) == 2, "tried once, eager after"
 
 
+def test_fused_switches_replay_one_graph_and_hits_the_resident_one(monkeypatch):
+    """--graphs with fusing (the default): a switch binds the daemon's
+    region and plan without switching and replays the fused graph (the
+    copies and the forward); a resident request switches to the resident
+    model and replays its forward; a model whose switch cannot be fused is
+    captured plain and switched with switch_to; a rebind captures again."""
+    b, torch = fake_backend(monkeypatch, {"m": 7, "nofuse": 3}, {"m": lambda x: x, "nofuse": lambda x: x})
+    b.graphs, b.fused = True, True
+    captures = []
+
+    class Cap:
+        def __init__(self, version, fused):
+            self.version, self.fused = version, fused
+            self.runs = []
+
+        def __call__(self, *args):
+            self.runs.append("resident")
+            return args[0]
+
+        def switch_and_run(self, *args):
+            assert self.fused
+            self.runs.append("fused")
+            return args[0]
+
+    def capture(name, args, fused=False):
+        captures.append((name, fused))
+        if name == "nofuse" and fused:
+            raise RuntimeError("a table read from the host cannot be fused")
+        return Cap(b.worker._models[name].version, fused)
+
+    b.worker.capture = capture
+    x = struct.pack("<4f", 1, 2, 3, 4)
+    inputs = [(P.Tensor("x", pipeswitch.PS_DTYPE_F32, [2, 2], P.Inline(x)), x)]
+    outs, activation = b.run(ftask("m", 7, inputs, offset=8192, plan=(0, 3)), inputs)
+    assert outs[0][3] == x and activation > 0
+    (cap,) = [c for k, c in b.captured.items() if k[0] == "m"]
+    assert captures == [("m", True)] and cap.runs == ["fused"]
+    assert ("rebind", "m", 8192, [0, 3]) in b.worker.calls
+    assert not any(c[0] == "switch_to" for c in b.worker.calls), "the fused graph makes the switch"
+    b.run(ftask("m", 7, inputs, offset=8192, plan=(0, 3), resident=True), inputs)
+    assert cap.runs == ["fused", "resident"] and b.worker.calls[-1] == ("switch_to", "m", 8192, None, True)
+    b.run(ftask("m", 7, inputs, offset=8192, plan=(0, 3)), inputs)
+    assert cap.runs == ["fused", "resident", "fused"] and captures == [("m", True)]
+    b.worker._models["m"].version = 2  # rebound: captured again
+    b.run(ftask("m", 7, inputs, offset=0, plan=(0, 1)), inputs)
+    assert captures == [("m", True), ("m", True)]
+    # Not fusable: captured plain once, switched with switch_to, replayed.
+    for _ in range(2):
+        outs, _ = b.run(ftask("nofuse", 3, inputs), inputs)
+        assert outs[0][3] == x
+    assert captures[2:] == [("nofuse", True), ("nofuse", False)]
+    (plain,) = [c for k, c in b.captured.items() if k[0] == "nofuse"]
+    assert not plain.fused and plain.runs == ["resident", "resident"]
+    assert b.worker.calls[-1] == ("switch_to", "nofuse", 4096, [0, 2], False)
+
+
 def fake_backend(monkeypatch, ids, modules):
     torch = _FakeTorch()
     monkeypatch.setitem(sys.modules, "torch", torch)
@@ -704,7 +763,7 @@ def fake_backend(monkeypatch, ids, modules):
     b.worker.store = b.store
     b.modules = modules
     b.arena = types.SimpleNamespace(size=lambda: 1 << 30)
-    b.graphs, b.captured = False, {}
+    b.graphs, b.fused, b.captured = False, False, {}
     b._staging = {}
     b._areas, b._area_warned = {}, False
     b._cu_register = b._cu_unregister = None  # no driver: set by the tests that page-lock
