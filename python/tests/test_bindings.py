@@ -506,10 +506,11 @@ def test_group_ranges_and_model_host_ptr(store):
             store.group_ranges("m", bad)
     with pytest.raises(ps.NotFound):
         store.group_ranges("nope", [0])
-    # The switch's copies: with the default chunking the small model is one
-    # copy; without merging, one copy per group, split at max_chunk.
+    # The switch's copies: with the default chunking the small model is the
+    # first group's own copy (nothing runs before it) and one more; without
+    # merging, one copy per group, split at max_chunk.
     copies, group_copy = store.copy_schedule("m", [0, 1, 2, 3])
-    assert copies == [(0, ends[-1])] and group_copy == [0, 0, 0, 0]
+    assert copies == [(0, ends[0]), (ends[0], ends[-1])] and group_copy == [0, 1, 1, 1]
     copies, group_copy = store.copy_schedule("m", [0, 1, 2, 3], min_chunk=1, max_chunk=8192)
     assert copies[0][0] == 0 and copies[-1][1] == ends[-1]
     assert all(a[1] == b[0] for a, b in zip(copies, copies[1:])) and all(e - s <= 8192 for s, e in copies)
