@@ -1239,12 +1239,13 @@ class Worker:
         stream of the capture, each group's event recorded after the copy
         that completes it and waited on by the group's pre-hook (an edge
         inside the graph); moved token tables are read from the pinned
-        store. A replay leases the store's model before the launch
-        (:meth:`Store.lease`) and checks that it is the model captured (the
-        same id and host address), and the lease is held until the graph
-        has run: a model removed or added again is refused, and the bytes
-        the copies read stay the model's. Off by default (a third graph and
-        its memory pool).
+        store. A replay checks the store's model id before the launch and
+        leases the model (:meth:`Store.lease`) right after it until the
+        graph has run, checking the same id and host address: a model
+        removed or added again is refused, and one removed in the instant
+        between the check and the lease raises instead of returning outputs
+        read from bytes that may no longer be its own. Off by default (a
+        third graph and its memory pool).
 
         The model is switched in (and waited for) first, so the warm-up
         forwards run on its real weights. The graphs hold this binding's
@@ -1406,35 +1407,49 @@ class CapturedForward:
         not), so calls replay the *resident* graph, and the worker's engine
         holds the model as a resident switch ordered after the graph
         (:meth:`Worker.synchronize` waits for the graph's copies; the
-        store's model is leased from before the launch until the graph has
-        run). Raises if the model was rebound since the capture, if the
-        store's model is gone (NotFound), or if it is no longer the one
-        captured (added again)."""
+        store's model is leased from right after the launch until the graph
+        has run). Raises if the model was rebound since the capture, if the
+        store's model is gone (NotFound) or no longer the one captured
+        (added again), and if it was removed in the instant between the
+        check and the lease (the outputs, read from bytes that may no longer
+        be the model's, are not returned)."""
         import torch
 
         w, entry = self.worker, self.entry
         if "fused" not in self.graphs:
             raise RuntimeError("model %r: its forward was captured without fused=True" % entry.name)
-        w._reap_leases()
-        lease = w.store.lease(entry.name)  # NotFound once removed
-        if (lease.model_id, lease.host_ptr) != tuple(self._source[:2]):
-            lease.release()
+        # A cheap check before the launch (NotFound once removed); the lease
+        # comes right after it, off the path to the GPU (a lease costs tens
+        # of microseconds of host time).
+        if w.store.model_id(entry.name) != self._source[0]:
             raise RuntimeError("model %r was removed from the store or added again since its fused graph was "
                                "captured: capture it again" % entry.name)
-        try:
-            self._check(inputs)
-        except BaseException:
-            lease.release()
-            raise
+        self._check(inputs)
         stream = torch.cuda.current_stream(w.device)
         prev = w._current
         if prev is not None:
             w.switch.wait_group(len(prev.plan) - 1, stream.cuda_stream)
         g, out = self.graphs["fused"]
         g.replay()
-        # The copies read the leased bytes: the lease ends once the graph has run.
+        # The lease, held until the graph has run. A model still stored under
+        # the id checked above was not removed in between (a model's space
+        # is reused only after its removal, and an add gets a new id), so
+        # the bytes the copies read were its own; otherwise the outputs are
+        # not returned.
+        try:
+            lease = w.store.lease(entry.name)
+        except Exception:
+            lease = None
+        if lease is None or (lease.model_id, lease.host_ptr) != tuple(self._source[:2]):
+            if lease is not None:
+                lease.release()
+            stream.synchronize()
+            entry.resident = False
+            raise RuntimeError("model %r was removed from the store while its fused graph was launched: its "
+                               "outputs are not returned" % entry.name)
         done = torch.cuda.Event()
         done.record(stream)
+        w._reap_leases()
         w._leases.append((done, lease))
         for other in w._models.values():
             if other is not entry and other.overlaps(entry):
