@@ -245,6 +245,27 @@ def main():
     # bf16 tolerance: the worker and this reference differ only in the order
     # of f32 sums (and the rounding of K and V that follows).
     ok = not bad and err < 1e-2
+    # The prompt's logits with the worker's other prefill path (GEMV or
+    # tensor cores), against this reference rounding as that path does.
+    other_file = rep.get("other_prefill_logits")
+    if other_file:
+        import os
+        other_rows = rep.get("other_prefill_tensor_core_rows")
+        ol = torch.tensor(np.fromfile(os.path.join(os.path.dirname(worker_logits), other_file), dtype=np.float32), device=dev)
+        ref_other = Ref(cfg, as_tensors(gpu), dev, other_rows)
+        lo = ref_other.step(ids, 0)
+        oerr = (ol - lo).abs().max().item() / lo.abs().max().item()
+        otok, obest = int(ol.argmax()), int(lo.argmax())
+        ogap = (lo.max() - lo[otok]).item()
+        # The rounding's own effect: this path's reference against the other's.
+        moved = (lo - logits).abs().max().item() / scale
+        ook = oerr < 1e-2 and (otok == obest or ogap <= 1e-3 * lo.abs().max().item())
+        out["other_prefill"] = {"tensor_core_rows": other_rows, "logits_max_err_over_scale": oerr, "first_token": otok, "reference_first_token": obest,
+                                "rounding_moves_reference_logits_by": moved, "pass": ook}
+        path = f"tensor cores from {other_rows} rows" if other_rows else "GEMV"
+        print(f"other prefill path ({path}): logits max error {oerr:.2e} of their scale; first token {otok} "
+              f"(reference {obest}); the two paths' references differ by {moved:.2e} -> {'PASS' if ook else 'FAIL'}", flush=True)
+        ok = ok and ook
     out["pass"] = ok
     print(f"reference vs worker: logits max error {err:.2e} of their scale ({scale:.2f}); "
           f"{sum(a == b for a, b in zip(tokens, wtok))}/{steps} tokens equal, {len(near)} near ties, {len(bad)} mismatches {bad} -> {'PASS' if ok else 'FAIL'}", flush=True)

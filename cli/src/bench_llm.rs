@@ -134,6 +134,11 @@ pub struct LlmReport {
     /// `*_tensor_cores` runs.
     pub tensor_core_rows: Option<usize>,
     pub tensor_core_rows_compared: usize,
+    /// The batch-1 prompt's logits with the other prefill path: the file
+    /// (beside the default path's) and its tensor-core threshold (None:
+    /// GEMV), for the PyTorch reference.
+    pub other_prefill_logits: String,
+    pub other_prefill_tensor_core_rows: Option<usize>,
     pub ttft_over_floor: f64,
     pub ttft_over_first_token_floor: f64,
     pub sleep_wake_over_pipelined: f64,
@@ -411,6 +416,13 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
         med("pipelined_tensor_cores")
     ));
 
+    // The prompt's logits with the other prefill path (checked by the
+    // PyTorch reference as well).
+    b.worker.set_input(other.0, "input_ids", &le_i32(&ids1))?;
+    b.worker.set_input(other.0, "pos", &le_i32(&[0]))?;
+    b.worker.run(other.0, &sw, RunOptions::default())?;
+    let logits_other = b.worker.read_f32(other.0, "logits")?;
+
     // Decoding: the model is resident (the last rep's copies).
     let per_step_bytes: u64 = model.layers.iter().filter(|l| l.name != "model.embed_tokens" || cfg.tie_embeddings).filter(|l| l.name != "rope").map(|l| l.bytes).sum();
     let mut decode = vec![];
@@ -514,6 +526,10 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
     let lpath = opts.out_dir.join(format!("llm-{}-{slug}-logits.f32", opts.config));
     let bytes: Vec<u8> = logits1.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(&lpath, bytes).map_err(|e| Error::io(format!("writing {}", lpath.display()), e))?;
+    let other_name = format!("llm-{}-{slug}-logits-{}.f32", opts.config, other.1);
+    let opath = opts.out_dir.join(&other_name);
+    let bytes: Vec<u8> = logits_other.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(&opath, bytes).map_err(|e| Error::io(format!("writing {}", opath.display()), e))?;
     if opts.keep_store {
         // A manifest for the PyTorch reference: where each tensor lies in
         // the store's segment file.
@@ -551,6 +567,8 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
         ttft_ms: ttft,
         tensor_core_rows: tc_default,
         tensor_core_rows_compared: tc_rows,
+        other_prefill_logits: other_name,
+        other_prefill_tensor_core_rows: other.0.tensor_core_rows(),
         decode,
         gemv_gbps: vec![],
         two_resident_ttft_ms: None,
