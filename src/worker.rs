@@ -323,11 +323,14 @@ impl Program {
         let mut round_bytes = 0u64;
         for (i, op) in graph.ops.iter().enumerate() {
             if let (Some(rows), Op::Linear { x, weight, .. }) = (min_rows, op) {
-                let t = &model.tensors[weights[weight.as_str()]];
-                let xs = &decls[x.as_str()].shape;
-                if t.dtype != Dtype::F32 && gemv_cols[i].is_some() && xs[0] >= rows {
-                    op_tc[i] = true;
-                    round_bytes = round_bytes.max((xs[0] * xs[1]) as u64 * t.dtype.size());
+                let (Some(&wi), Some(xd)) = (weights.get(weight.as_str()), decls.get(x.as_str())) else { continue };
+                let t = &model.tensors[wi];
+                let launched_half = t.dtype != Dtype::F32 && gemv_cols[i].is_some();
+                if let (true, &[m, k]) = (launched_half, xd.shape.as_slice()) {
+                    if m >= rows {
+                        op_tc[i] = true;
+                        round_bytes = round_bytes.max((m * k) as u64 * t.dtype.size());
+                    }
                 }
             }
         }
