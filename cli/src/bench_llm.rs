@@ -110,6 +110,19 @@ pub struct DecodeResult {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct PrefillGemm {
+    pub weight: String,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub kernel: String,
+    pub us: f64,
+    pub tflops: f64,
+    /// Weight bytes over the kernel's time, GB/s.
+    pub weight_gbps: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct LlmReport {
     pub card: String,
     pub config: String,
@@ -146,6 +159,9 @@ pub struct LlmReport {
     /// The GEMV alone on one down_proj-sized weight ([4096, 14336]), by
     /// rows of x (1 and 8): weight bytes over kernel time, GB/s.
     pub gemv_gbps: Vec<(usize, f64)>,
+    /// The tensor-core prefill's GEMMs alone (`gemm_c32`, the prompt's rows
+    /// times each merged weight of block 0): shape, kernel, microseconds.
+    pub prefill_gemms: Vec<PrefillGemm>,
     pub two_resident_ttft_ms: Option<Stats>,
     pub three_over_two_regions_ttft_ms: Option<Stats>,
     pub tokens_batch1: Vec<i32>,
@@ -571,6 +587,7 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
         other_prefill_tensor_core_rows: other.0.tensor_core_rows(),
         decode,
         gemv_gbps: vec![],
+        prefill_gemms: vec![],
         two_resident_ttft_ms: None,
         three_over_two_regions_ttft_ms: None,
         tokens_batch1,
@@ -603,6 +620,48 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
             let gbps = t.bytes as f64 / (ms * 1e-3) / 1e9;
             log(&format!("GEMV alone, {m} row(s) of x times [{n}, {k}]: {ms:.3} ms, {gbps:.0} GB/s of weights ({:.0}% of the device-to-device bandwidth)", 100.0 * gbps / d2d));
             gemv_gbps.push((m, gbps));
+        }
+    }
+
+    // The tensor-core prefill's GEMMs alone: the prompt's rows (rounded
+    // activations, zeros) times block 0's merged weights, fp32 out.
+    let mut prefill_gemms = vec![];
+    {
+        use pipeswitch::kernels::gemm::{self, GemmArgs, GemmDtype};
+        let m = opts.prompt;
+        let merged = [("self_attn.q_proj", 3usize), ("self_attn.o_proj", 1), ("mlp.gate_proj", 2), ("mlp.down_proj", 1)];
+        let kmax = cfg.hidden.max(cfg.ffn);
+        let x = DeviceAlloc::new(device, m * kmax * 2)?;
+        x.fill(0)?;
+        let out = DeviceAlloc::new(device, m * (cfg.qkv_width().max(2 * cfg.ffn)) * 4)?;
+        let s = Stream::new(device)?;
+        let (e0, e1) = (Event::new(device, true)?, Event::new(device, true)?);
+        for (name, parts) in merged {
+            let wname = format!("model.layers.0.{name}.weight");
+            let (_, t) = model.tensor(&wname).ok_or_else(|| Error::Internal(format!("no {wname}")))?;
+            let k = t.shape[1] as usize;
+            // Q|K|V and gate|up are stored back to back: one GEMM each.
+            let n: usize = match parts {
+                3 => cfg.qkv_width(),
+                2 => 2 * cfg.ffn,
+                _ => t.shape[0] as usize,
+            };
+            let dt = if t.dtype == pipeswitch::store::Dtype::F16 { GemmDtype::F16 } else { GemmDtype::Bf16 };
+            let g = GemmArgs::dense(m, n, k, x.ptr(), sw.model_base()? + t.offset, true, out.ptr());
+            let mut ts = vec![];
+            for _ in 0..20 {
+                e0.record(s.raw())?;
+                gemm::gemm_c32(device, s.raw(), dt, &g)?;
+                e1.record(s.raw())?;
+                e1.synchronize()?;
+                ts.push(f64::from(Event::elapsed_ms(&e0, &e1)?));
+            }
+            let us = pipeswitch::measure::median(&mut ts[2..].to_vec()) * 1e3;
+            let kernel = gemm::kernel_name_on(device, dt, &g)?;
+            let tflops = 2.0 * (m * n * k) as f64 / (us * 1e-6) / 1e12;
+            let weight_gbps = (n * k * 2) as f64 / (us * 1e-6) / 1e9;
+            log(&format!("tensor-core prefill GEMM alone: {m} x {n} x {k} ({name}{}): {kernel}_c32 {us:.1} us, {tflops:.0} TFLOP/s, weights read at {weight_gbps:.0} GB/s", if parts > 1 { ", merged" } else { "" }));
+            prefill_gemms.push(PrefillGemm { weight: name.to_string(), m, n, k, kernel: format!("{kernel}_c32"), us, tflops, weight_gbps });
         }
     }
 
@@ -659,6 +718,7 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
 
     drop(pageable);
     report.gemv_gbps = gemv_gbps;
+    report.prefill_gemms = prefill_gemms;
     report.two_resident_ttft_ms = two;
     report.three_over_two_regions_ttft_ms = three;
     report.notes = notes;
