@@ -5,7 +5,10 @@ store's segment file through the manifest the benchmark wrote.
 
 1. Correctness: a PyTorch implementation of the Llama architecture written
    here (not transformers'), with the worker's specified numerics (f32
-   activations, weights as stored, K and V rounded to bf16), computes the
+   activations, weights as stored, K and V rounded to bf16; where the
+   worker's prefill ran on the tensor cores, the report's
+   `tensor_core_rows`, the inputs of the linears of a chunk of at least
+   that many tokens rounded to the weights' type), computes the
    prompt's logits and 32 greedy tokens; they must match the worker's
    (logits within bf16 tolerance, the same tokens).
 2. Baselines for time to first token: a plain PyTorch load of the weights
@@ -56,8 +59,11 @@ def rot(x, cos, sin):
 class Ref:
     """The worker's numerics: f32 activations, weights upcast from bf16."""
 
-    def __init__(self, cfg, w, dev):
+    def __init__(self, cfg, w, dev, tc_rows=None):
         self.c, self.w, self.dev = cfg, w, dev
+        # The worker's tensor-core path: a linear of at least tc_rows rows
+        # reads its input rounded to the weights' type (None: never).
+        self.tc_rows = tc_rows
         n = cfg["max_positions"]
         self.cos, self.sin = rope_table(cfg, n, cfg["head_dim"])
         self.cos, self.sin = self.cos.to(dev), self.sin.to(dev)
@@ -66,6 +72,12 @@ class Ref:
 
     def W(self, n):
         return self.w[n].float()
+
+    def lin(self, x, n):
+        """x @ W(n).T, x rounded to W's type first where the worker's tensor-core path rounds it."""
+        if self.tc_rows is not None and x.shape[0] >= self.tc_rows:
+            x = x.to(self.w[n].dtype).float()
+        return x @ self.W(n).T
 
     def rms(self, x, g):
         r = torch.rsqrt((x.double() ** 2).mean(-1, keepdim=True) + self.c["rms_eps"]).float()
@@ -80,9 +92,9 @@ class Ref:
         for l in range(c["layers"]):
             p = f"model.layers.{l}"
             xn = self.rms(x, f"{p}.input_layernorm.weight")
-            q = (xn @ self.W(f"{p}.self_attn.q_proj.weight").T).view(T, H, d)
-            k = (xn @ self.W(f"{p}.self_attn.k_proj.weight").T).view(T, KV, d)
-            v = (xn @ self.W(f"{p}.self_attn.v_proj.weight").T).view(T, KV, d)
+            q = self.lin(xn, f"{p}.self_attn.q_proj.weight").view(T, H, d)
+            k = self.lin(xn, f"{p}.self_attn.k_proj.weight").view(T, KV, d)
+            v = self.lin(xn, f"{p}.self_attn.v_proj.weight").view(T, KV, d)
             q, k = rot(q, cos, sin), rot(k, cos, sin)
             k = k.to(torch.bfloat16).float()
             v = v.to(torch.bfloat16).float()
@@ -96,14 +108,14 @@ class Ref:
             s = s.masked_fill(mask[None], float("-inf"))
             a = torch.softmax(s.double(), dim=-1).float()
             ctx = torch.einsum("hts,shd->thd", a, V).reshape(T, H * d)
-            h1 = x + ctx @ self.W(f"{p}.self_attn.o_proj.weight").T
+            h1 = x + self.lin(ctx, f"{p}.self_attn.o_proj.weight")
             xn2 = self.rms(h1, f"{p}.post_attention_layernorm.weight")
-            g = xn2 @ self.W(f"{p}.mlp.gate_proj.weight").T
-            u = xn2 @ self.W(f"{p}.mlp.up_proj.weight").T
-            x = h1 + (torch.nn.functional.silu(g) * u) @ self.W(f"{p}.mlp.down_proj.weight").T
+            g = self.lin(xn2, f"{p}.mlp.gate_proj.weight")
+            u = self.lin(xn2, f"{p}.mlp.up_proj.weight")
+            x = h1 + self.lin(torch.nn.functional.silu(g) * u, f"{p}.mlp.down_proj.weight")
         xn = self.rms(x[-1:], "model.norm.weight")
         head = "model.embed_tokens.weight" if c["tie_embeddings"] else "lm_head.weight"
-        return (xn @ self.W(head).T)[0]
+        return self.lin(xn, head)[0]
 
 
 def bf16_prefill(cfg, w, ids):
@@ -196,7 +208,10 @@ def main():
 
     # Correctness against the worker.
     gpu = pinned.to(dev)
-    ref = Ref(cfg, as_tensors(gpu), dev)
+    tc_rows = rep.get("tensor_core_rows")
+    ref = Ref(cfg, as_tensors(gpu), dev, tc_rows)
+    print(f"reference numerics: linears' inputs rounded from {tc_rows} rows (the worker's tensor-core prefill)" if tc_rows
+          else "reference numerics: f32 linears' inputs (the worker's GEMV prefill)", flush=True)
     wtok = rep["tokens_batch1"]
     steps = len(wtok)
     logits = ref.step(ids, 0)
@@ -225,11 +240,32 @@ def main():
             lg = ref.step(torch.tensor([wtok[i]], device=dev), pos)
             pos += 1
     same = tokens == wtok
-    out.update({"logits_max_err_over_scale": err, "logits_scale": scale, "reference_tokens": tokens, "worker_tokens": wtok, "same_tokens": same,
+    out.update({"tensor_core_rows": tc_rows, "logits_max_err_over_scale": err, "logits_scale": scale, "reference_tokens": tokens, "worker_tokens": wtok, "same_tokens": same,
                 "near_ties_accepted": near, "mismatches": bad})
     # bf16 tolerance: the worker and this reference differ only in the order
     # of f32 sums (and the rounding of K and V that follows).
     ok = not bad and err < 1e-2
+    # The prompt's logits with the worker's other prefill path (GEMV or
+    # tensor cores), against this reference rounding as that path does.
+    other_file = rep.get("other_prefill_logits")
+    if other_file:
+        import os
+        other_rows = rep.get("other_prefill_tensor_core_rows")
+        ol = torch.tensor(np.fromfile(os.path.join(os.path.dirname(worker_logits), other_file), dtype=np.float32), device=dev)
+        ref_other = Ref(cfg, as_tensors(gpu), dev, other_rows)
+        lo = ref_other.step(ids, 0)
+        oerr = (ol - lo).abs().max().item() / lo.abs().max().item()
+        otok, obest = int(ol.argmax()), int(lo.argmax())
+        ogap = (lo.max() - lo[otok]).item()
+        # The rounding's own effect: this path's reference against the other's.
+        moved = (lo - logits).abs().max().item() / scale
+        ook = oerr < 1e-2 and (otok == obest or ogap <= 1e-3 * lo.abs().max().item())
+        out["other_prefill"] = {"tensor_core_rows": other_rows, "logits_max_err_over_scale": oerr, "first_token": otok, "reference_first_token": obest,
+                                "rounding_moves_reference_logits_by": moved, "pass": ook}
+        path = f"tensor cores from {other_rows} rows" if other_rows else "GEMV"
+        print(f"other prefill path ({path}): logits max error {oerr:.2e} of their scale; first token {otok} "
+              f"(reference {obest}); the two paths' references differ by {moved:.2e} -> {'PASS' if ook else 'FAIL'}", flush=True)
+        ok = ok and ook
     out["pass"] = ok
     print(f"reference vs worker: logits max error {err:.2e} of their scale ({scale:.2f}); "
           f"{sum(a == b for a, b in zip(tokens, wtok))}/{steps} tokens equal, {len(near)} near ties, {len(bad)} mismatches {bad} -> {'PASS' if ok else 'FAIL'}", flush=True)

@@ -22,6 +22,7 @@ use crate::cuda::{CUdeviceptr, CUstream};
 use crate::cuda::{Device, Event, Stream};
 use crate::error::{Error, Result};
 use crate::kernels::{attention, conv, gemm, llama, norm};
+use crate::model::cpu::TensorCoreRounding;
 use crate::model::graph::{Act, Graph, Op, WeightShapes};
 use crate::store::{Dtype, Model, ModelLease, Store, GRAPH_ATTRIBUTE};
 use crate::switch::Switch;
@@ -70,6 +71,14 @@ pub struct Program {
     /// launch covers `n` output columns, None for an op merged into an
     /// earlier one (nothing to launch).
     gemv_cols: Vec<Option<usize>>,
+    /// The tensor-core path of half-precision linears: the row threshold
+    /// (None: GEMV always), and per op whether its launch takes it.
+    tc_rows: Option<usize>,
+    op_tc: Vec<bool>,
+    /// Where in the buffer a tensor-core linear's input is rounded to the
+    /// weights' type (after every slot; one scratch for all, ops run in
+    /// order on one stream).
+    round_offset: u64,
 }
 
 /// Half-precision linears that read the same input and write adjacent
@@ -183,8 +192,25 @@ pub fn assign_offsets(lifetimes: &[(usize, usize, u64)], base: u64) -> (Vec<u64>
 
 impl Program {
     /// Binds `graph` to `model`: checks that every weight exists with the
-    /// graph's shapes and is fp32, and lays out the activations.
+    /// graph's shapes and a dtype its op takes, and lays out the
+    /// activations. Half-precision linears take the tensor-core path from
+    /// [`llama::tensor_core_rows`] rows (the environment's switch; see
+    /// [`Program::with_tensor_cores`]).
     pub fn new(model: Arc<Model>, graph: Graph) -> Result<Program> {
+        Program::with_tensor_cores(model, graph, llama::tensor_core_rows())
+    }
+
+    /// [`Program::new`] with the tensor-core path of half-precision linears
+    /// chosen here: a linear whose weight is BF16 or F16 and whose input has
+    /// at least `min_rows` rows (a prefill) runs as its input rounded to the
+    /// weight's type (`llama_round_*`) times the weight on the tensor cores
+    /// (`gemm::gemm_c32`: fp32 accumulation, output and residual); the
+    /// others, and every one with `None`, run on the GEMV kernels with f32
+    /// inputs. [`Program::tensor_core_rounding`] tells the CPU executor.
+    pub fn with_tensor_cores(model: Arc<Model>, graph: Graph, min_rows: Option<usize>) -> Result<Program> {
+        if min_rows == Some(0) {
+            return Err(Error::invalid("the tensor-core path needs a row threshold of at least 1"));
+        }
         let mut shapes: WeightShapes = HashMap::new();
         for t in &model.tensors {
             shapes.insert(t.name.clone(), t.shape.iter().map(|&d| d as usize).collect());
@@ -285,14 +311,47 @@ impl Program {
                 lifetimes.push((a, b, d.bytes()? as u64));
             }
         }
-        let (offsets, act_bytes) = assign_offsets(&lifetimes, FLAG_BYTES);
+        let (offsets, mut act_bytes) = assign_offsets(&lifetimes, FLAG_BYTES);
         let mut slots = HashMap::new();
         for ((n, off), (_, _, bytes)) in names.iter().zip(offsets).zip(&lifetimes) {
             let d = decls[n];
             slots.insert(n.to_string(), Slot { offset: off, bytes: *bytes, shape: d.shape.clone(), dtype: d.dtype()? });
         }
         let gemv_cols = fuse_linears(&model, &graph, &weights, &op_layer);
-        Ok(Program { model, graph, op_layer, op_charge, op_host_table, slots, weights, act_bytes, lease: None, uses_llama, gemv_cols })
+        // The tensor-core linears and the scratch their inputs are rounded into.
+        let mut op_tc = vec![false; n_ops];
+        let mut round_bytes = 0u64;
+        for (i, op) in graph.ops.iter().enumerate() {
+            if let (Some(rows), Op::Linear { x, weight, .. }) = (min_rows, op) {
+                let (Some(&wi), Some(xd)) = (weights.get(weight.as_str()), decls.get(x.as_str())) else { continue };
+                let t = &model.tensors[wi];
+                let launched_half = t.dtype != Dtype::F32 && gemv_cols[i].is_some();
+                if let (true, &[m, k]) = (launched_half, xd.shape.as_slice()) {
+                    if m >= rows {
+                        op_tc[i] = true;
+                        round_bytes = round_bytes.max((m * k) as u64 * t.dtype.size());
+                    }
+                }
+            }
+        }
+        let round_offset = act_bytes;
+        act_bytes += round_bytes.div_ceil(ACT_ALIGN) * ACT_ALIGN;
+        Ok(Program {
+            model,
+            graph,
+            op_layer,
+            op_charge,
+            op_host_table,
+            slots,
+            weights,
+            act_bytes,
+            lease: None,
+            uses_llama,
+            gemv_cols,
+            tc_rows: min_rows,
+            op_tc,
+            round_offset,
+        })
     }
 
     /// The program of a stored model whose graph was stored with it (the
@@ -327,6 +386,22 @@ impl Program {
     /// the one before it.
     pub fn gemv_columns(&self) -> &[Option<usize>] {
         &self.gemv_cols
+    }
+    /// The row threshold of the tensor-core path of half-precision linears
+    /// (None: GEMV always); see [`Program::with_tensor_cores`].
+    pub fn tensor_core_rows(&self) -> Option<usize> {
+        self.tc_rows
+    }
+    /// Per op: whether it runs on the tensor-core path.
+    pub fn tensor_core_ops(&self) -> &[bool] {
+        &self.op_tc
+    }
+    /// What the CPU executor must round to compute what this program
+    /// computes (`cpu::run_graph_cpu_rounded`); None without the path.
+    pub fn tensor_core_rounding(&self) -> Option<TensorCoreRounding> {
+        let min_rows = self.tc_rows?;
+        let dtypes = self.model.tensors.iter().map(|t| (t.name.clone(), t.dtype)).collect();
+        Some(TensorCoreRounding { min_rows, dtypes })
     }
     /// The layer each op waits for (None: reads no weights).
     pub fn op_layers(&self) -> &[Option<usize>] {
@@ -865,7 +940,18 @@ impl Worker {
                 let ldo = os[1];
                 // Ops merged into this one (fuse_linears) add their columns.
                 let n = p.gemv_cols[index].unwrap_or(ws[0]);
-                llama::gemv(dev, s, wdtype(weight)?, xs[0], n, ws[1], xp, xs[1], wp, op_ + (*out_col * 4) as u64, ldo, ao(residual)?, ldo)
+                let dt = wdtype(weight)?;
+                if !p.op_tc[index] {
+                    return llama::gemv(dev, s, dt, xs[0], n, ws[1], xp, xs[1], wp, op_ + (*out_col * 4) as u64, ldo, ao(residual)?, ldo);
+                }
+                // Tensor cores: x rounded to the weights' type, fp32 out and residual.
+                let xr = abase + p.round_offset;
+                llama::round_half(dev, s, dt, xp, xs[1], xr, xs[0], ws[1])?;
+                let gdt = if dt == Dtype::Bf16 { gemm::GemmDtype::Bf16 } else { gemm::GemmDtype::F16 };
+                let mut g = gemm::GemmArgs::dense(xs[0], n, ws[1], xr, wp, true, op_ + (*out_col * 4) as u64);
+                g.ldc = ldo;
+                g.residual = ao(residual)?;
+                gemm::gemm_c32(dev, s, gdt, &g)
             }
             Op::Linear { x, weight, bias, trans_b, act, residual, out, out_col } => {
                 let (xp, xs) = a(x)?;

@@ -94,6 +94,8 @@ struct Case {
     tile: Option<GemmTile>,
     /// Forces a kernel (overrides `tile`).
     kernel: Option<GemmKernel>,
+    /// The `_c32` kernels (`gemm_c32`): C, bias and residual fp32.
+    c32: bool,
 }
 
 impl Case {
@@ -118,7 +120,16 @@ impl Case {
             shared_b: false,
             tile: None,
             kernel: None,
+            c32: false,
         }
+    }
+
+    /// A `_c32` case: half A and B (B stored [N, K]), fp32 C.
+    fn c32(dtype: GemmDtype, m: usize, n: usize, k: usize, kernel: Option<GemmKernel>) -> Case {
+        let mut c = Case::new(dtype, true, m, n, k);
+        c.kernel = kernel;
+        c.c32 = true;
+        c
     }
 
     fn wg(dtype: GemmDtype, m: usize, n: usize, k: usize, t: WgTile) -> Case {
@@ -136,8 +147,10 @@ fn round_up(x: usize, to: usize) -> usize {
 fn run(c: &Case, seed: u64) -> (f64, bool, bool) {
     let d = dev();
     let dt = c.dtype;
-    let es = dt.size();
     let half = dt != GemmDtype::F32;
+    // Element type and size of C, bias and residual.
+    let cdt = if c.c32 { GemmDtype::F32 } else { dt };
+    let es = cdt.size();
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let (b_rows, b_cols) = if c.trans_b { (c.n, c.k) } else { (c.k, c.n) };
     let mut lda = c.k + c.pad_a;
@@ -160,15 +173,15 @@ fn run(c: &Case, seed: u64) -> (f64, bool, bool) {
 
     let a_host: Vec<f32> = rng.vec(a_len).into_iter().map(|x| round(dt, x)).collect();
     let b_host: Vec<f32> = rng.vec(b_len).into_iter().map(|x| round(dt, x)).collect();
-    let bias_host: Vec<f32> = rng.vec(c.n).into_iter().map(|x| round(dt, x)).collect();
-    let res_host: Vec<f32> = rng.vec(c_len).into_iter().map(|x| round(dt, x)).collect();
+    let bias_host: Vec<f32> = rng.vec(c.n).into_iter().map(|x| round(cdt, x)).collect();
+    let res_host: Vec<f32> = rng.vec(c_len).into_iter().map(|x| round(cdt, x)).collect();
 
     // Initial bytes of C: poison, or (in place) the residual.
-    let c_init: Vec<u8> = if c.in_place { encode(dt, &res_host) } else { vec![0xFF; c_len * es] };
+    let c_init: Vec<u8> = if c.in_place { encode(cdt, &res_host) } else { vec![0xFF; c_len * es] };
     let a_dev = upload(d, &encode(dt, &a_host));
     let b_dev = upload(d, &encode(dt, &b_host));
-    let bias_dev = upload(d, &encode(dt, &bias_host));
-    let res_dev = upload(d, &encode(dt, &res_host));
+    let bias_dev = upload(d, &encode(cdt, &bias_host));
+    let res_dev = upload(d, &encode(cdt, &res_host));
     let c_dev = upload(d, &c_init);
 
     let off = (c.off_c * es) as u64;
@@ -198,6 +211,8 @@ fn run(c: &Case, seed: u64) -> (f64, bool, bool) {
     };
     let stream = Stream::new(d).expect("stream");
     match (c.kernel, c.tile) {
+        (Some(k), _) if c.c32 => gemm::gemm_c32_with_kernel(d, stream.raw(), dt, &args, k),
+        (None, _) if c.c32 => gemm::gemm_c32(d, stream.raw(), dt, &args),
         (Some(k), _) => gemm::gemm_with_kernel(d, stream.raw(), dt, &args, k),
         (None, None) => gemm::gemm(d, stream.raw(), dt, &args),
         (None, Some(t)) => gemm::gemm_with_tile(d, stream.raw(), dt, &args, t),
@@ -208,7 +223,7 @@ fn run(c: &Case, seed: u64) -> (f64, bool, bool) {
     c_dev.copy_to_slice(&mut out).expect("download");
 
     // Reference, indexed like the device buffer from the slice origin.
-    let mut reference: Vec<f32> = (0..c_len).map(|i| decode(dt, &c_init, i)).collect();
+    let mut reference: Vec<f32> = (0..c_len).map(|i| decode(cdt, &c_init, i)).collect();
     gemm::gemm_ref_f32(
         &args,
         &a_host,
@@ -232,7 +247,7 @@ fn run(c: &Case, seed: u64) -> (f64, bool, bool) {
     let mut bad = Vec::new();
     for e in 0..c_len {
         if written[e] {
-            let o = decode(dt, &out, e);
+            let o = decode(cdt, &out, e);
             let r = reference[e] as f64;
             nan |= o.is_nan();
             num += (o as f64 - r).powi(2);
@@ -261,9 +276,21 @@ fn run(c: &Case, seed: u64) -> (f64, bool, bool) {
     (rel, nan, intact)
 }
 
+/// The error allowed: fp32 1e-5; a half-type output 1e-2; an fp32 output
+/// of half inputs (`_c32`) 1e-4, below what rounding the output to bf16
+/// (about 1e-3) or f16 (about 1.5e-4) would cost, so a kernel that stores
+/// halves cannot pass.
+fn tolerance(c: &Case) -> f64 {
+    match (c.dtype, c.c32) {
+        (GemmDtype::F32, _) => 1e-5,
+        (_, true) => 1e-4,
+        _ => 1e-2,
+    }
+}
+
 fn check(c: &Case, seed: u64) {
     let (rel, nan, intact) = run(c, seed);
-    let tol = if c.dtype == GemmDtype::F32 { 1e-5 } else { 1e-2 };
+    let tol = tolerance(c);
     eprintln!("{c:?}: rel {rel:.2e}");
     assert!(!nan, "NaN in the result of {c:?}");
     assert!(intact, "bytes outside the result changed: {c:?}");
@@ -465,7 +492,7 @@ fn check_all(cases: &[Case], seed0: u64) {
     let mut failed = Vec::new();
     for (i, c) in cases.iter().enumerate() {
         let (rel, nan, intact) = run(c, seed0 + i as u64);
-        let tol = if c.dtype == GemmDtype::F32 { 1e-5 } else { 1e-2 };
+        let tol = tolerance(c);
         let ok = !nan && intact && rel <= tol;
         eprintln!("{c:?}: rel {rel:.2e}{}{}", if intact { "" } else { " BYTES OUTSIDE CHANGED" }, if ok { "" } else { " FAILED" });
         if !ok {
@@ -616,4 +643,67 @@ fn wgmma_refused_where_it_does_not_exist() {
     let g = GemmArgs::dense(64, 64, 64, p, p + 32768, false, p + 65536);
     assert!(matches!(gemm::gemm_with_kernel(d, stream.raw(), GemmDtype::F16, &g, k), Err(pipeswitch::error::Error::InvalidArgument(_))));
     check_launch(stream.raw()).expect("nothing was launched");
+}
+
+/// The `_c32` twins (half A and B, fp32 C, bias and residual; what the
+/// Llama prefill runs): every mma.sync tile and (on compute capability 9.0)
+/// every wgmma tile at edge shapes, with bias, residual (separate and in
+/// place), column slices and the Llama prefill's shapes with gemm_c32's own
+/// choice.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn c32_all_kernels_against_the_reference() {
+    let mut kernels: Vec<Option<GemmKernel>> = vec![None];
+    kernels.extend(FIXED.map(|t| Some(GemmKernel::Sync(t))));
+    if wgmma_here() {
+        kernels.extend(WgTile::ALL.map(|t| Some(GemmKernel::Wgmma(t))));
+    }
+    let mut cases = Vec::new();
+    for dt in HALVES {
+        for &kern in &kernels {
+            for (m, n, k) in [(1, 1, 8), (7, 13, 8), (33, 65, 24), (129, 257, 136), (67, 131, 520), (16, 300, 16), (37, 61, 131), (130, 200, 72)] {
+                cases.push(Case::c32(dt, m, n, k, kern));
+            }
+            let mut c = Case::c32(dt, 70, 96, 64, kern);
+            c.bias = true;
+            c.residual = true;
+            cases.push(c);
+            let mut c = Case::c32(dt, 45, 40, 40, kern);
+            c.residual = true;
+            c.in_place = true;
+            cases.push(c);
+            // A column slice of a wider fp32 output (Q|K|V packing): odd
+            // offset, so no 16-byte vectors.
+            let mut c = Case::c32(dt, 20, 36, 48, kern);
+            c.off_c = 3;
+            c.pad_c = 5;
+            cases.push(c);
+        }
+        // The tiny Llama's prefill shapes and the 8B's at M = 128 (K cut
+        // down: the f64 reference runs on the CPU), gemm_c32's choice.
+        for (m, n, k, res) in [(14, 1024, 256, false), (14, 256, 256, true), (128, 6144, 512, false), (128, 4096, 1024, true), (128, 28672, 256, false)] {
+            let mut c = Case::c32(dt, m, n, k, None);
+            c.residual = res;
+            cases.push(c);
+        }
+    }
+    check_all(&cases, 900);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn c32_refuses_what_it_does_not_take() {
+    let d = dev();
+    let stream = Stream::new(d).expect("stream");
+    let buf = DeviceAlloc::new(d, 1 << 20).expect("alloc");
+    let p = buf.ptr();
+    let invalid = |r: pipeswitch::error::Result<()>| matches!(r, Err(pipeswitch::error::Error::InvalidArgument(_)));
+    let g = GemmArgs::dense(64, 64, 64, p, p + 16384, true, p + 32768);
+    assert!(invalid(gemm::gemm_c32(d, stream.raw(), GemmDtype::F32, &g)));
+    let g = GemmArgs::dense(64, 64, 64, p, p + 16384, false, p + 32768);
+    assert!(invalid(gemm::gemm_c32(d, stream.raw(), GemmDtype::Bf16, &g)));
+    // C 2-byte aligned: fine for a half C, not for fp32.
+    let g = GemmArgs::dense(64, 64, 64, p, p + 16384, true, p + 32770);
+    assert!(invalid(gemm::gemm_c32(d, stream.raw(), GemmDtype::Bf16, &g)));
+    stream.synchronize().expect("nothing launched");
 }

@@ -9,7 +9,8 @@ mod common;
 use std::collections::HashMap;
 
 use pipeswitch::kernels::gemm::{bf16_bits_to_f32, f32_to_bf16_bits};
-use pipeswitch::model::cpu::{reference_weights, run_graph_cpu_with_state, HostTensor, HostWeights};
+use pipeswitch::kernels::llama_ref::round_to;
+use pipeswitch::model::cpu::{reference_weights, run_graph_cpu_rounded, run_graph_cpu_with_state, HostTensor, HostWeights, TensorCoreRounding};
 use pipeswitch::model::llama::{self, LlamaConfig};
 use pipeswitch::model::weights::weight_values;
 use pipeswitch::store::safetensors::{write_file, WriteTensor};
@@ -25,6 +26,9 @@ fn bf16(x: f32) -> f32 {
 struct Plain<'a> {
     cfg: LlamaConfig,
     w: &'a HostWeights,
+    /// The tensor-core prefill: the inputs of the blocks' linears of the
+    /// first `n` tokens (those of the prompt) rounded to the weights' type.
+    round_first: usize,
 }
 
 impl Plain<'_> {
@@ -53,6 +57,15 @@ impl Plain<'_> {
             v[half + i] = x1 * c + x0 * s;
         }
     }
+    /// `mv` with x rounded to the weights' type for a token of the prefill.
+    fn lin(&self, w: &[f32], x: &[f32], pos: usize) -> Vec<f32> {
+        if pos < self.round_first {
+            let xr: Vec<f32> = x.iter().map(|&v| round_to(self.cfg.dtype, v)).collect();
+            self.mv(w, &xr)
+        } else {
+            self.mv(w, x)
+        }
+    }
     /// Logits of the last token of `tokens`.
     fn logits(&self, tokens: &[i32]) -> Vec<f32> {
         let c = self.cfg;
@@ -67,9 +80,9 @@ impl Plain<'_> {
             let mut vs = vec![];
             for (pos, x) in xs.iter().enumerate() {
                 let xn = self.rms(x, wn("input_layernorm.weight"));
-                let mut q = self.mv(wn("self_attn.q_proj.weight"), &xn);
-                let mut k = self.mv(wn("self_attn.k_proj.weight"), &xn);
-                let v = self.mv(wn("self_attn.v_proj.weight"), &xn);
+                let mut q = self.lin(wn("self_attn.q_proj.weight"), &xn, pos);
+                let mut k = self.lin(wn("self_attn.k_proj.weight"), &xn, pos);
+                let v = self.lin(wn("self_attn.v_proj.weight"), &xn, pos);
                 for hq in q.chunks_mut(d) {
                     self.rope(hq, pos);
                 }
@@ -97,13 +110,13 @@ impl Plain<'_> {
                         }
                     }
                 }
-                let o = self.mv(wn("self_attn.o_proj.weight"), &ctx);
+                let o = self.lin(wn("self_attn.o_proj.weight"), &ctx, i);
                 let h1: Vec<f32> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
                 let xn2 = self.rms(&h1, wn("post_attention_layernorm.weight"));
-                let g = self.mv(wn("mlp.gate_proj.weight"), &xn2);
-                let u = self.mv(wn("mlp.up_proj.weight"), &xn2);
+                let g = self.lin(wn("mlp.gate_proj.weight"), &xn2, i);
+                let u = self.lin(wn("mlp.up_proj.weight"), &xn2, i);
                 let a: Vec<f32> = g.iter().zip(&u).map(|(g, u)| (*g as f64 / (1.0 + (-*g as f64).exp()) * *u as f64) as f32).collect();
-                let dn = self.mv(wn("mlp.down_proj.weight"), &a);
+                let dn = self.lin(wn("mlp.down_proj.weight"), &a, i);
                 next.push(h1.iter().zip(&dn).map(|(a, b)| a + b).collect());
             }
             xs = next;
@@ -130,13 +143,26 @@ fn prompt(batch: usize, seq: usize, vocab: usize, salt: usize) -> Vec<i32> {
 
 /// Prefill then greedy decoding through the graphs and the CPU executor.
 fn generate_graph(cfg: &LlamaConfig, w: &HostWeights, batch: usize, seq: usize, steps: usize, max_seq: usize) -> (Vec<Vec<i32>>, Vec<Vec<f32>>) {
+    generate_graph_rounded(cfg, w, batch, seq, steps, max_seq, None)
+}
+
+/// [`generate_graph`] with the executor rounding as the worker's tensor-core path.
+fn generate_graph_rounded(
+    cfg: &LlamaConfig,
+    w: &HostWeights,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    max_seq: usize,
+    rounding: Option<&TensorCoreRounding>,
+) -> (Vec<Vec<i32>>, Vec<Vec<f32>>) {
     let pre = llama::graph(cfg, batch, seq, max_seq);
     let dec = llama::graph(cfg, batch, 1, max_seq);
     assert_eq!(pre.state, dec.state, "prefill and decode share the cache");
     let mut state = HashMap::new();
     let ids = prompt(batch, seq, cfg.vocab, 0);
     let inputs = HashMap::from([("input_ids".to_string(), HostTensor::I32(ids)), ("pos".to_string(), HostTensor::I32(vec![0]))]);
-    let out = run_graph_cpu_with_state(&pre, w, &inputs, &mut state).unwrap();
+    let out = run_graph_cpu_rounded(&pre, w, &inputs, &mut state, rounding).unwrap();
     let mut tokens: Vec<Vec<i32>> = vec![vec![]; batch];
     let mut logits: Vec<Vec<f32>> = vec![vec![]; batch];
     let mut next: Vec<i32> = out["next"].iter().map(|&v| v as i32).collect();
@@ -151,7 +177,7 @@ fn generate_graph(cfg: &LlamaConfig, w: &HostWeights, batch: usize, seq: usize, 
             break;
         }
         let inputs = HashMap::from([("input_ids".to_string(), HostTensor::I32(next.clone())), ("pos".to_string(), HostTensor::I32(vec![(seq + step) as i32]))]);
-        let out = run_graph_cpu_with_state(&dec, w, &inputs, &mut state).unwrap();
+        let out = run_graph_cpu_rounded(&dec, w, &inputs, &mut state, rounding).unwrap();
         next = out["next"].iter().map(|&v| v as i32).collect();
         for b in 0..batch {
             logits[b].extend_from_slice(&out["logits"][b * cfg.vocab..(b + 1) * cfg.vocab]);
@@ -161,11 +187,21 @@ fn generate_graph(cfg: &LlamaConfig, w: &HostWeights, batch: usize, seq: usize, 
 }
 
 fn check_against_plain(cfg: LlamaConfig) {
+    check_against_plain_rounded(cfg, None);
+}
+
+/// `tc_rows`: the executor rounds as the tensor-core path from that many
+/// rows (the prefill's 12 take it, decoding's 2 and the LM head's 2 do not).
+/// Returns the logits of the prefill (the first step).
+fn check_against_plain_rounded(cfg: LlamaConfig, tc_rows: Option<usize>) -> Vec<f32> {
     let def = llama::model_def(&cfg);
     let w = reference_weights(&def, 11);
     let (batch, seq, steps) = (2, 6, 5);
-    let (tokens, logits) = generate_graph(&cfg, &w, batch, seq, steps, 16);
-    let plain = Plain { cfg, w: &w };
+    let rounding = tc_rows.map(|r| TensorCoreRounding::of_def(&def, r));
+    let (tokens, logits) = generate_graph_rounded(&cfg, &w, batch, seq, steps, 16, rounding.as_ref());
+    let prefill_rounds = tc_rows.is_some_and(|r| batch * seq >= r);
+    assert!(tc_rows.is_none_or(|r| batch < r), "the test's plain model rounds no LM head nor decoding step");
+    let plain = Plain { cfg, w: &w, round_first: if prefill_rounds { seq } else { 0 } };
     let ids = prompt(batch, seq, cfg.vocab, 0);
     let mut worst = 0f64;
     for b in 0..batch {
@@ -184,6 +220,7 @@ fn check_against_plain(cfg: LlamaConfig) {
     assert!(worst < 1e-4, "logits differ by {worst} of their scale");
     // The two sequences of the batch are independent and produce different tokens.
     assert_ne!(tokens[0], tokens[1]);
+    logits.iter().flat_map(|l| l[..cfg.vocab].to_vec()).collect()
 }
 
 #[test]
@@ -194,6 +231,34 @@ fn graph_matches_a_plain_implementation_untied() {
 #[test]
 fn graph_matches_a_plain_implementation_tied() {
     check_against_plain(LlamaConfig::tiny(true));
+}
+
+#[test]
+fn tensor_core_prefill_rounds_the_linears_inputs() {
+    for (cfg, tag) in [(LlamaConfig::tiny(false), "bf16 untied"), (LlamaConfig { dtype: Dtype::F16, ..LlamaConfig::tiny(true) }, "f16 tied")] {
+        let exact = check_against_plain_rounded(cfg, None);
+        // 12 prompt rows reach a threshold of 8 and of 12, not one of 13.
+        let rounded = check_against_plain_rounded(cfg, Some(8));
+        assert_eq!(check_against_plain_rounded(cfg, Some(12)), rounded, "{tag}");
+        assert_eq!(check_against_plain_rounded(cfg, Some(13)), exact, "{tag}");
+        // The rounding shows (and so the plain model's check above catches
+        // an executor that skips it): more than the 1e-4 it is held to,
+        // well within what a bf16 / f16 input may move.
+        let scale = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = exact.iter().zip(&rounded).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        eprintln!("{tag}: rounding the prefill's linears' inputs moves the logits by {diff:.2e} of their scale");
+        assert!(diff > 2e-4 && diff < 3e-2, "{tag}: {diff}");
+    }
+}
+
+#[test]
+fn tensor_core_rounding_only_for_half_weights_from_the_threshold() {
+    let cfg = LlamaConfig::tiny(false);
+    let r = TensorCoreRounding::of_def(&llama::model_def(&cfg), 16);
+    assert_eq!(r.dtype_for("model.layers.0.self_attn.q_proj.weight", 16), Some(Dtype::Bf16));
+    assert_eq!(r.dtype_for("model.layers.0.self_attn.q_proj.weight", 15), None);
+    assert_eq!(r.dtype_for("rope", 64), None, "the rotary table is F32");
+    assert_eq!(r.dtype_for("no.such.weight", 64), None);
 }
 
 #[test]
@@ -483,6 +548,49 @@ fn programs_share_the_cache_and_refuse_what_the_kernels_cannot_run() {
     assert!(Program::new(m.clone(), g).is_err());
     drop(store);
     Store::destroy("llama-prog").unwrap();
+}
+
+#[test]
+fn programs_plan_the_tensor_core_linears_and_their_scratch() {
+    use pipeswitch::model::Op;
+    use pipeswitch::worker::Program;
+    common::shm_dir();
+    let store = Store::create("llama-prog-tc", 64 << 20, 8).unwrap();
+    let cfg = LlamaConfig::tiny(false);
+    let m = llama::add_random(&store, "tiny", &cfg, 1, 2, &mut |_, _| {}).unwrap();
+    let (pre_g, dec_g) = (llama::graph(&cfg, 2, 8, 32), llama::graph(&cfg, 2, 1, 32));
+    let pre_gemv = Program::with_tensor_cores(m.clone(), pre_g.clone(), None).unwrap();
+    let pre = Program::with_tensor_cores(m.clone(), pre_g.clone(), Some(16)).unwrap();
+    let dec = Program::with_tensor_cores(m.clone(), dec_g.clone(), Some(16)).unwrap();
+    assert_eq!(pre.tensor_core_rows(), Some(16));
+    assert!(pre_gemv.tensor_core_ops().iter().all(|&t| !t));
+    // Prefill (16 rows): one launch per merged group (Q|K|V, O, gate|up,
+    // down) on the tensor cores; the LM head (2 rows) and decoding on the GEMV.
+    let tc: Vec<&str> = pre_g.ops.iter().zip(pre.tensor_core_ops()).filter(|(_, &t)| t).map(|(op, _)| match op {
+        Op::Linear { weight, .. } => weight.as_str(),
+        _ => panic!("{} on the tensor cores", op.kind()),
+    }).collect();
+    assert_eq!(tc.len(), 4 * cfg.layers, "{tc:?}");
+    assert_eq!(tc[..4], ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.down_proj.weight"]);
+    assert!(dec.tensor_core_ops().iter().all(|&t| !t));
+    // The scratch for the rounded input: the widest one, 16 rows of the FFN's
+    // width in BF16, after every slot (so the cache stays where it was).
+    assert_eq!(pre.activation_bytes(), pre_gemv.activation_bytes() + (16 * cfg.ffn * 2) as u64);
+    assert_eq!(dec.activation_bytes(), Program::with_tensor_cores(m.clone(), dec_g, None).unwrap().activation_bytes());
+    for (n, _) in &pre_g.state {
+        assert_eq!(pre.slot(n).unwrap(), pre_gemv.slot(n).unwrap());
+    }
+    // Exactly a threshold of 16 rows takes it; 17 does not.
+    assert!(Program::with_tensor_cores(m.clone(), pre_g.clone(), Some(17)).unwrap().tensor_core_ops().iter().all(|&t| !t));
+    // What the CPU executor must round.
+    let r = pre.tensor_core_rounding().unwrap();
+    assert_eq!(r.min_rows, 16);
+    assert_eq!(r.dtype_for("model.layers.1.mlp.down_proj.weight", 16), Some(Dtype::Bf16));
+    assert!(pre_gemv.tensor_core_rounding().is_none());
+    let e = Program::with_tensor_cores(m.clone(), pre_g, Some(0)).unwrap_err().to_string();
+    assert!(e.contains("at least 1"), "{e}");
+    drop(store);
+    Store::destroy("llama-prog-tc").unwrap();
 }
 
 #[test]

@@ -1,14 +1,17 @@
 //! Llama on the GPU with the built-in worker: tiny configurations (BF16
 //! untied, F16 tied) switched in whole and layer by layer, prefill of two
 //! prompts then greedy decoding with the KV cache, compared step by step
-//! with the CPU executor on the same weights. `cargo test --test llama_gpu
-//! -- --ignored`.
+//! with the CPU executor on the same weights; the same with the prefill's
+//! linears on the tensor cores (inputs rounded to the weights' type, the
+//! executor rounding them alike). `cargo test --test llama_gpu --
+//! --ignored`; the plain tests follow `PIPESWITCH_LLM_TENSOR_CORES` (run
+//! them with it on and off).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use pipeswitch::arena::Arena;
-use pipeswitch::model::cpu::{reference_weights, run_graph_cpu_with_state, HostTensor, HostWeights};
+use pipeswitch::model::cpu::{reference_weights, run_graph_cpu_rounded, HostTensor, HostWeights};
 use pipeswitch::model::llama::{self, LlamaConfig};
 use pipeswitch::planner;
 use pipeswitch::store::{Dtype, Store};
@@ -41,7 +44,8 @@ fn top2(row: &[f32]) -> (i32, f32) {
     (idx[0] as i32, row[idx[0]] - row[idx[1]])
 }
 
-fn run_model(cfg: LlamaConfig, tag: &str, batch: usize) {
+/// `tc`: the programs' tensor-core threshold (None: the environment's).
+fn run_model(cfg: LlamaConfig, tag: &str, batch: usize, tc: Option<Option<usize>>) {
     let name = format!("llamagpu-{tag}-{}", std::process::id());
     let _ = Store::destroy(&name);
     let store = TempStore(Arc::new(Store::create(&name, cfg.weight_bytes() + (16 << 20), 4).unwrap()), name);
@@ -50,8 +54,15 @@ fn run_model(cfg: LlamaConfig, tag: &str, batch: usize) {
     let (seq, max_seq, steps) = (7usize, 24usize, 12usize);
     let pre_g = llama::graph(&cfg, batch, seq, max_seq);
     let dec_g = llama::graph(&cfg, batch, 1, max_seq);
-    let pre = Program::new(model.clone(), pre_g.clone()).unwrap();
-    let dec = Program::new(model.clone(), dec_g.clone()).unwrap();
+    let program = |g: &pipeswitch::model::Graph| match tc {
+        Some(rows) => Program::with_tensor_cores(model.clone(), g.clone(), rows),
+        None => Program::new(model.clone(), g.clone()),
+    };
+    let pre = program(&pre_g).unwrap();
+    let dec = program(&dec_g).unwrap();
+    let tc_prefill = pre.tensor_core_ops().iter().any(|&t| t);
+    eprintln!("{tag}: tensor cores from {:?} rows; prefill ({} rows) on them: {tc_prefill}", pre.tensor_core_rows(), batch * seq);
+    assert!(!dec.tensor_core_ops().iter().any(|&t| t) || dec.tensor_core_rows().is_some_and(|r| r <= batch));
     for (n, _) in &pre_g.state {
         assert_eq!(pre.slot(n).unwrap(), dec.slot(n).unwrap(), "{n}: prefill and decode share the cache");
     }
@@ -82,7 +93,19 @@ fn run_model(cfg: LlamaConfig, tag: &str, batch: usize) {
             let logits = worker.read_f32(program, "logits").unwrap();
             let next = worker.read_i32(program, "next").unwrap();
             let inputs = HashMap::from([("input_ids".to_string(), HostTensor::I32(ids.clone())), ("pos".to_string(), HostTensor::I32(vec![pos as i32]))]);
-            let out = run_graph_cpu_with_state(graph_cpu, &weights, &inputs, &mut state).unwrap();
+            let rounding = program.tensor_core_rounding();
+            if step == 0 && tc_prefill {
+                // The GPU rounds: it is nearer the executor that rounds alike
+                // than the one that does not.
+                let exact = run_graph_cpu_rounded(graph_cpu, &weights, &inputs, &mut state.clone(), None).unwrap();
+                let (e_exact, e_rounded) = (rel_err(&logits, &exact["logits"]), {
+                    let r = run_graph_cpu_rounded(graph_cpu, &weights, &inputs, &mut state.clone(), rounding.as_ref()).unwrap();
+                    rel_err(&logits, &r["logits"])
+                });
+                eprintln!("{tag}: prefill logits vs the rounding executor {e_rounded:.2e}, vs the exact one {e_exact:.2e}");
+                assert!(e_rounded < e_exact, "{tag}: the tensor-core prefill does not round as specified");
+            }
+            let out = run_graph_cpu_rounded(graph_cpu, &weights, &inputs, &mut state, rounding.as_ref()).unwrap();
             let err = rel_err(&logits, &out["logits"]);
             worst = worst.max(err);
             // K and V round to bf16 from sums in another order: an odd last-bit
@@ -154,22 +177,41 @@ fn run_model(cfg: LlamaConfig, tag: &str, batch: usize) {
 #[ignore = "needs a CUDA GPU"]
 fn tiny_bf16_llama_matches_the_cpu_executor() {
     // Batch 1 decodes with the one-row GEMV; batch 2 with the 8-row one.
-    run_model(LlamaConfig::tiny(false), "bf16-b1", 1);
-    run_model(LlamaConfig::tiny(false), "bf16-b2", 2);
+    run_model(LlamaConfig::tiny(false), "bf16-b1", 1, None);
+    run_model(LlamaConfig::tiny(false), "bf16-b2", 2, None);
+}
+
+/// The tiny F16 model of the test below: wider, deeper, odd sizes.
+fn tiny_f16_odd() -> LlamaConfig {
+    let mut cfg = LlamaConfig::tiny(true);
+    cfg.dtype = Dtype::F16;
+    cfg.hidden = 264;
+    cfg.ffn = 712;
+    cfg.vocab = 389;
+    cfg.layers = 3;
+    cfg
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tiny_llamas_with_the_tensor_core_prefill_match_the_cpu_executor() {
+    // Prompts of 7 tokens: a threshold of 4 rows sends every prefill linear
+    // of the blocks to the tensor cores (7, 14 and 21 rows; the LM head's
+    // 1-3 rows and decoding stay on the GEMV), one of 16 only batch 3's.
+    run_model(LlamaConfig::tiny(false), "bf16-b1-tc4", 1, Some(Some(4)));
+    run_model(LlamaConfig::tiny(false), "bf16-b2-tc4", 2, Some(Some(4)));
+    run_model(tiny_f16_odd(), "f16-b3-tc4", 3, Some(Some(4)));
+    run_model(tiny_f16_odd(), "f16-b3-tc16", 3, Some(Some(16)));
+    // And with the path off whatever the environment says.
+    run_model(LlamaConfig::tiny(false), "bf16-b2-gemv", 2, Some(None));
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn tiny_f16_tied_llama_matches_the_cpu_executor() {
-    let mut cfg = LlamaConfig::tiny(true);
-    cfg.dtype = Dtype::F16;
     // Wider and deeper than the default tiny model: GEMV tails (K not a
     // multiple of 512) and a vocabulary not a multiple of the block's rows.
-    cfg.hidden = 264;
-    cfg.ffn = 712;
-    cfg.vocab = 389;
-    cfg.layers = 3;
-    run_model(cfg, "f16-b3", 3);
+    run_model(tiny_f16_odd(), "f16-b3", 3, None);
 }
 
 // ---- Kernels one by one against their CPU references (llama_ref) --------
@@ -238,6 +280,40 @@ fn gemv_matches_its_reference_at_every_shape() {
     // Shapes the kernel cannot take are refused before any launch.
     assert!(lk::gemv(dev, stream.raw(), Dtype::Bf16, 1, 8, 12, 256, 12, 256, 256, 8, 0, 8).is_err(), "k % 8");
     assert!(lk::gemv(dev, stream.raw(), Dtype::F32, 1, 8, 16, 256, 16, 256, 256, 8, 0, 8).is_err(), "f32 weights");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn round_matches_its_reference_bit_for_bit() {
+    let dev = Device::get(0).unwrap();
+    let stream = Stream::new(dev).unwrap();
+    lk::preload(dev).unwrap();
+    for dtype in [Dtype::Bf16, Dtype::F16] {
+        for &(rows, k, ldx) in &[(1, 8, 8), (3, 16, 20), (7, 264, 264), (130, 712, 716), (2, 4096, 4096)] {
+            let mut x: Vec<f32> = rand_vec(rows * ldx, (rows * k) as u64).iter().map(|v| v * 3.0).collect();
+            // Ties, the edges of the half types, and what they cannot hold.
+            let special = [0.0, -0.0, 1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8), 65504.0, 65520.0, 1e6, -1e-7, 3e-8, f32::INFINITY, f32::NEG_INFINITY, f32::MAX];
+            for (i, v) in special.iter().enumerate().take(k) {
+                x[i] = *v;
+            }
+            let expect: Vec<u16> = (0..rows).flat_map(|r| halves(&x[r * ldx..r * ldx + k], dtype).1).collect();
+            let dx = DeviceAlloc::from_slice(dev, &x).unwrap();
+            let dy = DeviceAlloc::from_slice(dev, &vec![0xFFFFu16; rows * k + 8]).unwrap();
+            lk::round_half(dev, stream.raw(), dtype, dx.ptr(), ldx, dy.ptr(), rows, k).unwrap();
+            stream.synchronize().unwrap();
+            let mut got = vec![0u16; rows * k + 8];
+            dy.copy_to_slice(&mut got).unwrap();
+            assert_eq!(got[..rows * k], expect[..], "{dtype:?} {rows}x{k} (ldx {ldx})");
+            assert!(got[rows * k..].iter().all(|&b| b == 0xFFFF), "{dtype:?} {rows}x{k}: wrote past its rows");
+        }
+    }
+    // Shapes the kernel cannot take are refused before any launch.
+    let buf = DeviceAlloc::new(dev, 4096).unwrap();
+    let p = buf.ptr();
+    assert!(lk::round_half(dev, stream.raw(), Dtype::Bf16, p, 12, p + 2048, 2, 12).is_err(), "k % 8");
+    assert!(lk::round_half(dev, stream.raw(), Dtype::Bf16, p, 6, p + 2048, 2, 8).is_err(), "ldx < k");
+    assert!(lk::round_half(dev, stream.raw(), Dtype::F32, p, 8, p + 2048, 2, 8).is_err(), "f32");
+    assert!(lk::round_half(dev, stream.raw(), Dtype::Bf16, p + 4, 8, p + 2048, 2, 8).is_err(), "misaligned x");
 }
 
 #[test]

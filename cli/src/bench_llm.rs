@@ -12,6 +12,12 @@
 //!   rotary table, 32 blocks, the final norm, the LM head, the token table
 //!   last) with the first block running while the rest is in flight;
 //! - `ready`: the model already resident;
+//! - `ready_gemv`, `ready_tensor_cores`, `pipelined_gemv`,
+//!   `pipelined_tensor_cores`: the same with the prefill's linears on the
+//!   GEMV kernels or on the tensor cores (`Program::with_tensor_cores`);
+//!   `pipelined` and `ready` (and decoding, and the logits for the PyTorch
+//!   reference) use the default path (`PIPESWITCH_LLM_TENSOR_CORES`), the
+//!   report's `tensor_core_rows`;
 //! - `plain_load`: one synchronous copy of the whole model from the pinned
 //!   store, then the run;
 //! - `sleep_wake`: tensor by tensor synchronous copies from the pinned store
@@ -104,6 +110,19 @@ pub struct DecodeResult {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct PrefillGemm {
+    pub weight: String,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub kernel: String,
+    pub us: f64,
+    pub tflops: f64,
+    /// Weight bytes over the kernel's time, GB/s.
+    pub weight_gbps: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct LlmReport {
     pub card: String,
     pub config: String,
@@ -122,6 +141,17 @@ pub struct LlmReport {
     /// `first_token_bytes` over the H2D peak, ms.
     pub first_token_floor_ms: f64,
     pub ttft_ms: HashMap<String, Stats>,
+    /// The tensor-core threshold of the default path (None: GEMV), which
+    /// `pipelined`, `ready`, decoding and the batch-1 logits use (the
+    /// PyTorch reference rounds as it says), and the threshold of the
+    /// `*_tensor_cores` runs.
+    pub tensor_core_rows: Option<usize>,
+    pub tensor_core_rows_compared: usize,
+    /// The batch-1 prompt's logits with the other prefill path: the file
+    /// (beside the default path's) and its tensor-core threshold (None:
+    /// GEMV), for the PyTorch reference.
+    pub other_prefill_logits: String,
+    pub other_prefill_tensor_core_rows: Option<usize>,
     pub ttft_over_floor: f64,
     pub ttft_over_first_token_floor: f64,
     pub sleep_wake_over_pipelined: f64,
@@ -129,6 +159,9 @@ pub struct LlmReport {
     /// The GEMV alone on one down_proj-sized weight ([4096, 14336]), by
     /// rows of x (1 and 8): weight bytes over kernel time, GB/s.
     pub gemv_gbps: Vec<(usize, f64)>,
+    /// The tensor-core prefill's GEMMs alone (`gemm_c32`, the prompt's rows
+    /// times each merged weight of block 0): shape, kernel, microseconds.
+    pub prefill_gemms: Vec<PrefillGemm>,
     pub two_resident_ttft_ms: Option<Stats>,
     pub three_over_two_regions_ttft_ms: Option<Stats>,
     pub tokens_batch1: Vec<i32>,
@@ -253,13 +286,30 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
     let dec1 = Program::new(model.clone(), llama::graph(&cfg, 1, 1, max_seq))?;
     let pre8 = Program::new(model.clone(), llama::graph(&cfg, 8, opts.prompt, max_seq))?;
     let dec8 = Program::new(model.clone(), llama::graph(&cfg, 8, 1, max_seq))?;
-    let act = [&pre1, &dec1, &pre8, &dec8].iter().map(|p| p.activation_bytes()).max().unwrap_or(0);
+    // The prefill both ways, whatever the default.
+    let tc_default = pre1.tensor_core_rows();
+    let tc_rows = tc_default.unwrap_or(pipeswitch::kernels::llama::TENSOR_CORE_MIN_ROWS);
+    let pre1_gemv = Program::with_tensor_cores(model.clone(), llama::graph(&cfg, 1, opts.prompt, max_seq), None)?;
+    let pre1_tc = Program::with_tensor_cores(model.clone(), llama::graph(&cfg, 1, opts.prompt, max_seq), Some(tc_rows))?;
+    let other = if tc_default.is_some() { (&pre1_gemv, "gemv") } else { (&pre1_tc, "tensor_cores") };
+    let default_path = if tc_default.is_some() { "tensor_cores" } else { "gemv" };
+    log(&format!(
+        "prefill of {} tokens: default path {default_path} ({}; {} of its {} linear launches on the tensor cores)",
+        opts.prompt,
+        match tc_default {
+            Some(r) => format!("tensor cores from {r} rows"),
+            None => "GEMV only".into(),
+        },
+        pre1.tensor_core_ops().iter().filter(|&&t| t).count(),
+        pre1.gemv_columns().iter().zip(&pre1.graph().ops).filter(|(c, op)| c.is_some() && matches!(op, pipeswitch::model::Op::Linear { .. })).count()
+    ));
+    let act = [&pre1, &dec1, &pre8, &dec8, &pre1_gemv, &pre1_tc].iter().map(|p| p.activation_bytes()).max().unwrap_or(0);
     let n_regions = names.len().min(2);
     let region_bytes = model_bytes.div_ceil(1 << 21) << 21;
     let arena = Arc::new(Arena::create(opts.device, region_bytes * n_regions as u64 + act + (64 << 20), 32 << 20)?);
     let regions: Vec<u64> = (0..n_regions).map(|_| arena.alloc(region_bytes)).collect::<Result<_>>()?;
     let mut worker = Worker::new(&arena)?;
-    for p in [&pre8, &dec8, &pre1, &dec1] {
+    for p in [&pre8, &dec8, &pre1, &dec1, &pre1_gemv, &pre1_tc] {
         worker.prepare(p)?;
     }
     let mut b = Bench { store: store.clone(), arena: arena.clone(), worker, names: names.clone(), regions, prompt: opts.prompt };
@@ -294,10 +344,25 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
             }
         }
         first_tokens = Some(tok);
-        // Ready: resident.
+        // The pipelined switch with the other prefill path.
+        let t = Instant::now();
+        sw.start(&b.store, &b.names[0], &b.arena, b.regions[0], &plan)?;
+        let tok_other = b.first_token(other.0, &sw, &ids1)?;
+        let pipelined_other = t.elapsed().as_secs_f64() * 1e3;
+        sw.synchronize()?;
+        // Ready: resident; the default path, then each path.
         let t = Instant::now();
         b.first_token(&pre1, &sw, &ids1)?;
         let ready = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let tok_gemv = b.first_token(&pre1_gemv, &sw, &ids1)?;
+        let ready_gemv = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let tok_tc = b.first_token(&pre1_tc, &sw, &ids1)?;
+        let ready_tc = t.elapsed().as_secs_f64() * 1e3;
+        if tok_gemv != tok_tc || tok_other != tok_tc && other.1 == "tensor_cores" || tok_other != tok_gemv && other.1 == "gemv" {
+            notes.push(format!("rep {rep}: first tokens: GEMV prefill {tok_gemv:?}, tensor-core prefill {tok_tc:?} (pipelined {tok_other:?})"));
+        }
         // Plain load: one synchronous copy of everything, then the run.
         let dst = b.arena.base() + b.regions[0];
         // SAFETY (both blocks): the region holds the model's bytes; the host
@@ -335,13 +400,44 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
             continue; // warm-up
         }
         log(&format!("rep {rep}: time to first token: pipelined {pipelined:.1} ms, ready {ready:.1}, plain load {plain:.1}, sleep-mode wake {wake:.1} (pageable {wake_pageable:.1}) (floor {floor_ms:.1})"));
-        for (k, v) in [("pipelined", pipelined), ("ready", ready), ("plain_load", plain), ("sleep_wake", wake), ("sleep_wake_pageable", wake_pageable)] {
+        log(&format!(
+            "rep {rep}: prefill paths: ready {ready_gemv:.1} ms (GEMV) / {ready_tc:.1} ms (tensor cores from {tc_rows} rows); pipelined with the {} path {pipelined_other:.1} ms",
+            other.1
+        ));
+        let pipelined_path = format!("pipelined_{default_path}");
+        let pipelined_other_path = format!("pipelined_{}", other.1);
+        for (k, v) in [
+            ("pipelined", pipelined),
+            ("ready", ready),
+            ("plain_load", plain),
+            ("sleep_wake", wake),
+            ("sleep_wake_pageable", wake_pageable),
+            ("ready_gemv", ready_gemv),
+            ("ready_tensor_cores", ready_tc),
+            (pipelined_path.as_str(), pipelined),
+            (pipelined_other_path.as_str(), pipelined_other),
+        ] {
             ttft.entry(k.into()).or_default().push(v);
         }
     }
     let ttft: HashMap<String, Stats> = ttft.into_iter().map(|(k, v)| (k, Stats::of(&v))).collect();
     let pipelined = ttft.get("pipelined").map_or(f64::NAN, |s| s.median);
     let wake = ttft.get("sleep_wake").map_or(f64::NAN, |s| s.median);
+    let med = |k: &str| ttft.get(k).map_or(f64::NAN, |s| s.median);
+    log(&format!(
+        "prefill paths (medians): ready {:.1} ms with the GEMV, {:.1} ms on the tensor cores; pipelined {:.1} / {:.1} ms",
+        med("ready_gemv"),
+        med("ready_tensor_cores"),
+        med("pipelined_gemv"),
+        med("pipelined_tensor_cores")
+    ));
+
+    // The prompt's logits with the other prefill path (checked by the
+    // PyTorch reference as well).
+    b.worker.set_input(other.0, "input_ids", &le_i32(&ids1))?;
+    b.worker.set_input(other.0, "pos", &le_i32(&[0]))?;
+    b.worker.run(other.0, &sw, RunOptions::default())?;
+    let logits_other = b.worker.read_f32(other.0, "logits")?;
 
     // Decoding: the model is resident (the last rep's copies).
     let per_step_bytes: u64 = model.layers.iter().filter(|l| l.name != "model.embed_tokens" || cfg.tie_embeddings).filter(|l| l.name != "rope").map(|l| l.bytes).sum();
@@ -446,6 +542,10 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
     let lpath = opts.out_dir.join(format!("llm-{}-{slug}-logits.f32", opts.config));
     let bytes: Vec<u8> = logits1.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(&lpath, bytes).map_err(|e| Error::io(format!("writing {}", lpath.display()), e))?;
+    let other_name = format!("llm-{}-{slug}-logits-{}.f32", opts.config, other.1);
+    let opath = opts.out_dir.join(&other_name);
+    let bytes: Vec<u8> = logits_other.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(&opath, bytes).map_err(|e| Error::io(format!("writing {}", opath.display()), e))?;
     if opts.keep_store {
         // A manifest for the PyTorch reference: where each tensor lies in
         // the store's segment file.
@@ -481,8 +581,13 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
         ttft_over_first_token_floor: pipelined / first_token_floor_ms,
         sleep_wake_over_pipelined: wake / pipelined,
         ttft_ms: ttft,
+        tensor_core_rows: tc_default,
+        tensor_core_rows_compared: tc_rows,
+        other_prefill_logits: other_name,
+        other_prefill_tensor_core_rows: other.0.tensor_core_rows(),
         decode,
         gemv_gbps: vec![],
+        prefill_gemms: vec![],
         two_resident_ttft_ms: None,
         three_over_two_regions_ttft_ms: None,
         tokens_batch1,
@@ -515,6 +620,48 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
             let gbps = t.bytes as f64 / (ms * 1e-3) / 1e9;
             log(&format!("GEMV alone, {m} row(s) of x times [{n}, {k}]: {ms:.3} ms, {gbps:.0} GB/s of weights ({:.0}% of the device-to-device bandwidth)", 100.0 * gbps / d2d));
             gemv_gbps.push((m, gbps));
+        }
+    }
+
+    // The tensor-core prefill's GEMMs alone: the prompt's rows (rounded
+    // activations, zeros) times block 0's merged weights, fp32 out.
+    let mut prefill_gemms = vec![];
+    {
+        use pipeswitch::kernels::gemm::{self, GemmArgs, GemmDtype};
+        let m = opts.prompt;
+        let merged = [("self_attn.q_proj", 3usize), ("self_attn.o_proj", 1), ("mlp.gate_proj", 2), ("mlp.down_proj", 1)];
+        let kmax = cfg.hidden.max(cfg.ffn);
+        let x = DeviceAlloc::new(device, m * kmax * 2)?;
+        x.fill(0)?;
+        let out = DeviceAlloc::new(device, m * (cfg.qkv_width().max(2 * cfg.ffn)) * 4)?;
+        let s = Stream::new(device)?;
+        let (e0, e1) = (Event::new(device, true)?, Event::new(device, true)?);
+        for (name, parts) in merged {
+            let wname = format!("model.layers.0.{name}.weight");
+            let (_, t) = model.tensor(&wname).ok_or_else(|| Error::Internal(format!("no {wname}")))?;
+            let k = t.shape[1] as usize;
+            // Q|K|V and gate|up are stored back to back: one GEMM each.
+            let n: usize = match parts {
+                3 => cfg.qkv_width(),
+                2 => 2 * cfg.ffn,
+                _ => t.shape[0] as usize,
+            };
+            let dt = if t.dtype == pipeswitch::store::Dtype::F16 { GemmDtype::F16 } else { GemmDtype::Bf16 };
+            let g = GemmArgs::dense(m, n, k, x.ptr(), sw.model_base()? + t.offset, true, out.ptr());
+            let mut ts = vec![];
+            for _ in 0..20 {
+                e0.record(s.raw())?;
+                gemm::gemm_c32(device, s.raw(), dt, &g)?;
+                e1.record(s.raw())?;
+                e1.synchronize()?;
+                ts.push(f64::from(Event::elapsed_ms(&e0, &e1)?));
+            }
+            let us = pipeswitch::measure::median(&mut ts[2..].to_vec()) * 1e3;
+            let kernel = gemm::kernel_name_on(device, dt, &g)?;
+            let tflops = 2.0 * (m * n * k) as f64 / (us * 1e-6) / 1e12;
+            let weight_gbps = (n * k * 2) as f64 / (us * 1e-6) / 1e9;
+            log(&format!("tensor-core prefill GEMM alone: {m} x {n} x {k} ({name}{}): {kernel}_c32 {us:.1} us, {tflops:.0} TFLOP/s, weights read at {weight_gbps:.0} GB/s", if parts > 1 { ", merged" } else { "" }));
+            prefill_gemms.push(PrefillGemm { weight: name.to_string(), m, n, k, kernel: format!("{kernel}_c32"), us, tflops, weight_gbps });
         }
     }
 
@@ -571,6 +718,7 @@ pub fn run(opts: &LlmOptions, log: &mut dyn FnMut(&str)) -> Result<LlmReport> {
 
     drop(pageable);
     report.gemv_gbps = gemv_gbps;
+    report.prefill_gemms = prefill_gemms;
     report.two_resident_ttft_ms = two;
     report.three_over_two_regions_ttft_ms = three;
     report.notes = notes;

@@ -93,6 +93,13 @@ HEADER = r"""// gemm kernels; sm_90 module = bytes [@@@@@@@@@@, ##########) of t
 //   gemm_{f16,bf16}_{bkn,bnk}_64x32    128 threads, 49152 B (BK 64, 4 K groups)
 //   sm_90a only (wgmma; B stored [N, K]; BK 64, 4 stages):
 @@WGTABLE@@
+//   gemm_{f16,bf16}_bnk_<tile>_c32: every half-type bnk kernel above (the
+//     three mma.sync tiles, and in the sm_90a part the wgmma tiles) again with
+//     C, bias and residual in fp32 (A and B in the half type; same threads
+//     and shared memory): a half-precision weight times activations rounded
+//     to its type, with an fp32 output and residual stream (the Llama
+//     prefill's linears). Their epilogue is the fp32 kernels'; their batch
+//     stride of C counts fp32 elements.
 // The launcher picks the tile from the problem size (choose_tile in
 // src/kernels/gemm.rs); on a GPU of compute capability 9.0, half-type bnk
 // GEMMs take a wgmma tile instead where its cost model (choose_kernel)
@@ -254,8 +261,10 @@ def log2(x):
     return r
 
 
-def gen_params(p, esize):
-    """Loads parameters; applies the batch offset. esize = bytes per element."""
+def gen_params(p, esize, csize=None):
+    """Loads parameters; applies the batch offset. esize = bytes per element
+    of A and B; csize = of C and residual (default esize)."""
+    csize = csize or esize
     p.c("parameters; batch z offsets A, B, C and residual")
     p.i("ld.param.u64 %pa, [p_a]")
     p.i("ld.param.u64 %pb, [p_b]")
@@ -280,10 +289,10 @@ def gen_params(p, esize):
     p.i("cvta.to.global.u64 %pres, %pres")
     p.i("mov.u32 %r0, %ctaid.z")
     p.i("cvt.u64.u32 %rd0, %r0")
-    for ptr, par in (("%pa", "p_sa"), ("%pb", "p_sb"), ("%pc", "p_sc"), ("%pres", "p_sc")):
+    for ptr, par, size in (("%pa", "p_sa", esize), ("%pb", "p_sb", esize), ("%pc", "p_sc", csize), ("%pres", "p_sc", csize)):
         p.i("ld.param.u64 %%rd1, [%s]" % par)
         p.i("mul.lo.u64 %rd1, %rd1, %rd0")
-        p.i("shl.b64 %%rd1, %%rd1, %d" % log2(esize))
+        p.i("shl.b64 %%rd1, %%rd1, %d" % log2(size))
         p.i("add.u64 %s, %s, %%rd1" % (ptr, ptr))
     p.c("block tile origin")
     p.i("mov.u32 %r0, %ctaid.y")
@@ -749,7 +758,8 @@ def gen_f32(p, layout, BM, BN, KS=1, minblocks=0, name=None):
 # ---------------------------------------------------------------------------
 # fp16 / bf16 tensor-core kernel
 # ---------------------------------------------------------------------------
-def gen_half(p, dt, layout, BM, BN, BK, WARPS_M, WARPS_N, STAGES, KS=1, name=None):
+def gen_half(p, dt, layout, BM, BN, BK, WARPS_M, WARPS_N, STAGES, KS=1, name=None, c32=False):
+    """c32: C, bias and residual in fp32 (the "_c32" kernels), not in dt."""
     NW = WARPS_M * WARPS_N * KS
     NT = NW * 32
     J = BK // 16 // KS                  # k16 steps per warp per K tile
@@ -778,7 +788,7 @@ def gen_half(p, dt, layout, BM, BN, BK, WARPS_M, WARPS_N, STAGES, KS=1, name=Non
         LB = BK // RB
     assert LA >= 1 and LB >= 1 and RA % 8 == 0 and RB % 8 == 0
     assert layout == "bnk" or CPRN in (4, 8, 16)
-    name = name or "gemm_%s_%s_%dx%d" % (dt, layout, BM, BN)
+    name = name or "gemm_%s_%s_%dx%d%s" % (dt, layout, BM, BN, "_c32" if c32 else "")
     tag = "H" + name.upper().replace("GEMM_", "").replace("_", "")
     mma = "mma.sync.aligned.m16n8k16.row.col.f32.%s.%s.f32" % (dt, dt)
 
@@ -792,8 +802,8 @@ def gen_half(p, dt, layout, BM, BN, BK, WARPS_M, WARPS_N, STAGES, KS=1, name=Non
 
     p.raw("")
     p.raw("// " + "-" * 76)
-    p.raw("// %s: %s tensor cores, B stored %s. Block tile %dx%dx%d, %d warps" % (
-        name, dt, "[K, N]" if layout == "bkn" else "[N, K]", BM, BN, BK, NW))
+    p.raw("// %s: %s tensor cores, B stored %s%s. Block tile %dx%dx%d, %d warps" % (
+        name, dt, "[K, N]" if layout == "bkn" else "[N, K]", "; C, bias, residual fp32" if c32 else "", BM, BN, BK, NW))
     p.raw("// (%d along M x %d along N x %d along K), warp tile %dx%d = %dx%d MMA tiles of" % (
         WARPS_M, WARPS_N, KS, WTM, WTN, MT, NT8))
     if KS > 1:
@@ -819,7 +829,7 @@ def gen_half(p, dt, layout, BM, BN, BK, WARPS_M, WARPS_N, STAGES, KS=1, name=Non
     p.raw("    .reg .b64 %asrc, %bsrc, %astep, %bstep, %btile;")
     p.raw("    .reg .pred %interior;")
     p.raw("")
-    gen_params(p, 2)
+    gen_params(p, 2, 4 if c32 else 2)
     block_origin(p, BM, BN)
     p.i("and.b32 %lane, %thr, 31")
     p.i("shr.u32 %warp, %thr, 5")
@@ -1124,7 +1134,7 @@ def gen_half(p, dt, layout, BM, BN, BK, WARPS_M, WARPS_N, STAGES, KS=1, name=Non
             p.i("st.shared.v2.f32 [%%r0+%d], {%%acc%d, %%acc%d}" % (off, c, c + 1))
             p.i("st.shared.v2.f32 [%%r0+%d], {%%acc%d, %%acc%d}" % (off + 8 * SE * 4, c + 2, c + 3))
     p.i("bar.sync 0")
-    gen_epilogue(p, tag, BM, BN, NT, SE, dt, KS)
+    gen_epilogue(p, tag, BM, BN, NT, SE, None if c32 else dt, KS)
     p.raw("}")
     return name, NT, SMEM
 
@@ -1139,7 +1149,8 @@ def gen_half(p, dt, layout, BM, BN, BK, WARPS_M, WARPS_N, STAGES, KS=1, name=Non
 DESC_HI = (1 << 62) | (64 << 32) | (1 << 16)
 
 
-def gen_wgmma(p, dt, BM, BN, STAGES=4):
+def gen_wgmma(p, dt, BM, BN, STAGES=4, c32=False):
+    """c32: C, bias and residual in fp32 (the "_c32" kernels), not in dt."""
     BK = 64
     NWG = BM // 64
     NT = NWG * 128
@@ -1154,14 +1165,15 @@ def gen_wgmma(p, dt, BM, BN, STAGES=4):
     LA, LB = BM // RA, BN // RA
     assert BM % 64 == 0 and BN % 8 == 0 and 8 <= BN <= 256 and STAGE % 1024 == 0
     assert RA % 8 == 0 and LA * RA == BM and LB * RA == BN and D >= 1
-    name = "gemm_%s_bnk_wg%dx%d" % (dt, BM, BN)
+    name = "gemm_%s_bnk_wg%dx%d%s" % (dt, BM, BN, "_c32" if c32 else "")
     tag = "W" + name.upper().replace("GEMM_", "").replace("_", "")
     wg = "wgmma.mma_async.sync.aligned.m64n%dk16.f32.%s.%s" % (BN, dt, dt)
     accs = ", ".join("%%acc%d" % j for j in range(NACC))
 
     p.raw("")
     p.raw("// " + "-" * 76)
-    p.raw("// %s (sm_90a): %s wgmma, B stored [N, K]. Block tile %dx%dx%d," % (name, dt, BM, BN, BK))
+    p.raw("// %s (sm_90a): %s wgmma, B stored [N, K]%s. Block tile %dx%dx%d," % (
+        name, dt, "; C, bias, residual fp32" if c32 else "", BM, BN, BK))
     p.raw("// %d warpgroup(s) = %d threads; warpgroup g multiplies rows 64g..64g+63 by all" % (NWG, NT))
     p.raw("// %d columns: per K tile 4 x %s." % (BN, wg.replace("wgmma.mma_async.sync.aligned.", "")))
     p.raw("// %d-stage cp.async pipeline, stage = A %d B + B %d B (1024-byte aligned);" % (STAGES, A_BYTES, B_BYTES))
@@ -1179,7 +1191,7 @@ def gen_wgmma(p, dt, BM, BN, STAGES=4):
     p.raw("    .reg .b64 %asrc, %bsrc, %astep, %bstep, %desca, %descb;")
     p.raw("    .reg .pred %interior, %ptrue;")
     p.raw("")
-    gen_params(p, 2)
+    gen_params(p, 2, 4 if c32 else 2)
     block_origin(p, BM, BN)
     p.c("1024-byte aligned base: the 128-byte swizzle repeats every 1024 bytes and")
     p.c("the descriptors assume that its pattern starts at each stage (the launcher")
@@ -1353,7 +1365,7 @@ def gen_wgmma(p, dt, BM, BN, STAGES=4):
         p.i("st.shared.v2.f32 [%%r0+%d], {%%acc%d, %%acc%d}" % (j * 32, 4 * j, 4 * j + 1))
         p.i("st.shared.v2.f32 [%%r0+%d], {%%acc%d, %%acc%d}" % (8 * SE * 4 + j * 32, 4 * j + 2, 4 * j + 3))
     p.i("bar.sync 0")
-    gen_epilogue(p, tag, BM, BN, NT, SE, dt, 1, bias_smem=BM * SE * 4)
+    gen_epilogue(p, tag, BM, BN, NT, SE, None if c32 else dt, 1, bias_smem=BM * SE * 4)
     p.raw("}")
     return name, NT, SMEM
 
@@ -1389,6 +1401,10 @@ def main():
             table.append(gen_half(p, dt, layout, 128, 128, 32, 2, 2, 4, KS=1))
             table.append(gen_half(p, dt, layout, 64, 64, 64, 1, 1, 4, KS=4))
             table.append(gen_half(p, dt, layout, 64, 32, 64, 1, 1, 4, KS=4))
+    for dt in ("f16", "bf16"):
+        table.append(gen_half(p, dt, "bnk", 128, 128, 32, 2, 2, 4, KS=1, c32=True))
+        table.append(gen_half(p, dt, "bnk", 64, 64, 64, 1, 1, 4, KS=4, c32=True))
+        table.append(gen_half(p, dt, "bnk", 64, 32, 64, 1, 1, 4, KS=4, c32=True))
     p.raw("")
     p.raw("@@E90@@" + MARKER)
     wgt = []
@@ -1396,6 +1412,7 @@ def main():
         for (bm, bn) in WG_TILES:
             t = gen_wgmma(p, dt, bm, bn)
             table.append(t)
+            table.append(gen_wgmma(p, dt, bm, bn, c32=True))
             if dt == "f16":
                 wgt.append("//   gemm_{f16,bf16}_bnk_wg%dx%d  %3d threads, %6d B (%d warpgroup%s)" % (
                     bm, bn, t[1], t[2], bm // 64, "s" if bm > 64 else ""))

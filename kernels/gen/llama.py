@@ -25,6 +25,10 @@ Hand-written PTX, unrolled by this script (PTX registers cannot be indexed):
                                 cached keys 0..=pos, 8 keys per step; grid (T, heads).
   llama_swiglu                  out = silu(x[:, :F]) * x[:, F:], grid-stride.
   llama_argmax                  out[r] = first index of the row's max; block per row.
+  llama_round_{bf16,f16}        y[r, c] = half(x[r*ldx + c]) (round to nearest even),
+                                y tight [rows, K]: the activations of a linear for the
+                                tensor-core GEMM (prefill); 8 elements (two 16-byte
+                                loads, one 16-byte store) a thread, grid-stride.
 """
 
 import sys
@@ -800,6 +804,57 @@ def argmax():
     emit()
 
 
+def round_half(dt):
+    name = f"llama_round_{dt}"
+    emit(f"// {name}: y[r, c] = {dt}(x[r*ldx + c]) for c < K, y rows of K; n8 = rows*K/8 groups")
+    emit("// of 8 elements, k8 = K/8 a row; x 16-byte aligned, ldx % 4 == 0; grid-stride.")
+    emit(f".visible .entry {name}(.param .u64 p_x, .param .u64 p_y, .param .u32 p_n8, .param .u32 p_k8, .param .u32 p_ldx)")
+    emit("{")
+    emit("    .reg .pred %pdone;")
+    emit("    .reg .u32 %g, %n8, %k8, %ldx, %r, %c, %stride, %u1;")
+    emit("    .reg .u64 %x, %y, %t64, %a64;")
+    emit("    .reg .f32 %e<8>;")
+    emit("    .reg .b32 %w<4>;")
+    emit("    ld.param.u64 %x, [p_x];")
+    emit("    ld.param.u64 %y, [p_y];")
+    emit("    ld.param.u32 %n8, [p_n8];")
+    emit("    ld.param.u32 %k8, [p_k8];")
+    emit("    ld.param.u32 %ldx, [p_ldx];")
+    emit("    cvta.to.global.u64 %x, %x;")
+    emit("    cvta.to.global.u64 %y, %y;")
+    emit("    mov.u32 %g, %ctaid.x;")
+    emit("    mov.u32 %u1, %ntid.x;")
+    emit("    mov.u32 %r, %tid.x;")
+    emit("    mad.lo.u32 %g, %g, %u1, %r;")
+    emit("    mov.u32 %stride, %nctaid.x;")
+    emit("    mul.lo.u32 %stride, %stride, %u1;")
+    emit("$LOOP:")
+    emit("    setp.ge.u32 %pdone, %g, %n8;")
+    emit("    @%pdone bra $END;")
+    emit("    div.u32 %r, %g, %k8;")
+    emit("    rem.u32 %c, %g, %k8;")
+    emit("    mul.wide.u32 %t64, %r, %ldx;")
+    emit("    shl.b32 %u1, %c, 3;")
+    emit("    cvt.u64.u32 %a64, %u1;")
+    emit("    add.u64 %t64, %t64, %a64;")
+    emit("    shl.b64 %t64, %t64, 2;")
+    emit("    add.u64 %a64, %x, %t64;")
+    emit("    ld.global.nc.v4.f32 {%e0, %e1, %e2, %e3}, [%a64];")
+    emit("    ld.global.nc.v4.f32 {%e4, %e5, %e6, %e7}, [%a64+16];")
+    for j in range(4):
+        # the first source goes to the upper half: the higher column
+        emit(f"    cvt.rn.{dt}x2.f32 %w{j}, %e{2 * j + 1}, %e{2 * j};")
+    emit("    mul.wide.u32 %t64, %g, 16;")
+    emit("    add.u64 %a64, %y, %t64;")
+    emit("    st.global.v4.b32 [%a64], {%w0, %w1, %w2, %w3};")
+    emit("    add.u32 %g, %g, %stride;")
+    emit("    bra $LOOP;")
+    emit("$END:")
+    emit("    ret;")
+    emit("}")
+    emit()
+
+
 def main():
     emit(HEADER)
     for dt in ("bf16", "f16"):
@@ -811,6 +866,8 @@ def main():
     attention()
     swiglu()
     argmax()
+    for dt in ("bf16", "f16"):
+        round_half(dt)
     sys.stdout.write("\n".join(OUT) + "\n")
 
 

@@ -357,6 +357,19 @@ fn overlaps(x: (u64, u64), y: (u64, u64)) -> bool {
 /// batch > 1 stride_a, stride_b) multiples of 8 elements, C, bias and
 /// residual 2 bytes.
 pub fn validate(args: &GemmArgs, dtype: GemmDtype) -> Result<()> {
+    validate_as(args, dtype, false)
+}
+
+/// [`validate`] for [`gemm_c32`]: A and B in the half type `dtype`, C, bias
+/// and residual fp32 (4-byte aligned); B stored `[N, K]` only.
+pub fn validate_c32(args: &GemmArgs, dtype: GemmDtype) -> Result<()> {
+    if dtype == GemmDtype::F32 || !args.trans_b {
+        return Err(Error::invalid(format!("gemm: the fp32-output kernels take half-type A and B with B stored [N, K] (dtype {}, trans_b {})", dtype.name(), args.trans_b)));
+    }
+    validate_as(args, dtype, true)
+}
+
+fn validate_as(args: &GemmArgs, dtype: GemmDtype, c32: bool) -> Result<()> {
     let e = |msg: String| Err(Error::invalid(format!("gemm: {msg}")));
     let a = args;
     if a.m == 0 || a.n == 0 || a.k == 0 || a.batch == 0 {
@@ -408,28 +421,30 @@ pub fn validate(args: &GemmArgs, dtype: GemmDtype) -> Result<()> {
         }
     }
     let size = dtype.size();
+    // Bytes per element of C, bias and residual.
+    let csize = if c32 { 4 } else { size };
     let ovf = || Error::invalid("gemm: matrix extent overflows usize");
     let ra = byte_range("A", a.a, extent(a.batch, sa, a.m, a.lda, a.k).ok_or_else(ovf)?, size)?;
     let rb = byte_range("B", a.b, extent(a.batch, sb, a.b_rows(), a.ldb, a.b_cols()).ok_or_else(ovf)?, size)?;
-    let rc = byte_range("C", a.c, extent(a.batch, sc, a.m, a.ldc, a.n).ok_or_else(ovf)?, size)?;
+    let rc = byte_range("C", a.c, extent(a.batch, sc, a.m, a.ldc, a.n).ok_or_else(ovf)?, csize)?;
     if overlaps(rc, ra) || overlaps(rc, rb) {
         return e("C overlaps A or B".into());
     }
     if a.bias != 0 {
-        let rbias = byte_range("bias", a.bias, a.n, size)?;
+        let rbias = byte_range("bias", a.bias, a.n, csize)?;
         if overlaps(rc, rbias) {
             return e("C overlaps bias".into());
         }
     }
     if a.residual != 0 && a.residual != a.c {
-        let rr = byte_range("residual", a.residual, extent(a.batch, sc, a.m, a.ldc, a.n).ok_or_else(ovf)?, size)?;
+        let rr = byte_range("residual", a.residual, extent(a.batch, sc, a.m, a.ldc, a.n).ok_or_else(ovf)?, csize)?;
         if overlaps(rc, rr) {
             return e("residual partly overlaps C (it must be C itself or disjoint)".into());
         }
     }
     // Every kernel index fits in u32, and element offsets in u64 (checked above).
-    let align = size as u64;
-    for (name, p) in [("A", a.a), ("B", a.b), ("C", a.c), ("bias", a.bias), ("residual", a.residual)] {
+    for (name, p, align) in [("A", a.a, size), ("B", a.b, size), ("C", a.c, csize), ("bias", a.bias, csize), ("residual", a.residual, csize)] {
+        let align = align as u64;
         if p % align != 0 {
             return e(format!("{name} pointer {p:#x} is not {align}-byte aligned"));
         }
@@ -450,10 +465,10 @@ pub fn validate(args: &GemmArgs, dtype: GemmDtype) -> Result<()> {
 
 /// The kernel's `flags`: bit 0 A, bit 1 B, bit 2 C/bias/residual may use
 /// 16-byte vector accesses.
-fn flags(args: &GemmArgs, dtype: GemmDtype) -> u32 {
-    let per = (16 / dtype.size()) as u64;
+fn flags(args: &GemmArgs, dtype: GemmDtype, c32: bool) -> u32 {
     let batched = args.batch > 1;
-    let ok = |p: u64, ld: usize, stride: usize| p % 16 == 0 && (ld as u64) % per == 0 && (!batched || (stride as u64) % per == 0);
+    let okp = |per: u64, p: u64, ld: usize, stride: usize| p % 16 == 0 && (ld as u64) % per == 0 && (!batched || (stride as u64) % per == 0);
+    let ok = |p: u64, ld: usize, stride: usize| okp((16 / dtype.size()) as u64, p, ld, stride);
     let mut f = 0;
     if ok(args.a, args.lda, args.stride_a) {
         f |= 1;
@@ -461,7 +476,8 @@ fn flags(args: &GemmArgs, dtype: GemmDtype) -> u32 {
     if ok(args.b, args.ldb, args.stride_b) {
         f |= 2;
     }
-    if ok(args.c, args.ldc, args.stride_c) && args.bias % 16 == 0 && args.residual % 16 == 0 {
+    let c_per = if c32 { 4 } else { (16 / dtype.size()) as u64 };
+    if okp(c_per, args.c, args.ldc, args.stride_c) && args.bias % 16 == 0 && args.residual % 16 == 0 {
         f |= 4;
     }
     f
@@ -607,14 +623,35 @@ pub fn preload_sm90a(device: &'static Device) -> Result<()> {
 pub fn gemm(device: &'static Device, stream: CUstream, dtype: GemmDtype, args: &GemmArgs) -> Result<()> {
     validate(args, dtype)?;
     let kernel = choose_kernel(dtype, args, sm_count(device)?, wgmma_device(device)?);
-    launch(device, stream, dtype, args, kernel)
+    launch(device, stream, dtype, args, kernel, false)
+}
+
+/// [`gemm`] with C, bias and residual in fp32 while A and B are in the half
+/// type `dtype` (B stored `[N, K]`): the `_c32` kernels, chosen as [`gemm`]
+/// chooses (the same tiles). For half-precision weights times activations
+/// rounded to their type, with an fp32 output and residual (the Llama
+/// prefill). `InvalidArgument` for anything [`validate_c32`] rejects.
+pub fn gemm_c32(device: &'static Device, stream: CUstream, dtype: GemmDtype, args: &GemmArgs) -> Result<()> {
+    validate_c32(args, dtype)?;
+    let kernel = choose_kernel(dtype, args, sm_count(device)?, wgmma_device(device)?);
+    launch(device, stream, dtype, args, kernel, true)
+}
+
+/// [`gemm_c32`] with the kernel forced (tests and benchmarks); a wgmma
+/// kernel needs a GPU of compute capability 9.0.
+pub fn gemm_c32_with_kernel(device: &'static Device, stream: CUstream, dtype: GemmDtype, args: &GemmArgs, kernel: GemmKernel) -> Result<()> {
+    validate_c32(args, dtype)?;
+    if matches!(kernel, GemmKernel::Wgmma(_)) && !wgmma_device(device)? {
+        return Err(Error::invalid("gemm: the wgmma kernels need a GPU of compute capability 9.0"));
+    }
+    launch(device, stream, dtype, args, kernel, true)
 }
 
 /// [`gemm`] with the mma.sync / FFMA block tile forced (tests and
 /// benchmarks); never a wgmma kernel.
 pub fn gemm_with_tile(device: &'static Device, stream: CUstream, dtype: GemmDtype, args: &GemmArgs, tile: GemmTile) -> Result<()> {
     validate(args, dtype)?;
-    launch(device, stream, dtype, args, GemmKernel::Sync(tile))
+    launch(device, stream, dtype, args, GemmKernel::Sync(tile), false)
 }
 
 /// [`gemm`] with the kernel forced (tests and benchmarks). A wgmma kernel
@@ -630,11 +667,36 @@ pub fn gemm_with_kernel(device: &'static Device, stream: CUstream, dtype: GemmDt
             return Err(Error::invalid("gemm: the wgmma kernels need a GPU of compute capability 9.0"));
         }
     }
-    launch(device, stream, dtype, args, kernel)
+    launch(device, stream, dtype, args, kernel, false)
 }
 
-fn launch(device: &'static Device, stream: CUstream, dtype: GemmDtype, args: &GemmArgs, kernel: GemmKernel) -> Result<()> {
-    let ((entry, bm, bn, threads, smem), module, ptx) = match kernel {
+/// Entry of the `_c32` twin of a half-type bnk kernel (same geometry).
+fn c32_entry(dtype: GemmDtype, kernel: GemmKernel) -> Option<&'static str> {
+    use GemmDtype::*;
+    use GemmTile::*;
+    use WgTile::*;
+    Some(match (dtype, kernel) {
+        (F32, _) => return None,
+        (F16, GemmKernel::Sync(Large)) => "gemm_f16_bnk_128x128_c32",
+        (F16, GemmKernel::Sync(Medium)) => "gemm_f16_bnk_64x64_c32",
+        (F16, GemmKernel::Sync(Small)) => "gemm_f16_bnk_64x32_c32",
+        (Bf16, GemmKernel::Sync(Large)) => "gemm_bf16_bnk_128x128_c32",
+        (Bf16, GemmKernel::Sync(Medium)) => "gemm_bf16_bnk_64x64_c32",
+        (Bf16, GemmKernel::Sync(Small)) => "gemm_bf16_bnk_64x32_c32",
+        (F16, GemmKernel::Wgmma(M128N128)) => "gemm_f16_bnk_wg128x128_c32",
+        (F16, GemmKernel::Wgmma(M128N192)) => "gemm_f16_bnk_wg128x192_c32",
+        (F16, GemmKernel::Wgmma(M128N256)) => "gemm_f16_bnk_wg128x256_c32",
+        (F16, GemmKernel::Wgmma(M64N128)) => "gemm_f16_bnk_wg64x128_c32",
+        (Bf16, GemmKernel::Wgmma(M128N128)) => "gemm_bf16_bnk_wg128x128_c32",
+        (Bf16, GemmKernel::Wgmma(M128N192)) => "gemm_bf16_bnk_wg128x192_c32",
+        (Bf16, GemmKernel::Wgmma(M128N256)) => "gemm_bf16_bnk_wg128x256_c32",
+        (Bf16, GemmKernel::Wgmma(M64N128)) => "gemm_bf16_bnk_wg64x128_c32",
+    })
+}
+
+/// c32: the `_c32` twin of `kernel` (C, bias and residual fp32).
+fn launch(device: &'static Device, stream: CUstream, dtype: GemmDtype, args: &GemmArgs, kernel: GemmKernel, c32: bool) -> Result<()> {
+    let ((mut entry, bm, bn, threads, smem), module, ptx) = match kernel {
         GemmKernel::Sync(tile) => (self::kernel(dtype, args.trans_b, tile), MODULE, PTX),
         GemmKernel::Wgmma(tile) => (
             wg_kernel(dtype, tile).ok_or_else(|| Error::invalid("gemm: no fp32 wgmma kernel"))?,
@@ -642,6 +704,9 @@ fn launch(device: &'static Device, stream: CUstream, dtype: GemmDtype, args: &Ge
             PTX_SM90A,
         ),
     };
+    if c32 {
+        entry = c32_entry(dtype, kernel).ok_or_else(|| Error::invalid("gemm: no fp32-output kernel for fp32 inputs"))?;
+    }
     let grid_x = u32::try_from(args.n.div_ceil(bn)).map_err(|_| Error::invalid("gemm: n too large"))?;
     let grid_y = u32::try_from(args.m.div_ceil(bm)).map_err(|_| Error::invalid("gemm: m too large"))?;
     let grid_z = args.batch as u32; // validated <= 65535
@@ -673,7 +738,7 @@ fn launch(device: &'static Device, stream: CUstream, dtype: GemmDtype, args: &Ge
     let mut p_sc: u64 = if batched { args.stride_c as u64 } else { 0 };
     let mut p_alpha: f32 = args.alpha;
     let mut p_act: u32 = args.act as u32;
-    let mut p_flags: u32 = flags(args, dtype);
+    let mut p_flags: u32 = flags(args, dtype, c32);
     let mut params: [*mut c_void; 17] = [
         (&mut p_a as *mut u64).cast(),
         (&mut p_b as *mut u64).cast(),
@@ -1271,15 +1336,15 @@ mod tests {
         assert_eq!(choose_tile(GemmDtype::F32, &args(1024, 3072, 768, true), 132), GemmTile::Medium);
         assert_eq!(kernel_name(GemmDtype::Bf16, &small, 132), "gemm_bf16_bnk_64x32");
         assert_eq!(kernel_name(GemmDtype::F32, &small, 132), "gemm_f32_bnk_128x64");
-        assert_eq!(flags(&args(8, 8, 8, false), GemmDtype::F32), 7);
+        assert_eq!(flags(&args(8, 8, 8, false), GemmDtype::F32, false), 7);
         let mut g = args(8, 8, 8, false);
         g.lda = 9;
         g.ldc = 10;
-        assert_eq!(flags(&g, GemmDtype::F32), 2);
-        assert_eq!(flags(&args(8, 8, 8, false), GemmDtype::F16), 7);
+        assert_eq!(flags(&g, GemmDtype::F32, false), 2);
+        assert_eq!(flags(&args(8, 8, 8, false), GemmDtype::F16, false), 7);
         let mut g = args(8, 12, 8, false);
         g.bias = 0x4000_0002;
-        assert_eq!(flags(&g, GemmDtype::F16), 1);
+        assert_eq!(flags(&g, GemmDtype::F16, false), 1);
     }
 
     #[test]
@@ -1314,6 +1379,53 @@ mod tests {
     }
 
     #[test]
+    fn c32_kernels_twin_the_half_bnk_kernels() {
+        use GemmKernel::*;
+        for dt in [GemmDtype::F16, GemmDtype::Bf16] {
+            let kernels = [GemmTile::Large, GemmTile::Medium, GemmTile::Small].map(Sync).into_iter().chain(WgTile::ALL.map(Wgmma));
+            for k in kernels {
+                let twin = entry_name(dt, true, k).unwrap();
+                let entry = c32_entry(dt, k).unwrap();
+                assert_eq!(entry, format!("{twin}_c32"));
+                let (module, other) = if matches!(k, Wgmma(_)) { (PTX_SM90A, Some(PTX)) } else { (PTX, None) };
+                let decl = format!(".visible .entry {entry}(");
+                assert!(module.contains(&decl), "{entry}");
+                assert!(other.is_none_or(|o| !o.contains(&decl)), "{entry} must not be in the sm_90 module");
+                // fp32 stores of C (the half kernels store b32 pairs or b16).
+                let body = &module[module.find(&decl).unwrap()..];
+                let body = &body[..body[1..].find(".visible .entry ").map_or(body.len(), |e| e + 1)];
+                assert!(body.contains("st.global.v4.f32 [%rd2]") && !body.contains("st.global.b16"), "{entry}");
+            }
+        }
+        assert!(c32_entry(GemmDtype::F32, Sync(GemmTile::Large)).is_none());
+    }
+
+    #[test]
+    fn validate_c32_rules() {
+        let h = GemmDtype::Bf16;
+        let g = args(16, 64, 64, true);
+        validate_c32(&g, h).unwrap();
+        validate_c32(&g, GemmDtype::F16).unwrap();
+        assert!(invalid(validate_c32(&g, GemmDtype::F32)));
+        assert!(invalid(validate_c32(&args(16, 64, 64, false), h)), "B stored [K, N]");
+        // C, bias and residual are fp32: 4-byte alignment, 4-byte extents.
+        let mut g = args(16, 64, 64, true);
+        g.c += 2;
+        assert!(invalid(validate_c32(&g, h)));
+        validate(&g, h).unwrap();
+        let mut g = args(16, 64, 64, true);
+        g.residual = g.c + 2 * 16 * 64; // disjoint at 2 bytes an element, not at 4
+        assert!(invalid(validate_c32(&g, h)));
+        g.residual = g.c + 4 * 16 * 64;
+        validate_c32(&g, h).unwrap();
+        // Vector flags for C count fp32 elements: ldc 4 is 16 bytes.
+        let mut g = args(16, 4, 64, true);
+        g.ldc = 4;
+        assert_eq!(flags(&g, h, true) & 4, 4);
+        assert_eq!(flags(&g, h, false) & 4, 0);
+    }
+
+    #[test]
     fn ptx_modules() {
         // The sm_90 module: its own header, no sm_90a instruction, every
         // non-wgmma kernel; the sm_90a module is the whole file.
@@ -1322,8 +1434,8 @@ mod tests {
         assert!(!PTX.contains(".target sm_90a"));
         assert!(PTX_SM90A.contains("\n.version 8.0\n.target sm_90a\n.address_size 64\n/*\n"));
         assert!(PTX_SM90A.contains(PTX));
-        assert_eq!(PTX.matches(".visible .entry ").count(), 16);
-        assert_eq!(PTX_SM90A.matches(".visible .entry ").count(), 24);
+        assert_eq!(PTX.matches(".visible .entry ").count(), 22);
+        assert_eq!(PTX_SM90A.matches(".visible .entry ").count(), 38);
         // Every kernel's shared memory fits an H100 / H200 block (227 KiB).
         for t in WgTile::ALL {
             assert!(wg_kernel(GemmDtype::F16, t).unwrap().4 <= 227 * 1024);

@@ -19,6 +19,51 @@ pub const PTX: &str = include_str!("../../kernels/llama.ptx");
 /// the rotary table (the embedding kernels use 1, 2 and 4).
 pub const BAD_POSITION: i32 = 16;
 
+/// The environment variable that switches the tensor-core path of
+/// half-precision linears (read once per process, see
+/// [`tensor_core_rows`]): `on` (linears of at least
+/// [`TENSOR_CORE_MIN_ROWS`] rows), `off`, or a row threshold (`1` and up).
+pub const TENSOR_CORES_ENV: &str = "PIPESWITCH_LLM_TENSOR_CORES";
+
+/// Rows from which `on` sends a half-precision linear to the tensor cores:
+/// below them (decoding, batch <= 8) the GEMV reads the weights once for
+/// every 8 rows and a tensor-core tile would mostly multiply padding.
+pub const TENSOR_CORE_MIN_ROWS: usize = 16;
+
+/// The tensor-core path when [`TENSOR_CORES_ENV`] is unset: off until the
+/// GPU run has compared the two paths.
+pub const TENSOR_CORES_DEFAULT: Option<usize> = None;
+
+/// The value of [`TENSOR_CORES_ENV`] (None: unset) as a row threshold:
+/// None = the GEMV for every linear.
+pub fn parse_tensor_core_rows(value: Option<&str>) -> Result<Option<usize>> {
+    let Some(v) = value else { return Ok(TENSOR_CORES_DEFAULT) };
+    match v.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" => Ok(Some(TENSOR_CORE_MIN_ROWS)),
+        "off" | "false" | "no" | "0" => Ok(None),
+        n => match n.parse::<usize>() {
+            Ok(rows) if rows >= 1 => Ok(Some(rows)),
+            _ => Err(Error::invalid(format!("{TENSOR_CORES_ENV}={v:?}: expected on, off or a number of rows"))),
+        },
+    }
+}
+
+/// The row threshold from which the worker runs a half-precision linear as
+/// X rounded to the weights' type times the weights on the tensor cores
+/// (fp32 output and residual; see `Program::new`), or None (GEMV always):
+/// [`TENSOR_CORES_ENV`], read once; an unreadable value logs a warning and
+/// keeps the default.
+pub fn tensor_core_rows() -> Option<usize> {
+    static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        let v = std::env::var(TENSOR_CORES_ENV).ok();
+        parse_tensor_core_rows(v.as_deref()).unwrap_or_else(|e| {
+            tracing::warn!("{e}; using the default");
+            TENSOR_CORES_DEFAULT
+        })
+    })
+}
+
 /// JIT-compiles the module on `device` now (once per process).
 pub fn preload(device: &'static Device) -> Result<()> {
     super::module(device, MODULE, PTX).map(|_| ())
@@ -98,6 +143,32 @@ pub fn gemv(device: &'static Device, stream: CUstream, dtype: Dtype, m: usize, n
     let blocks = m.div_ceil(mt).checked_mul(n.div_ceil(rows_w)).ok_or_else(|| Error::invalid("gemv: too many blocks"))?;
     let cfg = LaunchConfig { grid: (u32_of("gemv blocks", blocks)?, 1, 1), block: (128, 1, 1), shared_mem_bytes: 0 };
     launch(device, stream, &entry, cfg, &mut params)
+}
+
+/// `y[r, c] = x[r * ldx + c]` rounded to `dtype` (BF16 or F16, to nearest
+/// even) for `r < rows`, `c < k`; y tight `[rows, k]` (what the tensor-core
+/// GEMM reads). `k % 8 == 0`, `ldx >= k`, `ldx % 4 == 0`, x and y 16-byte
+/// aligned. CPU reference: [`super::llama_ref::round_to`] per element.
+#[allow(clippy::too_many_arguments)]
+pub fn round_half(device: &'static Device, stream: CUstream, dtype: Dtype, x: CUdeviceptr, ldx: usize, y: CUdeviceptr, rows: usize, k: usize) -> Result<()> {
+    let dt = half(dtype)?;
+    if rows == 0 || k == 0 || k % 8 != 0 || ldx < k || ldx % 4 != 0 {
+        return Err(Error::invalid(format!("round: rows {rows}, k {k} (a multiple of 8), ldx {ldx} (>= k, a multiple of 4)")));
+    }
+    nonnull("round x", x, 16)?;
+    nonnull("round y", y, 16)?;
+    let n8 = rows.checked_mul(k / 8).ok_or_else(|| Error::invalid("round: too many elements"))?;
+    let (mut px, mut py) = (x, y);
+    let (mut pn, mut pk, mut pl) = (u32_of("rows k / 8", n8)?, u32_of("k / 8", k / 8)?, u32_of("ldx", ldx)?);
+    let mut params: [*mut c_void; 5] = [
+        (&mut px as *mut u64).cast(),
+        (&mut py as *mut u64).cast(),
+        (&mut pn as *mut u32).cast(),
+        (&mut pk as *mut u32).cast(),
+        (&mut pl as *mut u32).cast(),
+    ];
+    let blocks = n8.div_ceil(256).min(4096) as u32;
+    launch(device, stream, &format!("llama_round_{dt}"), LaunchConfig { grid: (blocks, 1, 1), block: (256, 1, 1), shared_mem_bytes: 0 }, &mut params)
 }
 
 /// RMSNorm of rows `step-1, 2 step-1, ...` of x (`rows` of `h` f32) with
@@ -236,4 +307,31 @@ pub fn argmax(device: &'static Device, stream: CUstream, x: CUdeviceptr, out: CU
     let (mut px, mut po, mut pc) = (x, out, u32_of("cols", cols)?);
     let mut params: [*mut c_void; 3] = [(&mut px as *mut u64).cast(), (&mut po as *mut u64).cast(), (&mut pc as *mut u32).cast()];
     launch(device, stream, "llama_argmax", LaunchConfig { grid: (u32_of("rows", rows)?, 1, 1), block: (256, 1, 1), shared_mem_bytes: 0 }, &mut params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_core_switch_values() {
+        assert_eq!(parse_tensor_core_rows(None).unwrap(), TENSOR_CORES_DEFAULT);
+        assert_eq!(parse_tensor_core_rows(Some("on")).unwrap(), Some(TENSOR_CORE_MIN_ROWS));
+        assert_eq!(parse_tensor_core_rows(Some(" ON ")).unwrap(), Some(TENSOR_CORE_MIN_ROWS));
+        assert_eq!(parse_tensor_core_rows(Some("off")).unwrap(), None);
+        assert_eq!(parse_tensor_core_rows(Some("0")).unwrap(), None);
+        assert_eq!(parse_tensor_core_rows(Some("64")).unwrap(), Some(64));
+        assert_eq!(parse_tensor_core_rows(Some("1")).unwrap(), Some(1));
+        for bad in ["", "maybe", "-3", "1.5"] {
+            let e = parse_tensor_core_rows(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains(TENSOR_CORES_ENV), "{e}");
+        }
+    }
+
+    #[test]
+    fn round_kernels_are_in_the_module() {
+        for dt in ["bf16", "f16"] {
+            assert!(PTX.contains(&format!(".visible .entry llama_round_{dt}(")));
+        }
+    }
 }

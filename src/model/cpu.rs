@@ -15,6 +15,10 @@
 //! - `Linear`: `out[:, out_col..out_col+N] = act(x · op(W) + bias) + residual`
 //!   (activation before the residual add, as the GEMM epilogue); columns of
 //!   `out` outside that range keep what earlier ops wrote (0 before any).
+//!   With a [`TensorCoreRounding`] (the worker's tensor-core path of
+//!   half-precision linears), x is first rounded to the weight's type where
+//!   the weight is BF16 or F16 and x has at least `min_rows` rows; the sum,
+//!   bias and residual stay f32.
 //! - `Attention`: per sequence of `seq` tokens and head, softmax(q·k/√d) v
 //!   over the packed `[T, 3H]` Q|K|V buffer, `d = H / heads`, keys `j <= i`
 //!   when causal; heads concatenated in the output `[T, H]`.
@@ -33,8 +37,9 @@ use super::weights::weight_values;
 use crate::error::{Error, Result};
 use crate::kernels::conv::{conv2d_ref, global_avg_pool_ref, max_pool2d_ref, random_f32, Conv2dArgs, Pool2dArgs};
 use crate::kernels::gemm::{gemm_ref_f32, Activation, GemmArgs};
-use crate::kernels::llama_ref::{argmax_ref, cached_attention_ref, rmsnorm_ref, swiglu_ref, AttentionShape};
+use crate::kernels::llama_ref::{argmax_ref, cached_attention_ref, rmsnorm_ref, round_to, swiglu_ref, AttentionShape};
 use crate::kernels::norm::{embedding_ref, layernorm_ref, EMBEDDING_BAD_ID, EMBEDDING_BAD_POS, EMBEDDING_BAD_TYPE};
+use crate::store::Dtype;
 
 /// A host tensor: a graph input's (or an activation's) values.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +77,31 @@ impl HostTensor {
 /// Weights by name: (shape, values).
 pub type HostWeights = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
+/// Where the worker rounds a linear's input to the weight's half type (its
+/// tensor-core path, `worker::Program::tensor_core_rounding`): linears whose
+/// weight is listed here as BF16 or F16 and whose input has at least
+/// `min_rows` rows. The executor mirrors it exactly.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TensorCoreRounding {
+    pub min_rows: usize,
+    /// Stored dtype of each weight (those absent, or F32, are never rounded for).
+    pub dtypes: HashMap<String, Dtype>,
+}
+
+impl TensorCoreRounding {
+    /// The rounding of a reference model's linears from `min_rows` rows.
+    pub fn of_def(def: &ModelDef, min_rows: usize) -> TensorCoreRounding {
+        let dtypes = def.layers.iter().flat_map(|(_, ws)| ws.iter()).map(|w| (w.name.clone(), w.dtype)).collect();
+        TensorCoreRounding { min_rows, dtypes }
+    }
+
+    /// The half type x of a linear with `rows` rows and weight `weight` is
+    /// rounded to, if any.
+    pub fn dtype_for(&self, weight: &str, rows: usize) -> Option<Dtype> {
+        self.dtypes.get(weight).copied().filter(|d| matches!(d, Dtype::Bf16 | Dtype::F16) && rows >= self.min_rows)
+    }
+}
+
 fn gemm_act(a: Act) -> Activation {
     match a {
         Act::None => Activation::None,
@@ -87,6 +117,7 @@ struct Run<'a> {
     decls: HashMap<&'a str, &'a TensorDecl>,
     weights: &'a HostWeights,
     env: HashMap<String, HostTensor>,
+    rounding: Option<&'a TensorCoreRounding>,
 }
 
 impl<'a> Run<'a> {
@@ -202,10 +233,17 @@ impl<'a> Run<'a> {
                 if x == out {
                     return Err(Error::invalid(format!("linear: x and out are the same tensor {out}")));
                 }
-                let xv = self.f32(x)?;
                 let xs = self.shape(x)?;
                 let (ws, wv) = self.weight(weight)?;
                 let (m, k) = (xs[0], xs[1]);
+                let rounded: Vec<f32>;
+                let xv = match self.rounding.and_then(|r| r.dtype_for(weight, m)) {
+                    Some(dt) => {
+                        rounded = self.f32(x)?.iter().map(|&v| round_to(dt, v)).collect();
+                        &rounded
+                    }
+                    None => self.f32(x)?,
+                };
                 let n = if *trans_b { ws[0] } else { ws[1] };
                 if m == 0 || n == 0 || k == 0 {
                     return Err(Error::invalid(format!("linear: empty problem ({x} {xs:?} times {weight} {ws:?})")));
@@ -323,6 +361,19 @@ pub fn run_graph_cpu_with_state(
     inputs: &HashMap<String, HostTensor>,
     state: &mut HashMap<String, Vec<f32>>,
 ) -> Result<HashMap<String, Vec<f32>>> {
+    run_graph_cpu_rounded(graph, weights, inputs, state, None)
+}
+
+/// [`run_graph_cpu_with_state`] with the inputs of half-precision linears
+/// rounded as the worker's tensor-core path rounds them (`rounding`; None:
+/// never, as the GEMV path).
+pub fn run_graph_cpu_rounded(
+    graph: &Graph,
+    weights: &HostWeights,
+    inputs: &HashMap<String, HostTensor>,
+    state: &mut HashMap<String, Vec<f32>>,
+    rounding: Option<&TensorCoreRounding>,
+) -> Result<HashMap<String, Vec<f32>>> {
     let shapes: WeightShapes = weights.iter().map(|(n, (s, _))| (n.clone(), s.clone())).collect();
     graph.validate(&shapes)?;
     let mut run = Run {
@@ -330,6 +381,7 @@ pub fn run_graph_cpu_with_state(
         decls: graph.inputs.iter().chain(&graph.activations).chain(&graph.state).map(|(n, d)| (n.as_str(), d)).collect(),
         weights,
         env: HashMap::new(),
+        rounding,
     };
     for (name, decl) in &graph.state {
         let v = state.remove(name).unwrap_or_else(|| vec![0f32; decl.numel()]);
