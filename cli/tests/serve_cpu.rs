@@ -1267,8 +1267,9 @@ fn input_areas_reach_every_worker_carry_the_inputs_and_go_with_their_client() {
     // workers map it before the task, whose large input comes from it.
     infer(&mut c, "a", 1).unwrap();
     assert_eq!(c.input_area_bytes(), 16 * MIB);
+    // The idle worker logs its area when its thread gets to the message.
+    wait_for(&s, "both workers never logged the area", |_| lines_with(&log, "area+").len() == 2);
     let added = lines_with(&log, "area+");
-    assert_eq!(added.len(), 2, "{:?}", log.lines());
     let area: u64 = added[0].split(' ').nth(2).unwrap().parse().unwrap();
     assert!(added.iter().all(|l| l.ends_with(&format!(" {area} {}", 16 * MIB))), "{added:?}");
     assert_eq!(lines_with(&log, "inputs"), vec![format!("inputs {} a 1", last(&s.seen).0)], "the 200 kB input is in the area");
