@@ -154,9 +154,12 @@ impl Server {
             "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
-        c.write_all(req.as_bytes()).unwrap();
+        // A server still starting may accept and then reset a connection:
+        // as no answer (the start-up poll asks again).
         let mut raw = Vec::new();
-        c.read_to_end(&mut raw).unwrap();
+        if c.write_all(req.as_bytes()).is_err() || c.read_to_end(&mut raw).is_err() {
+            return (0, Value::Null);
+        }
         let text = String::from_utf8_lossy(&raw).into_owned();
         let (head, mut rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
         let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
