@@ -61,6 +61,27 @@ fn wait_for_standbys(c: &mut Client, n: u32) {
     }
 }
 
+/// The daemon of these tests: two standbys of the built-in worker, 64 MiB
+/// worker regions, `residency` bytes for models.
+fn config(store_name: &str, sockets: &std::path::Path, residency: u64) -> ServeConfig {
+    ServeConfig {
+        device: 0,
+        store: store_name.to_string(),
+        socket_dir: sockets.join("s"),
+        residency_bytes: residency,
+        worker_region_bytes: 64 << 20,
+        standbys: 2,
+        single_worker: false,
+        process_per_task: false,
+        worker_cmd: vec![exe().into_os_string(), "worker".into()],
+        max_queue: 64,
+        hello_timeout: Duration::from_secs(5),
+        worker_start_timeout: Duration::from_secs(120),
+        max_input_area: pipeswitch_cli::serve::DEFAULT_MAX_INPUT_AREA,
+        input_areas_bytes: pipeswitch_cli::serve::DEFAULT_INPUT_AREAS_BYTES,
+    }
+}
+
 struct Case {
     def: ModelDef,
     inputs: Vec<(String, u32, Vec<u64>, Vec<u8>)>,
@@ -99,22 +120,7 @@ fn requests_through_the_daemon_match_the_cpu_reference() {
     sorted.sort_unstable();
     let residency = sorted[1].next_multiple_of(256) + sorted[2].next_multiple_of(256);
     assert!(sorted[0] > 256, "the smallest model must not fit in the rounding");
-    let config = ServeConfig {
-        device: 0,
-        store: store_name.clone(),
-        socket_dir: sockets.path().join("s"),
-        residency_bytes: residency,
-        worker_region_bytes: 64 << 20,
-        standbys: 2,
-        single_worker: false,
-        process_per_task: false,
-        worker_cmd: vec![exe().into_os_string(), "worker".into()],
-        max_queue: 64,
-        hello_timeout: Duration::from_secs(5),
-        worker_start_timeout: Duration::from_secs(120),
-        max_input_area: pipeswitch_cli::serve::DEFAULT_MAX_INPUT_AREA,
-        input_areas_bytes: pipeswitch_cli::serve::DEFAULT_INPUT_AREAS_BYTES,
-    };
+    let config = config(&store_name, sockets.path(), residency);
     let gpu = CudaGpu::new(0, residency + 4 * (64 << 20) + (8 << 20)).unwrap();
     let daemon = Daemon::start(config, Box::new(gpu)).unwrap();
     let mut c = Client::connect(daemon.socket(), Some(Duration::from_secs(60))).unwrap();
@@ -175,22 +181,7 @@ fn large_inputs_come_through_the_clients_input_area() {
     store.add_safetensors(&d.graph.name, &path, None, &mut |_, _| {}).unwrap();
     let weights = reference_weights(&d, SEED);
     let bytes = store.model(&d.graph.name).unwrap().bytes;
-    let config = ServeConfig {
-        device: 0,
-        store: store_name.clone(),
-        socket_dir: sockets.path().join("s"),
-        residency_bytes: bytes.next_multiple_of(1 << 20),
-        worker_region_bytes: 64 << 20,
-        standbys: 2,
-        single_worker: false,
-        process_per_task: false,
-        worker_cmd: vec![exe().into_os_string(), "worker".into()],
-        max_queue: 64,
-        hello_timeout: Duration::from_secs(5),
-        worker_start_timeout: Duration::from_secs(120),
-        max_input_area: pipeswitch_cli::serve::DEFAULT_MAX_INPUT_AREA,
-        input_areas_bytes: pipeswitch_cli::serve::DEFAULT_INPUT_AREAS_BYTES,
-    };
+    let config = config(&store_name, sockets.path(), bytes.next_multiple_of(1 << 20));
     let gpu = CudaGpu::new(0, bytes.next_multiple_of(1 << 20) + 4 * (64 << 20) + (8 << 20)).unwrap();
     let daemon = Daemon::start(config, Box::new(gpu)).unwrap();
     let mut c = Client::connect(daemon.socket(), Some(Duration::from_secs(60))).unwrap();
