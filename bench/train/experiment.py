@@ -238,6 +238,9 @@ def main():
     ap.add_argument("--seconds", type=float, default=6.0, help="length of each measured run")
     ap.add_argument("--rate", type=float, default=5.0, help="requests per second")
     ap.add_argument("--idle-ms", type=int, default=20)
+    ap.add_argument("--warm-iters", type=int, default=20,
+                    help="training iterations a job completes before the requests start (default 20: its first "
+                         "iterations are slow, and so are their stops; the paper measures the steady state)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new parts after this")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false",
                     help="the inference workers run eager forwards (default: --graphs, forwards replayed from "
@@ -266,6 +269,7 @@ def main():
                           "run_seconds": a.seconds, "cycles_s": cycles,
                           "long_cycle_s": a.long_cycle, "long_cycle_models": models[:1],
                           "time_share": 0.5, "idle_ms": a.idle_ms, "preempt": "abandon",
+                          "warm_iterations": a.warm_iters,
                           "save": "resident (the H100 has room); one run with the state written back to "
                                   "pinned host memory for the first model",
                           "training": "SGD momentum 0.9, lr 0.01, synthetic data made on the GPU "
@@ -427,7 +431,7 @@ def main():
                 log(m, "inference first")
                 n0 = len(daemon.stops())
                 load, b, e, el, util = job_run(daemon.path, entry, "%s-train" % m, "inference-first", 0, m,
-                                               inputs[m], a.rate, a.seconds, a.idle_ms)
+                                               inputs[m], a.rate, a.seconds, a.idle_ms, warm_iters=a.warm_iters)
                 batch = r.get("dedicated_train", {}).get("batch", 32)
                 stops = daemon.stops()[n0:]
                 r["pipeswitch_inference_first"] = {
@@ -470,7 +474,8 @@ def main():
                     log(m, "inference first, state written back to host memory")
                     n0 = len(daemon.stops())
                     load, b, e, el, util = job_run(daemon.path, entry, "%s-train" % m, "inference-first", 0, m,
-                                                   inputs[m], a.rate, a.seconds / 2, a.idle_ms, save="host")
+                                                   inputs[m], a.rate, a.seconds / 2, a.idle_ms, save="host",
+                                                   warm_iters=a.warm_iters)
                     stops = daemon.stops()[n0:]
                     r["pipeswitch_inference_first_host_save"] = {
                         "seconds": a.seconds / 2, "infer": load.summary(),
@@ -496,7 +501,7 @@ def main():
                     secs = cyc if cyc >= 10 else max(a.seconds, 2 * cyc)
                     log(m, "time share, cycle %g s, %g s" % (cyc, secs))
                     load, b, e, el, util = job_run(daemon.path, entry, "%s-train" % m, "time-share", cyc, m,
-                                                   inputs[m], a.rate, secs, a.idle_ms)
+                                                   inputs[m], a.rate, secs, a.idle_ms, warm_iters=a.warm_iters)
                     r.setdefault("pipeswitch_cycles", {})["%g" % cyc] = {
                         "seconds": secs, "infer": load.summary(),
                         "train_samples_per_s": (e.iteration - b.iteration) * batch / el,
