@@ -506,9 +506,8 @@ impl ModelId {
     }
 }
 
-/// A client's input area.
+/// A client's input area (whose: `Controller::client_area`).
 struct AreaRec {
-    client: ConnId,
     bytes: u64,
     file: OwnedFd,
 }
@@ -1193,7 +1192,7 @@ impl Controller {
         }
         let id = self.next_area;
         self.next_area += 1;
-        self.areas.insert(id, AreaRec { client: conn, bytes, file });
+        self.areas.insert(id, AreaRec { bytes, file });
         self.client_area.insert(conn, id);
         tracing::debug!("client {conn}: input area {id} of {bytes} bytes");
         let conns: Vec<ConnId> = self.workers.iter().filter_map(|w| w.conn).collect();
@@ -1228,8 +1227,10 @@ impl Controller {
     /// Forgets area `id` and tells every worker to drop it (after any task
     /// that names it: messages to a worker go in order).
     fn drop_area(&mut self, id: u64) {
-        let Some(a) = self.areas.remove(&id) else { return };
-        tracing::debug!("client {}: input area {id} dropped", a.client);
+        if self.areas.remove(&id).is_none() {
+            return;
+        }
+        tracing::debug!("input area {id} dropped");
         let conns: Vec<ConnId> = self.workers.iter().filter_map(|w| w.conn).collect();
         for c in conns {
             self.send_to(c, &Message::AreaDrop { area: id }, None);

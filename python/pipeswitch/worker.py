@@ -663,27 +663,24 @@ class TorchBackend:
         # the model's, and the first kernel needs both (staged after the
         # switch, they waited behind the whole model).
         args = self._stage_inputs(inputs)
+        cap = None
         if self.fused and not task.resident:
             # The region and plan the daemon chose, bound without a switch:
             # the fused graph's replay makes it.
             self.worker.rebind(task.model, task.region_offset, task.plan)
             cap = self._captured(task.model, args)
-            if cap is not None and cap.fused and self.worker._models[task.model].version == cap.version:
-                with torch.inference_mode():
-                    activation_ms = (P.monotonic_ns() - task.decided_ns) / 1e6
-                    result = cap.switch_and_run(*args)
-                    outs = outputs_of(result)
-                    cpu = [(n, t.detach().contiguous().to("cpu")) for n, t in outs]
-                return [(n, _dtype_code(t.dtype), list(t.shape), _tensor_bytes(t)) for n, t in cpu], activation_ms
-        # A resident model waits for no group: its plan does not matter, and
-        # keeping the bound one spares a rebind on every hit.
-        self.worker.switch_to(task.model, region_offset=task.region_offset,
-                              plan=None if task.resident else task.plan, resident=task.resident)
-        cap = self._captured(task.model, args) if self.graphs else None
+        if cap is not None and cap.fused:
+            forward = cap.switch_and_run
+        else:
+            # A resident model waits for no group: its plan does not matter,
+            # and keeping the bound one spares a rebind on every hit.
+            self.worker.switch_to(task.model, region_offset=task.region_offset,
+                                  plan=None if task.resident else task.plan, resident=task.resident)
+            cap = self._captured(task.model, args) if self.graphs else None
+            forward = cap if cap is not None else module
         with torch.inference_mode():
             activation_ms = (P.monotonic_ns() - task.decided_ns) / 1e6
-            result = cap(*args) if cap is not None else module(*args)
-            outs = outputs_of(result)
+            outs = outputs_of(forward(*args))
             cpu = [(n, t.detach().contiguous().to("cpu")) for n, t in outs]
         return [(n, _dtype_code(t.dtype), list(t.shape), _tensor_bytes(t)) for n, t in cpu], activation_ms
 
