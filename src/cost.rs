@@ -301,25 +301,32 @@ pub fn plan_closed_loop(
         }
     }
     let calibrated = data.len();
-    let weights = |data: &[Measurement]| -> Vec<f64> { (0..data.len()).map(|i| if i < calibrated { 1.0 } else { LOOP_WEIGHT }).collect() };
+    let weights = |data: &[Measurement], w: f64| -> Vec<f64> { (0..data.len()).map(|i| if i < calibrated { 1.0 } else { w }).collect() };
     let mut fitted = fit(t, x, base, opts.terms, &data)?;
     let mut plan = planner::plan_groups_with(t, x, &fitted.costs)?;
     let mut measured = measure_plan(&plan.group_starts, &mut data)?;
     let mut rounds = 0;
-    while (measured / plan.makespan_ms - 1.0).abs() > opts.tolerance && rounds < opts.max_rounds {
+    let mut loop_weight = LOOP_WEIGHT;
+    let off = |measured: f64, predicted: f64| (measured / predicted - 1.0).abs() > opts.tolerance;
+    while off(measured, plan.makespan_ms) && rounds < opts.max_rounds {
         rounds += 1;
-        fitted = fit_weighted(t, x, &fitted.costs, opts.terms, &data, &weights(&data))?;
+        fitted = fit_weighted(t, x, &fitted.costs, opts.terms, &data, &weights(&data, loop_weight))?;
         let next = planner::plan_groups_with(t, x, &fitted.costs)?;
         if next.group_starts == plan.group_starts {
+            // The refit keeps the plan but may still mispredict it, where the
+            // terms cannot explain the calibration plans and this one at
+            // once: weigh the plans the loop measured more, so that the model
+            // is right where the plan is (the prediction a user reads).
             plan = next;
-            break;
+            loop_weight *= LOOP_WEIGHT;
+            continue;
         }
         plan = next;
         measured = measure_plan(&plan.group_starts, &mut data)?;
     }
-    if (measured / plan.makespan_ms - 1.0).abs() > opts.tolerance {
+    if off(measured, plan.makespan_ms) {
         // One last fit that includes the last measurement, for the predictions below.
-        fitted = fit_weighted(t, x, &fitted.costs, opts.terms, &data, &weights(&data))?;
+        fitted = fit_weighted(t, x, &fitted.costs, opts.terms, &data, &weights(&data, loop_weight))?;
     }
     // Per plan, the median of its measurements (a plan may be measured twice).
     let measured_of = |p: &[usize]| {
@@ -634,6 +641,26 @@ mod tests {
         // A failing measurement is an error, not a plan.
         let err = plan_closed_loop(&s.t, &s.x, &Costs::new(0.0, 0.0), &[], opts, &mut |_| Ok(f64::NAN));
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn closed_loop_is_right_where_its_plan_is() {
+        // A "GPU" on which the optimum of the true terms costs 6% less than
+        // any set of terms predicts from the other plans (as GPT-2 medium's
+        // 8-group plan did on the H100: predicted 27.03 ms, measured 25.92).
+        // Where a refit keeps the plan (seed 35), the loop weighs the plans it
+        // measured more until the prediction is within the tolerance.
+        for seed in [35, 41] {
+            let s = synthetic(40, seed, gpu_like());
+            let optimum = planner::plan_groups_with(&s.t, &s.x, &s.truth).expect("plan").group_starts;
+            let gpu = |p: &[usize]| true_ms(&s, p) * if p == optimum.as_slice() { 0.94 } else { 1.0 };
+            let opts = LoopOptions::default();
+            let r = plan_closed_loop(&s.t, &s.x, &Costs::new(0.004, 0.0), &[], opts, &mut |p| Ok(gpu(p))).expect("loop");
+            let err = (r.model_plan_measured_ms / r.model_plan_predicted_ms - 1.0).abs();
+            println!("seed {seed}: {} groups, predicted {:.4}, measured {:.4}, {} rounds", r.model_plan.len(), r.model_plan_predicted_ms, r.model_plan_measured_ms, r.rounds);
+            assert!(r.rounds >= 1 && r.rounds <= opts.max_rounds, "seed {seed}: {} rounds", r.rounds);
+            assert!(err <= opts.tolerance, "seed {seed}: {r:?}");
+        }
     }
 
     #[test]
