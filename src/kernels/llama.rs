@@ -30,9 +30,12 @@ pub const TENSOR_CORES_ENV: &str = "PIPESWITCH_LLM_TENSOR_CORES";
 /// every 8 rows and a tensor-core tile would mostly multiply padding.
 pub const TENSOR_CORE_MIN_ROWS: usize = 16;
 
-/// The tensor-core path when [`TENSOR_CORES_ENV`] is unset: off until the
-/// GPU run has compared the two paths.
-pub const TENSOR_CORES_DEFAULT: Option<usize> = None;
+/// The tensor-core path when [`TENSOR_CORES_ENV`] is unset: on from
+/// [`TENSOR_CORE_MIN_ROWS`] rows. On the H100 (fifth GPU run) a 128-token
+/// prefill of Llama-3-8B took 10.4 ms on it against 149.4 ms on the GEMV,
+/// with the same 32 greedy tokens as PyTorch and logits nearer the
+/// reference that rounds the same inputs than the rounding moves it.
+pub const TENSOR_CORES_DEFAULT: Option<usize> = Some(TENSOR_CORE_MIN_ROWS);
 
 /// The value of [`TENSOR_CORES_ENV`] (None: unset) as a row threshold:
 /// None = the GEMV for every linear.
