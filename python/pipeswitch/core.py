@@ -289,13 +289,46 @@ class StoreUsage:
 # Store
 # ---------------------------------------------------------------------------
 
-class Store:
+class _Owned:
+    """An object that owns one C handle (``_h``) and frees it once with the
+    library's ``_FREE`` function: by :meth:`close`, at the end of a ``with``
+    block, or when it is collected."""
+
+    _h = None
+    _FREE = None
+
+    @property
+    def closed(self):
+        return self._h is None
+
+    def close(self):
+        """Frees the handle (once; later calls do nothing)."""
+        h, self._h = self._h, None
+        if h is not None:
+            getattr(_c.lib(), self._FREE)(h)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Store(_Owned):
     """An open host model store (shared memory, see ``ps_store_*``). Thread-safe.
 
     Make one with :meth:`create` or :meth:`open`; close it with :meth:`close`
     or a ``with`` block. The store's contents outlive the handle until
     :meth:`unlink` removes its name.
     """
+
+    _FREE = "ps_store_free"
 
     def __init__(self, handle, name):
         """Private: use :meth:`create` or :meth:`open`."""
@@ -325,33 +358,11 @@ class Store:
         _c.lib().ps_store_unlink(_enc(name, "store name"))
 
     # -- handle ------------------------------------------------------------
-    @property
-    def closed(self):
-        return self._h is None
-
     def _handle(self):
         h = self._h
         if h is None:
             raise _closed("Store", repr(self.name))
         return h
-
-    def close(self):
-        """Frees the handle (once; later calls do nothing)."""
-        h, self._h = self._h, None
-        if h is not None:
-            _c.lib().ps_store_free(h)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self):
         return "<pipeswitch.Store %r%s>" % (self.name, " closed" if self._h is None else "")
@@ -576,15 +587,16 @@ class Store:
 # Arena
 # ---------------------------------------------------------------------------
 
-class ModelLease:
+class ModelLease(_Owned):
     """A lease on a stored model (:meth:`Store.lease`): ``model_id`` and
     ``host_ptr`` (its first byte in this process's mapping of the store) are
     the model's until :meth:`release`."""
 
+    _FREE = "ps_model_lease_free"
+
     def __init__(self, store, name):
         h = ctypes.POINTER(_c.ps_model_lease)()
         mid, ptr = c_uint64(), c_uint64()
-        self._h = None
         _c.lib().ps_store_lease(store._handle(), _enc(name, "model name"), byref(mid), byref(ptr), byref(h))
         self._h = h
         self.name = name
@@ -598,31 +610,19 @@ class ModelLease:
     def release(self):
         """Ends the lease (once); call it after the copies from the leased
         bytes have completed."""
-        h, self._h = self._h, None
-        if h is not None:
-            _c.lib().ps_model_lease_free(h)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-    def __del__(self):
-        try:
-            self.release()
-        except Exception:
-            pass
+        self.close()
 
     def __repr__(self):
         return "ModelLease(%r, id %d%s)" % (self.name, self.model_id, ", released" if self.released else "")
 
 
-class Arena:
+class Arena(_Owned):
     """A device arena: one device allocation holding model regions and, at its
     end, the workspace. Thread-safe. :meth:`create` one, or :meth:`import_`
-    one that another process exported."""
+    one that another process exported. :meth:`close` frees the handle; the
+    memory goes once no switch uses it."""
 
+    _FREE = "ps_arena_free"
     IPC_HANDLE_BYTES = 128
 
     def __init__(self, handle, device=None):
@@ -653,33 +653,11 @@ class Arena:
         _c.lib().ps_arena_import(byref(ipc), byref(h))
         return cls(h, device)
 
-    @property
-    def closed(self):
-        return self._h is None
-
     def _handle(self):
         h = self._h
         if h is None:
             raise _closed("Arena", "on device %s" % self.device)
         return h
-
-    def close(self):
-        """Frees the handle (once); the memory goes once no switch uses it."""
-        h, self._h = self._h, None
-        if h is not None:
-            _c.lib().ps_arena_free(h)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def alloc(self, nbytes) -> int:
         """Reserves a model region of ``nbytes`` (256-aligned); returns its offset."""
@@ -738,46 +716,26 @@ def _size_array(values):
     return (c_size_t * max(len(vals), 1))(*vals), len(vals)
 
 
-class Switch:
+class Switch(_Owned):
     """A switch engine for one device: a copy stream and one event per layer
-    group, reused by every switch. Use it from one thread at a time."""
+    group, reused by every switch. Use it from one thread at a time.
+    :meth:`close` waits for the last switch's copies, then frees it."""
+
+    _FREE = "ps_switch_free"
 
     def __init__(self, device=0):
         h = ctypes.POINTER(_c.ps_switch)()
-        self._h = None
         L = _c.lib()
         L.ps_switch_new(int(device), byref(h))
         self._h = h
         self.device = int(device)
         self._wait = L.ps_switch_wait_group
 
-    @property
-    def closed(self):
-        return self._h is None
-
     def _handle(self):
         h = self._h
         if h is None:
             raise _closed("Switch", "on device %d" % self.device)
         return h
-
-    def close(self):
-        """Waits for the last switch's copies, then frees the engine (once)."""
-        h, self._h = self._h, None
-        if h is not None:
-            _c.lib().ps_switch_free(h)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def set_chunking(self, min_chunk, max_chunk):
         """Consecutive groups share a copy until it holds ``min_chunk`` bytes;

@@ -94,6 +94,15 @@ def start_worker(make_backend=FakeBackend):
     return daemon, t, made, result
 
 
+
+def welcome(daemon):
+    """The daemon's side of a worker's start: its hello, a welcome (worker 7,
+    64 MiB of activations at 1 GiB into the arena), and the worker standing
+    by."""
+    P.recv(daemon)
+    P.send(daemon, P.Welcome(99, 0, "models", 7, HANDLE, 1 << 30, 64 << 20))
+    assert P.recv(daemon) == (P.Standby(7), None)
+
 def task(task_id, model, inputs, resident=False):
     return P.Task(task_id, P.TASK_INFERENCE, model, 3, 1 << 20, resident, [0, 2], inputs, P.monotonic_ns())
 
@@ -272,9 +281,7 @@ def test_tasks_read_their_inputs_from_input_areas(caplog):
     fd2, w2 = P.create_area(256 << 10)
     try:
         with daemon:
-            P.recv(daemon)
-            P.send(daemon, P.Welcome(99, 0, "models", 7, HANDLE, 1 << 30, 64 << 20))
-            assert P.recv(daemon) == (P.Standby(7), None)
+            welcome(daemon)
             # The area comes once; tasks name ranges of it, beside inline and memfd tensors.
             P.send(daemon, P.AreaAdd(3, 1 << 20), fd)
             a, b = os.urandom(P.INLINE_LIMIT + 1), os.urandom(200_000)
@@ -354,9 +361,7 @@ def test_the_python_client_and_worker_share_an_area_through_a_relaying_daemon():
     from pipeswitch.client import Client
 
     worker, t, made, result = start_worker()
-    P.recv(worker)
-    P.send(worker, P.Welcome(99, 0, "models", 7, HANDLE, 1 << 30, 64 << 20))
-    assert P.recv(worker) == (P.Standby(7), None)
+    welcome(worker)
     areas = []
 
     def relay(conn, msg, fd):
@@ -435,9 +440,7 @@ def test_areas_come_and_go_while_a_training_task_runs():
     fd, w = P.create_area(1 << 16)
     try:
         with daemon:
-            P.recv(daemon)
-            P.send(daemon, P.Welcome(99, 0, "models", 7, HANDLE, 1 << 30, 64 << 20))
-            assert P.recv(daemon) == (P.Standby(7), None)
+            welcome(daemon)
             j = P.TrainJob("steps", "x:y", iterations=0)
             P.send(daemon, P.TrainStart(P.TrainTask(20, 1, j, "/nonexistent", 0, P.monotonic_ns())))
             assert P.recv(daemon)[0].event == P.PROGRESS_RESUMED
